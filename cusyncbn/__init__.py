@@ -1,0 +1,28 @@
+"""cusyncbn: framework-agnostic cross-GPU synchronized batch normalization.
+
+``SyncBatchNorm`` follows ``paddle.nn.SyncBatchNorm`` (API and maths) with explicit
+``forward`` / ``backward``; NumPy + MPI on the CPU, CuPy kernels + NCCL on the GPU.
+Importing this package imports neither mpi4py, CuPy nor any framework.
+"""
+from ._comm import Communicator, MPIComm, SingleProcessComm
+from ._device import get_device, set_device
+from ._grads import allreduce_gradients
+from ._layer import BatchNorm1D, BatchNorm2D, BatchNorm3D, SyncBatchNorm, no_grad
+from ._params import ParamAttr, Parameter
+
+__version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # NCCLComm pulls in CuPy: resolved on first use only.
+    if name == "NCCLComm":
+        from ._nccl import NCCLComm
+        return NCCLComm
+    raise AttributeError(f"module 'cusyncbn' has no attribute {name!r}")
+
+
+__all__ = [
+    "BatchNorm1D", "BatchNorm2D", "BatchNorm3D", "Communicator", "MPIComm", "NCCLComm",
+    "ParamAttr", "Parameter", "SingleProcessComm", "SyncBatchNorm", "allreduce_gradients",
+    "get_device", "no_grad", "set_device", "__version__",
+]

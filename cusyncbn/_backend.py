@@ -1,0 +1,126 @@
+"""The array work of batch normalization, behind one small interface.
+
+The layer (``_layer.py``) owns the protocol: what is computed, in which order, and
+where the collectives go. A backend owns the arrays: it turns inputs into its own
+arrays and runs the few fused steps below. ``NumpyBackend`` does them with NumPy
+on the CPU; ``CupyBackend`` launches the CUDA kernels in ``_kernels/syncbn.cu``.
+
+Notation, used by both backends and by the kernels. The input is viewed as
+``x3`` of shape ``(A, C, B)``: channel-second layouts are ``(N, C, prod(spatial))``,
+channel-last layouts ``(N * prod(spatial), C, 1)``. For channel ``c`` on rank ``r``
+the local count is ``n_r = A * B`` and the local statistics are the mean ``m_r`` and
+the sum of squared deviations ``M2_r`` (computed around ``m_r``: two-pass or
+Welford, never E[x^2] - E[x]^2).
+
+Forward all-reduce payload (float64, length ``2C + 1``), with ``K`` the shift
+(the running mean where it is finite, else 0; identical on every rank)::
+
+    buf[c]        = n_r * m_r
+    buf[C + c]    = M2_r + n_r * (m_r - K)^2
+    buf[2C]       = n_r
+
+Summed over ranks this gives ``N = sum n_r``, ``mean = buf[c] / N`` and, by Chan's
+parallel combine written as sums, ``M2 = buf[C + c] - N * (mean - K)^2`` (the
+cancellation is between numbers of size ``(mean - K)^2``, small once the running
+mean tracks the data, and done in float64), ``var = M2 / N`` (biased), ``invstd =
+1 / sqrt(var + eps)``. Running statistics, only when ``N > 0``::
+
+    running_mean = running_mean * momentum + mean * (1 - momentum)
+    running_var  = running_var  * momentum + var' * (1 - momentum)
+
+with ``var' = var``, or ``var * N / (N - 1)`` when the unbiased option is on and ``N > 1``.
+
+Normalization: ``y = (x - mean) * (invstd * w) + b``.
+
+Backward all-reduce payload (float64, length ``2C``)::
+
+    buf[c]     = sum dy               (local sum; = this rank's bias gradient)
+    buf[C + c] = sum dy * (x - mean)  (local; times invstd = this rank's weight gradient)
+
+and after the all-reduce, with ``xhat = (x - mean) * invstd``::
+
+    dx = w * invstd * (dy - buf[c] / N - xhat * invstd * buf[C + c] / N)
+
+which is the exact gradient of the global loss: uneven or empty ranks give the
+same ``dx`` as one process holding the whole batch. In eval mode (fixed statistics)
+``dx = dy * w * invstd``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+
+class Backend:
+    """Interface implemented by ``NumpyBackend`` and ``CupyBackend``.
+
+    ``weight`` / ``bias`` may be None (meaning 1 / 0); statistics arrays (``mean``,
+    ``invstd``) have the stats dtype of the input (float32 for 16- and 32-bit
+    inputs, float64 for float64); parameters and running statistics have the
+    layer's dtype; payload buffers are float64.
+    """
+
+    device: str
+    xp: Any
+
+    def import_array(self, x: Any, what: str) -> Any:
+        """``x`` as an array of this backend, without copying when possible."""
+        raise NotImplementedError
+
+    def is_native(self, x: Any) -> bool:
+        """Whether ``x`` already is an array of this backend."""
+        raise NotImplementedError
+
+    def zeros(self, shape: Any, dtype: Any) -> Any:
+        return self.xp.zeros(shape, dtype=dtype)
+
+    def empty(self, shape: Any, dtype: Any) -> Any:
+        return self.xp.empty(shape, dtype=dtype)
+
+    def contiguous(self, x: Any) -> Any:
+        return self.xp.ascontiguousarray(x)
+
+    def local_moments(self, x3: Any, running_mean: Any, buf: Any) -> None:
+        """Write this rank's forward payload for ``x3`` into ``buf`` (see above)."""
+        raise NotImplementedError
+
+    def finalize_forward(self, buf: Any, running_mean: Any, running_var: Any, momentum: float,
+                         eps: float, unbiased: bool, mean: Any, invstd: Any) -> None:
+        """From the reduced payload: ``mean``, ``invstd`` and the running-statistics update."""
+        raise NotImplementedError
+
+    def eval_stats(self, running_mean: Any, running_var: Any, eps: float, mean: Any, invstd: Any) -> None:
+        """``mean`` and ``invstd`` from the running statistics."""
+        raise NotImplementedError
+
+    def normalize(self, x3: Any, mean: Any, invstd: Any, weight: Any, bias: Any, y3: Any) -> None:
+        raise NotImplementedError
+
+    def backward_reduce(self, dy3: Any, x3: Any, mean: Any, buf: Any) -> None:
+        """Write ``[sum dy, sum dy * (x - mean)]`` per channel into ``buf`` (length 2C)."""
+        raise NotImplementedError
+
+    def accumulate_grads(self, buf: Any, invstd: Any, weight_grad: Any, bias_grad: Any) -> None:
+        """``weight_grad += buf[C:] * invstd``, ``bias_grad += buf[:C]`` (either may be None)."""
+        raise NotImplementedError
+
+    def backward_input(self, dy3: Any, x3: Any, mean: Any, invstd: Any, weight: Any, buf: Any,
+                       count: Any, dx3: Any) -> None:
+        """``dx`` from the reduced backward payload; ``count`` None means eval-mode statistics."""
+        raise NotImplementedError
+
+
+_backends: dict[str, Backend] = {}
+
+
+def get_backend(device: str) -> Backend:
+    """The backend for ``"cpu"`` or ``"gpu:N"`` (one instance per device)."""
+    backend = _backends.get(device)
+    if backend is None:
+        if device == "cpu":
+            from ._backend_numpy import NumpyBackend
+            backend = NumpyBackend()
+        else:
+            from ._backend_cupy import CupyBackend
+            backend = CupyBackend(int(device.split(":")[1]))
+        _backends[device] = backend
+    return backend

@@ -1,0 +1,159 @@
+"""The CPU backend: the steps of ``_backend.py`` in NumPy.
+
+Sums are accumulated in float64 whatever the input dtype (the CPU is not
+bandwidth-bound on a few extra conversions, and float64 keeps channel-last
+reductions of many rows accurate); temporaries are bounded by working in blocks
+of rows of ``x3``.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from ._backend import Backend
+from ._dlpack import device_of
+
+_BLOCK_ELEMENTS = 1 << 20
+
+
+def _row_blocks(x3: Any) -> Iterator[slice]:
+    rows = x3.shape[0]
+    per_row = max(1, x3.shape[1] * x3.shape[2])
+    step = max(1, _BLOCK_ELEMENTS // per_row)
+    for start in range(0, rows, step):
+        yield slice(start, min(rows, start + step))
+
+
+def _blocked_channel_sum(x3: Any, term: Callable[[slice], Any]) -> Any:
+    """Sum over axes (0, 2) of ``term(rows)`` evaluated block by block, in float64."""
+    total = np.zeros(x3.shape[1], dtype=np.float64)
+    for rows in _row_blocks(x3):
+        total += term(rows).sum(axis=(0, 2), dtype=np.float64)
+    return total
+
+
+def _shift(running_mean: Any, channels: int) -> Any:
+    if running_mean is None:
+        return np.zeros(channels, dtype=np.float64)
+    shift = running_mean.astype(np.float64)
+    shift[~np.isfinite(shift)] = 0.0
+    return shift
+
+
+def _col(v: Any) -> Any:
+    return v[None, :, None]
+
+
+class NumpyBackend(Backend):
+    device = "cpu"
+    xp = np
+
+    def is_native(self, x: Any) -> bool:
+        return isinstance(x, np.ndarray)
+
+    def import_array(self, x: Any, what: str) -> Any:
+        if isinstance(x, np.ndarray):
+            return x
+        if hasattr(x, "__dlpack_device__"):
+            where = device_of(x)
+            if where != "cpu":
+                raise ValueError(f"{what} lives on {where} but this layer is on the CPU; move it to the "
+                                 "host first, or create the layer with cusyncbn.set_device('gpu')")
+            if getattr(x, "requires_grad", False):
+                x = x.detach()
+            try:
+                return np.from_dlpack(x)
+            except (TypeError, BufferError, RuntimeError) as exc:
+                if "bfloat16" in str(getattr(x, "dtype", "")):
+                    return _bfloat16_to_numpy(x)
+                raise TypeError(f"{what}: cannot import a {type(x).__name__} through DLPack: {exc}") from exc
+        try:
+            return np.asarray(x)
+        except Exception as exc:
+            raise TypeError(f"{what} must be an array (NumPy or a DLPack producer), got {type(x).__name__}") from exc
+
+    def local_moments(self, x3: Any, running_mean: Any, buf: Any) -> None:
+        channels = x3.shape[1]
+        n = x3.shape[0] * x3.shape[2]
+        if n == 0:
+            buf[:] = 0.0
+            return
+        mean = _blocked_channel_sum(x3, lambda r: x3[r]) / n
+        m2 = _blocked_channel_sum(x3, lambda r: np.square(x3[r].astype(np.float64) - _col(mean)))
+        shift = _shift(running_mean, channels)
+        buf[:channels] = n * mean
+        buf[channels:2 * channels] = m2 + n * np.square(mean - shift)
+        buf[2 * channels] = n
+
+    def finalize_forward(self, buf: Any, running_mean: Any, running_var: Any, momentum: float,
+                         eps: float, unbiased: bool, mean: Any, invstd: Any) -> None:
+        channels = mean.shape[0]
+        count = buf[2 * channels]
+        if count > 0:
+            mean64 = buf[:channels] / count
+            dev = mean64 - _shift(running_mean, channels)
+            var = np.maximum((buf[channels:2 * channels] - count * dev * dev) / count, 0.0)
+        else:
+            mean64 = np.zeros(channels)
+            var = np.zeros(channels)
+        mean[...] = mean64
+        invstd[...] = 1.0 / np.sqrt(var + eps)
+        if count > 0 and running_mean is not None:
+            var_run = var * (count / (count - 1)) if (unbiased and count > 1) else var
+            running_mean[...] = running_mean * momentum + mean64 * (1.0 - momentum)
+            running_var[...] = running_var * momentum + var_run * (1.0 - momentum)
+
+    def eval_stats(self, running_mean: Any, running_var: Any, eps: float, mean: Any, invstd: Any) -> None:
+        mean[...] = running_mean
+        invstd[...] = 1.0 / np.sqrt(running_var.astype(np.float64) + eps)
+
+    def _scale(self, invstd: Any, weight: Any) -> Any:
+        return invstd if weight is None else invstd * weight.astype(invstd.dtype)
+
+    def normalize(self, x3: Any, mean: Any, invstd: Any, weight: Any, bias: Any, y3: Any) -> None:
+        scale = _col(self._scale(invstd, weight))
+        shift = 0.0 if bias is None else _col(bias.astype(invstd.dtype))
+        for rows in _row_blocks(x3):
+            y3[rows] = (x3[rows].astype(invstd.dtype) - _col(mean)) * scale + shift
+
+    def backward_reduce(self, dy3: Any, x3: Any, mean: Any, buf: Any) -> None:
+        channels = x3.shape[1]
+        mean64 = _col(mean.astype(np.float64))
+        buf[:channels] = _blocked_channel_sum(dy3, lambda r: dy3[r])
+        buf[channels:] = _blocked_channel_sum(
+            x3, lambda r: dy3[r].astype(np.float64) * (x3[r].astype(np.float64) - mean64))
+
+    def accumulate_grads(self, buf: Any, invstd: Any, weight_grad: Any, bias_grad: Any) -> None:
+        channels = invstd.shape[0]
+        if weight_grad is not None:
+            weight_grad += (buf[channels:] * invstd).astype(weight_grad.dtype)
+        if bias_grad is not None:
+            bias_grad += buf[:channels].astype(bias_grad.dtype)
+
+    def backward_input(self, dy3: Any, x3: Any, mean: Any, invstd: Any, weight: Any, buf: Any,
+                       count: Any, dx3: Any) -> None:
+        scale = _col(self._scale(invstd, weight))
+        if count is None:
+            for rows in _row_blocks(dy3):
+                dx3[rows] = dy3[rows].astype(invstd.dtype) * scale
+            return
+        channels = invstd.shape[0]
+        n = max(float(count[0]), 1.0)
+        mean_dy = _col((buf[:channels] / n).astype(invstd.dtype))
+        proj = _col((buf[channels:] / n * invstd.astype(np.float64) ** 2).astype(invstd.dtype))
+        for rows in _row_blocks(dy3):
+            xmu = x3[rows].astype(invstd.dtype) - _col(mean)
+            dx3[rows] = (dy3[rows].astype(invstd.dtype) - mean_dy - xmu * proj) * scale
+
+
+def _bfloat16_to_numpy(x: Any) -> Any:
+    """A bfloat16 DLPack producer as an ``ml_dtypes.bfloat16`` NumPy array (NumPy has no bfloat16)."""
+    try:
+        import ml_dtypes
+    except ImportError as exc:
+        raise TypeError("bfloat16 input on the CPU needs the ml_dtypes package (pip install ml_dtypes)") from exc
+    if hasattr(x, "view") and type(x).__module__.startswith("torch"):
+        import torch
+        return np.from_dlpack(x.view(torch.int16)).view(ml_dtypes.bfloat16)
+    return np.asarray(x).astype(ml_dtypes.bfloat16)

@@ -1,0 +1,156 @@
+"""Communicators: the one thing the layer needs from the outside world.
+
+A communicator has a ``rank``, a ``size`` and one operation, an in-place sum
+all-reduce of a 1-D float64 array of the backend's kind (NumPy or CuPy). The
+layer makes exactly one such call per training forward and one per training
+backward; everything else (counts, means, the combine) is arithmetic on the
+reduced buffer.
+
+mpi4py is imported only when an MPI communicator is actually built.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Protocol, runtime_checkable
+
+# Environment variables that MPI launchers (Hydra/MPICH, Open MPI, PMIx, Slurm,
+# MVAPICH) set in every process they start; read without initialising MPI.
+_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "MV2_COMM_WORLD_SIZE", "SLURM_NTASKS")
+
+
+@runtime_checkable
+class Communicator(Protocol):
+    """What cusyncbn needs from a communicator.
+
+    Attributes:
+        rank: this process's index in the group, ``0 <= rank < size``.
+        size: number of processes in the group.
+    """
+
+    rank: int
+    size: int
+
+    def allreduce(self, buf: Any) -> None:
+        """Sum ``buf`` (1-D float64, NumPy or CuPy) over the group, in place."""
+
+
+class SingleProcessComm:
+    """The trivial communicator: one process, all-reduce is the identity.
+
+    Example:
+        >>> from cusyncbn import SingleProcessComm
+        >>> SingleProcessComm().size
+        1
+    """
+
+    rank = 0
+    size = 1
+
+    def allreduce(self, buf: Any) -> None:
+        return None
+
+    def __repr__(self) -> str:
+        return "SingleProcessComm()"
+
+
+class MPIComm:
+    """All-reduce over an mpi4py communicator.
+
+    NumPy buffers are reduced in place. CuPy buffers are staged through host memory
+    (a device-to-host copy and a synchronization: the fallback used when NCCL is not
+    available; :class:`cusyncbn.NCCLComm` avoids it).
+
+    Args:
+        mpi_comm: an ``mpi4py.MPI.Comm`` (intra-communicator), e.g. ``MPI.COMM_WORLD``
+            or ``MPI.COMM_WORLD.Split(rank // 2)``. Default: ``MPI.COMM_WORLD``.
+
+    Example:
+        >>> from mpi4py import MPI            # doctest: +SKIP
+        >>> comm = cusyncbn.MPIComm(MPI.COMM_WORLD.Split(MPI.COMM_WORLD.rank // 2))
+    """
+
+    def __init__(self, mpi_comm: Any = None) -> None:
+        from mpi4py import MPI
+        if mpi_comm is None:
+            mpi_comm = MPI.COMM_WORLD
+        if not isinstance(mpi_comm, MPI.Intracomm):
+            raise TypeError(f"MPIComm needs an mpi4py intra-communicator, got {type(mpi_comm).__name__}")
+        self._mpi = MPI
+        self.mpi_comm = mpi_comm
+        self.rank = mpi_comm.Get_rank()
+        self.size = mpi_comm.Get_size()
+
+    def allreduce(self, buf: Any) -> None:
+        if isinstance(buf, __import__("numpy").ndarray):
+            self.mpi_comm.Allreduce(self._mpi.IN_PLACE, buf, op=self._mpi.SUM)
+            return
+        host = buf.get()
+        self.mpi_comm.Allreduce(self._mpi.IN_PLACE, host, op=self._mpi.SUM)
+        buf.set(host)
+
+    def __repr__(self) -> str:
+        return f"MPIComm(rank={self.rank}, size={self.size})"
+
+
+def launched_size() -> int:
+    """World size announced by an MPI launcher's environment, 1 if none."""
+    for var in _SIZE_VARS:
+        value = os.environ.get(var)
+        if value is not None and value.isdigit():
+            return int(value)
+    return 1
+
+
+def mpi_is_running() -> bool:
+    """True when mpi4py is imported and MPI is initialised (does not import it)."""
+    import sys
+    mod = sys.modules.get("mpi4py.MPI")
+    return bool(mod is not None and mod.Is_initialized() and not mod.Is_finalized())
+
+
+def _is_mpi4py_comm(obj: Any) -> bool:
+    return type(obj).__module__ == "mpi4py.MPI"
+
+
+_default_cache: dict[str, Communicator] = {}
+
+
+def default_comm(device: str) -> Communicator:
+    """The communicator used when a layer is given ``comm=None``.
+
+    All processes of ``MPI.COMM_WORLD`` when the program runs under an MPI launcher
+    with more than one process (or MPI is already initialised with several), else a
+    single-process communicator. On a GPU device this is an NCCL communicator,
+    falling back to :class:`MPIComm` with a warning when NCCL cannot be used.
+    Built once per device and shared by all layers.
+    """
+    if device in _default_cache:
+        return _default_cache[device]
+    multi = launched_size() > 1
+    if not multi and mpi_is_running():
+        from mpi4py import MPI
+        multi = MPI.COMM_WORLD.Get_size() > 1
+    if not multi:
+        comm: Communicator = SingleProcessComm()
+    elif device == "cpu":
+        comm = MPIComm()
+    else:
+        from ._nccl import nccl_or_fallback
+        comm = nccl_or_fallback(None, device)
+    _default_cache[device] = comm
+    return comm
+
+
+def resolve_comm(comm: Any, device: str) -> Communicator:
+    """Turn the ``comm=`` argument of a layer into a communicator object."""
+    if comm is None:
+        return default_comm(device)
+    if _is_mpi4py_comm(comm):
+        if device == "cpu":
+            return MPIComm(comm)
+        from ._nccl import nccl_or_fallback
+        return nccl_or_fallback(comm, device)
+    if isinstance(comm, Communicator) and isinstance(getattr(comm, "size", None), int):
+        return comm
+    raise TypeError("comm must be None, an mpi4py communicator or an object with rank, size and "
+                    f"allreduce(buf) (e.g. cusyncbn.MPIComm), got {type(comm).__name__}")

@@ -1,0 +1,53 @@
+"""DLPack at the layer's boundary: where an input lives, and handing results back.
+
+Inputs from any DLPack producer (NumPy, CuPy, torch, JAX, Paddle) are imported
+without a copy by the backend of the layer's device; an input on another device is
+an error, never a silent copy. With ``output="input"`` a result goes back to the
+framework the input came from, again through DLPack.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+# DLPack device types (dlpack.h: DLDeviceType).
+_CPU_TYPES = {1, 3}          # kDLCPU, kDLCUDAHost
+_CUDA_TYPES = {2, 13}        # kDLCUDA, kDLCUDAManaged
+
+
+def device_of(x: Any) -> str:
+    """``"cpu"`` or ``"gpu:N"`` for a DLPack producer (or NumPy/CuPy array)."""
+    kind, index = x.__dlpack_device__()
+    kind = int(kind)
+    if kind in _CPU_TYPES:
+        return "cpu"
+    if kind in _CUDA_TYPES:
+        return f"gpu:{int(index)}"
+    return f"DLPack device type {kind}:{int(index)}"
+
+
+def framework_of(x: Any) -> str:
+    """The top-level package that made ``x`` (``"numpy"``, ``"cupy"``, ``"torch"``, ``"jax"``...)."""
+    module = type(x).__module__.split(".")[0]
+    return "jax" if module == "jaxlib" else module
+
+
+def to_framework(y: Any, framework: str) -> Any:
+    """Hand ``y`` (a NumPy or CuPy array) to ``framework`` through DLPack, zero-copy."""
+    if framework in ("numpy", "cupy") and framework_of(y) == framework:
+        return y
+    if framework == "torch":
+        import torch
+        return torch.from_dlpack(y)
+    if framework == "jax":
+        import jax.numpy as jnp
+        return jnp.from_dlpack(y)
+    if framework == "paddle":
+        import paddle
+        return paddle.from_dlpack(y)
+    if framework == "numpy":
+        import numpy as np
+        return np.from_dlpack(y)
+    if framework == "cupy":
+        import cupy
+        return cupy.from_dlpack(y)
+    return y

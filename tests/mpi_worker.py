@@ -1,0 +1,371 @@
+"""Multi-rank test cases, run by tests/test_mpi.py as
+
+    mpiexec -n N python -m mpi4py tests/mpi_worker.py CASE [cpu|gpu]
+
+Every rank builds the same global batch from a seed, keeps its own slice, runs the
+layer, and compares against the float64 reference on the global batch. Failures
+are collected, never asserted, until every collective is done; then rank 0 prints
+one line ``RESULT {json}``. ``python -m mpi4py`` aborts the whole job if a rank
+raises, so a bug is a failure, not a hang.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import numpy as np
+from mpi4py import MPI
+
+sys.path.insert(0, os.path.dirname(__file__))
+import reference as ref  # noqa: E402
+
+import cusyncbn  # noqa: E402
+
+WORLD = MPI.COMM_WORLD
+DEVICE = sys.argv[2] if len(sys.argv) > 2 else "cpu"
+if DEVICE == "gpu":
+    os.environ.setdefault("NCCL_HOSTID", f"rank{WORLD.rank}")   # several ranks may share one GPU
+    import cupy as xp
+else:
+    xp = np
+CASES = {}
+TOL = {"float16": (2e-2, 1e-2), "float32": (1e-5, 1e-4), "float64": (1e-10, 1e-9)}
+
+
+def case(fn):
+    CASES[fn.__name__] = fn
+    return fn
+
+
+def host(a):
+    return a.get() if hasattr(a, "get") else np.asarray(a)
+
+
+class CountingComm:
+    """Wraps a communicator and counts its all-reduces."""
+
+    def __init__(self, inner):
+        self.inner, self.rank, self.size, self.calls = inner, inner.rank, inner.size, 0
+
+    def allreduce(self, buf):
+        self.calls += 1
+        self.inner.allreduce(buf)
+
+
+def make_comm(mpi_comm):
+    if DEVICE == "gpu":
+        return cusyncbn.NCCLComm(mpi_comm)
+    return cusyncbn.MPIComm(mpi_comm)
+
+
+def split_counts(total, size, kind):
+    if kind == "even":
+        base = [total // size] * size
+        base[-1] += total - sum(base)
+        return base
+    if kind == "uneven":                      # 1, 2, 3, ... samples, remainder on the last rank
+        counts = [min(r + 1, total) for r in range(size)]
+        counts[-1] = max(0, total - sum(counts[:-1]))
+        return counts
+    if kind == "empty":                      # rank 0 holds nothing
+        counts = [0] + [total // (size - 1)] * (size - 1)
+        counts[-1] += total - sum(counts)
+        return counts
+    if kind == "all_empty":
+        return [0] * size
+    raise ValueError(kind)
+
+
+def global_shape(data_format, n, c=3, spatial=(3, 2, 2)):
+    ndim = len(data_format)
+    rest = spatial[:ndim - 2]
+    return (n, c) + rest if not ref.CHANNEL_LAST[data_format] or ndim == 2 else (n,) + rest + (c,)
+
+
+def close(errors, what, got, want, dtype, tol=None):
+    rtol, atol = tol or TOL[dtype]
+    got, want = host(got).astype(np.float64), np.asarray(want, np.float64)
+    if got.shape != want.shape:
+        errors.append(f"{what}: shape {got.shape} != {want.shape}")
+    elif got.size and not np.allclose(got, want, rtol=rtol, atol=atol):
+        errors.append(f"{what}: max abs err {np.max(np.abs(got - want)):.3g}")
+    elif not np.all(np.isfinite(got)):
+        errors.append(f"{what}: non-finite values")
+
+
+def train_and_compare(comm, mpi_comm, data_format="NCHW", split="uneven", dtype="float32", steps=3,
+                      momentum=0.9, c=3, total=None, loc=0.0, scale=1.0, unbiased=False, layer=None,
+                      affine=True, tol=None):
+    """Train ``steps`` steps on a synced layer; compare everything with the global reference."""
+    rank, size = mpi_comm.rank, mpi_comm.size
+    total = 2 * size + 3 if total is None else total
+    counts = split_counts(total, size, split)
+    lo, hi = sum(counts[:rank]), sum(counts[:rank + 1])
+    shape = global_shape(data_format, total, c)
+    rng = np.random.default_rng(1234)
+    param_dtype = "float64" if dtype == "float64" else "float32"
+    w = rng.uniform(0.5, 1.5, c).astype(param_dtype) if affine else np.ones(c)
+    b = rng.normal(size=c).astype(param_dtype) if affine else np.zeros(c)
+    bn = layer or cusyncbn.SyncBatchNorm(c, momentum=momentum, data_format=data_format, comm=comm,
+                                         device=DEVICE, unbiased_running_var=unbiased, dtype=param_dtype,
+                                         weight_attr=None if affine else False,
+                                         bias_attr=None if affine else False)
+    if affine:
+        bn.weight.data[...] = xp.asarray(w)
+        bn.bias.data[...] = xp.asarray(b)
+    rm, rv = np.zeros(c), np.ones(c)
+    errors, dw_sum, db_sum = [], np.zeros(c), np.zeros(c)
+    for step in range(steps):
+        x = (loc + scale * rng.normal(size=shape)).astype(dtype)
+        dy = rng.normal(size=shape).astype(dtype)
+        y_loc = bn(xp.asarray(x[lo:hi]))
+        dx_loc = bn.backward(xp.asarray(dy[lo:hi]))
+        y_ref, mean, var = ref.forward(x, w, b, bn._epsilon, data_format)
+        dx_ref, dw, db = ref.backward(x, dy, w, bn._epsilon, data_format)
+        dw_sum, db_sum = dw_sum + dw, db_sum + db
+        rm, rv = ref.update_running(rm, rv, mean, var, x.size // c, momentum, unbiased)
+        close(errors, f"step {step} y", y_loc, y_ref[lo:hi], dtype, tol)
+        close(errors, f"step {step} dx", dx_loc, dx_ref[lo:hi], dtype, tol)
+        if host(y_loc).dtype != np.dtype(dtype) or host(dx_loc).dtype != np.dtype(dtype):
+            errors.append(f"step {step}: output dtype {host(y_loc).dtype}/{host(dx_loc).dtype} != {dtype}")
+    if affine:
+        grads = np.concatenate([host(bn.weight.grad), host(bn.bias.grad)]).astype(np.float64)
+        mpi_comm.Allreduce(MPI.IN_PLACE, grads)
+        close(errors, "sum over ranks of weight.grad", grads[:c], dw_sum, "float32" if dtype != "float16" else dtype,
+              tol and (1e-3, 1e-3))
+        close(errors, "sum over ranks of bias.grad", grads[c:], db_sum, "float32" if dtype != "float16" else dtype)
+    close(errors, "running mean", bn._mean, rm, "float32")
+    close(errors, "running var", bn._variance, rv, "float32")
+    stats = np.concatenate([host(bn._mean), host(bn._variance)])
+    every = mpi_comm.allgather(stats.tobytes())
+    if any(s != every[0] for s in every):
+        errors.append("running statistics differ bitwise between ranks")
+    return errors
+
+
+@case
+def sync_matches_global_reference():
+    errors = []
+    for data_format in ref.CHANNEL_LAST:
+        for split in ("even", "uneven", "empty"):
+            errors += [f"{data_format}/{split}: {e}"
+                       for e in train_and_compare(make_comm(WORLD), WORLD, data_format, split)]
+    return errors
+
+
+@case
+def dtypes_and_momentum():
+    errors = []
+    for dtype in ("float16", "float64"):
+        errors += [f"{dtype}: {e}" for e in train_and_compare(make_comm(WORLD), WORLD, "NCHW", "uneven", dtype)]
+    errors += [f"momentum 0.5: {e}" for e in train_and_compare(make_comm(WORLD), WORLD, "NHWC", "uneven",
+                                                               momentum=0.5, steps=4)]
+    errors += [f"unbiased: {e}" for e in train_and_compare(make_comm(WORLD), WORLD, "NCL", "uneven",
+                                                           unbiased=True)]
+    errors += [f"no affine: {e}" for e in train_and_compare(make_comm(WORLD), WORLD, "NC", "empty",
+                                                            affine=False)]
+    errors += [f"odd C: {e}" for e in train_and_compare(make_comm(WORLD), WORLD, "NCHW", "uneven", c=7)]
+    return errors
+
+
+@case
+def default_comm_is_world():
+    layer = cusyncbn.SyncBatchNorm(3, device=DEVICE)
+    errors = train_and_compare(None, WORLD, "NCHW", "uneven", layer=layer)
+    if layer.comm.size != WORLD.size:
+        errors.append(f"default comm has size {layer.comm.size}, expected {WORLD.size}")
+    return errors
+
+
+@case
+def mpi4py_comm_argument_and_groups():
+    group = WORLD.Split(WORLD.rank // 2)
+    errors = train_and_compare(group, group, "NCHW", "uneven")
+    return [f"group {WORLD.rank // 2}: {e}" for e in errors]
+
+
+@case
+def stable_for_large_mean():
+    """Mean 1e4, std 1 in float32: y within 1e-3 of the reference (the float32 input itself is
+    quantized to about 1e-3 there; E[x^2] - E[x]^2 would lose every digit)."""
+    return train_and_compare(make_comm(WORLD), WORLD, "NHWC", "uneven", loc=1e4, scale=1.0, steps=2, total=64,
+                             tol=(0.0, 1e-3))
+
+
+@case
+def unsynced_differs_negative_control():
+    """The same comparison with a per-rank (unsynced) layer must fail, or the tests prove nothing."""
+    errors = train_and_compare(cusyncbn.SingleProcessComm(), WORLD, "NCHW", "uneven", steps=1)
+    return [] if errors else ["unsynced per-rank BN matched the global reference: the check cannot fail"]
+
+
+@case
+def one_collective_per_pass_and_none_in_eval():
+    comm = CountingComm(make_comm(WORLD))
+    bn = cusyncbn.SyncBatchNorm(4, comm=comm, device=DEVICE)
+    x = xp.asarray(np.random.default_rng(WORLD.rank).normal(size=(WORLD.rank + 1, 4, 3, 3)).astype("float32"))
+    errors = []
+    y = bn(x)
+    if comm.calls != 1:
+        errors.append(f"training forward made {comm.calls} all-reduces, expected 1")
+    bn.backward(xp.ones_like(y))
+    if comm.calls != 2:
+        errors.append(f"training backward made {comm.calls - 1} all-reduces, expected 1")
+    bn.eval()
+    if WORLD.rank == 0:                      # eval alone on one rank: must not wait for the others
+        y = bn(x)
+        bn.backward(xp.ones_like(y))
+    if comm.calls != 2:
+        errors.append(f"eval made {comm.calls - 2} all-reduces, expected 0")
+    return errors
+
+
+@case
+def eval_matches_running_statistics():
+    comm = make_comm(WORLD)
+    bn = cusyncbn.SyncBatchNorm(3, comm=comm, device=DEVICE)
+    rng = np.random.default_rng(7)
+    x = rng.normal(2.0, 3.0, size=(9, 3, 4)).astype("float32")
+    bn(xp.asarray(x[WORLD.rank::WORLD.size]))
+    bn.eval()
+    errors = []
+    y = bn(xp.asarray(x))
+    want = ref.eval_forward(x, np.ones(3), np.zeros(3), host(bn._mean), host(bn._variance), 1e-5, "NCL")
+    close(errors, "eval y", y, want, "float32")
+    return errors
+
+
+@case
+def all_ranks_empty():
+    comm = make_comm(WORLD)
+    bn = cusyncbn.SyncBatchNorm(3, comm=comm, device=DEVICE, data_format="NHWC")
+    bn._mean[...] = 0.5
+    x = xp.zeros((0, 4, 4, 3), dtype="float32")
+    y = bn(x)
+    dx = bn.backward(xp.zeros_like(y))
+    errors = []
+    if y.shape != x.shape or dx.shape != x.shape:
+        errors.append(f"empty shapes y {y.shape} dx {dx.shape}, expected {x.shape}")
+    if not (np.all(host(bn._mean) == 0.5) and np.all(host(bn._variance) == 1.0)):
+        errors.append("running statistics changed although the global batch was empty")
+    if not np.all(np.isfinite(host(bn.weight.grad))):
+        errors.append("non-finite weight.grad after an empty batch")
+    return errors
+
+
+@case
+def global_count_one_gives_bias():
+    comm = make_comm(WORLD)
+    bn = cusyncbn.SyncBatchNorm(3, comm=comm, device=DEVICE, data_format="NC")
+    bn.bias.data[...] = xp.asarray([1.0, -2.0, 3.0])
+    bn._mean[...] = xp.asarray([0.25, 10.0, -3.0])      # a non-zero shift must not spoil it
+    n = 1 if WORLD.rank == WORLD.size - 1 else 0
+    x = xp.asarray(np.full((n, 3), 7.3, dtype="float32"))
+    y = bn(x)
+    dx = bn.backward(xp.ones_like(y))
+    errors = []
+    if n and not np.array_equal(host(y), np.array([[1.0, -2.0, 3.0]], dtype="float32")):
+        errors.append(f"y = {host(y)}, expected exactly the bias")
+    if not (np.all(np.isfinite(host(dx))) and np.all(np.isfinite(host(bn._variance)))):
+        errors.append("non-finite dx or running variance for a global count of one")
+    return errors
+
+
+@case
+def lifo_forwards():
+    comm = make_comm(WORLD)
+    bn = cusyncbn.SyncBatchNorm(2, comm=comm, device=DEVICE, data_format="NC")
+    rng = np.random.default_rng(3)
+    xa, xb, dya, dyb = (rng.normal(size=(8, 2)) for _ in range(4))
+    mine = slice(WORLD.rank * 8 // WORLD.size, (WORLD.rank + 1) * 8 // WORLD.size)
+    bn(xp.asarray(xa[mine]))
+    bn(xp.asarray(xb[mine]))
+    dxb = bn.backward(xp.asarray(dyb[mine]))
+    dxa = bn.backward(xp.asarray(dya[mine]))
+    errors = []
+    close(errors, "second forward's dx", dxb, ref.backward(xb, dyb, np.ones(2), 1e-5, "NC")[0][mine], "float64")
+    close(errors, "first forward's dx", dxa, ref.backward(xa, dya, np.ones(2), 1e-5, "NC")[0][mine], "float64")
+    return errors
+
+
+@case
+def bad_input_raises_before_any_collective():
+    comm = CountingComm(make_comm(WORLD))
+    bn = cusyncbn.SyncBatchNorm(3, comm=comm, device=DEVICE)
+    errors = []
+    bad = [(xp.zeros((2, 4, 2, 2), "float32"), ValueError, "4 channels"),
+           (xp.zeros((2, 3, 2, 2, 2, 2), "float32"), ValueError, "dimensions"),
+           (xp.zeros((2, 3, 2, 2), "int32"), TypeError, "floating dtype")]
+    for x, kind, words in bad:
+        try:
+            bn(x)
+            errors.append(f"{x.shape}/{x.dtype}: no exception")
+        except kind as exc:
+            if words not in str(exc):
+                errors.append(f"message {exc!s} lacks {words!r}")
+    try:
+        bn.backward(xp.zeros((2, 3), "float32"))
+        errors.append("backward without pending forward: no exception")
+    except RuntimeError:
+        pass
+    if comm.calls:
+        errors.append(f"{comm.calls} collectives ran for bad input")
+    return errors
+
+
+@case
+def debug_mode_raises_on_every_rank():
+    comm = make_comm(WORLD)
+    errors = []
+    bn = cusyncbn.SyncBatchNorm(3, comm=comm, device=DEVICE, debug=True, name="dbg")
+    last = WORLD.size - 1
+    bad_dtype = "float64" if WORLD.rank == last else "float32"
+    try:
+        bn(xp.zeros((2, 3, 2, 2), bad_dtype))
+        errors.append("dtype mismatch between ranks: no exception")
+    except RuntimeError as exc:
+        if f"[{last}]" not in str(exc):
+            errors.append(f"message does not name rank {last}: {exc}")
+    channels = 4 if WORLD.rank == last else 3
+    try:
+        bn(xp.zeros((2, channels, 2, 2), "float32"))
+        errors.append("bad input on one rank: no exception")
+    except ValueError as exc:
+        if WORLD.rank != last:
+            errors.append(f"rank {WORLD.rank} raised ValueError {exc}, expected RuntimeError")
+    except RuntimeError as exc:
+        if WORLD.rank == last or f"[{last}]" not in str(exc):
+            errors.append(f"unexpected {exc}")
+    y = bn(xp.ones((2, 3, 2, 2), "float32"))          # agreeing calls still work afterwards
+    bn.backward(xp.ones_like(y))
+    return errors
+
+
+@case
+def allreduce_gradients_sums_and_averages():
+    comm = make_comm(WORLD)
+    a = xp.full((3,), float(WORLD.rank + 1))
+    p = cusyncbn.Parameter(xp.zeros(2, "float32"), "p")
+    p.grad = xp.full((2,), 2.0, dtype="float32")
+    cusyncbn.allreduce_gradients([a, p], comm=comm)
+    want = WORLD.size * (WORLD.size + 1) / 2
+    errors = []
+    close(errors, "summed array", a, np.full(3, want), "float64")
+    close(errors, "summed Parameter.grad", p.grad, np.full(2, 2.0 * WORLD.size), "float32")
+    cusyncbn.allreduce_gradients([a], comm=comm, op="mean")
+    close(errors, "averaged array", a, np.full(3, want), "float64")
+    return errors
+
+
+def main():
+    name = sys.argv[1]
+    errors = CASES[name]()
+    gathered = WORLD.gather([f"rank {WORLD.rank}: {e}" for e in errors], root=0)
+    if WORLD.rank == 0:
+        flat = [e for rank_errors in gathered for e in rank_errors]
+        print("RESULT " + json.dumps({"case": name, "size": WORLD.size, "errors": flat}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
