@@ -50,13 +50,29 @@ from __future__ import annotations
 from typing import Any
 
 
+class Stats:
+    """Per-call statistics, ``[mean | invstd | invstd * w | b]`` in one array of length 4C.
+
+    ``mean`` and ``invstd`` are what backward needs; the other two are the folded
+    normalization coefficients. The dtype is the stats dtype of the input.
+    """
+
+    __slots__ = ("data", "mean", "invstd", "scale", "shift")
+
+    def __init__(self, data: Any, channels: int) -> None:
+        self.data = data
+        self.mean = data[:channels]
+        self.invstd = data[channels:2 * channels]
+        self.scale = data[2 * channels:3 * channels]
+        self.shift = data[3 * channels:]
+
+
 class Backend:
     """Interface implemented by ``NumpyBackend`` and ``CupyBackend``.
 
-    ``weight`` / ``bias`` may be None (meaning 1 / 0); statistics arrays (``mean``,
-    ``invstd``) have the stats dtype of the input (float32 for 16- and 32-bit
-    inputs, float64 for float64); parameters and running statistics have the
-    layer's dtype; payload buffers are float64.
+    ``weight`` / ``bias`` (and their gradients) may be None (meaning 1 / 0, or no
+    gradient wanted); parameters and running statistics have the layer's dtype;
+    payload buffers are float64; ``dtype_name`` is the input's dtype name.
     """
 
     device: str
@@ -79,33 +95,34 @@ class Backend:
     def contiguous(self, x: Any) -> Any:
         return self.xp.ascontiguousarray(x)
 
+    def new_stats(self, channels: int, dtype: Any) -> Stats:
+        return Stats(self.empty((4 * channels,), dtype), channels)
+
     def local_moments(self, x3: Any, running_mean: Any, buf: Any) -> None:
         """Write this rank's forward payload for ``x3`` into ``buf`` (see above)."""
         raise NotImplementedError
 
-    def finalize_forward(self, buf: Any, running_mean: Any, running_var: Any, momentum: float,
-                         eps: float, unbiased: bool, mean: Any, invstd: Any) -> None:
-        """From the reduced payload: ``mean``, ``invstd`` and the running-statistics update."""
+    def finalize_forward(self, buf: Any, running_mean: Any, running_var: Any, momentum: float, eps: float,
+                         unbiased: bool, weight: Any, bias: Any, stats: Stats, dtype_name: str) -> None:
+        """From the reduced payload: ``stats`` and, when ``running_var`` is given, the running update."""
         raise NotImplementedError
 
-    def eval_stats(self, running_mean: Any, running_var: Any, eps: float, mean: Any, invstd: Any) -> None:
-        """``mean`` and ``invstd`` from the running statistics."""
+    def eval_stats(self, running_mean: Any, running_var: Any, eps: float, weight: Any, bias: Any,
+                   stats: Stats, dtype_name: str) -> None:
+        """``stats`` from the running statistics."""
         raise NotImplementedError
 
-    def normalize(self, x3: Any, mean: Any, invstd: Any, weight: Any, bias: Any, y3: Any) -> None:
+    def normalize(self, x3: Any, stats: Stats, y3: Any) -> None:
         raise NotImplementedError
 
-    def backward_reduce(self, dy3: Any, x3: Any, mean: Any, buf: Any) -> None:
-        """Write ``[sum dy, sum dy * (x - mean)]`` per channel into ``buf`` (length 2C)."""
+    def backward_reduce(self, dy3: Any, x3: Any, stats: Stats, weight_grad: Any, bias_grad: Any,
+                        buf: Any) -> None:
+        """Write ``[sum dy, sum dy * (x - mean)]`` (length 2C) into ``buf`` and add this rank's
+        shares to ``weight_grad`` / ``bias_grad`` (either may be None)."""
         raise NotImplementedError
 
-    def accumulate_grads(self, buf: Any, invstd: Any, weight_grad: Any, bias_grad: Any) -> None:
-        """``weight_grad += buf[C:] * invstd``, ``bias_grad += buf[:C]`` (either may be None)."""
-        raise NotImplementedError
-
-    def backward_input(self, dy3: Any, x3: Any, mean: Any, invstd: Any, weight: Any, buf: Any,
-                       count: Any, dx3: Any) -> None:
-        """``dx`` from the reduced backward payload; ``count`` None means eval-mode statistics."""
+    def backward_input(self, dy3: Any, x3: Any, stats: Stats, buf: Any, count: Any, dx3: Any) -> None:
+        """``dx`` from the reduced backward payload; ``count`` None means fixed (eval) statistics."""
         raise NotImplementedError
 
 

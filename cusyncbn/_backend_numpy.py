@@ -11,7 +11,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from ._backend import Backend
+from ._backend import Backend, Stats
 from ._dlpack import device_of
 
 _BLOCK_ELEMENTS = 1 << 20
@@ -86,65 +86,66 @@ class NumpyBackend(Backend):
         buf[channels:2 * channels] = m2 + n * np.square(mean - shift)
         buf[2 * channels] = n
 
-    def finalize_forward(self, buf: Any, running_mean: Any, running_var: Any, momentum: float,
-                         eps: float, unbiased: bool, mean: Any, invstd: Any) -> None:
-        channels = mean.shape[0]
+    def finalize_forward(self, buf: Any, running_mean: Any, running_var: Any, momentum: float, eps: float,
+                         unbiased: bool, weight: Any, bias: Any, stats: Stats, dtype_name: str) -> None:
+        channels = stats.mean.shape[0]
         count = buf[2 * channels]
         if count > 0:
-            mean64 = buf[:channels] / count
-            dev = mean64 - _shift(running_mean, channels)
+            mean = buf[:channels] / count
+            dev = mean - _shift(running_mean, channels)
             var = np.maximum((buf[channels:2 * channels] - count * dev * dev) / count, 0.0)
         else:
-            mean64 = np.zeros(channels)
+            mean = np.zeros(channels)
             var = np.zeros(channels)
-        mean[...] = mean64
-        invstd[...] = 1.0 / np.sqrt(var + eps)
-        if count > 0 and running_mean is not None:
+        self._fill(stats, mean, 1.0 / np.sqrt(var + eps), weight, bias)
+        if count > 0 and running_mean is not None and running_var is not None:
             var_run = var * (count / (count - 1)) if (unbiased and count > 1) else var
-            running_mean[...] = running_mean * momentum + mean64 * (1.0 - momentum)
+            running_mean[...] = running_mean * momentum + mean * (1.0 - momentum)
             running_var[...] = running_var * momentum + var_run * (1.0 - momentum)
 
-    def eval_stats(self, running_mean: Any, running_var: Any, eps: float, mean: Any, invstd: Any) -> None:
-        mean[...] = running_mean
-        invstd[...] = 1.0 / np.sqrt(running_var.astype(np.float64) + eps)
+    def eval_stats(self, running_mean: Any, running_var: Any, eps: float, weight: Any, bias: Any,
+                   stats: Stats, dtype_name: str) -> None:
+        invstd = 1.0 / np.sqrt(running_var.astype(np.float64) + eps)
+        self._fill(stats, running_mean.astype(np.float64), invstd, weight, bias)
 
-    def _scale(self, invstd: Any, weight: Any) -> Any:
-        return invstd if weight is None else invstd * weight.astype(invstd.dtype)
+    @staticmethod
+    def _fill(stats: Stats, mean: Any, invstd: Any, weight: Any, bias: Any) -> None:
+        stats.mean[...] = mean
+        stats.invstd[...] = invstd
+        stats.scale[...] = invstd if weight is None else invstd * weight.astype(np.float64)
+        stats.shift[...] = 0.0 if bias is None else bias
 
-    def normalize(self, x3: Any, mean: Any, invstd: Any, weight: Any, bias: Any, y3: Any) -> None:
-        scale = _col(self._scale(invstd, weight))
-        shift = 0.0 if bias is None else _col(bias.astype(invstd.dtype))
+    def normalize(self, x3: Any, stats: Stats, y3: Any) -> None:
+        mean, scale, shift = _col(stats.mean), _col(stats.scale), _col(stats.shift)
         for rows in _row_blocks(x3):
-            y3[rows] = (x3[rows].astype(invstd.dtype) - _col(mean)) * scale + shift
+            y3[rows] = (x3[rows].astype(mean.dtype) - mean) * scale + shift
 
-    def backward_reduce(self, dy3: Any, x3: Any, mean: Any, buf: Any) -> None:
+    def backward_reduce(self, dy3: Any, x3: Any, stats: Stats, weight_grad: Any, bias_grad: Any,
+                        buf: Any) -> None:
         channels = x3.shape[1]
-        mean64 = _col(mean.astype(np.float64))
+        mean64 = _col(stats.mean.astype(np.float64))
         buf[:channels] = _blocked_channel_sum(dy3, lambda r: dy3[r])
         buf[channels:] = _blocked_channel_sum(
             x3, lambda r: dy3[r].astype(np.float64) * (x3[r].astype(np.float64) - mean64))
-
-    def accumulate_grads(self, buf: Any, invstd: Any, weight_grad: Any, bias_grad: Any) -> None:
-        channels = invstd.shape[0]
         if weight_grad is not None:
-            weight_grad += (buf[channels:] * invstd).astype(weight_grad.dtype)
+            weight_grad += (buf[channels:] * stats.invstd).astype(weight_grad.dtype)
         if bias_grad is not None:
             bias_grad += buf[:channels].astype(bias_grad.dtype)
 
-    def backward_input(self, dy3: Any, x3: Any, mean: Any, invstd: Any, weight: Any, buf: Any,
-                       count: Any, dx3: Any) -> None:
-        scale = _col(self._scale(invstd, weight))
+    def backward_input(self, dy3: Any, x3: Any, stats: Stats, buf: Any, count: Any, dx3: Any) -> None:
+        scale = _col(stats.scale)
         if count is None:
             for rows in _row_blocks(dy3):
-                dx3[rows] = dy3[rows].astype(invstd.dtype) * scale
+                dx3[rows] = dy3[rows].astype(scale.dtype) * scale
             return
-        channels = invstd.shape[0]
+        channels = scale.shape[1]
         n = max(float(count[0]), 1.0)
-        mean_dy = _col((buf[:channels] / n).astype(invstd.dtype))
-        proj = _col((buf[channels:] / n * invstd.astype(np.float64) ** 2).astype(invstd.dtype))
+        mean_dy = _col((buf[:channels] / n).astype(scale.dtype))
+        proj = _col((buf[channels:] / n * stats.invstd.astype(np.float64) ** 2).astype(scale.dtype))
+        mean = _col(stats.mean)
         for rows in _row_blocks(dy3):
-            xmu = x3[rows].astype(invstd.dtype) - _col(mean)
-            dx3[rows] = (dy3[rows].astype(invstd.dtype) - mean_dy - xmu * proj) * scale
+            xmu = x3[rows].astype(scale.dtype) - mean
+            dx3[rows] = (dy3[rows].astype(scale.dtype) - mean_dy - xmu * proj) * scale
 
 
 def _bfloat16_to_numpy(x: Any) -> Any:

@@ -64,9 +64,7 @@ class _Saved:
 
     x3: Any
     shape: tuple
-    channel_last: bool
-    mean: Any
-    invstd: Any
+    stats: Any                  # backend Stats: mean, invstd and the folded coefficients
     count: Any                  # reduced count (1-element array), None for fixed statistics
     comm: Communicator
     framework: str
@@ -366,9 +364,8 @@ class _BatchNormBase:
         self._calls["forward"] += 1
         backend, c = self._backend, self._num_features
         x3 = self._view3(x)
-        stats_dtype = np.float64 if x.dtype == np.float64 else np.float32
-        mean = backend.empty((c,), stats_dtype)
-        invstd = backend.empty((c,), stats_dtype)
+        stats = backend.new_stats(c, np.float64 if x.dtype == np.float64 else np.float32)
+        weight, bias = self._data(self.weight), self._data(self.bias)
         running = self._track_running_stats
         count = None
         if batch_stats:
@@ -376,18 +373,16 @@ class _BatchNormBase:
             backend.local_moments(x3, self._mean if running else None, buf)
             comm.allreduce(buf)
             update = running and self.training
-            backend.finalize_forward(buf, self._mean if running else None,
-                                     self._variance if update else None,
-                                     self._momentum if momentum is None else float(momentum),
-                                     self._epsilon, self._unbiased, mean, invstd)
+            backend.finalize_forward(buf, self._mean if running else None, self._variance if update else None,
+                                     self._momentum if momentum is None else float(momentum), self._epsilon,
+                                     self._unbiased, weight, bias, stats, x.dtype.name)
             count = buf[2 * c:]
         else:
             comm = SingleProcessComm()
-            backend.eval_stats(self._mean, self._variance, self._epsilon, mean, invstd)
+            backend.eval_stats(self._mean, self._variance, self._epsilon, weight, bias, stats, x.dtype.name)
         y3 = backend.empty(x3.shape, x.dtype)
-        backend.normalize(x3, mean, invstd, self._data(self.weight), self._data(self.bias), y3)
-        saved = _Saved(x3, tuple(x.shape), self._channel_last, mean, invstd, count, comm, framework,
-                       self._calls["forward"])
+        backend.normalize(x3, stats, y3)
+        saved = _Saved(x3, tuple(x.shape), stats, count, comm, framework, self._calls["forward"])
         return y3.reshape(x.shape), saved
 
     @staticmethod
@@ -419,13 +414,11 @@ class _BatchNormBase:
         buf = None
         if saved.count is not None or weight_grad is not None or bias_grad is not None:
             buf = backend.empty((2 * c,), np.float64)
-            backend.backward_reduce(dy3, saved.x3, saved.mean, buf)
-            backend.accumulate_grads(buf, saved.invstd, weight_grad, bias_grad)
+            backend.backward_reduce(dy3, saved.x3, saved.stats, weight_grad, bias_grad, buf)
         if saved.count is not None:
             saved.comm.allreduce(buf)
         dx3 = backend.empty(saved.x3.shape, saved.x3.dtype)
-        backend.backward_input(dy3, saved.x3, saved.mean, saved.invstd, self._data(self.weight), buf,
-                               saved.count, dx3)
+        backend.backward_input(dy3, saved.x3, saved.stats, buf, saved.count, dx3)
         return dx3.reshape(saved.shape)
 
     def _grad_slot(self, param: Parameter | None) -> Any:

@@ -1,0 +1,221 @@
+"""The GPU backend: the steps of ``_backend.py`` as CUDA kernels (``_kernels/syncbn.cu``).
+
+Every launch goes on the current CuPy stream and nothing here reads device memory
+from the host, so a training forward/backward never synchronizes with the host and
+can be captured in a CUDA graph. Kernels are compiled once per (device, input dtype)
+by ``cupy.RawModule`` and fetched by name.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from . import _kernels
+from ._backend import Backend, Stats
+from ._dlpack import device_of
+
+_THREADS = 256            # 1-D blocks: reductions and elementwise passes
+_CL_BLOCK = (32, 8)       # channel-last reductions: 32 channel lanes x 8 rows
+_CHANNEL_THREADS = 128    # one thread per channel kernels
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class CupyBackend(Backend):
+    def __init__(self, index: int) -> None:
+        import cupy
+        self.xp = cupy
+        self.device = f"gpu:{index}"
+        self._index = index
+        self._cuda_device = cupy.cuda.Device(index)
+        with self._cuda_device:
+            self._sms = self._cuda_device.attributes["MultiProcessorCount"]
+        self._modules: dict[str, Any] = {}
+        self._kernels: dict[tuple[str, str], Any] = {}
+        self._workspaces: dict[int, Any] = {}
+
+    # -- arrays ---------------------------------------------------------------------------
+    def is_native(self, x: Any) -> bool:
+        return isinstance(x, self.xp.ndarray)
+
+    def import_array(self, x: Any, what: str) -> Any:
+        cupy = self.xp
+        if isinstance(x, cupy.ndarray):
+            if x.device.id != self._index:
+                raise ValueError(f"{what} is on gpu:{x.device.id} but this layer is on {self.device}")
+            return x
+        if isinstance(x, np.ndarray) or not hasattr(x, "__dlpack_device__"):
+            raise ValueError(f"{what} is a host array ({type(x).__name__}) but this layer is on {self.device}; "
+                             "copy it to the GPU first (cupy.asarray), or use a CPU layer")
+        where = device_of(x)
+        if where != self.device:
+            raise ValueError(f"{what} lives on {where} but this layer is on {self.device}")
+        if getattr(x, "requires_grad", False):
+            x = x.detach()
+        with self._cuda_device:
+            # cupy.from_dlpack passes the current stream to the producer, which orders its
+            # pending work (e.g. torch's current stream) before ours.
+            return cupy.from_dlpack(x)
+
+    def zeros(self, shape: Any, dtype: Any) -> Any:
+        with self._cuda_device:
+            return self.xp.zeros(shape, dtype=dtype)
+
+    def empty(self, shape: Any, dtype: Any) -> Any:
+        with self._cuda_device:
+            return self.xp.empty(shape, dtype=dtype)
+
+    def contiguous(self, x: Any) -> Any:
+        with self._cuda_device:
+            return self.xp.ascontiguousarray(x)
+
+    # -- kernels ----------------------------------------------------------------------------
+    def _kernel(self, dtype_name: str, key: str) -> Any:
+        kernel = self._kernels.get((dtype_name, key))
+        if kernel is None:
+            names = _kernels.name_expressions(dtype_name)
+            module = self._modules.get(dtype_name)
+            if module is None:
+                with self._cuda_device:
+                    module = self.xp.RawModule(code=_kernels.source(), options=_kernels.OPTIONS,
+                                               name_expressions=list(names.values()))
+                self._modules[dtype_name] = module
+            kernel = module.get_function(names[key])
+            self._kernels[(dtype_name, key)] = kernel
+        return kernel
+
+    def _workspace(self, doubles: int) -> Any:
+        stream = self.xp.cuda.get_current_stream().ptr
+        ws = self._workspaces.get(stream)
+        if ws is None or ws.size < doubles:
+            ws = self.empty((max(doubles, 4096),), np.float64)
+            self._workspaces[stream] = ws
+        return ws
+
+    @staticmethod
+    def _aligned(*arrays: Any) -> bool:
+        return all(a is None or a.data.ptr % 16 == 0 for a in arrays)
+
+    def _vec(self, dtype_name: str, x3: Any, *others: Any) -> int:
+        a, c, b = x3.shape
+        v = _kernels.vector_width(dtype_name)
+        inner = c if b == 1 else b
+        return v if inner % v == 0 and self._aligned(x3, *others) else 1
+
+    def _splits_cs(self, channels: int, per_channel: int, vec: int) -> int:
+        want = _cdiv(4 * self._sms, channels)
+        useful = _cdiv(per_channel, _THREADS * vec * 4)
+        return int(max(1, min(want, useful, 65535)))
+
+    def _cl_grid(self, rows: int, channels: int, vec: int) -> tuple[int, int]:
+        gx = _cdiv(channels, _CL_BLOCK[0] * vec)
+        want = _cdiv(4 * self._sms, gx)
+        useful = _cdiv(rows, _CL_BLOCK[1] * 4)
+        return gx, int(max(1, min(want, useful, 65535)))
+
+    def _elementwise_grid(self, total: int, vec: int) -> int:
+        return int(max(1, min(_cdiv(total, _THREADS * vec), 16 * self._sms)))
+
+    def _partials(self, kind: str, x3: Any, others: tuple, vec: int, per: int, args: tuple) -> tuple[Any, int]:
+        """Launch a per-split reduction; returns (workspace, splits)."""
+        dtype_name = x3.dtype.name
+        a, c, b = x3.shape
+        if b == 1:
+            gx, splits = self._cl_grid(a, c, vec)
+            ws = self._workspace(c * splits * per)
+            shared = per * _CL_BLOCK[0] * _CL_BLOCK[1] * 8
+            self._kernel(dtype_name, f"{kind}_cl{vec}")((gx, splits), _CL_BLOCK,
+                                                         others + (np.int64(a), np.int32(c)) + args + (ws,),
+                                                         shared_mem=shared)
+        else:
+            splits = self._splits_cs(c, a * b, vec)
+            ws = self._workspace(c * splits * per)
+            self._kernel(dtype_name, f"{kind}_cs{vec}")((splits, c), (_THREADS,),
+                                                         others + (np.int64(a), np.int32(c), np.int64(b)) + args + (ws,))
+        return ws, splits
+
+    @staticmethod
+    def _param_name(arr: Any, fallback: Any) -> str:
+        return (arr if arr is not None else fallback).dtype.name
+
+    def _channel_grid(self, channels: int) -> tuple[tuple[int], tuple[int]]:
+        return (_cdiv(channels, _CHANNEL_THREADS),), (_CHANNEL_THREADS,)
+
+    # -- the steps of _backend.Backend --------------------------------------------------------
+    def local_moments(self, x3: Any, running_mean: Any, buf: Any) -> None:
+        with self._cuda_device:
+            a, c, b = x3.shape
+            if a * b == 0:
+                buf.fill(0)
+                return
+            vec = self._vec(x3.dtype.name, x3)
+            ws, splits = self._partials("moments", x3, (x3,), vec, 3, ())
+            grid, block = self._channel_grid(c)
+            pname = "float32" if running_mean is None else running_mean.dtype.name
+            self._kernel(x3.dtype.name, f"combine_{pname}")(grid, block, (ws, np.int32(c), np.int32(splits),
+                                                                          running_mean, buf))
+
+    def finalize_forward(self, buf: Any, running_mean: Any, running_var: Any, momentum: float, eps: float,
+                         unbiased: bool, weight: Any, bias: Any, stats: Stats, dtype_name: str) -> None:
+        with self._cuda_device:
+            c = stats.mean.shape[0]
+            grid, block = self._channel_grid(c)
+            pname = self._param_name(running_mean, weight if weight is not None else stats.mean)
+            pname = pname if pname in _kernels.PARAM_CTYPES else "float32"
+            self._kernel(dtype_name, f"finalize_{pname}")(
+                grid, block, (buf, np.int32(c), running_mean, running_var, np.float64(momentum), np.float64(eps),
+                              np.int32(bool(unbiased)), weight, bias, stats.data))
+
+    def eval_stats(self, running_mean: Any, running_var: Any, eps: float, weight: Any, bias: Any,
+                   stats: Stats, dtype_name: str) -> None:
+        with self._cuda_device:
+            c = stats.mean.shape[0]
+            grid, block = self._channel_grid(c)
+            self._kernel(dtype_name, f"eval_{running_mean.dtype.name}")(
+                grid, block, (running_mean, running_var, np.int32(c), np.float64(eps), weight, bias, stats.data))
+
+    def normalize(self, x3: Any, stats: Stats, y3: Any) -> None:
+        with self._cuda_device:
+            a, c, b = x3.shape
+            total = a * c * b
+            if total == 0:
+                return
+            vec = self._vec(x3.dtype.name, x3, y3)
+            cl = "true" if b == 1 else "false"
+            self._kernel(x3.dtype.name, f"normalize_{cl}{vec}")(
+                (self._elementwise_grid(total, vec),), (_THREADS,),
+                (x3, y3, np.int64(total), np.int32(c), np.int64(b), stats.data))
+
+    def backward_reduce(self, dy3: Any, x3: Any, stats: Stats, weight_grad: Any, bias_grad: Any,
+                        buf: Any) -> None:
+        with self._cuda_device:
+            a, c, b = x3.shape
+            if a * b == 0:
+                buf.fill(0)
+                return
+            vec = self._vec(x3.dtype.name, x3, dy3)
+            ws, splits = self._partials("backward", x3, (dy3, x3), vec, 2, (stats.data,))
+            grid, block = self._channel_grid(c)
+            pname = self._param_name(weight_grad, bias_grad if bias_grad is not None else stats.mean)
+            pname = pname if pname in _kernels.PARAM_CTYPES else "float32"
+            self._kernel(x3.dtype.name, f"bcombine_{pname}")(
+                grid, block, (ws, np.int32(c), np.int32(splits), stats.data, weight_grad, bias_grad, buf))
+
+    def backward_input(self, dy3: Any, x3: Any, stats: Stats, buf: Any, count: Any, dx3: Any) -> None:
+        with self._cuda_device:
+            a, c, b = x3.shape
+            total = a * c * b
+            if total == 0:
+                return
+            coef = self.empty((3 * c,), stats.data.dtype)
+            grid, block = self._channel_grid(c)
+            self._kernel(x3.dtype.name, "coeffs")(grid, block, (buf if count is not None else None, count,
+                                                                np.int32(c), stats.data, coef))
+            vec = self._vec(x3.dtype.name, x3, dy3, dx3)
+            cl = "true" if b == 1 else "false"
+            self._kernel(x3.dtype.name, f"dx_{cl}{vec}")(
+                (self._elementwise_grid(total, vec),), (_THREADS,),
+                (dy3, x3, dx3, np.int64(total), np.int32(c), np.int64(b), stats.data, coef))

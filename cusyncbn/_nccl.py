@@ -1,0 +1,98 @@
+"""NCCL communicator, bootstrapped through mpi4py (CuPy's ``cupy.cuda.nccl``).
+
+Rank 0 creates the NCCL unique id, MPI broadcasts it, every rank creates its
+``NcclCommunicator`` on its device. All-reduces run on the current CuPy stream: no
+host synchronization, and CUDA-graph capture works.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import warnings
+from typing import Any
+
+from ._comm import MPIComm
+
+
+class NCCLComm:
+    """Sum all-reduce of CuPy buffers over NCCL.
+
+    Args:
+        mpi_comm: the mpi4py communicator whose processes form the group (default
+            ``MPI.COMM_WORLD``; a ``Split`` gives group-wise sync).
+        device: CUDA device index of this rank (default: the current CuPy device).
+
+    Raises:
+        RuntimeError: NCCL is not available, or two ranks of the group share one GPU
+            (NCCL refuses that: "Duplicate GPU detected").
+
+    Example:
+        >>> comm = cusyncbn.NCCLComm()                       # doctest: +SKIP
+        >>> bn = cusyncbn.SyncBatchNorm(64, comm=comm)
+    """
+
+    def __init__(self, mpi_comm: Any = None, device: int | None = None) -> None:
+        import cupy
+        from mpi4py import MPI
+        mpi_comm = MPI.COMM_WORLD if mpi_comm is None else mpi_comm
+        self.mpi_comm = mpi_comm
+        self.rank = mpi_comm.Get_rank()
+        self.size = mpi_comm.Get_size()
+        self.device = cupy.cuda.Device().id if device is None else int(device)
+        problem = _nccl_problem(self.device)
+        # Same host (or NCCL_HOSTID) and same GPU on two ranks: NCCL would refuse.
+        where = (os.environ.get("NCCL_HOSTID") or socket.gethostname(), _device_uuid(self.device))
+        everyone = mpi_comm.allgather((problem, where))
+        problems = [p for p, _ in everyone if p]
+        if problems:
+            raise RuntimeError(f"NCCL cannot be used: {problems[0]}")
+        places = [w for _, w in everyone]
+        if len(set(places)) != len(places):
+            raise RuntimeError("NCCL cannot be used: several ranks share one GPU (NCCL refuses this with "
+                               "'Duplicate GPU detected'); give each rank its own GPU")
+        from cupy.cuda import nccl
+        self._nccl = nccl
+        uid = nccl.get_unique_id() if self.rank == 0 else None
+        uid = mpi_comm.bcast(uid, root=0)
+        with cupy.cuda.Device(self.device):
+            self._comm = nccl.NcclCommunicator(self.size, uid, self.rank)
+        self._cupy = cupy
+
+    def allreduce(self, buf: Any) -> None:
+        if buf.dtype.itemsize != 8 or buf.dtype.kind != "f":
+            raise TypeError(f"NCCLComm.allreduce takes float64 buffers, got {buf.dtype}")
+        stream = self._cupy.cuda.get_current_stream().ptr
+        self._comm.allReduce(buf.data.ptr, buf.data.ptr, buf.size, self._nccl.NCCL_FLOAT64,
+                             self._nccl.NCCL_SUM, stream)
+
+    def __repr__(self) -> str:
+        return f"NCCLComm(rank={self.rank}, size={self.size}, device={self.device})"
+
+
+def _nccl_problem(device: int) -> str:
+    try:
+        from cupy.cuda import nccl
+        if not nccl.available:
+            return "CuPy was built without NCCL (pip install nvidia-nccl-cu12 / -cu13)"
+    except ImportError as exc:
+        return f"cupy.cuda.nccl does not import ({exc})"
+    return ""
+
+
+def _device_uuid(device: int) -> str:
+    import cupy
+    try:
+        return str(cupy.cuda.runtime.getDeviceProperties(device).get("uuid", device))
+    except Exception:
+        return f"device{device}"
+
+
+def nccl_or_fallback(mpi_comm: Any, device: str) -> Any:
+    """NCCL on ``device`` when every rank can use it, else MPI with a one-line warning."""
+    index = int(device.split(":")[1])
+    try:
+        return NCCLComm(mpi_comm, index)
+    except RuntimeError as exc:
+        warnings.warn(f"cusyncbn: {exc}; falling back to a host-staged MPI all-reduce (slower, "
+                      "synchronizes with the host)", RuntimeWarning, stacklevel=3)
+        return MPIComm(mpi_comm)

@@ -1,0 +1,246 @@
+"""Single-process behaviour of the layer on the CPU backend, against the float64 reference."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import cusyncbn
+import reference as ref
+
+SHAPES = {"NC": (6, 3), "NCL": (4, 3, 5), "NCHW": (3, 3, 4, 2), "NCDHW": (2, 3, 2, 3, 2),
+          "NLC": (4, 5, 3), "NHWC": (3, 4, 2, 3), "NDHWC": (2, 2, 3, 2, 3)}
+TOL = {"float16": dict(rtol=2e-2, atol=1e-2), "float32": dict(rtol=1e-5, atol=1e-4),
+       "float64": dict(rtol=1e-10, atol=1e-10)}
+
+
+def layer(c=3, **kw):
+    kw.setdefault("device", "cpu")
+    return cusyncbn.SyncBatchNorm(c, **kw)
+
+
+def test_paddle_worked_example():
+    x = np.array([[[[0.3, 0.4], [0.3, 0.07]], [[0.83, 0.37], [0.18, 0.93]]]], dtype="float32")
+    y = layer(2)(x)
+    expected = [[[[0.26824948, 1.09363246], [0.26824948, -1.63013160]],
+                 [[0.80956620, -0.66528702], [-1.27446556, 1.13018656]]]]
+    np.testing.assert_allclose(y, expected, atol=1e-6)
+    assert y.dtype == np.float32 and y.shape == x.shape
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+@pytest.mark.parametrize("data_format", list(SHAPES))
+def test_training_step_matches_reference(data_format, dtype):
+    rng = np.random.default_rng(0)
+    x = rng.normal(1.0, 2.0, size=SHAPES[data_format]).astype(dtype)
+    dy = rng.normal(size=x.shape).astype(dtype)
+    pdtype = "float64" if dtype == "float64" else "float32"
+    bn = layer(data_format=data_format, dtype=pdtype, momentum=0.8)
+    w = rng.uniform(0.5, 2, 3).astype(pdtype)
+    b = rng.normal(size=3).astype(pdtype)
+    bn.weight.data[...] = w
+    bn.bias.data[...] = b
+    y = bn(x)
+    dx = bn.backward(dy)
+    y_ref, mean, var = ref.forward(x, w, b, 1e-5, data_format)
+    dx_ref, dw, db = ref.backward(x, dy, w, 1e-5, data_format)
+    rm, rv = ref.update_running(np.zeros(3), np.ones(3), mean, var, x.size // 3, 0.8)
+    np.testing.assert_allclose(y.astype(np.float64), y_ref, **TOL[dtype])
+    np.testing.assert_allclose(dx.astype(np.float64), dx_ref, **TOL[dtype])
+    np.testing.assert_allclose(bn.weight.grad, dw, rtol=1e-4, atol=1e-3 if dtype == "float16" else 1e-5)
+    np.testing.assert_allclose(bn.bias.grad, db, rtol=1e-4, atol=1e-3 if dtype == "float16" else 1e-5)
+    np.testing.assert_allclose(bn.running_mean, rm, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(bn.running_var, rv, rtol=1e-5, atol=1e-6)
+    assert y.dtype == x.dtype and dx.dtype == x.dtype
+
+
+def test_non_contiguous_input():
+    rng = np.random.default_rng(1)
+    base = rng.normal(size=(4, 6, 5, 3))
+    x = base[:, ::2, :, :]                            # strided channel axis
+    dy = rng.normal(size=(4, 3, 5, 3))
+    bn = layer(dtype="float64")
+    np.testing.assert_allclose(bn(x), ref.forward(x, np.ones(3), np.zeros(3), 1e-5, "NCHW")[0], atol=1e-10)
+    np.testing.assert_allclose(bn.backward(dy.transpose(0, 1, 3, 2).copy().transpose(0, 1, 3, 2)),
+                               ref.backward(x, dy, np.ones(3), 1e-5, "NCHW")[0], atol=1e-10)
+
+
+def test_stable_for_large_mean_float32():
+    rng = np.random.default_rng(2)
+    x = (1e4 + rng.normal(size=(64, 3, 8, 8))).astype("float32")
+    y = layer()(x)
+    np.testing.assert_allclose(y, ref.forward(x, np.ones(3), np.zeros(3), 1e-5, "NCHW")[0], atol=1e-3, rtol=0)
+
+
+def test_eval_uses_running_statistics_and_fixed_gradient():
+    rng = np.random.default_rng(3)
+    bn = layer(dtype="float64")
+    bn._mean[...] = [0.5, -1.0, 2.0]
+    bn._variance[...] = [1.5, 0.25, 4.0]
+    bn.eval()
+    assert not bn.training
+    x = rng.normal(size=(5, 3, 2))
+    dy = rng.normal(size=x.shape)
+    y = bn(x)
+    np.testing.assert_allclose(y, ref.eval_forward(x, 1, 0, bn._mean, bn._variance, 1e-5, "NCL"), atol=1e-12)
+    dx = bn.backward(dy)
+    np.testing.assert_allclose(dx, dy / np.sqrt(bn._variance[None, :, None] + 1e-5), atol=1e-12)
+    np.testing.assert_allclose(bn._mean, [0.5, -1.0, 2.0])       # eval never updates statistics
+
+
+def test_empty_batch_and_single_sample():
+    bn = layer(data_format="NC")
+    bn.bias.data[...] = [1.0, 2.0, 3.0]
+    y = bn(np.zeros((0, 3), "float32"))
+    assert y.shape == (0, 3)
+    assert bn.backward(np.zeros((0, 3), "float32")).shape == (0, 3)
+    np.testing.assert_array_equal(bn.running_mean, 0.0)
+    np.testing.assert_array_equal(bn.running_var, 1.0)
+    bn._mean[...] = [5.0, -7.0, 0.1]
+    y = bn(np.array([[3.3, -1.7, 12.0]], "float32"))
+    np.testing.assert_array_equal(y, [[1.0, 2.0, 3.0]])
+    assert np.all(np.isfinite(bn.backward(np.ones((1, 3), "float32"))))
+
+
+def test_gradients_accumulate_until_cleared():
+    rng = np.random.default_rng(4)
+    bn = layer(dtype="float64", data_format="NC")
+    x, dy = rng.normal(size=(7, 3)), rng.normal(size=(7, 3))
+    bn(x)
+    bn.backward(dy)
+    first = bn.weight.grad.copy(), bn.bias.grad.copy()
+    bn(x)
+    bn.backward(dy)
+    np.testing.assert_allclose(bn.weight.grad, 2 * first[0])
+    np.testing.assert_allclose(bn.bias.grad, 2 * first[1])
+    bn.clear_gradients()
+    assert bn.weight.grad is None and bn.bias.grad is None
+
+
+def test_param_attrs():
+    bn = layer(weight_attr=cusyncbn.ParamAttr(name="w", initializer=0.5, learning_rate=0.1),
+               bias_attr=cusyncbn.ParamAttr(initializer=lambda shape, dtype: np.arange(3, dtype=dtype),
+                                            trainable=False))
+    assert bn.weight.name == "w" and bn.weight.learning_rate == 0.1
+    np.testing.assert_array_equal(bn.weight.data, 0.5)
+    np.testing.assert_array_equal(bn.bias.data, [0, 1, 2])
+    y = bn(np.ones((2, 3, 2, 2), "float32"))
+    bn.backward(np.ones_like(y))
+    assert bn.bias.grad is None and bn.weight.grad is not None
+    np.testing.assert_array_equal(y, np.broadcast_to(np.arange(3.0)[None, :, None, None], y.shape))
+    none = layer(weight_attr=False, bias_attr=False)
+    assert none.weight is None and none.bias is None and none.parameters() == []
+    x = np.random.default_rng(5).normal(size=(4, 3)).astype("float32")
+    np.testing.assert_allclose(none(x), ref.forward(x, 1, 0, 1e-5, "NC")[0], atol=1e-5)
+    none.backward(np.ones_like(x))
+
+
+def test_lifo_and_no_grad():
+    bn = layer(data_format="NC", dtype="float64")
+    rng = np.random.default_rng(6)
+    xa, xb = rng.normal(size=(5, 3)), rng.normal(size=(4, 3))
+    bn(xa)
+    bn(xb)
+    with cusyncbn.no_grad():
+        bn(xa)
+    dy = rng.normal(size=(4, 3))
+    np.testing.assert_allclose(bn.backward(dy), ref.backward(xb, dy, 1, 1e-5, "NC")[0], atol=1e-10)
+    with pytest.raises(ValueError, match=r"dy has shape \(4, 3\), expected \(5, 3\)"):
+        bn.backward(dy)
+    bn.backward(rng.normal(size=(5, 3)))
+    with pytest.raises(RuntimeError, match="no pending forward"):
+        bn.backward(dy)
+
+
+@pytest.mark.parametrize("make,x,kind,words", [
+    (lambda: layer(), np.zeros((2, 4, 3, 3), "float32"), ValueError, "4 channels"),
+    (lambda: layer(data_format="NHWC"), np.zeros((2, 3, 3, 4), "float32"), ValueError, "4 channels on axis 3"),
+    (lambda: layer(), np.zeros((3,), "float32"), ValueError, "2 or 3 or 4 or 5 dimensions"),
+    (lambda: layer(), np.zeros((2, 3, 2, 2), "int64"), TypeError, "floating dtype"),
+    (lambda: cusyncbn.BatchNorm2D(3, device="cpu"), np.zeros((2, 3), "float32"), ValueError, "4 dimensions"),
+    (lambda: layer(), "not an array", TypeError, "floating dtype"),
+])
+def test_bad_input_messages(make, x, kind, words):
+    with pytest.raises(kind, match=words):
+        make()(x)
+
+
+@pytest.mark.parametrize("kwargs,kind,words", [
+    (dict(data_format="NCWH"), ValueError, "data_format must be one of"),
+    (dict(momentum=1.5), ValueError, "momentum"),
+    (dict(weight_attr="ones"), TypeError, "weight_attr"),
+    (dict(dtype="float16"), TypeError, "float32 or float64"),
+    (dict(comm=42), TypeError, "comm must be"),
+    (dict(output="torch"), ValueError, "output must be"),
+])
+def test_bad_constructor_arguments(kwargs, kind, words):
+    with pytest.raises(kind, match=words):
+        layer(**kwargs)
+
+
+def test_bad_num_features_and_device():
+    with pytest.raises(ValueError, match="num_features"):
+        cusyncbn.SyncBatchNorm(0)
+    with pytest.raises(ValueError, match="'cpu', 'gpu' or 'gpu:N'"):
+        cusyncbn.set_device("tpu")
+
+
+def test_state_dict_round_trip_and_atomic_refusal():
+    bn = layer()
+    bn(np.random.default_rng(7).normal(size=(4, 3)).astype("float32"))
+    state = {k: v.copy() for k, v in bn.state_dict().items()}
+    assert list(state) == ["weight", "bias", "_mean", "_variance"]
+    other = layer()
+    other.set_state_dict(state)
+    for k, v in other.state_dict().items():
+        np.testing.assert_array_equal(v, state[k])
+    before = {k: v.copy() for k, v in other.state_dict().items()}
+    bad = dict(state, _variance=np.ones(4))
+    with pytest.raises(ValueError, match=r"shape \(4,\), expected \(3,\)"):
+        other.set_state_dict(bad)
+    with pytest.raises(TypeError, match="floating dtype"):
+        other.set_state_dict(dict(state, weight=np.ones(3, dtype=np.int32)))
+    with pytest.raises(KeyError, match="unexpected keys"):
+        other.set_state_dict(dict(state, extra=np.ones(3)))
+    for k, v in other.state_dict().items():
+        np.testing.assert_array_equal(v, before[k])
+
+
+def test_local_batchnorms_and_conversion():
+    class Net:
+        def __init__(self):
+            self.blocks = [cusyncbn.BatchNorm2D(3, device="cpu"), {"bn": cusyncbn.BatchNorm1D(3, device="cpu")}]
+            self.pair = (cusyncbn.BatchNorm3D(3, device="cpu"), 7)
+            self.head = cusyncbn.BatchNorm1D(3, data_format="NC", device="cpu")
+
+    net = Net()
+    weights = [net.blocks[0].weight, net.blocks[1]["bn"].weight, net.pair[0].weight, net.head.weight]
+    means = [net.blocks[0]._mean, net.blocks[1]["bn"]._mean, net.pair[0]._mean, net.head._mean]
+    out = cusyncbn.SyncBatchNorm.convert_sync_batchnorm(net)
+    assert out is net
+    converted = [net.blocks[0], net.blocks[1]["bn"], net.pair[0], net.head]
+    assert all(type(l) is cusyncbn.SyncBatchNorm for l in converted)
+    assert all(l.weight is w and l._mean is m for l, w, m in zip(converted, weights, means))
+    assert net.pair[1] == 7 and net.head._data_format == "NC"
+    single = cusyncbn.SyncBatchNorm.convert_sync_batchnorm(cusyncbn.BatchNorm2D(4, device="cpu"))
+    assert isinstance(single, cusyncbn.SyncBatchNorm)
+    single(np.ones((2, 4), "float32"))                # now accepts 2-D to 5-D input
+
+
+def test_use_global_stats():
+    bn = cusyncbn.BatchNorm1D(3, use_global_stats=True, device="cpu", data_format="NC")
+    x = np.array([[1.0, 2.0, 3.0], [3.0, 4.0, 5.0]], "float32")
+    np.testing.assert_allclose(bn(x), x / np.sqrt(1 + 1e-5), rtol=1e-6)
+
+
+def test_import_is_lazy():
+    code = ("import sys, cusyncbn; heavy = [m for m in ('mpi4py', 'cupy', 'torch', 'jax') if m in sys.modules];"
+            "print(heavy)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_public_names():
+    assert set(cusyncbn.__all__) <= set(dir(cusyncbn)) | {"NCCLComm"}
+    assert cusyncbn.SingleProcessComm().size == 1
+    assert isinstance(cusyncbn.SingleProcessComm(), cusyncbn.Communicator)
