@@ -4,6 +4,7 @@
 ``forward`` / ``backward``; NumPy + MPI on the CPU, CuPy kernels + NCCL on the GPU.
 Importing this package imports neither mpi4py, CuPy nor any framework.
 """
+from ._checkpoint import export_state_dict, load_checkpoint, load_state_dict, save_checkpoint
 from ._comm import Communicator, MPIComm, SingleProcessComm
 from ._device import get_device, set_device
 from ._grads import allreduce_gradients
@@ -24,5 +25,6 @@ def __getattr__(name: str):
 __all__ = [
     "BatchNorm1D", "BatchNorm2D", "BatchNorm3D", "Communicator", "MPIComm", "NCCLComm",
     "ParamAttr", "Parameter", "SingleProcessComm", "SyncBatchNorm", "allreduce_gradients",
-    "get_device", "no_grad", "set_device", "__version__",
+    "export_state_dict", "get_device", "load_checkpoint", "load_state_dict", "no_grad", "save_checkpoint",
+    "set_device", "__version__",
 ]

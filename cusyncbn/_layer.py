@@ -69,6 +69,7 @@ class _Saved:
     comm: Communicator
     framework: str
     call: int
+    channel_last: bool
 
 
 class _BatchNormBase:
@@ -225,7 +226,8 @@ class _BatchNormBase:
             raise KeyError(f"set_state_dict: missing keys {missing} (pass strict=False to load a subset)")
         staged = {}
         for key, value in state.items():
-            arr = self._backend.import_array(value, f"state[{key!r}]")
+            # Checkpoints usually come from the host: copying them to the layer's device is the point.
+            arr = value if self._backend.is_native(value) else self._backend.xp.asarray(_host_copy(value))
             if tuple(arr.shape) != (self._num_features,):
                 raise ValueError(f"state[{key!r}] has shape {tuple(arr.shape)}, expected ({self._num_features},)")
             if arr.dtype.kind != "f" and arr.dtype.name != "bfloat16":
@@ -287,14 +289,16 @@ class _BatchNormBase:
             return not self._use_global_stats
         return self.training or not self._track_running_stats
 
-    def _view3(self, x: Any) -> Any:
+    def _view3(self, x: Any, channel_last: bool | None = None) -> Any:
         c, shape = self._num_features, tuple(x.shape)
-        if self._channel_last or x.ndim == 2:
+        channel_last = self._channel_last if channel_last is None else channel_last
+        if channel_last or x.ndim == 2:
             return x.reshape(int(np.prod(shape[:-1])), c, 1)
         return x.reshape(shape[0], c, int(np.prod(shape[2:])))
 
-    def _check_input(self, x: Any) -> Any:
+    def _check_input(self, x: Any, channel_last: bool | None = None) -> Any:
         backend = self._backend
+        channel_last = self._channel_last if channel_last is None else channel_last
         x = backend.import_array(x, "x")
         if x.dtype.kind != "f" and x.dtype.name != "bfloat16":
             raise TypeError(f"{self._name}: x must have a floating dtype ({', '.join(_FLOAT_NAMES)}), "
@@ -302,7 +306,7 @@ class _BatchNormBase:
         if x.ndim not in self._ndims:
             raise ValueError(f"{self._name}: x must have {' or '.join(map(str, self._ndims))} dimensions "
                              f"for data_format {self._data_format!r}, got shape {tuple(x.shape)}")
-        axis = x.ndim - 1 if self._channel_last else 1
+        axis = x.ndim - 1 if channel_last else 1
         if x.shape[axis] != self._num_features:
             raise ValueError(f"{self._name}: x has {x.shape[axis]} channels on axis {axis} "
                              f"(data_format {self._data_format!r}, shape {tuple(x.shape)}), "
@@ -354,16 +358,18 @@ class _BatchNormBase:
                            f"(layer name, call count, shape of the non-batch axes, dtype); this rank "
                            f"({comm.rank}) has {signature}")
 
-    def _forward(self, x: Any, momentum: float | None = None) -> tuple[Any, _Saved]:
-        """Forward returning ``(y, saved)``; ``momentum`` overrides the layer's for this call."""
+    def _forward(self, x: Any, momentum: float | None = None,
+                 channel_last: bool | None = None) -> tuple[Any, _Saved]:
+        """Forward returning ``(y, saved)``; ``momentum`` / ``channel_last`` override the layer's."""
+        channel_last = self._channel_last if channel_last is None else channel_last
         framework = framework_of(x)
         batch_stats = self._uses_batch_stats()
         comm = self.comm if batch_stats else None
         collective = batch_stats and comm is not None and comm.size > 1
-        x = self._guard("forward", collective, lambda: self._check_input(x))
+        x = self._guard("forward", collective, lambda: self._check_input(x, channel_last))
         self._calls["forward"] += 1
         backend, c = self._backend, self._num_features
-        x3 = self._view3(x)
+        x3 = self._view3(x, channel_last)
         stats = backend.new_stats(c, np.float64 if x.dtype == np.float64 else np.float32)
         weight, bias = self._data(self.weight), self._data(self.bias)
         running = self._track_running_stats
@@ -382,7 +388,7 @@ class _BatchNormBase:
             backend.eval_stats(self._mean, self._variance, self._epsilon, weight, bias, stats, x.dtype.name)
         y3 = backend.empty(x3.shape, x.dtype)
         backend.normalize(x3, stats, y3)
-        saved = _Saved(x3, tuple(x.shape), stats, count, comm, framework, self._calls["forward"])
+        saved = _Saved(x3, tuple(x.shape), stats, count, comm, framework, self._calls["forward"], channel_last)
         return y3.reshape(x.shape), saved
 
     @staticmethod
@@ -408,7 +414,7 @@ class _BatchNormBase:
             self._pending.pop()
         self._calls["backward"] += 1
         backend, c = self._backend, self._num_features
-        dy3 = self._view3(dy)
+        dy3 = self._view3(dy, saved.channel_last)
         weight_grad = self._grad_slot(self.weight)
         bias_grad = self._grad_slot(self.bias)
         buf = None
@@ -427,6 +433,16 @@ class _BatchNormBase:
         if param.grad is None:
             param.grad = self._backend.zeros(param.data.shape, param.data.dtype)
         return param.grad
+
+
+def _host_copy(value: Any) -> Any:
+    if hasattr(value, "detach"):                       # torch
+        return value.detach().cpu().numpy()
+    if hasattr(value, "get") and not isinstance(value, dict):   # CuPy
+        return value.get()
+    if hasattr(value, "__dlpack__") and not isinstance(value, np.ndarray):
+        return np.from_dlpack(value)
+    return np.asarray(value)
 
 
 def set_device_name(device: str) -> str:
