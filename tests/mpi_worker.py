@@ -358,6 +358,49 @@ def allreduce_gradients_sums_and_averages():
     return errors
 
 
+@case
+def torch_converted_model_matches_torch_on_whole_batch():
+    """A torch conv+BN+ReLU stack converted by cusyncbn.torch, trained on uneven slices,
+    equals torch.nn.BatchNorm*d trained on the whole batch (outputs, dx, grads, buffers)."""
+    import copy
+
+    import torch
+    import cusyncbn.torch as cbt
+    errors = []
+    counts = split_counts(2 * WORLD.size + 3, WORLD.size, "uneven")
+    lo, hi = sum(counts[:WORLD.rank]), sum(counts[:WORLD.rank + 1])
+    for dim, channels_last in ((1, False), (2, False), (2, True), (3, False)):
+        conv = {1: torch.nn.Conv1d, 2: torch.nn.Conv2d, 3: torch.nn.Conv3d}[dim]
+        bn = {1: torch.nn.BatchNorm1d, 2: torch.nn.BatchNorm2d, 3: torch.nn.BatchNorm3d}[dim]
+        torch.manual_seed(0)
+        ref = torch.nn.Sequential(conv(2, 4, 3, padding=1), bn(4), torch.nn.ReLU(), conv(4, 3, 1),
+                                  bn(3, momentum=None)).double()
+        ours = cbt.convert_sync_batchnorm(copy.deepcopy(ref))
+        opts = [torch.optim.SGD(m.parameters(), lr=0.05) for m in (ref, ours)]
+        for step in range(3):
+            x = torch.randn((sum(counts), 2) + (5,) * dim, dtype=torch.float64)
+            if channels_last:
+                x = x.to(memory_format=torch.channels_last)
+            mine = x[lo:hi].clone().requires_grad_()
+            whole = x.clone().requires_grad_()
+            weights = torch.randn(x.shape[:1] + (3,) + x.shape[2:], dtype=torch.float64)
+            for opt in opts:
+                opt.zero_grad()
+            y_ref = ref(whole)
+            (y_ref * weights).sum().backward()
+            y = ours(mine)
+            (y * weights[lo:hi]).sum().backward()
+            cusyncbn.allreduce_gradients([p.grad.numpy() for p in ours.parameters()], comm=make_comm(WORLD))
+            for opt in opts:
+                opt.step()
+            tag = f"{dim}d{' channels_last' if channels_last else ''} step {step}"
+            close(errors, f"{tag} y", y.detach().numpy(), y_ref.detach()[lo:hi].numpy(), "float64")
+            close(errors, f"{tag} dx", mine.grad.numpy(), whole.grad[lo:hi].numpy(), "float64")
+        for (name, a), b in zip(ref.state_dict().items(), ours.state_dict().values()):
+            close(errors, f"{dim}d {name}", b.double().numpy(), a.double().numpy(), "float64")
+    return errors
+
+
 def main():
     name = sys.argv[1]
     errors = CASES[name]()

@@ -38,7 +38,7 @@ def train_pair(dim, steps=3, channels_last=False, dtype=torch.float64, **kw):
             (y.square() * torch.linspace(0, 1, y.numel(), dtype=dtype).reshape(y.shape)).sum().backward()
             opt.step()
             outs.append((y.detach(), xx.grad))
-        tol = dict(rtol=1e-9, atol=1e-9) if dtype == torch.float64 else dict(rtol=5e-3, atol=5e-3)
+        tol = dict(rtol=1e-9, atol=1e-9) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(outs[1][0], outs[0][0], **tol)
         torch.testing.assert_close(outs[1][1], outs[0][1], **tol)
     for (name, a), b in zip(ref.named_parameters(), ours.parameters()):
@@ -54,8 +54,10 @@ def test_converted_model_matches_torch_batchnorm(dim):
 
 
 def test_channels_last_float32():
-    train_pair(2, channels_last=True, dtype=torch.float32)
-    train_pair(3, channels_last=True, dtype=torch.float32)
+    # One step: over several SGD steps float32 rounding flips ReLU kinks and the runs drift apart.
+    train_pair(2, steps=1, channels_last=True, dtype=torch.float32)
+    train_pair(3, steps=1, channels_last=True, dtype=torch.float32)
+    train_pair(2, channels_last=True)
 
 
 def test_no_affine_no_running_stats_and_eval():
