@@ -20,3 +20,18 @@ def test_train_mpi(n):
     proc = run([mpiexec(), "-n", str(n), sys.executable, "examples/train_mpi.py", "--steps", "20", "--device", "cpu"])
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "-> OK" in proc.stdout and f"{n} rank(s) on cpu" in proc.stdout
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_jax_dlpack(n):
+    pytest.importorskip("jax")
+    proc = run([mpiexec(), "-n", str(n), sys.executable, "examples/jax_dlpack.py"])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count("-> OK") == n
+
+
+def test_torch_convert():
+    pytest.importorskip("torch")
+    proc = run([mpiexec(), "-n", "2", sys.executable, "examples/torch_convert.py", "--steps", "10"])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert ": OK" in proc.stdout
