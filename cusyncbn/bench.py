@@ -1,0 +1,282 @@
+"""Benchmark: cusyncbn vs PyTorch (cuDNN and its synchronized path) vs naive CuPy, on one GPU.
+
+Run:
+    python -m cusyncbn.bench [--quick] [--out bench_out]
+
+For every shape, dtype and layout it first checks each implementation's y and dx
+against a float64 reference, then times forward and backward with CUDA events
+(median of many runs, inputs rotated so that the working set exceeds L2), and
+reports each time and its fraction of the byte floor at the measured copy bandwidth
+(forward reads x twice and writes y: 3 * numel * itemsize bytes; backward reads x
+and dy twice and writes dx: 5 * numel * itemsize). It prints a table and writes it as
+markdown (results.md) and, when matplotlib is installed, a chart (results.png).
+cusyncbn runs with a 1-rank NCCL communicator, so the collective is really called.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+SHAPES = [(64, 256, 56, 56), (4, 256, 128, 128), (64, 2048, 7, 7), (32, 64, 112, 112), (64, 1024, 14, 14),
+          (2, 512, 32, 32)]
+QUICK_SHAPES = [(64, 256, 56, 56), (64, 2048, 7, 7), (2, 512, 32, 32)]
+DTYPES = ["float32", "float16", "bfloat16"]
+LAYOUTS = ["NCHW", "NHWC"]
+L2_BYTES = 50 << 20
+TOL = {"float32": 1e-3, "float16": 2e-2, "bfloat16": 1e-1}
+
+
+def _time(fn, stream_sync, reps):
+    """Median milliseconds of ``fn`` over ``reps`` runs, timed with CUDA events."""
+    import torch
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def copy_bandwidth():
+    import torch
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = _time(lambda: dst.copy_(src), None, 20)
+    return 2 * src.numel() / (ms * 1e-3)
+
+
+def _inputs(shape, dtype, layout, copies):
+    import torch
+    tdtype = getattr(torch, dtype)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    xs, dys = [], []
+    for _ in range(copies):
+        x = (torch.randn(shape, device="cuda", generator=g) * 2 + 1).to(tdtype)
+        dy = torch.randn(shape, device="cuda", generator=g).to(tdtype)
+        if layout == "NHWC":
+            x, dy = x.contiguous(memory_format=torch.channels_last), dy.contiguous(memory_format=torch.channels_last)
+        xs.append(x)
+        dys.append(dy)
+    return xs, dys
+
+
+def _reference(x, dy, w, b, eps):
+    import torch
+    xd = x.double().requires_grad_()
+    y = torch.nn.functional.batch_norm(xd, None, None, w.double(), b.double(), training=True, eps=eps)
+    (dx,) = torch.autograd.grad(y, [xd], dy.double())
+    return y, dx
+
+
+def _impls(shape, layout, sync_group):
+    """name -> factory(x, dy, w, b) -> (forward(), backward(), y, dx) all on torch tensors."""
+    import torch
+    import cupy
+    import cusyncbn
+    c = shape[1]
+
+    def cusyncbn_impl(x, dy, w, b):
+        comm = _nccl_comm()
+        bn = cusyncbn.SyncBatchNorm(c, data_format=layout, comm=comm, device=f"gpu:{torch.cuda.current_device()}")
+        bn.weight.data[...] = cupy.from_dlpack(w.detach())
+        bn.bias.data[...] = cupy.from_dlpack(b.detach())
+        perm = (0, 2, 3, 1) if layout == "NHWC" else (0, 1, 2, 3)
+        xc = cupy.from_dlpack(x.permute(*perm))
+        dyc = cupy.from_dlpack(dy.permute(*perm))
+        out = {}
+
+        def fwd():
+            out["y"], out["saved"] = bn._forward(xc)
+
+        def bwd():
+            out["dx"] = bn._backward(out["saved"], dyc)
+        fwd()
+        bwd()
+        inv = (0, 3, 1, 2) if layout == "NHWC" else (0, 1, 2, 3)
+        return fwd, bwd, torch.from_dlpack(out["y"]).permute(*inv), torch.from_dlpack(out["dx"]).permute(*inv)
+
+    def torch_impl(sync):
+        def make(x, dy, w, b):
+            rm, rv = torch.zeros(c, device="cuda"), torch.ones(c, device="cuda")
+            xg = x.detach().requires_grad_()
+            wg, bg = w.detach().requires_grad_(), b.detach().requires_grad_()
+            out = {}
+
+            def fwd():
+                if sync:
+                    from torch.nn.modules._functions import SyncBatchNorm as F
+                    out["y"] = F.apply(xg, wg, bg, rm, rv, 1e-5, 0.1, sync_group, 1)
+                else:
+                    out["y"] = torch.nn.functional.batch_norm(xg, rm, rv, wg, bg, training=True, eps=1e-5)
+
+            def bwd():
+                out["dx"] = torch.autograd.grad(out["y"], [xg, wg, bg], dy, retain_graph=True)[0]
+            fwd()
+            bwd()
+            return fwd, bwd, out["y"], out["dx"]
+        return make
+
+    def naive_impl(x, dy, w, b):
+        axes = (0, 2, 3) if layout == "NCHW" else (0, 1, 2)
+        perm = (0, 2, 3, 1) if layout == "NHWC" else (0, 1, 2, 3)
+        xc, dyc = cupy.from_dlpack(x.permute(*perm)), cupy.from_dlpack(dy.permute(*perm))
+        shp = (1, c, 1, 1) if layout == "NCHW" else (1, 1, 1, c)
+        wc, bc = cupy.from_dlpack(w.detach()).reshape(shp), cupy.from_dlpack(b.detach()).reshape(shp)
+        out = {}
+
+        def fwd():
+            mean = xc.mean(axis=axes, keepdims=True, dtype=cupy.float32)
+            var = xc.var(axis=axes, keepdims=True, dtype=cupy.float32)
+            out["invstd"] = 1 / cupy.sqrt(var + 1e-5)
+            out["mean"] = mean
+            out["y"] = ((xc - mean) * out["invstd"] * wc + bc).astype(xc.dtype)
+
+        def bwd():
+            xhat = (xc - out["mean"]) * out["invstd"]
+            g = dyc.astype(cupy.float32)
+            dx = wc * out["invstd"] * (g - g.mean(axis=axes, keepdims=True)
+                                      - xhat * (g * xhat).mean(axis=axes, keepdims=True))
+            out["dx"] = dx.astype(xc.dtype)
+        fwd()
+        bwd()
+        inv = (0, 3, 1, 2) if layout == "NHWC" else (0, 1, 2, 3)
+        return fwd, bwd, torch.from_dlpack(out["y"]).permute(*inv), torch.from_dlpack(out["dx"]).permute(*inv)
+
+    return {"cusyncbn": cusyncbn_impl, "torch cuDNN (unsynced)": torch_impl(False),
+            "torch SyncBN path": torch_impl(True), "naive CuPy": naive_impl}
+
+
+_COMM = {}
+
+
+def _nccl_comm():
+    if "comm" not in _COMM:
+        import cusyncbn
+        try:
+            _COMM["comm"] = cusyncbn.NCCLComm()
+        except Exception as exc:                           # no NCCL: still time the kernels
+            print(f"note: NCCLComm unavailable ({exc}); timing with SingleProcessComm", file=sys.stderr)
+            _COMM["comm"] = cusyncbn.SingleProcessComm()
+    return _COMM["comm"]
+
+
+def host_overhead_us():
+    """Host time of one training forward+backward layer call on a tiny input (no syncs between calls)."""
+    import cupy
+    import cusyncbn
+    bn = cusyncbn.SyncBatchNorm(64, comm=_nccl_comm(), device=f"gpu:{cupy.cuda.Device().id}")
+    x = cupy.random.standard_normal((2, 64, 8, 8), dtype=cupy.float32)
+    dy = cupy.ones_like(x)
+    for _ in range(20):
+        bn.backward(bn(x))
+    cupy.cuda.Device().synchronize()
+    n = 2000
+    t0 = time.perf_counter()
+    for _ in range(n):
+        y = bn(x)
+        bn.backward(dy)
+    t1 = time.perf_counter()
+    cupy.cuda.Device().synchronize()
+    del y
+    return (t1 - t0) / n * 1e6 / 2
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="three shapes, fewer repetitions")
+    parser.add_argument("--out", default="bench_out")
+    parser.add_argument("--reps", type=int, default=None)
+    args = parser.parse_args(argv)
+    import torch
+    import torch.distributed as dist
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29533")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl", rank=0, world_size=1)
+    reps = args.reps or (20 if args.quick else 50)
+    bw = copy_bandwidth()
+    card = torch.cuda.get_device_name()
+    print(f"{card}: device-to-device copy {bw / 1e12:.2f} TB/s", flush=True)
+    rows = []
+    for shape in (QUICK_SHAPES if args.quick else SHAPES):
+        for dtype in DTYPES:
+            for layout in LAYOUTS:
+                numel = 1
+                for s in shape:
+                    numel *= s
+                itemsize = 4 if dtype == "float32" else 2
+                copies = max(1, -(-2 * L2_BYTES // (numel * itemsize)))
+                xs, dys = _inputs(shape, dtype, layout, copies)
+                w = torch.rand(shape[1], device="cuda") + 0.5
+                b = torch.randn(shape[1], device="cuda")
+                y_ref, dx_ref = _reference(xs[0], dys[0], w, b, 1e-5)
+                for name, make in _impls(shape, layout, dist.group.WORLD).items():
+                    if name == "naive CuPy" and dtype == "bfloat16":
+                        continue
+                    try:
+                        runs = [make(x, dy, w, b) for x, dy in zip(xs, dys)]
+                    except Exception as exc:
+                        print(f"  {name} {shape} {dtype} {layout}: failed ({type(exc).__name__}: {exc})")
+                        continue
+                    _, _, y, dx = runs[0]
+                    err = max(float((y.double() - y_ref).abs().max()), float((dx.double() - dx_ref).abs().max()))
+                    ok = err <= TOL[dtype] * 10
+                    it = iter(range(10 ** 9))
+                    fwd_ms = _time(lambda: runs[next(it) % copies][0](), None, reps)
+                    bwd_ms = _time(lambda: runs[next(it) % copies][1](), None, reps)
+                    fwd_frac = 3 * numel * itemsize / (fwd_ms * 1e-3) / bw
+                    bwd_frac = 5 * numel * itemsize / (bwd_ms * 1e-3) / bw
+                    rows.append((shape, dtype, layout, name, fwd_ms, fwd_frac, bwd_ms, bwd_frac, err, ok))
+                    print(f"  {str(shape):20s} {dtype:9s} {layout} {name:24s} fwd {fwd_ms:7.3f} ms ({fwd_frac:4.0%}) "
+                          f"bwd {bwd_ms:7.3f} ms ({bwd_frac:4.0%}) err {err:.1e}{'' if ok else ' WRONG'}", flush=True)
+                del xs, dys, runs
+                torch.cuda.empty_cache()
+    overhead = host_overhead_us()
+    print(f"host overhead of one cusyncbn layer call: {overhead:.1f} us")
+    _write(args.out, card, bw, rows, overhead)
+    return 0
+
+
+def _write(out, card, bw, rows, overhead):
+    os.makedirs(out, exist_ok=True)
+    lines = [f"Card: {card}; date: {time.strftime('%Y-%m-%d')}; copy bandwidth {bw / 1e12:.2f} TB/s; "
+             f"host overhead per cusyncbn call {overhead:.1f} us", "",
+             "| shape | dtype | layout | implementation | fwd ms | fwd % floor | bwd ms | bwd % floor | max err |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for shape, dtype, layout, name, fm, ff, bm, bf, err, ok in rows:
+        lines.append(f"| {shape} | {dtype} | {layout} | {name} | {fm:.3f} | {ff:.0%} | {bm:.3f} | {bf:.0%} | "
+                     f"{err:.1e}{'' if ok else ' WRONG'} |")
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no chart written", file=sys.stderr)
+        return
+    names = sorted({r[3] for r in rows})
+    keys = [f"{r[0]}\n{r[1]} {r[2]}" for r in rows if r[3] == names[0]]
+    fig, ax = plt.subplots(figsize=(max(8, len(keys) * 0.6), 5))
+    for k, name in enumerate(names):
+        vals = [r[5] + r[7] for r in rows if r[3] == name][:len(keys)]
+        ax.bar([i + k * 0.8 / len(names) for i in range(len(vals))], [v / 2 for v in vals],
+               width=0.8 / len(names), label=name)
+    ax.set_xticks(range(len(keys)))
+    ax.set_xticklabels(keys, rotation=90, fontsize=6)
+    ax.set_ylabel("mean of fwd and bwd fraction of byte floor")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "results.png"), dpi=120)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""GPU backend (CuPy kernels + NCCL): skipped without a CUDA device, run on the GPU machine.
+
+Every check compares against the float64 reference on the global batch, per dtype
+with its tolerance, on shapes with odd channel counts and sizes that are not
+multiples of the vector width.
+"""
+import numpy as np
+import pytest
+
+import cusyncbn
+import reference as ref
+from test_mpi import CASES, run_ranks
+
+pytestmark = pytest.mark.gpu
+TOL = {"float16": 3e-2, "bfloat16": 1e-1, "float32": 1e-4, "float64": 1e-9}
+SHAPES = [("NCHW", (4, 5, 7, 3)), ("NCHW", (8, 64, 16, 16)), ("NHWC", (3, 5, 6, 7)), ("NHWC", (4, 7, 7, 256)),
+          ("NC", (37, 9)), ("NCL", (5, 3, 33)), ("NLC", (5, 33, 8)), ("NCDHW", (2, 3, 3, 4, 5)),
+          ("NDHWC", (2, 3, 4, 5, 16)), ("NCHW", (64, 2048, 2, 2)), ("NHWC", (1, 1, 1, 3))]
+
+
+def to_device(a, dtype):
+    import cupy
+    if dtype == "bfloat16":
+        torch = pytest.importorskip("torch")
+        t = torch.from_numpy(np.asarray(a, np.float32)).cuda().to(torch.bfloat16)
+        return cupy.from_dlpack(t)
+    return cupy.asarray(np.asarray(a).astype(dtype))
+
+
+def to_host(a):
+    import cupy
+    if a.dtype.name == "bfloat16":
+        import torch
+        return torch.from_dlpack(a).float().cpu().numpy().astype(np.float64)
+    return cupy.asnumpy(a).astype(np.float64)
+
+
+@pytest.mark.parametrize("dtype", list(TOL))
+@pytest.mark.parametrize("data_format,shape", SHAPES)
+def test_kernels_match_reference(data_format, shape, dtype):
+    rng = np.random.default_rng(0)
+    c = shape[-1] if ref.CHANNEL_LAST[data_format] else shape[1]
+    x = rng.normal(3.0, 2.0, size=shape)
+    dy = rng.normal(size=shape)
+    xd, dyd = to_device(x, dtype), to_device(dy, dtype)
+    x, dy = to_host(xd), to_host(dyd)                    # the values the GPU really sees
+    pdtype = "float64" if dtype == "float64" else "float32"
+    bn = cusyncbn.SyncBatchNorm(c, data_format=data_format, device="gpu", dtype=pdtype, momentum=0.7)
+    w = rng.uniform(0.5, 1.5, c).astype(pdtype)
+    b = rng.normal(size=c).astype(pdtype)
+    bn.weight.data[...] = to_device(w, pdtype)
+    bn.bias.data[...] = to_device(b, pdtype)
+    y = bn(xd)
+    dx = bn.backward(dyd)
+    y_ref, mean, var = ref.forward(x, w, b, 1e-5, data_format)
+    dx_ref, dw, db = ref.backward(x, dy, w, 1e-5, data_format)
+    rm, rv = ref.update_running(np.zeros(c), np.ones(c), mean, var, x.size // c, 0.7)
+    tol = TOL[dtype]
+    np.testing.assert_allclose(to_host(y), y_ref, rtol=tol, atol=tol)
+    np.testing.assert_allclose(to_host(dx), dx_ref, rtol=tol, atol=tol)
+    np.testing.assert_allclose(to_host(bn.weight.grad), dw, rtol=1e-3, atol=1e-3 * np.sqrt(x.size))
+    np.testing.assert_allclose(to_host(bn.bias.grad), db, rtol=1e-3, atol=1e-3 * np.sqrt(x.size))
+    np.testing.assert_allclose(to_host(bn.running_mean), rm, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(to_host(bn.running_var), rv, rtol=1e-4, atol=1e-5)
+    assert y.dtype == xd.dtype and dx.dtype == xd.dtype
+    bn.eval()
+    y_eval = bn(xd)
+    np.testing.assert_allclose(to_host(y_eval), ref.eval_forward(x, w, b, to_host(bn.running_mean),
+                                                                 to_host(bn.running_var), 1e-5, data_format),
+                               rtol=tol, atol=tol)
+
+
+def test_gpu_matches_cpu_backend_on_odd_sizes():
+    import cupy
+    rng = np.random.default_rng(1)
+    for shape, fmt in (((3, 13, 5, 11), "NCHW"), ((7, 3, 5, 13), "NHWC"), ((1001, 17), "NC")):
+        x = rng.normal(size=shape).astype("float32")
+        dy = rng.normal(size=shape).astype("float32")
+        c = shape[-1] if ref.CHANNEL_LAST[fmt] else shape[1]
+        cpu, gpu = (cusyncbn.SyncBatchNorm(c, data_format=fmt, device=d) for d in ("cpu", "gpu"))
+        np.testing.assert_allclose(cupy.asnumpy(gpu(cupy.asarray(x))), cpu(x), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(cupy.asnumpy(gpu.backward(cupy.asarray(dy))), cpu.backward(dy),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_no_host_sync_under_graph_capture():
+    """A training forward+backward can be captured in a CUDA graph: no host sync inside."""
+    import cupy
+    bn = cusyncbn.SyncBatchNorm(32, device="gpu")
+    x = cupy.random.standard_normal((8, 32, 16, 16), dtype=cupy.float32)
+    dy = cupy.ones_like(x)
+    bn(x)
+    bn.backward(dy)                                     # compile kernels outside the capture
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        stream.begin_capture()
+        y = bn(x)
+        dx = bn.backward(dy)
+        graph = stream.end_capture()
+    graph.launch(stream)
+    stream.synchronize()
+    assert bool(cupy.isfinite(y).all()) and bool(cupy.isfinite(dx).all())
+
+
+def test_torch_cuda_matches_torch_batchnorm():
+    torch = pytest.importorskip("torch")
+    import copy
+    import cusyncbn.torch as cbt
+    torch.manual_seed(0)
+    ref_model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8)).cuda()
+    ours = cbt.convert_sync_batchnorm(copy.deepcopy(ref_model))
+    x = torch.randn(6, 3, 9, 9, device="cuda")
+    outs = []
+    for m in (ref_model, ours):
+        xx = x.clone().requires_grad_()
+        y = m(xx)
+        y.square().sum().backward()
+        outs.append((y, xx.grad, m[1].weight.grad, m[1].running_var))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("n", [2, 4])
+@pytest.mark.parametrize("case", [c for c in CASES if not c.startswith("torch")])
+def test_multi_rank_nccl(case, n):
+    result = run_ranks(n, case, device="gpu")
+    assert result["errors"] == [], "\n".join(result["errors"])
