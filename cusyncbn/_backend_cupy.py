@@ -138,8 +138,12 @@ class CupyBackend(Backend):
         return ws, splits
 
     @staticmethod
-    def _param_name(arr: Any, fallback: Any) -> str:
-        return (arr if arr is not None else fallback).dtype.name
+    def _param_name(*arrays: Any) -> str:
+        """Dtype name of the layer's parameter-like arrays (all share it); float32 when none is given."""
+        for arr in arrays:
+            if arr is not None:
+                return arr.dtype.name
+        return "float32"
 
     def _channel_grid(self, channels: int) -> tuple[tuple[int], tuple[int]]:
         return (_cdiv(channels, _CHANNEL_THREADS),), (_CHANNEL_THREADS,)
@@ -154,7 +158,7 @@ class CupyBackend(Backend):
             vec = self._vec(x3.dtype.name, x3)
             ws, splits = self._partials("moments", x3, (x3,), vec, 3, ())
             grid, block = self._channel_grid(c)
-            pname = "float32" if running_mean is None else running_mean.dtype.name
+            pname = self._param_name(running_mean)
             self._kernel(x3.dtype.name, f"combine_{pname}")(grid, block, (ws, np.int32(c), np.int32(splits),
                                                                           running_mean, buf))
 
@@ -163,8 +167,7 @@ class CupyBackend(Backend):
         with self._cuda_device:
             c = stats.mean.shape[0]
             grid, block = self._channel_grid(c)
-            pname = self._param_name(running_mean, weight if weight is not None else stats.mean)
-            pname = pname if pname in _kernels.PARAM_CTYPES else "float32"
+            pname = self._param_name(running_mean, running_var, weight, bias)
             self._kernel(dtype_name, f"finalize_{pname}")(
                 grid, block, (buf, np.int32(c), running_mean, running_var, np.float64(momentum), np.float64(eps),
                               np.int32(bool(unbiased)), weight, bias, stats.data))
@@ -199,8 +202,7 @@ class CupyBackend(Backend):
             vec = self._vec(x3.dtype.name, x3, dy3)
             ws, splits = self._partials("backward", x3, (dy3, x3), vec, 2, (stats.data,))
             grid, block = self._channel_grid(c)
-            pname = self._param_name(weight_grad, bias_grad if bias_grad is not None else stats.mean)
-            pname = pname if pname in _kernels.PARAM_CTYPES else "float32"
+            pname = self._param_name(weight_grad, bias_grad)
             self._kernel(x3.dtype.name, f"bcombine_{pname}")(
                 grid, block, (ws, np.int32(c), np.int32(splits), stats.data, weight_grad, bias_grad, buf))
 
