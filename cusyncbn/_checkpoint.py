@@ -12,17 +12,10 @@ from typing import Any
 
 import numpy as np
 
+from ._dlpack import to_host
+
 _TORCH_TO_OURS = {"weight": "weight", "bias": "bias", "running_mean": "_mean", "running_var": "_variance"}
 _FORMATS = ("cusyncbn", "paddle", "torch")
-
-
-def _host(a: Any) -> np.ndarray:
-    if hasattr(a, "detach"):                            # torch
-        a = a.detach().cpu()
-        return a.numpy().copy()
-    if hasattr(a, "get"):                               # CuPy
-        return a.get()
-    return np.array(a, copy=True)
 
 
 def _detect(state: dict) -> str:
@@ -68,7 +61,7 @@ def export_state_dict(layer: Any, format: str = "cusyncbn") -> dict:
     """
     if format not in _FORMATS:
         raise ValueError(f"format must be one of {_FORMATS}, got {format!r}")
-    state = {k: _host(v) for k, v in layer.state_dict().items()}
+    state = {k: np.array(to_host(v), copy=True) for k, v in layer.state_dict().items()}
     if format != "torch":
         return state
     import torch
@@ -88,7 +81,7 @@ def save_checkpoint(layers: Any, path: str | os.PathLike) -> None:
     arrays = {}
     for prefix, layer in named.items():
         for key, value in layer.state_dict().items():
-            arrays[f"{prefix}/{key}" if prefix else key] = _host(value)
+            arrays[f"{prefix}/{key}" if prefix else key] = np.array(to_host(value), copy=True)
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".cusyncbn-", suffix=".npz.tmp", dir=directory)

@@ -13,6 +13,8 @@ from __future__ import annotations
 import os
 from typing import Any, Protocol, runtime_checkable
 
+import numpy as np
+
 # Environment variables that MPI launchers (Hydra/MPICH, Open MPI, PMIx, Slurm,
 # MVAPICH) set in every process they start; read without initialising MPI.
 _SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "MV2_COMM_WORLD_SIZE", "SLURM_NTASKS")
@@ -81,7 +83,7 @@ class MPIComm:
         self.size = mpi_comm.Get_size()
 
     def allreduce(self, buf: Any) -> None:
-        if isinstance(buf, __import__("numpy").ndarray):
+        if isinstance(buf, np.ndarray):
             self.mpi_comm.Allreduce(self._mpi.IN_PLACE, buf, op=self._mpi.SUM)
             return
         host = buf.get()

@@ -31,6 +31,18 @@ def framework_of(x: Any) -> str:
     return "jax" if module == "jaxlib" else module
 
 
+def to_host(value: Any) -> Any:
+    """A NumPy copy-or-view of ``value`` on the host (torch, CuPy, DLPack producers, array-likes)."""
+    import numpy as np
+    if hasattr(value, "detach"):                        # torch
+        return value.detach().cpu().numpy()
+    if type(value).__module__.split(".")[0] == "cupy":
+        return value.get()
+    if hasattr(value, "__dlpack__") and not isinstance(value, np.ndarray):
+        return np.from_dlpack(value)
+    return np.asarray(value)
+
+
 def to_framework(y: Any, framework: str) -> Any:
     """Hand ``y`` (a NumPy or CuPy array) to ``framework`` through DLPack, zero-copy."""
     if framework in ("numpy", "cupy") and framework_of(y) == framework:

@@ -21,8 +21,8 @@ import numpy as np
 
 from ._backend import Backend, get_backend
 from ._comm import Communicator, SingleProcessComm, resolve_comm
-from ._device import get_device, set_device
-from ._dlpack import framework_of, to_framework
+from ._device import get_device
+from ._dlpack import framework_of, to_framework, to_host
 from ._params import ParamAttr, Parameter
 
 # data_format -> whether the channel axis is last.
@@ -227,7 +227,7 @@ class _BatchNormBase:
         staged = {}
         for key, value in state.items():
             # Checkpoints usually come from the host: copying them to the layer's device is the point.
-            arr = value if self._backend.is_native(value) else self._backend.xp.asarray(_host_copy(value))
+            arr = value if self._backend.is_native(value) else self._backend.xp.asarray(to_host(value))
             if tuple(arr.shape) != (self._num_features,):
                 raise ValueError(f"state[{key!r}] has shape {tuple(arr.shape)}, expected ({self._num_features},)")
             if arr.dtype.kind != "f" and arr.dtype.name != "bfloat16":
@@ -433,16 +433,6 @@ class _BatchNormBase:
         if param.grad is None:
             param.grad = self._backend.zeros(param.data.shape, param.data.dtype)
         return param.grad
-
-
-def _host_copy(value: Any) -> Any:
-    if hasattr(value, "detach"):                       # torch
-        return value.detach().cpu().numpy()
-    if hasattr(value, "get") and not isinstance(value, dict):   # CuPy
-        return value.get()
-    if hasattr(value, "__dlpack__") and not isinstance(value, np.ndarray):
-        return np.from_dlpack(value)
-    return np.asarray(value)
 
 
 def set_device_name(device: str) -> str:

@@ -29,7 +29,7 @@ L2_BYTES = 50 << 20
 TOL = {"float32": 1e-3, "float16": 2e-2, "bfloat16": 1e-1}
 
 
-def _time(fn, stream_sync, reps):
+def _time(fn, reps):
     """Median milliseconds of ``fn`` over ``reps`` runs, timed with CUDA events."""
     import torch
     fn()
@@ -49,7 +49,7 @@ def copy_bandwidth():
     import torch
     src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
-    ms = _time(lambda: dst.copy_(src), None, 20)
+    ms = _time(lambda: dst.copy_(src), 20)
     return 2 * src.numel() / (ms * 1e-3)
 
 
@@ -218,6 +218,7 @@ def main(argv=None):
                 w = torch.rand(shape[1], device="cuda") + 0.5
                 b = torch.randn(shape[1], device="cuda")
                 y_ref, dx_ref = _reference(xs[0], dys[0], w, b, 1e-5)
+                runs = []
                 for name, make in _impls(shape, layout, dist.group.WORLD).items():
                     if name == "naive CuPy" and dtype == "bfloat16":
                         continue
@@ -230,8 +231,8 @@ def main(argv=None):
                     err = max(float((y.double() - y_ref).abs().max()), float((dx.double() - dx_ref).abs().max()))
                     ok = err <= TOL[dtype] * 10
                     it = iter(range(10 ** 9))
-                    fwd_ms = _time(lambda: runs[next(it) % copies][0](), None, reps)
-                    bwd_ms = _time(lambda: runs[next(it) % copies][1](), None, reps)
+                    fwd_ms = _time(lambda r=runs: r[next(it) % copies][0](), reps)
+                    bwd_ms = _time(lambda r=runs: r[next(it) % copies][1](), reps)
                     fwd_frac = 3 * numel * itemsize / (fwd_ms * 1e-3) / bw
                     bwd_frac = 5 * numel * itemsize / (bwd_ms * 1e-3) / bw
                     rows.append((shape, dtype, layout, name, fwd_ms, fwd_frac, bwd_ms, bwd_frac, err, ok))

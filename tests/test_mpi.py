@@ -25,7 +25,10 @@ def mpiexec() -> str:
 
 def run_ranks(n: int, case: str, device: str = "cpu") -> dict:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([mpiexec(), "-n", str(n), sys.executable, "-m", "mpi4py",
+    launcher = mpiexec()
+    version = subprocess.run([launcher, "--version"], capture_output=True, text=True).stdout
+    extra = ["--oversubscribe"] if "Open MPI" in version or "OpenRTE" in version else []
+    proc = subprocess.run([launcher, "-n", str(n), *extra, sys.executable, "-m", "mpi4py",
                            os.path.join(HERE, "mpi_worker.py"), case, device],
                           capture_output=True, text=True, timeout=TIMEOUT_S, env=env)
     lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]

@@ -1,6 +1,5 @@
 """cusyncbn.torch against torch itself (CPU here; GPU variants are marked), and checkpoints."""
 import copy
-import os
 
 import numpy as np
 import pytest
