@@ -111,19 +111,6 @@ def load_checkpoint(layers: Any, path: str | os.PathLike, strict: bool = True) -
         if prefix not in per_layer:
             raise KeyError(f"load_checkpoint: {path} has entries for layer {prefix!r}, not among {list(named)}")
         per_layer[prefix][entry] = value
-    for name, layer in named.items():                   # validate everything first
-        _check_fits(layer, per_layer[name], strict)
-    for name, layer in named.items():
-        layer.set_state_dict(per_layer[name], strict=strict)
-
-
-def _check_fits(layer: Any, state: dict, strict: bool) -> None:
-    expected = layer.state_dict()
-    unknown = sorted(set(state) - set(expected))
-    missing = sorted(set(expected) - set(state))
-    if unknown or (strict and missing):
-        raise KeyError(f"checkpoint entries {sorted(state)} do not fit layer {layer._name} ({list(expected)})")
-    for key, value in state.items():
-        if value.shape != tuple(expected[key].shape) or value.dtype.kind != "f":
-            raise ValueError(f"checkpoint entry {key!r} for layer {layer._name} has shape {value.shape} and "
-                             f"dtype {value.dtype}, expected shape {tuple(expected[key].shape)} and a float dtype")
+    staged = {name: layer._stage_state(per_layer[name], strict) for name, layer in named.items()}
+    for name, layer in named.items():                   # written only once every layer fits
+        layer._write_state(staged[name])

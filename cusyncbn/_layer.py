@@ -21,7 +21,7 @@ import numpy as np
 
 from ._backend import Backend, get_backend
 from ._comm import Communicator, SingleProcessComm, resolve_comm
-from ._device import get_device
+from ._device import _parse as resolve_device, get_device
 from ._dlpack import framework_of, to_framework, to_host
 from ._params import ParamAttr, Parameter
 
@@ -114,7 +114,7 @@ class _BatchNormBase:
         self._unbiased = bool(unbiased_running_var)
         self._debug = _debug_from_env() if debug is None else bool(debug)
         self._output = output
-        self._device = get_device() if device is None else set_device_name(device)
+        self._device = get_device() if device is None else resolve_device(device)
         self._backend: Backend = get_backend(self._device)
         self._comm_arg = comm
         self._comm: Communicator | None = None
@@ -217,6 +217,10 @@ class _BatchNormBase:
             KeyError: unknown key, or (``strict``) a key of ``state_dict()`` missing.
             ValueError / TypeError: a shape or dtype that does not fit.
         """
+        self._write_state(self._stage_state(state, strict))
+
+    def _stage_state(self, state: dict, strict: bool) -> dict:
+        """Check every entry of ``state`` and return them as arrays of this layer's device."""
         targets = self.state_dict()
         unknown = sorted(set(state) - set(targets))
         missing = sorted(set(targets) - set(state))
@@ -229,10 +233,15 @@ class _BatchNormBase:
             # Checkpoints usually come from the host: copying them to the layer's device is the point.
             arr = value if self._backend.is_native(value) else self._backend.xp.asarray(to_host(value))
             if tuple(arr.shape) != (self._num_features,):
-                raise ValueError(f"state[{key!r}] has shape {tuple(arr.shape)}, expected ({self._num_features},)")
+                raise ValueError(f"state[{key!r}] has shape {tuple(arr.shape)}, "
+                                 f"expected shape ({self._num_features},)")
             if arr.dtype.kind != "f" and arr.dtype.name != "bfloat16":
                 raise TypeError(f"state[{key!r}] has dtype {arr.dtype}, expected a floating dtype")
             staged[key] = arr
+        return staged
+
+    def _write_state(self, staged: dict) -> None:
+        targets = self.state_dict()
         for key, arr in staged.items():
             targets[key][...] = arr.astype(self._dtype)
 
@@ -433,12 +442,6 @@ class _BatchNormBase:
         if param.grad is None:
             param.grad = self._backend.zeros(param.data.shape, param.data.dtype)
         return param.grad
-
-
-def set_device_name(device: str) -> str:
-    """Resolve a per-layer ``device=`` argument without changing the global default."""
-    from ._device import _parse
-    return _parse(device)
 
 
 class SyncBatchNorm(_BatchNormBase):

@@ -196,7 +196,7 @@ def test_state_dict_round_trip_and_atomic_refusal():
         np.testing.assert_array_equal(v, state[k])
     before = {k: v.copy() for k, v in other.state_dict().items()}
     bad = dict(state, _variance=np.ones(4))
-    with pytest.raises(ValueError, match=r"shape \(4,\), expected \(3,\)"):
+    with pytest.raises(ValueError, match=r"shape \(4,\), expected shape \(3,\)"):
         other.set_state_dict(bad)
     with pytest.raises(TypeError, match="floating dtype"):
         other.set_state_dict(dict(state, weight=np.ones(3, dtype=np.int32)))

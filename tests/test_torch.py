@@ -96,7 +96,7 @@ def test_checkpoint_round_trips_and_cross_framework():
     paddle_style = {"weight": np.full(4, 2.0), "bias": np.zeros(4), "_mean": np.ones(4), "_variance": np.ones(4)}
     cusyncbn.load_state_dict(other, paddle_style)
     np.testing.assert_array_equal(other.weight.data, 2.0)
-    with pytest.raises(ValueError, match="expected \\(4,\\)"):
+    with pytest.raises(ValueError, match="expected shape \\(4,\\)"):
         cusyncbn.load_state_dict(other, dict(torch_bn.state_dict(), running_var=torch.ones(5)))
     np.testing.assert_array_equal(other.weight.data, 2.0)       # unchanged by the failed load
 
