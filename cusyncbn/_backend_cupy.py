@@ -87,17 +87,23 @@ class CupyBackend(Backend):
             self._kernels[(dtype_name, key)] = kernel
         return kernel
 
+    def _stream_key(self) -> int:
+        return self.xp.cuda.get_current_stream().ptr
+
+    @staticmethod
+    def _address(a: Any) -> int:
+        return a.data.ptr
+
     def _workspace(self, doubles: int) -> Any:
-        stream = self.xp.cuda.get_current_stream().ptr
+        stream = self._stream_key()
         ws = self._workspaces.get(stream)
         if ws is None or ws.size < doubles:
             ws = self.empty((max(doubles, 4096),), np.float64)
             self._workspaces[stream] = ws
         return ws
 
-    @staticmethod
-    def _aligned(*arrays: Any) -> bool:
-        return all(a is None or a.data.ptr % 16 == 0 for a in arrays)
+    def _aligned(self, *arrays: Any) -> bool:
+        return all(a is None or self._address(a) % 16 == 0 for a in arrays)
 
     def _vec(self, dtype_name: str, x3: Any, *others: Any) -> int:
         a, c, b = x3.shape

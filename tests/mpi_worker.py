@@ -23,12 +23,17 @@ import reference as ref  # noqa: E402
 import cusyncbn  # noqa: E402
 
 WORLD = MPI.COMM_WORLD
-DEVICE = sys.argv[2] if len(sys.argv) > 2 else "cpu"
+DEVICE = sys.argv[2] if len(sys.argv) > 2 else "cpu"      # cpu, gpu, or emu: the CUDA kernels emulated
+LAYER_DEVICE = "cpu" if DEVICE == "emu" else DEVICE        # on the CPU (tests/cuda_emu) over MPIComm
 if DEVICE == "gpu":
     os.environ.setdefault("NCCL_HOSTID", f"rank{WORLD.rank}")   # several ranks may share one GPU
     import cupy as xp
 else:
     xp = np
+if DEVICE == "emu":
+    import cuda_emu  # noqa: E402
+    from cusyncbn import _backend  # noqa: E402
+    _backend._backends["cpu"] = cuda_emu.EmuBackend(sms=4)
 CASES = {}
 TOL = {"float16": (2e-2, 1e-2), "float32": (1e-5, 1e-4), "float64": (1e-10, 1e-9)}
 
@@ -108,7 +113,7 @@ def train_and_compare(comm, mpi_comm, data_format="NCHW", split="uneven", dtype=
     w = rng.uniform(0.5, 1.5, c).astype(param_dtype) if affine else np.ones(c)
     b = rng.normal(size=c).astype(param_dtype) if affine else np.zeros(c)
     bn = layer or cusyncbn.SyncBatchNorm(c, momentum=momentum, data_format=data_format, comm=comm,
-                                         device=DEVICE, unbiased_running_var=unbiased, dtype=param_dtype,
+                                         device=LAYER_DEVICE, unbiased_running_var=unbiased, dtype=param_dtype,
                                          weight_attr=None if affine else False,
                                          bias_attr=None if affine else False)
     if affine:
@@ -171,7 +176,7 @@ def dtypes_and_momentum():
 
 @case
 def default_comm_is_world():
-    layer = cusyncbn.SyncBatchNorm(3, device=DEVICE)
+    layer = cusyncbn.SyncBatchNorm(3, device=LAYER_DEVICE)
     errors = train_and_compare(None, WORLD, "NCHW", "uneven", layer=layer)
     if layer.comm.size != WORLD.size:
         errors.append(f"default comm has size {layer.comm.size}, expected {WORLD.size}")
@@ -203,7 +208,7 @@ def unsynced_differs_negative_control():
 @case
 def one_collective_per_pass_and_none_in_eval():
     comm = CountingComm(make_comm(WORLD))
-    bn = cusyncbn.SyncBatchNorm(4, comm=comm, device=DEVICE)
+    bn = cusyncbn.SyncBatchNorm(4, comm=comm, device=LAYER_DEVICE)
     x = xp.asarray(np.random.default_rng(WORLD.rank).normal(size=(WORLD.rank + 1, 4, 3, 3)).astype("float32"))
     errors = []
     y = bn(x)
@@ -224,7 +229,7 @@ def one_collective_per_pass_and_none_in_eval():
 @case
 def eval_matches_running_statistics():
     comm = make_comm(WORLD)
-    bn = cusyncbn.SyncBatchNorm(3, comm=comm, device=DEVICE)
+    bn = cusyncbn.SyncBatchNorm(3, comm=comm, device=LAYER_DEVICE)
     rng = np.random.default_rng(7)
     x = rng.normal(2.0, 3.0, size=(9, 3, 4)).astype("float32")
     bn(xp.asarray(x[WORLD.rank::WORLD.size]))
@@ -239,7 +244,7 @@ def eval_matches_running_statistics():
 @case
 def all_ranks_empty():
     comm = make_comm(WORLD)
-    bn = cusyncbn.SyncBatchNorm(3, comm=comm, device=DEVICE, data_format="NHWC")
+    bn = cusyncbn.SyncBatchNorm(3, comm=comm, device=LAYER_DEVICE, data_format="NHWC")
     bn._mean[...] = 0.5
     x = xp.zeros((0, 4, 4, 3), dtype="float32")
     y = bn(x)
@@ -257,7 +262,7 @@ def all_ranks_empty():
 @case
 def global_count_one_gives_bias():
     comm = make_comm(WORLD)
-    bn = cusyncbn.SyncBatchNorm(3, comm=comm, device=DEVICE, data_format="NC")
+    bn = cusyncbn.SyncBatchNorm(3, comm=comm, device=LAYER_DEVICE, data_format="NC")
     bn.bias.data[...] = xp.asarray([1.0, -2.0, 3.0])
     bn._mean[...] = xp.asarray([0.25, 10.0, -3.0])      # a non-zero shift must not spoil it
     n = 1 if WORLD.rank == WORLD.size - 1 else 0
@@ -275,7 +280,7 @@ def global_count_one_gives_bias():
 @case
 def lifo_forwards():
     comm = make_comm(WORLD)
-    bn = cusyncbn.SyncBatchNorm(2, comm=comm, device=DEVICE, data_format="NC")
+    bn = cusyncbn.SyncBatchNorm(2, comm=comm, device=LAYER_DEVICE, data_format="NC")
     rng = np.random.default_rng(3)
     xa, xb, dya, dyb = (rng.normal(size=(8, 2)) for _ in range(4))
     mine = slice(WORLD.rank * 8 // WORLD.size, (WORLD.rank + 1) * 8 // WORLD.size)
@@ -292,7 +297,7 @@ def lifo_forwards():
 @case
 def bad_input_raises_before_any_collective():
     comm = CountingComm(make_comm(WORLD))
-    bn = cusyncbn.SyncBatchNorm(3, comm=comm, device=DEVICE)
+    bn = cusyncbn.SyncBatchNorm(3, comm=comm, device=LAYER_DEVICE)
     errors = []
     bad = [(xp.zeros((2, 4, 2, 2), "float32"), ValueError, "4 channels"),
            (xp.zeros((2, 3, 2, 2, 2, 2), "float32"), ValueError, "dimensions"),
@@ -318,7 +323,7 @@ def bad_input_raises_before_any_collective():
 def debug_mode_raises_on_every_rank():
     comm = make_comm(WORLD)
     errors = []
-    bn = cusyncbn.SyncBatchNorm(3, comm=comm, device=DEVICE, debug=True, name="dbg")
+    bn = cusyncbn.SyncBatchNorm(3, comm=comm, device=LAYER_DEVICE, debug=True, name="dbg")
     last = WORLD.size - 1
     bad_dtype = "float64" if WORLD.rank == last else "float32"
     try:
@@ -404,6 +409,8 @@ def torch_converted_model_matches_torch_on_whole_batch():
 def main():
     name = sys.argv[1]
     errors = CASES[name]()
+    if DEVICE == "emu" and not _backend._backends["cpu"].launches:
+        errors.append("the emulated GPU backend launched no kernel")
     gathered = WORLD.gather([f"rank {WORLD.rank}: {e}" for e in errors], root=0)
     if WORLD.rank == 0:
         flat = [e for rank_errors in gathered for e in rank_errors]

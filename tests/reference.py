@@ -65,3 +65,9 @@ def update_running(running_mean, running_var, mean, var, n, momentum, unbiased=F
         var = var * n / (n - 1)
     return (running_mean * momentum + mean * (1 - momentum),
             running_var * momentum + var * (1 - momentum))
+
+
+def eval_backward(dy, weight, running_var, eps, data_format):
+    """dx of the eval forward (fixed statistics): dy * weight / sqrt(running_var + eps)."""
+    g = _to_rows(dy, data_format)
+    return _from_rows(g * weight / np.sqrt(running_var + eps), np.shape(dy), data_format)

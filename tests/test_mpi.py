@@ -3,9 +3,8 @@ import json
 import os
 import shutil
 import subprocess
-import sys
-
 import re
+import sys
 
 import pytest
 
@@ -41,5 +40,21 @@ def run_ranks(n: int, case: str, device: str = "cpu") -> dict:
 @pytest.mark.parametrize("case", CASES)
 def test_multi_rank(case, n):
     result = run_ranks(n, case)
+    assert result["size"] == n
+    assert result["errors"] == [], "\n".join(result["errors"])
+
+
+# The cases that run the layer's maths, again with the CUDA kernels emulated on the CPU.
+EMU_CASES = ["sync_matches_global_reference", "dtypes_and_momentum", "stable_for_large_mean",
+             "unsynced_differs_negative_control", "eval_matches_running_statistics", "all_ranks_empty",
+             "global_count_one_gives_bias", "lifo_forwards"]
+
+
+@pytest.mark.parametrize("n", [2, 4])
+@pytest.mark.parametrize("case", EMU_CASES)
+def test_multi_rank_emulated_kernels(case, n):
+    import cuda_emu
+    cuda_emu.library()                     # build once here, not in every rank
+    result = run_ranks(n, case, device="emu")
     assert result["size"] == n
     assert result["errors"] == [], "\n".join(result["errors"])

@@ -37,9 +37,13 @@ struct half_t { unsigned short bits; };
 struct bf16_t { unsigned short bits; };
 
 __device__ __forceinline__ float to_acc(half_t v) {
+#ifdef __CUDA_ARCH__
     float f;
     asm("{ cvt.f32.f16 %0, %1; }" : "=f"(f) : "h"(v.bits));
     return f;
+#else  // compiled for the CPU by the kernel emulator in tests/cuda_emu, which defines these
+    return emu_half_to_float(v.bits);
+#endif
 }
 __device__ __forceinline__ float to_acc(bf16_t v) { return __uint_as_float(((unsigned int)v.bits) << 16); }
 __device__ __forceinline__ float to_acc(float v) { return v; }
@@ -53,7 +57,11 @@ template <> __device__ __forceinline__ float from_acc<float>(float v) { return v
 template <> __device__ __forceinline__ double from_acc<double>(double v) { return v; }
 template <> __device__ __forceinline__ half_t from_acc<half_t>(float v) {
     half_t h;
+#ifdef __CUDA_ARCH__
     asm("{ cvt.rn.f16.f32 %0, %1; }" : "=h"(h.bits) : "f"(v));
+#else
+    h.bits = emu_float_to_half(v);
+#endif
     return h;
 }
 template <> __device__ __forceinline__ bf16_t from_acc<bf16_t>(float v) {
@@ -70,8 +78,15 @@ template <> __device__ __forceinline__ bf16_t from_acc<bf16_t>(float v) {
 // VEC consecutive elements, one 16-byte (or narrower) transaction when VEC > 1.
 template <typename T, int VEC> struct alignas(sizeof(T) * VEC) Vec { T v[VEC]; };
 
+// A misaligned vector access faults on the GPU; the CPU emulator (tests/cuda_emu)
+// defines this hook to report one instead. Nothing on the GPU.
+#ifndef CUSYNCBN_CHECK_ALIGNED
+#define CUSYNCBN_CHECK_ALIGNED(ptr, bytes)
+#endif
+
 template <typename T, int VEC>
 __device__ __forceinline__ void load(const T* p, i64 i, typename Acc<T>::type (&out)[VEC]) {
+    CUSYNCBN_CHECK_ALIGNED(p + i, sizeof(Vec<T, VEC>));
     Vec<T, VEC> pack = *reinterpret_cast<const Vec<T, VEC>*>(p + i);
 #pragma unroll
     for (int k = 0; k < VEC; ++k) out[k] = to_acc(pack.v[k]);
@@ -82,6 +97,7 @@ __device__ __forceinline__ void store(T* p, i64 i, const typename Acc<T>::type (
     Vec<T, VEC> pack;
 #pragma unroll
     for (int k = 0; k < VEC; ++k) pack.v[k] = from_acc<T>(in[k]);
+    CUSYNCBN_CHECK_ALIGNED(p + i, sizeof(Vec<T, VEC>));
     *reinterpret_cast<Vec<T, VEC>*>(p + i) = pack;
 }
 

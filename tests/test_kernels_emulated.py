@@ -1,0 +1,142 @@
+"""The CUDA kernels and the CuPy backend's launch logic, run on the CPU by tests/cuda_emu.
+
+The GPU backend's code path is the real one (``CupyBackend``: grids, splits, vector
+widths, workspaces, argument types), only CuPy's arrays and launches are replaced.
+The same layer checks as tests/test_gpu.py, plus: every instantiation is executed,
+and negative controls showing the emulator does catch what would break on a GPU.
+"""
+import numpy as np
+import pytest
+
+import cuda_emu
+import cusyncbn
+from cusyncbn import _backend, _kernels
+from layer_check import SHAPES, TOL, check_layer
+
+# Emulated threads are slow: the widest shape is narrowed (same layout and parities).
+EMU_SHAPES = [(f, (8, 258, 2, 2) if s == (64, 2048, 2, 2) else s) for f, s in SHAPES]
+
+
+def bf16():
+    return pytest.importorskip("ml_dtypes").bfloat16
+
+
+def to_device(a, dtype, misalign=False):
+    dt = bf16() if dtype == "bfloat16" else np.dtype(dtype)
+    return cuda_emu.guarded_copy(np.asarray(a).astype(dt), misalign=misalign)
+
+
+def to_host(a):
+    return np.asarray(a).astype(np.float64)
+
+
+@pytest.fixture
+def emu(monkeypatch):
+    """Layers created on "cpu" get the emulated GPU backend for the duration of the test."""
+    backend = cuda_emu.EmuBackend(sms=4)
+    monkeypatch.setitem(_backend._backends, "cpu", backend)
+    return backend
+
+
+@pytest.mark.parametrize("dtype", list(TOL))
+@pytest.mark.parametrize("data_format,shape", EMU_SHAPES)
+def test_emulated_kernels_match_reference(emu, data_format, shape, dtype):
+    check_layer(data_format, shape, dtype, to_device, to_host, device="cpu")
+    assert emu.launches, "the emulated backend was not used"
+
+
+@pytest.mark.parametrize("sms", [1, 132])
+def test_emulated_grid_sizes(monkeypatch, sms):
+    """One block per channel, and an H100-sized grid splitting every channel many ways."""
+    backend = cuda_emu.EmuBackend(sms=sms)
+    monkeypatch.setitem(_backend._backends, "cpu", backend)
+    for fmt, shape in (("NCHW", (16, 3, 40, 41)), ("NHWC", (16, 20, 41, 8)), ("NC", (3001, 5))):
+        check_layer(fmt, shape, "float32", to_device, to_host, device="cpu", seed=sms)
+
+
+def test_every_instantiation_runs(emu):
+    """Aligned and misaligned inputs, both layouts, every dtype and parameter dtype:
+    together they launch every kernel the CuPy backend can launch."""
+    for dtype in TOL:
+        for pdtype in ("float32", "float64"):
+            for fmt, shape in (("NCHW", (3, 5, 4, 8)), ("NHWC", (3, 4, 5, 16))):
+                for misalign in (False, True):
+                    def dev(a, dt, misalign=misalign):
+                        return to_device(a, dt, misalign and dt == dtype)
+                    check_layer(fmt, shape, dtype, dev, to_host, device="cpu", param_dtype=pdtype)
+    every = {e for d in TOL for e in _kernels.name_expressions(d).values()}
+    assert every - set(emu.launches) == set()
+
+
+def test_misaligned_input_takes_the_scalar_path(emu):
+    x = to_device(np.random.default_rng(0).normal(size=(4, 8, 4, 4)), "float32", misalign=True)
+    bn = cusyncbn.SyncBatchNorm(8)
+    bn(x)
+    assert "normalize<float, false, 1>" in emu.launches and "normalize<float, false, 4>" not in emu.launches
+
+
+# ---- negative controls: the emulator reports what would fail on a GPU ---------------------
+
+def test_rejects_wrong_argument_types():
+    k = cuda_emu.library().kernel("moments_combine<float>")
+    part, buf = np.zeros(3 * 4), np.zeros(2 * 4 + 1)
+    rm32, rm64 = np.zeros(4, np.float32), np.zeros(4)
+    k((1,), (32,), (part, np.int32(4), np.int32(1), rm32, buf))          # the right types run
+    with pytest.raises(cuda_emu.EmulatedKernelError, match="scalar kind"):
+        k((1,), (32,), (part, np.int64(4), np.int32(1), rm32, buf))
+    with pytest.raises(cuda_emu.EmulatedKernelError, match="points to"):
+        k((1,), (32,), (part, np.int32(4), np.int32(1), rm64, buf))
+    with pytest.raises(cuda_emu.EmulatedKernelError, match="takes 5 arguments"):
+        k((1,), (32,), (part, np.int32(4), np.int32(1), rm32))
+
+
+def test_catches_misaligned_vector_access_and_bad_launches():
+    backend = cuda_emu.EmuBackend()
+    x = to_device(np.ones((2, 3, 8)), "float32", misalign=True)
+    y = backend.empty(x.shape, np.float32)
+    stats = backend.zeros((12,), np.float32)
+    k = backend._kernel("float32", "normalize_false4")
+    args = (x, y, np.int64(x.size), np.int32(3), np.int64(8), stats)
+    with pytest.raises(cuda_emu.EmulatedKernelError, match="misaligned 16-byte"):
+        k((1,), (256,), args)
+    with pytest.raises(cuda_emu.EmulatedKernelError, match="invalid grid"):
+        k((1, 70000), (256,), args)
+    with pytest.raises(cuda_emu.EmulatedKernelError, match="invalid block"):
+        k((1,), (2048,), args)
+    moments = backend._kernel("float32", "moments_cs1")
+    with pytest.raises(cuda_emu.EmulatedKernelError, match="partial warp"):
+        moments((1, 3), (48,), (x, np.int64(2), np.int32(3), np.int64(8), backend.zeros((9,), np.float64)))
+
+
+def test_catches_writes_outside_an_allocation():
+    backend = cuda_emu.EmuBackend()
+    x = to_device(np.ones((2, 3, 8)), "float32")
+    y_short = backend.empty((x.size - 1,), np.float32)
+    stats = backend.zeros((12,), np.float32)
+    with pytest.raises(cuda_emu.EmulatedKernelError, match="wrote outside"):
+        backend._kernel("float32", "normalize_false1")((1,), (256,), (x, y_short, np.int64(x.size), np.int32(3),
+                                                                      np.int64(8), stats))
+
+
+def test_catches_divergent_barrier():
+    source = ("template <int N> __global__ void divergent(int* out) {\n"
+              "    if ((int)threadIdx.x < N) __syncthreads();\n"
+              "    out[threadIdx.x] = 1;\n"
+              "}\n")
+    lib = cuda_emu.Library(source, ["divergent<16>", "divergent<64>"])
+    out = np.zeros(64, np.int32)
+    lib.kernel("divergent<64>")((1,), (64,), (out,))                     # every thread reaches it
+    assert out.sum() == 64
+    with pytest.raises(cuda_emu.EmulatedKernelError, match="deadlock"):
+        lib.kernel("divergent<16>")((1,), (64,), (out,))
+
+
+def test_a_bug_in_the_kernel_maths_fails_the_layer_check(monkeypatch):
+    """syncbn.cu with Chan's merge missing its between-group term: the checks must fail."""
+    good = "r.m2 = a.m2 + b.m2 + d * d * (a.n * b.n / n);"
+    source = _kernels.source()
+    assert source.count(good) == 1
+    broken = cuda_emu.Library(source.replace(good, "r.m2 = a.m2 + b.m2;"), cuda_emu._expressions())
+    monkeypatch.setitem(_backend._backends, "cpu", cuda_emu.EmuBackend(kernels=broken))
+    with pytest.raises(AssertionError):
+        check_layer("NCHW", (4, 5, 7, 3), "float32", to_device, to_host, device="cpu")
