@@ -406,6 +406,72 @@ def torch_converted_model_matches_torch_on_whole_batch():
     return errors
 
 
+def gpu_case(fn):
+    """A case that needs CUDA (run by tests/test_gpu.py only)."""
+    CASES[fn.__name__] = fn
+    return fn
+
+
+@gpu_case
+def torch_syncbatchnorm_numerics():
+    """cusyncbn.torch (synced by cusyncbn's NCCLComm) against torch.nn.SyncBatchNorm (synced
+    by a torch.distributed NCCL group) on the same uneven per-rank data: outputs, dx,
+    parameter gradients and running statistics over three SGD steps."""
+    import copy
+    import socket
+
+    import torch
+    import torch.distributed as dist
+    import cusyncbn.torch as cbt
+    if DEVICE != "gpu":
+        return ["torch.nn.SyncBatchNorm needs CUDA: run this case with the gpu device"]
+    if WORLD.rank == 0:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+    else:
+        port = None
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(WORLD.bcast(port)))
+    torch.cuda.set_device(0)
+    dist.init_process_group("nccl", rank=WORLD.rank, world_size=WORLD.size)
+    counts = split_counts(4 * WORLD.size + 3, WORLD.size, "uneven")
+    lo, hi = sum(counts[:WORLD.rank]), sum(counts[:WORLD.rank + 1])
+    errors = []
+    try:
+        for dtype, channels_last in ((torch.float32, False), (torch.float32, True), (torch.float64, False)):
+            torch.manual_seed(0)
+            base = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8),
+                                       torch.nn.ReLU(), torch.nn.Conv2d(8, 5, 1),
+                                       torch.nn.BatchNorm2d(5, momentum=0.3)).to("cuda", dtype)
+            theirs = torch.nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(base))
+            ours = cbt.convert_sync_batchnorm(copy.deepcopy(base))
+            opts = [torch.optim.SGD(m.parameters(), lr=0.05) for m in (theirs, ours)]
+            tol = "float64" if dtype == torch.float64 else "float32"
+            for step in range(3):
+                x = torch.randn((sum(counts), 3, 6, 7), dtype=dtype, device="cuda")[lo:hi]
+                if channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                weights = torch.randn((hi - lo, 5, 6, 7), dtype=dtype, device="cuda")
+                outs = []
+                for model, opt in zip((theirs, ours), opts):
+                    opt.zero_grad()
+                    xx = x.clone().requires_grad_()
+                    y = model(xx)
+                    (y * weights).sum().backward()
+                    opt.step()
+                    outs.append([y.detach(), xx.grad] + [p.grad for p in model.parameters()])
+                tag = f"{dtype} channels_last={channels_last} step {step}"
+                for i, (a, b) in enumerate(zip(*outs)):
+                    close(errors, f"{tag} output {i}", b.double().cpu().numpy(), a.double().cpu().numpy(), tol,
+                          (1e-4, 1e-4) if tol == "float32" else None)
+            for (name, a), b in zip(theirs.state_dict().items(), ours.state_dict().values()):
+                close(errors, f"{dtype} channels_last={channels_last} {name}", b.double().cpu().numpy(),
+                      a.double().cpu().numpy(), tol, (1e-4, 1e-4) if tol == "float32" else None)
+    finally:
+        dist.destroy_process_group()
+    return errors
+
+
 def main():
     name = sys.argv[1]
     errors = CASES[name]()

@@ -10,7 +10,7 @@ import pytest
 import cusyncbn
 import reference as ref
 from layer_check import SHAPES, TOL, check_layer
-from test_mpi import CASES, run_ranks
+from test_mpi import CASES, GPU_CASES, run_ranks
 
 pytestmark = pytest.mark.gpu
 
@@ -93,3 +93,40 @@ def test_torch_cuda_matches_torch_batchnorm():
 def test_multi_rank_nccl(case, n):
     result = run_ranks(n, case, device="gpu")
     assert result["errors"] == [], "\n".join(result["errors"])
+
+
+@pytest.mark.parametrize("n", [2, 4])
+@pytest.mark.parametrize("case", GPU_CASES)
+def test_multi_rank_against_torch_syncbatchnorm(case, n):
+    pytest.importorskip("torch")
+    result = run_ranks(n, case, device="gpu")
+    assert result["size"] == n
+    assert result["errors"] == [], "\n".join(result["errors"])
+
+
+def test_dlpack_torch_cuda_zero_copy_and_stream_order():
+    """A torch CUDA tensor goes in without a copy, results come back as torch tensors, and
+    work still queued on torch's (non-default) stream is ordered before our kernels."""
+    torch = pytest.importorskip("torch")
+    import cupy
+    bn = cusyncbn.SyncBatchNorm(16, device="gpu", output="input")
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        a = torch.randn(2048, 2048, device="cuda")
+        for _ in range(20):                                   # keep the side stream busy
+            a = torch.tanh(a @ a / 2048 ** 0.5)
+        noise = a.flatten()[:64 * 16 * 4].reshape(64, 16, 4, 1)
+        x = noise + torch.arange(16, device="cuda", dtype=torch.float32).view(1, 16, 1, 1)
+        y = bn(x)                                             # torch's current stream is `side` here
+        dx = bn.backward(torch.ones_like(y))
+    side.synchronize()
+    assert isinstance(y, torch.Tensor) and y.is_cuda and isinstance(dx, torch.Tensor)
+    assert bn._backend.import_array(x, "x").data.ptr == x.data_ptr()       # zero-copy
+    expected = cusyncbn.SyncBatchNorm(16, device="cpu")(x.cpu().numpy())
+    np.testing.assert_allclose(y.cpu().numpy(), expected, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(dx.cpu().numpy(), 0.0, atol=1e-4)        # d(sum y)/dx = 0 for BN
+    c = bn(cupy.asarray(x.cpu().numpy()))
+    assert isinstance(c, cupy.ndarray)
+    np.testing.assert_allclose(cupy.asnumpy(c), expected, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="host array"):
+        bn(x.cpu().numpy())

@@ -11,7 +11,9 @@ import pytest
 HERE = os.path.dirname(os.path.abspath(__file__))
 TIMEOUT_S = 180
 # Case names, read from the worker's source (importing it would initialise MPI in pytest).
-CASES = re.findall(r"^@case\ndef (\w+)", open(os.path.join(HERE, "mpi_worker.py")).read(), re.M)
+_SOURCE = open(os.path.join(HERE, "mpi_worker.py")).read()
+CASES = re.findall(r"^@case\ndef (\w+)", _SOURCE, re.M)
+GPU_CASES = re.findall(r"^@gpu_case\ndef (\w+)", _SOURCE, re.M)        # run by test_gpu.py
 
 
 def mpiexec() -> str:
