@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from . import _kernels
-from ._backend import Backend, Stats
+from ._backend import Backend, Stats, dtype_name as _name_of
 from ._dlpack import device_of
 
 _THREADS = 256            # 1-D blocks: reductions and elementwise passes
@@ -127,19 +127,19 @@ class CupyBackend(Backend):
 
     def _partials(self, kind: str, x3: Any, others: tuple, vec: int, per: int, args: tuple) -> tuple[Any, int]:
         """Launch a per-split reduction; returns (workspace, splits)."""
-        dtype_name = x3.dtype.name
+        name = _name_of(x3.dtype)
         a, c, b = x3.shape
         if b == 1:
             gx, splits = self._cl_grid(a, c, vec)
             ws = self._workspace(c * splits * per)
             shared = per * _CL_BLOCK[0] * _CL_BLOCK[1] * 8
-            self._kernel(dtype_name, f"{kind}_cl{vec}")((gx, splits), _CL_BLOCK,
+            self._kernel(name, f"{kind}_cl{vec}")((gx, splits), _CL_BLOCK,
                                                          others + (np.int64(a), np.int32(c)) + args + (ws,),
                                                          shared_mem=shared)
         else:
             splits = self._splits_cs(c, a * b, vec)
             ws = self._workspace(c * splits * per)
-            self._kernel(dtype_name, f"{kind}_cs{vec}")((splits, c), (_THREADS,),
+            self._kernel(name, f"{kind}_cs{vec}")((splits, c), (_THREADS,),
                                                          others + (np.int64(a), np.int32(c), np.int64(b)) + args + (ws,))
         return ws, splits
 
@@ -148,7 +148,7 @@ class CupyBackend(Backend):
         """Dtype name of the layer's parameter-like arrays (all share it); float32 when none is given."""
         for arr in arrays:
             if arr is not None:
-                return arr.dtype.name
+                return _name_of(arr.dtype)
         return "float32"
 
     def _channel_grid(self, channels: int) -> tuple[tuple[int], tuple[int]]:
@@ -161,11 +161,11 @@ class CupyBackend(Backend):
             if a * b == 0:
                 buf.fill(0)
                 return
-            vec = self._vec(x3.dtype.name, x3)
+            vec = self._vec(_name_of(x3.dtype), x3)
             ws, splits = self._partials("moments", x3, (x3,), vec, 3, ())
             grid, block = self._channel_grid(c)
             pname = self._param_name(running_mean)
-            self._kernel(x3.dtype.name, f"combine_{pname}")(grid, block, (ws, np.int32(c), np.int32(splits),
+            self._kernel(_name_of(x3.dtype), f"combine_{pname}")(grid, block, (ws, np.int32(c), np.int32(splits),
                                                                           running_mean, buf))
 
     def finalize_forward(self, buf: Any, running_mean: Any, running_var: Any, momentum: float, eps: float,
@@ -183,7 +183,7 @@ class CupyBackend(Backend):
         with self._cuda_device:
             c = stats.mean.shape[0]
             grid, block = self._channel_grid(c)
-            self._kernel(dtype_name, f"eval_{running_mean.dtype.name}")(
+            self._kernel(dtype_name, f"eval_{_name_of(running_mean.dtype)}")(
                 grid, block, (running_mean, running_var, np.int32(c), np.float64(eps), weight, bias, stats.data))
 
     def normalize(self, x3: Any, stats: Stats, y3: Any) -> None:
@@ -192,9 +192,9 @@ class CupyBackend(Backend):
             total = a * c * b
             if total == 0:
                 return
-            vec = self._vec(x3.dtype.name, x3, y3)
+            vec = self._vec(_name_of(x3.dtype), x3, y3)
             cl = "true" if b == 1 else "false"
-            self._kernel(x3.dtype.name, f"normalize_{cl}{vec}")(
+            self._kernel(_name_of(x3.dtype), f"normalize_{cl}{vec}")(
                 (self._elementwise_grid(total, vec),), (_THREADS,),
                 (x3, y3, np.int64(total), np.int32(c), np.int64(b), stats.data))
 
@@ -205,11 +205,11 @@ class CupyBackend(Backend):
             if a * b == 0:
                 buf.fill(0)
                 return
-            vec = self._vec(x3.dtype.name, x3, dy3)
+            vec = self._vec(_name_of(x3.dtype), x3, dy3)
             ws, splits = self._partials("backward", x3, (dy3, x3), vec, 2, (stats.data,))
             grid, block = self._channel_grid(c)
             pname = self._param_name(weight_grad, bias_grad)
-            self._kernel(x3.dtype.name, f"bcombine_{pname}")(
+            self._kernel(_name_of(x3.dtype), f"bcombine_{pname}")(
                 grid, block, (ws, np.int32(c), np.int32(splits), stats.data, weight_grad, bias_grad, buf))
 
     def backward_input(self, dy3: Any, x3: Any, stats: Stats, buf: Any, count: Any, dx3: Any) -> None:
@@ -220,10 +220,10 @@ class CupyBackend(Backend):
                 return
             coef = self.empty((3 * c,), stats.data.dtype)
             grid, block = self._channel_grid(c)
-            self._kernel(x3.dtype.name, "coeffs")(grid, block, (buf if count is not None else None, count,
+            self._kernel(_name_of(x3.dtype), "coeffs")(grid, block, (buf if count is not None else None, count,
                                                                 np.int32(c), stats.data, coef))
-            vec = self._vec(x3.dtype.name, x3, dy3, dx3)
+            vec = self._vec(_name_of(x3.dtype), x3, dy3, dx3)
             cl = "true" if b == 1 else "false"
-            self._kernel(x3.dtype.name, f"dx_{cl}{vec}")(
+            self._kernel(_name_of(x3.dtype), f"dx_{cl}{vec}")(
                 (self._elementwise_grid(total, vec),), (_THREADS,),
                 (dy3, x3, dx3, np.int64(total), np.int32(c), np.int64(b), stats.data, coef))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import math
 import os
 import threading
 from collections import OrderedDict
@@ -19,7 +20,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from ._backend import Backend, get_backend
+from ._backend import Backend, dtype_name, get_backend
 from ._comm import Communicator, SingleProcessComm, resolve_comm
 from ._device import _parse as resolve_device, get_device
 from ._dlpack import framework_of, to_framework, to_host
@@ -302,14 +303,14 @@ class _BatchNormBase:
         c, shape = self._num_features, tuple(x.shape)
         channel_last = self._channel_last if channel_last is None else channel_last
         if channel_last or x.ndim == 2:
-            return x.reshape(int(np.prod(shape[:-1])), c, 1)
-        return x.reshape(shape[0], c, int(np.prod(shape[2:])))
+            return x.reshape(math.prod(shape[:-1]), c, 1)
+        return x.reshape(shape[0], c, math.prod(shape[2:]))
 
     def _check_input(self, x: Any, channel_last: bool | None = None) -> Any:
         backend = self._backend
         channel_last = self._channel_last if channel_last is None else channel_last
         x = backend.import_array(x, "x")
-        if x.dtype.kind != "f" and x.dtype.name != "bfloat16":
+        if x.dtype.kind != "f" and dtype_name(x.dtype) != "bfloat16":
             raise TypeError(f"{self._name}: x must have a floating dtype ({', '.join(_FLOAT_NAMES)}), "
                             f"got {x.dtype}")
         if x.ndim not in self._ndims:
@@ -390,11 +391,11 @@ class _BatchNormBase:
             update = running and self.training
             backend.finalize_forward(buf, self._mean if running else None, self._variance if update else None,
                                      self._momentum if momentum is None else float(momentum), self._epsilon,
-                                     self._unbiased, weight, bias, stats, x.dtype.name)
+                                     self._unbiased, weight, bias, stats, dtype_name(x.dtype))
             count = buf[2 * c:]
         else:
             comm = SingleProcessComm()
-            backend.eval_stats(self._mean, self._variance, self._epsilon, weight, bias, stats, x.dtype.name)
+            backend.eval_stats(self._mean, self._variance, self._epsilon, weight, bias, stats, dtype_name(x.dtype))
         y3 = backend.empty(x3.shape, x.dtype)
         backend.normalize(x3, stats, y3)
         saved = _Saved(x3, tuple(x.shape), stats, count, comm, framework, self._calls["forward"], channel_last)
@@ -406,7 +407,7 @@ class _BatchNormBase:
 
     def _check_grad_output(self, saved: _Saved, dy: Any) -> Any:
         dy = self._backend.import_array(dy, "dy")
-        if dy.dtype.kind != "f" and dy.dtype.name != "bfloat16":
+        if dy.dtype.kind != "f" and dtype_name(dy.dtype) != "bfloat16":
             raise TypeError(f"{self._name}: dy must have a floating dtype, got {dy.dtype}")
         if tuple(dy.shape) != saved.shape:
             raise ValueError(f"{self._name}: dy has shape {tuple(dy.shape)}, expected {saved.shape} "
