@@ -58,7 +58,13 @@ class CupyBackend(Backend):
         with self._cuda_device:
             # cupy.from_dlpack passes the current stream to the producer, which orders its
             # pending work (e.g. torch's current stream) before ours.
-            return cupy.from_dlpack(x)
+            try:
+                return cupy.from_dlpack(x)
+            except (TypeError, NotImplementedError, BufferError, ValueError) as exc:
+                if "bfloat16" in str(getattr(x, "dtype", "")):
+                    raise TypeError(f"{what}: bfloat16 on the GPU needs CuPy >= 14 with ml_dtypes installed "
+                                    f"(pip install 'cusyncbn[cuda12]' brings both); CuPy said: {exc}") from exc
+                raise TypeError(f"{what}: cannot import a {type(x).__name__} through DLPack: {exc}") from exc
 
     def zeros(self, shape: Any, dtype: Any) -> Any:
         with self._cuda_device:
