@@ -47,7 +47,10 @@ same ``dx`` as one process holding the whole batch. In eval mode (fixed statisti
 """
 from __future__ import annotations
 
+import threading
 from typing import Any
+
+import numpy as np
 
 
 _DTYPE_NAMES: dict[Any, str] = {}
@@ -69,10 +72,11 @@ class Stats:
     normalization coefficients. The dtype is the stats dtype of the input.
     """
 
-    __slots__ = ("data", "mean", "invstd", "scale", "shift")
+    __slots__ = ("data", "payload", "mean", "invstd", "scale", "shift")
 
-    def __init__(self, data: Any, channels: int) -> None:
+    def __init__(self, data: Any, payload: Any, channels: int) -> None:
         self.data = data
+        self.payload = payload          # the forward all-reduce buffer (float64, 2C + 1)
         self.mean = data[:channels]
         self.invstd = data[channels:2 * channels]
         self.scale = data[2 * channels:3 * channels]
@@ -90,6 +94,39 @@ class Backend:
     device: str
     xp: Any
 
+    def __init__(self) -> None:
+        self._scratch: dict[tuple, Any] = {}
+        self._spare: dict[tuple, list[Stats]] = {}
+
+    def stream_key(self) -> Any:
+        """Work queued under different keys may run concurrently (CUDA streams); one key on the CPU."""
+        return 0
+
+    def scratch(self, name: str, size: int, dtype: Any) -> Any:
+        """A reused 1-D temporary of ``size`` elements: valid until the next request for
+        ``name`` on this stream and thread (work on one stream runs in order)."""
+        key = (name, self.stream_key(), threading.get_ident())
+        buf = self._scratch.get(key)
+        if buf is None or buf.size < size or buf.dtype != dtype:
+            buf = self.empty((max(size, 1024),), dtype)
+            self._scratch[key] = buf
+        return buf[:size]
+
+    def take_stats(self, channels: int, dtype: Any) -> Stats:
+        """Statistics (and forward payload) for one forward, reused from :meth:`give_back`."""
+        dtype = np.dtype(dtype)
+        spare = self._spare.get((channels, dtype, self.stream_key()))
+        if spare:
+            return spare.pop()
+        return Stats(self.empty((4 * channels,), dtype), self.empty((2 * channels + 1,), np.float64), channels)
+
+    def give_back(self, stats: Stats) -> None:
+        """``stats`` is no longer needed by the caller once queued work is done; work queued
+        later on the current stream may reuse it."""
+        spare = self._spare.setdefault((stats.mean.shape[0], stats.data.dtype, self.stream_key()), [])
+        if len(spare) < 16:
+            spare.append(stats)
+
     def import_array(self, x: Any, what: str) -> Any:
         """``x`` as an array of this backend, without copying when possible."""
         raise NotImplementedError
@@ -106,9 +143,6 @@ class Backend:
 
     def contiguous(self, x: Any) -> Any:
         return self.xp.ascontiguousarray(x)
-
-    def new_stats(self, channels: int, dtype: Any) -> Stats:
-        return Stats(self.empty((4 * channels,), dtype), channels)
 
     def local_moments(self, x3: Any, running_mean: Any, buf: Any) -> None:
         """Write this rank's forward payload for ``x3`` into ``buf`` (see above)."""

@@ -27,6 +27,7 @@ def _cdiv(a: int, b: int) -> int:
 class CupyBackend(Backend):
     def __init__(self, index: int) -> None:
         import cupy
+        super().__init__()
         self.xp = cupy
         self.device = f"gpu:{index}"
         self._index = index
@@ -35,7 +36,6 @@ class CupyBackend(Backend):
             self._sms = self._cuda_device.attributes["MultiProcessorCount"]
         self._modules: dict[str, Any] = {}
         self._kernels: dict[tuple[str, str], Any] = {}
-        self._workspaces: dict[int, Any] = {}
 
     # -- arrays ---------------------------------------------------------------------------
     def is_native(self, x: Any) -> bool:
@@ -93,20 +93,12 @@ class CupyBackend(Backend):
             self._kernels[(dtype_name, key)] = kernel
         return kernel
 
-    def _stream_key(self) -> int:
+    def stream_key(self) -> int:
         return self.xp.cuda.get_current_stream().ptr
 
     @staticmethod
     def _address(a: Any) -> int:
         return a.data.ptr
-
-    def _workspace(self, doubles: int) -> Any:
-        stream = self._stream_key()
-        ws = self._workspaces.get(stream)
-        if ws is None or ws.size < doubles:
-            ws = self.empty((max(doubles, 4096),), np.float64)
-            self._workspaces[stream] = ws
-        return ws
 
     def _aligned(self, *arrays: Any) -> bool:
         return all(a is None or self._address(a) % 16 == 0 for a in arrays)
@@ -137,14 +129,14 @@ class CupyBackend(Backend):
         a, c, b = x3.shape
         if b == 1:
             gx, splits = self._cl_grid(a, c, vec)
-            ws = self._workspace(c * splits * per)
+            ws = self.scratch("partials", c * splits * per, np.float64)
             shared = per * _CL_BLOCK[0] * _CL_BLOCK[1] * 8
             self._kernel(name, f"{kind}_cl{vec}")((gx, splits), _CL_BLOCK,
                                                          others + (np.int64(a), np.int32(c)) + args + (ws,),
                                                          shared_mem=shared)
         else:
             splits = self._splits_cs(c, a * b, vec)
-            ws = self._workspace(c * splits * per)
+            ws = self.scratch("partials", c * splits * per, np.float64)
             self._kernel(name, f"{kind}_cs{vec}")((splits, c), (_THREADS,),
                                                          others + (np.int64(a), np.int32(c), np.int64(b)) + args + (ws,))
         return ws, splits
@@ -224,7 +216,7 @@ class CupyBackend(Backend):
             total = a * c * b
             if total == 0:
                 return
-            coef = self.empty((3 * c,), stats.data.dtype)
+            coef = self.scratch("coef", 3 * c, stats.data.dtype)
             grid, block = self._channel_grid(c)
             self._kernel(_name_of(x3.dtype), "coeffs")(grid, block, (buf if count is not None else None, count,
                                                                 np.int32(c), stats.data, coef))

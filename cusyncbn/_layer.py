@@ -269,6 +269,8 @@ class _BatchNormBase:
         y, saved = self._forward(x)
         if _recording():
             self._pending.append(saved)
+        else:
+            self._backend.give_back(saved.stats)
         return self._hand_back(y, saved.framework, output)
 
     def backward(self, dy: Any, *, output: str | None = None) -> Any:
@@ -380,12 +382,12 @@ class _BatchNormBase:
         self._calls["forward"] += 1
         backend, c = self._backend, self._num_features
         x3 = self._view3(x, channel_last)
-        stats = backend.new_stats(c, np.float64 if x.dtype == np.float64 else np.float32)
+        stats = backend.take_stats(c, np.float64 if x.dtype == np.float64 else np.float32)
         weight, bias = self._data(self.weight), self._data(self.bias)
         running = self._track_running_stats
         count = None
         if batch_stats:
-            buf = backend.empty((2 * c + 1,), np.float64)
+            buf = stats.payload
             backend.local_moments(x3, self._mean if running else None, buf)
             comm.allreduce(buf)
             update = running and self.training
@@ -429,12 +431,14 @@ class _BatchNormBase:
         bias_grad = self._grad_slot(self.bias)
         buf = None
         if saved.count is not None or weight_grad is not None or bias_grad is not None:
-            buf = backend.empty((2 * c,), np.float64)
+            buf = backend.scratch("backward payload", 2 * c, np.float64)
             backend.backward_reduce(dy3, saved.x3, saved.stats, weight_grad, bias_grad, buf)
         if saved.count is not None:
             saved.comm.allreduce(buf)
         dx3 = backend.empty(saved.x3.shape, saved.x3.dtype)
         backend.backward_input(dy3, saved.x3, saved.stats, buf, saved.count, dx3)
+        if pop:                          # popped: nothing refers to these statistics any more
+            backend.give_back(saved.stats)
         return dx3.reshape(saved.shape)
 
     def _grad_slot(self, param: Parameter | None) -> Any:

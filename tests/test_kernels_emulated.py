@@ -140,3 +140,26 @@ def test_a_bug_in_the_kernel_maths_fails_the_layer_check(monkeypatch):
     monkeypatch.setitem(_backend._backends, "cpu", cuda_emu.EmuBackend(kernels=broken))
     with pytest.raises(AssertionError):
         check_layer("NCHW", (4, 5, 7, 3), "float32", to_device, to_host, device="cpu")
+
+
+def test_training_step_allocates_only_its_outputs(emu):
+    """Statistics, payloads, workspaces and coefficients are reused across calls."""
+    rng = np.random.default_rng(0)
+    x = to_device(rng.normal(size=(4, 8, 5, 5)), "float32")
+    dy = to_device(rng.normal(size=(4, 8, 5, 5)), "float32")
+    bn = cusyncbn.SyncBatchNorm(8)
+    y0, dx0 = bn(x).copy(), bn.backward(dy).copy()          # warm-up: the pools fill
+    shapes = []
+    allocate = emu.empty
+    emu.empty = lambda shape, dtype: shapes.append(tuple(np.atleast_1d(shape))) or allocate(shape, dtype)
+    bn.weight.grad[...] = 0
+    bn.bias.grad[...] = 0
+    y, dx = bn(x), bn.backward(dy)
+    assert shapes == [(4, 8, 25), (4, 8, 25)]                # y and dx, nothing else
+    np.testing.assert_allclose(y, y0, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(dx, dx0, rtol=1e-6, atol=1e-6)
+    with cusyncbn.no_grad():
+        bn(x)
+    bn.eval()
+    bn(x)
+    assert len(shapes) == 4

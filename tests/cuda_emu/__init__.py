@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from cusyncbn import _kernels
+from cusyncbn._backend import Backend
 from cusyncbn._backend_cupy import CupyBackend
 from cusyncbn._backend_numpy import NumpyBackend
 
@@ -166,6 +167,7 @@ class EmuBackend(CupyBackend):
     is_native = NumpyBackend.is_native
 
     def __init__(self, sms: int = 4, kernels: Library | None = None) -> None:
+        Backend.__init__(self)
         self._library = kernels or library()
         self.xp = np
         self.device = "cpu"
@@ -174,11 +176,10 @@ class EmuBackend(CupyBackend):
         self._sms = sms
         self._modules: dict[str, Any] = {}
         self._kernels: dict[tuple[str, str], Any] = {}
-        self._workspaces: dict[int, Any] = {}
         self._guarded: dict[int, tuple[Any, int]] = {}
         self.launches: list[str] = []
 
-    def _stream_key(self) -> int:
+    def stream_key(self) -> int:
         return 0
 
     @staticmethod
