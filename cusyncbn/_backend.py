@@ -102,13 +102,15 @@ class Backend:
         """Work queued under different keys may run concurrently (CUDA streams); one key on the CPU."""
         return 0
 
-    def scratch(self, name: str, size: int, dtype: Any) -> Any:
+    def scratch(self, name: str, size: int, dtype: Any, zeroed: bool = False) -> Any:
         """A reused 1-D temporary of ``size`` elements: valid until the next request for
-        ``name`` on this stream and thread (work on one stream runs in order)."""
+        ``name`` on this stream and thread (work on one stream runs in order). ``zeroed``:
+        zero when allocated, and kept zero between uses by its users (kernel tickets)."""
         key = (name, self.stream_key(), threading.get_ident())
         buf = self._scratch.get(key)
         if buf is None or buf.size < size or buf.dtype != dtype:
-            buf = self.empty((max(size, 1024),), dtype)
+            shape = (max(size, 1024),)
+            buf = self.zeros(shape, dtype) if zeroed else self.empty(shape, dtype)
             self._scratch[key] = buf
         return buf[:size]
 

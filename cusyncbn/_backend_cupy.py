@@ -123,23 +123,26 @@ class CupyBackend(Backend):
     def _elementwise_grid(self, total: int, vec: int) -> int:
         return int(max(1, min(_cdiv(total, _THREADS * vec), 16 * self._sms)))
 
-    def _partials(self, kind: str, x3: Any, others: tuple, vec: int, per: int, args: tuple) -> tuple[Any, int]:
-        """Launch a per-split reduction; returns (workspace, splits)."""
+    def _reduce(self, kind: str, x3: Any, inputs: tuple, vec: int, width: int, pname: str,
+                before: tuple, after: tuple) -> None:
+        """Launch a one-pass reduction kernel (``moments`` or ``backward``): per-split partials,
+        merged by the last block of each channel (tile) into the payload."""
         name = _name_of(x3.dtype)
         a, c, b = x3.shape
         if b == 1:
             gx, splits = self._cl_grid(a, c, vec)
-            ws = self.scratch("partials", c * splits * per, np.float64)
-            shared = per * _CL_BLOCK[0] * _CL_BLOCK[1] * 8
-            self._kernel(name, f"{kind}_cl{vec}")((gx, splits), _CL_BLOCK,
-                                                         others + (np.int64(a), np.int32(c)) + args + (ws,),
-                                                         shared_mem=shared)
+            grid, block, tickets = (gx, splits), _CL_BLOCK, gx
+            shape = (np.int64(a), np.int32(c))
+            shared = width * _CL_BLOCK[0] * _CL_BLOCK[1] * 8
         else:
             splits = self._splits_cs(c, a * b, vec)
-            ws = self.scratch("partials", c * splits * per, np.float64)
-            self._kernel(name, f"{kind}_cs{vec}")((splits, c), (_THREADS,),
-                                                         others + (np.int64(a), np.int32(c), np.int64(b)) + args + (ws,))
-        return ws, splits
+            grid, block, tickets = (splits, c), (_THREADS,), c
+            shape = (np.int64(a), np.int32(c), np.int64(b))
+            shared = 0
+        part = self.scratch("partials", c * splits * width if splits > 1 else 1, np.float64)
+        ticket = self.scratch("tickets", tickets, np.uint32, zeroed=True)
+        self._kernel(name, f"{kind}_{'cl' if b == 1 else 'cs'}{vec}_{pname}")(
+            grid, block, inputs + shape + before + (part, ticket) + after, shared_mem=shared)
 
     @staticmethod
     def _param_name(*arrays: Any) -> str:
@@ -160,11 +163,7 @@ class CupyBackend(Backend):
                 buf.fill(0)
                 return
             vec = self._vec(_name_of(x3.dtype), x3)
-            ws, splits = self._partials("moments", x3, (x3,), vec, 3, ())
-            grid, block = self._channel_grid(c)
-            pname = self._param_name(running_mean)
-            self._kernel(_name_of(x3.dtype), f"combine_{pname}")(grid, block, (ws, np.int32(c), np.int32(splits),
-                                                                          running_mean, buf))
+            self._reduce("moments", x3, (x3,), vec, 3, self._param_name(running_mean), (running_mean,), (buf,))
 
     def finalize_forward(self, buf: Any, running_mean: Any, running_var: Any, momentum: float, eps: float,
                          unbiased: bool, weight: Any, bias: Any, stats: Stats, dtype_name: str) -> None:
@@ -204,11 +203,8 @@ class CupyBackend(Backend):
                 buf.fill(0)
                 return
             vec = self._vec(_name_of(x3.dtype), x3, dy3)
-            ws, splits = self._partials("backward", x3, (dy3, x3), vec, 2, (stats.data,))
-            grid, block = self._channel_grid(c)
-            pname = self._param_name(weight_grad, bias_grad)
-            self._kernel(_name_of(x3.dtype), f"bcombine_{pname}")(
-                grid, block, (ws, np.int32(c), np.int32(splits), stats.data, weight_grad, bias_grad, buf))
+            self._reduce("backward", x3, (dy3, x3), vec, 2, self._param_name(weight_grad, bias_grad),
+                         (stats.data,), (weight_grad, bias_grad, buf))
 
     def backward_input(self, dy3: Any, x3: Any, stats: Stats, buf: Any, count: Any, dx3: Any) -> None:
         with self._cuda_device:
@@ -216,12 +212,10 @@ class CupyBackend(Backend):
             total = a * c * b
             if total == 0:
                 return
-            coef = self.scratch("coef", 3 * c, stats.data.dtype)
-            grid, block = self._channel_grid(c)
-            self._kernel(_name_of(x3.dtype), "coeffs")(grid, block, (buf if count is not None else None, count,
-                                                                np.int32(c), stats.data, coef))
             vec = self._vec(_name_of(x3.dtype), x3, dy3, dx3)
             cl = "true" if b == 1 else "false"
+            fixed = count is None                       # eval statistics: no batch terms
             self._kernel(_name_of(x3.dtype), f"dx_{cl}{vec}")(
                 (self._elementwise_grid(total, vec),), (_THREADS,),
-                (dy3, x3, dx3, np.int64(total), np.int32(c), np.int64(b), stats.data, coef))
+                (dy3, x3, dx3, np.int64(total), np.int32(c), np.int64(b), stats.data,
+                 None if fixed else buf, None if fixed else count))

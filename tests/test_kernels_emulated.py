@@ -47,11 +47,20 @@ def test_emulated_kernels_match_reference(emu, data_format, shape, dtype):
 
 @pytest.mark.parametrize("sms", [1, 132])
 def test_emulated_grid_sizes(monkeypatch, sms):
-    """One block per channel, and an H100-sized grid splitting every channel many ways."""
+    """One block per channel (sms=1), and an H100-sized grid splitting every channel many
+    ways, so the last-block merge runs; its tickets are back to zero after every launch."""
     backend = cuda_emu.EmuBackend(sms=sms)
     monkeypatch.setitem(_backend._backends, "cpu", backend)
     for fmt, shape in (("NCHW", (16, 3, 40, 41)), ("NHWC", (16, 20, 41, 8)), ("NC", (3001, 5))):
         check_layer(fmt, shape, "float32", to_device, to_host, device="cpu", seed=sms)
+    splits = {"cs": [], "cl": []}          # grids: channel-second (splits, C), channel-last (tiles, splits)
+    for expr, grid in backend.grids:
+        if expr.startswith(("moments_c", "backward_c")):
+            layout = expr.split("<")[0][-2:]
+            splits[layout].append(grid[0] if layout == "cs" else grid[1])
+    assert min(max(splits["cs"]), max(splits["cl"])) > (4 if sms == 132 else 1)
+    tickets = [v for k, v in backend._scratch.items() if k[0] == "tickets"]
+    assert tickets and all(not t.any() for t in tickets)
 
 
 def test_every_instantiation_runs(emu):
@@ -78,16 +87,19 @@ def test_misaligned_input_takes_the_scalar_path(emu):
 # ---- negative controls: the emulator reports what would fail on a GPU ---------------------
 
 def test_rejects_wrong_argument_types():
-    k = cuda_emu.library().kernel("moments_combine<float>")
-    part, buf = np.zeros(3 * 4), np.zeros(2 * 4 + 1)
-    rm32, rm64 = np.zeros(4, np.float32), np.zeros(4)
-    k((1,), (32,), (part, np.int32(4), np.int32(1), rm32, buf))          # the right types run
+    k = cuda_emu.library().kernel("eval_finalize<float, float>")
+    rm32, rv32, rm64 = np.zeros(4, np.float32), np.ones(4, np.float32), np.zeros(4)
+    stats = np.zeros(16, np.float32)
+    k((1,), (32,), (rm32, rv32, np.int32(4), np.float64(1e-5), None, None, stats))     # the right types run
+    np.testing.assert_allclose(stats[4:8], 1 / np.sqrt(1 + 1e-5), rtol=1e-6)
     with pytest.raises(cuda_emu.EmulatedKernelError, match="scalar kind"):
-        k((1,), (32,), (part, np.int64(4), np.int32(1), rm32, buf))
+        k((1,), (32,), (rm32, rv32, np.int64(4), np.float64(1e-5), None, None, stats))
+    with pytest.raises(cuda_emu.EmulatedKernelError, match="scalar kind"):
+        k((1,), (32,), (rm32, rv32, np.int32(4), np.float32(1e-5), None, None, stats))
     with pytest.raises(cuda_emu.EmulatedKernelError, match="points to"):
-        k((1,), (32,), (part, np.int32(4), np.int32(1), rm64, buf))
-    with pytest.raises(cuda_emu.EmulatedKernelError, match="takes 5 arguments"):
-        k((1,), (32,), (part, np.int32(4), np.int32(1), rm32))
+        k((1,), (32,), (rm64, rv32, np.int32(4), np.float64(1e-5), None, None, stats))
+    with pytest.raises(cuda_emu.EmulatedKernelError, match="takes 7 arguments"):
+        k((1,), (32,), (rm32, rv32, np.int32(4), np.float64(1e-5), None, None))
 
 
 def test_catches_misaligned_vector_access_and_bad_launches():
@@ -103,9 +115,10 @@ def test_catches_misaligned_vector_access_and_bad_launches():
         k((1, 70000), (256,), args)
     with pytest.raises(cuda_emu.EmulatedKernelError, match="invalid block"):
         k((1,), (2048,), args)
-    moments = backend._kernel("float32", "moments_cs1")
+    moments = backend._kernel("float32", "moments_cs1_float32")
+    part, ticket, buf = backend.zeros((9,), np.float64), backend.zeros((3,), np.uint32), backend.zeros((7,), np.float64)
     with pytest.raises(cuda_emu.EmulatedKernelError, match="partial warp"):
-        moments((1, 3), (48,), (x, np.int64(2), np.int32(3), np.int64(8), backend.zeros((9,), np.float64)))
+        moments((1, 3), (48,), (x, np.int64(2), np.int32(3), np.int64(8), None, part, ticket, buf))
 
 
 def test_catches_writes_outside_an_allocation():
@@ -131,15 +144,26 @@ def test_catches_divergent_barrier():
         lib.kernel("divergent<16>")((1,), (64,), (out,))
 
 
-def test_a_bug_in_the_kernel_maths_fails_the_layer_check(monkeypatch):
-    """syncbn.cu with Chan's merge missing its between-group term: the checks must fail."""
-    good = "r.m2 = a.m2 + b.m2 + d * d * (a.n * b.n / n);"
+MUTATIONS = {
+    "Chan's merge without its between-group term": ("r.m2 = a.m2 + b.m2 + d * d * (a.n * b.n / n);",
+                                                    "r.m2 = a.m2 + b.m2;"),
+    "last-block ticket never reset": ("if (last) *ticket = 0;", ""),
+    "dx without the mean-of-dy term": ("mdy = (S)(buf[c] * inv_n);", "mdy = 0;"),
+}
+
+
+@pytest.mark.parametrize("mutation", list(MUTATIONS))
+def test_a_bug_in_the_kernels_fails_the_layer_check(monkeypatch, mutation):
+    """syncbn.cu with one deliberate bug: the layer checks must fail (two training steps,
+    on a grid that splits channels, so the tickets are reused)."""
+    good, bad = MUTATIONS[mutation]
     source = _kernels.source()
     assert source.count(good) == 1
-    broken = cuda_emu.Library(source.replace(good, "r.m2 = a.m2 + b.m2;"), cuda_emu._expressions())
-    monkeypatch.setitem(_backend._backends, "cpu", cuda_emu.EmuBackend(kernels=broken))
+    broken = cuda_emu.Library(source.replace(good, bad), cuda_emu._expressions())
+    monkeypatch.setitem(_backend._backends, "cpu", cuda_emu.EmuBackend(sms=132, kernels=broken))
     with pytest.raises(AssertionError):
-        check_layer("NCHW", (4, 5, 7, 3), "float32", to_device, to_host, device="cpu")
+        for seed in (0, 1):
+            check_layer("NCHW", (16, 3, 40, 41), "float32", to_device, to_host, device="cpu", seed=seed)
 
 
 def test_training_step_allocates_only_its_outputs(emu):

@@ -36,17 +36,14 @@ def name_expressions(dtype_name: str) -> dict[str, str]:
     t, s, v = CTYPES[dtype_name], stats_ctype(dtype_name), vector_width(dtype_name)
     names: dict[str, str] = {}
     for vec in (1, v):
-        names[f"moments_cs{vec}"] = f"moments_partial_cs<{t}, {vec}>"
-        names[f"moments_cl{vec}"] = f"moments_partial_cl<{t}, {vec}>"
-        names[f"backward_cs{vec}"] = f"backward_partial_cs<{t}, {vec}>"
-        names[f"backward_cl{vec}"] = f"backward_partial_cl<{t}, {vec}>"
+        for pname, p in PARAM_CTYPES.items():
+            for layout in ("cs", "cl"):
+                names[f"moments_{layout}{vec}_{pname}"] = f"moments_{layout}<{t}, {p}, {vec}>"
+                names[f"backward_{layout}{vec}_{pname}"] = f"backward_{layout}<{t}, {p}, {vec}>"
         for cl in ("true", "false"):
             names[f"normalize_{cl}{vec}"] = f"normalize<{t}, {cl}, {vec}>"
             names[f"dx_{cl}{vec}"] = f"backward_elementwise<{t}, {cl}, {vec}>"
     for pname, p in PARAM_CTYPES.items():
-        names[f"combine_{pname}"] = f"moments_combine<{p}>"
         names[f"finalize_{pname}"] = f"forward_finalize<{s}, {p}>"
         names[f"eval_{pname}"] = f"eval_finalize<{s}, {p}>"
-        names[f"bcombine_{pname}"] = f"backward_combine<{s}, {p}>"
-    names["coeffs"] = f"backward_coeffs<{s}>"
     return names

@@ -22,8 +22,14 @@
 // Reductions are split over the whole GPU: channel-second grids are (splits, C) with
 // every block reducing a slice of one channel; channel-last grids are (channel tiles,
 // splits) with threads along channels (coalesced) and rows spread over blockDim.y and
-// the splits. Per-split partials go to a double workspace and a one-thread-per-channel
-// kernel combines them. Vector width VEC loads 16 bytes at a time where the layout
+// the splits. Each block writes its partial to a double workspace; the last block to
+// finish a channel (or channel tile) -- found with a device-wide ticket, the counter
+// reset by that block for the next launch -- merges the splits in a fixed order
+// (deterministic) and writes the payload. One launch per reduction, no host round trip.
+// The backward elementwise pass derives its per-channel coefficients from the reduced
+// payload itself. Launches per training step: forward 3 (moments, finalize, normalize)
+// and backward 2 (sums, dx), plus one all-reduce each.
+// Vector width VEC loads 16 bytes at a time where the layout
 // keeps a vector inside one channel (channel-second: B % VEC == 0) or on consecutive
 // channels (channel-last: C % VEC == 0) and pointers are 16-byte aligned; the host
 // picks VEC = 1 otherwise.
@@ -101,7 +107,7 @@ __device__ __forceinline__ void store(T* p, i64 i, const typename Acc<T>::type (
     *reinterpret_cast<Vec<T, VEC>*>(p + i) = pack;
 }
 
-// ---- statistics helpers ------------------------------------------------------------
+// ---- reduction values: Chan-merged moments and plain sums ---------------------------
 
 // Running (n, mean, M2) of one thread, kept as shifted sums until the end.
 template <typename S> struct Shifted {
@@ -117,9 +123,16 @@ template <typename S> struct Shifted {
     }
 };
 
-struct Moments { double n, mean, m2; };
+struct Moments {
+    static constexpr int width = 3;
+    double n, mean, m2;
+};
+struct Sums {                       // backward: (sum dy, sum dy (x - mean))
+    static constexpr int width = 2;
+    double dy, dyx;
+};
 
-__device__ __forceinline__ Moments chan_merge(Moments a, Moments b) {
+__device__ __forceinline__ Moments merge(Moments a, Moments b) {
     double n = a.n + b.n;
     if (n == 0) return a;
     double d = b.mean - a.mean;
@@ -129,6 +142,7 @@ __device__ __forceinline__ Moments chan_merge(Moments a, Moments b) {
     r.m2 = a.m2 + b.m2 + d * d * (a.n * b.n / n);
     return r;
 }
+__device__ __forceinline__ Sums merge(Sums a, Sums b) { return Sums{a.dy + b.dy, a.dyx + b.dyx}; }
 
 template <typename S> __device__ __forceinline__ Moments to_moments(const Shifted<S>& t) {
     Moments m;
@@ -141,59 +155,149 @@ template <typename S> __device__ __forceinline__ Moments to_moments(const Shifte
     return m;
 }
 
-__device__ __forceinline__ Moments shfl_down(Moments m, int offset) {
-    Moments r;
-    r.n = __shfl_down_sync(0xffffffffu, m.n, offset);
-    r.mean = __shfl_down_sync(0xffffffffu, m.mean, offset);
-    r.m2 = __shfl_down_sync(0xffffffffu, m.m2, offset);
+// Both value types are plain structs of doubles; these view them as arrays.
+template <typename R> __device__ __forceinline__ double* fields(R& r) { return reinterpret_cast<double*>(&r); }
+
+template <typename R> __device__ __forceinline__ R shfl_down(R r, int offset) {
+#pragma unroll
+    for (int f = 0; f < R::width; ++f) fields(r)[f] = __shfl_down_sync(0xffffffffu, fields(r)[f], offset);
     return r;
 }
 
-// Chan-merge over all threads of a 1-D block; the result is valid in thread 0.
-__device__ Moments block_merge(Moments m) {
-    __shared__ double sh[3][32];
-    for (int off = 16; off > 0; off >>= 1) m = chan_merge(m, shfl_down(m, off));
-    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    if (lane == 0) { sh[0][warp] = m.n; sh[1][warp] = m.mean; sh[2][warp] = m.m2; }
+// A block's partial, written by it and read back by the last block of its channel. The
+// read goes through L2 (__ldcg): L1 is not coherent between SMs.
+template <typename R> __device__ __forceinline__ void put(double* p, R r) {
+#pragma unroll
+    for (int f = 0; f < R::width; ++f) p[f] = fields(r)[f];
+}
+template <typename R> __device__ __forceinline__ R get(const double* p) {
+    R r;
+#pragma unroll
+    for (int f = 0; f < R::width; ++f) fields(r)[f] = __ldcg(p + f);
+    return r;
+}
+
+// Merge over all threads of a 1-D block; the result is valid in thread 0. Every thread
+// of the block must call it (it synchronizes).
+template <typename R> __device__ R block_merge(R m) {
+    __shared__ double sh[R::width * 32];
+    for (int off = 16; off > 0; off >>= 1) m = merge(m, shfl_down(m, off));
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    if (lane == 0) {
+        for (int f = 0; f < R::width; ++f) sh[f * 32 + warp] = fields(m)[f];
+    }
     __syncthreads();
-    int warps = (blockDim.x + 31) >> 5;
+    const int warps = (blockDim.x + 31) >> 5;
     if (warp == 0) {
-        Moments z = {0, 0, 0};
-        Moments w = lane < warps ? Moments{sh[0][lane], sh[1][lane], sh[2][lane]} : z;
-        for (int off = 16; off > 0; off >>= 1) w = chan_merge(w, shfl_down(w, off));
+        R w{};
+        if (lane < warps) {
+            for (int f = 0; f < R::width; ++f) fields(w)[f] = sh[f * 32 + lane];
+        }
+        for (int off = 16; off > 0; off >>= 1) w = merge(w, shfl_down(w, off));
         m = w;
     }
+    __syncthreads();                                   // sh is free for the next call
     return m;
 }
 
-// Sum of two doubles over a 1-D block; valid in thread 0.
-__device__ void block_sum2(double& a, double& b) {
-    __shared__ double sh[2][32];
-    for (int off = 16; off > 0; off >>= 1) {
-        a += __shfl_down_sync(0xffffffffu, a, off);
-        b += __shfl_down_sync(0xffffffffu, b, off);
-    }
-    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    if (lane == 0) { sh[0][warp] = a; sh[1][warp] = b; }
+// Merge over threadIdx.y of a (32, ROWS) block through shared memory sh[width][ROWS][32];
+// valid in the threads with threadIdx.y == 0. Every thread must call it.
+template <typename R> __device__ R column_merge(R m, double* sh) {
+    const int tx = threadIdx.x, ty = threadIdx.y, bx = blockDim.x, by = blockDim.y;
+    for (int f = 0; f < R::width; ++f) sh[(f * by + ty) * bx + tx] = fields(m)[f];
     __syncthreads();
-    int warps = (blockDim.x + 31) >> 5;
-    if (warp == 0) {
-        a = lane < warps ? sh[0][lane] : 0.0;
-        b = lane < warps ? sh[1][lane] : 0.0;
-        for (int off = 16; off > 0; off >>= 1) {
-            a += __shfl_down_sync(0xffffffffu, a, off);
-            b += __shfl_down_sync(0xffffffffu, b, off);
+    for (int stride = by / 2; stride > 0; stride >>= 1) {
+        if (ty < stride) {
+            R a, b;
+            for (int f = 0; f < R::width; ++f) {
+                fields(a)[f] = sh[(f * by + ty) * bx + tx];
+                fields(b)[f] = sh[(f * by + ty + stride) * bx + tx];
+            }
+            R r = merge(a, b);
+            for (int f = 0; f < R::width; ++f) sh[(f * by + ty) * bx + tx] = fields(r)[f];
         }
+        __syncthreads();
     }
+    R r{};
+    for (int f = 0; f < R::width; ++f) fields(r)[f] = sh[f * by * bx + tx];
+    __syncthreads();                                   // sh is free for the next call
+    return r;
 }
 
-// ---- forward: per-rank moments ------------------------------------------------------
+// Called by every thread of a block once its partials are written: true (in every thread)
+// in the last of `count` blocks to arrive on `*ticket`, which that block resets to zero
+// for the next launch (all others have arrived by then).
+__device__ bool arrive_last(unsigned* ticket, unsigned count) {
+    __shared__ bool last;
+    __threadfence();                                   // our partials are visible device-wide
+    __syncthreads();                                   // ... for every thread of the block
+    if (threadIdx.x == 0 && threadIdx.y == 0) {
+        last = atomicAdd(ticket, 1u) == count - 1;
+        if (last) *ticket = 0;
+    }
+    __syncthreads();
+    return last;
+}
+
+// The second half of a split reduction. Channel-second: `r` is this block's value (valid in
+// thread 0); returns true where the channel's total is to be written, `r` then being the
+// whole channel's value (in thread 0): directly when the channel has one block, else in the
+// last block to arrive, which merges every split's partial in index order (deterministic).
+template <typename R> __device__ bool channel_total(R& r, double* part, unsigned* ticket) {
+    const int c = blockIdx.y, splits = gridDim.x;
+    if (splits == 1) return true;
+    const i64 row = (i64)c * splits;
+    if (threadIdx.x == 0) put(part + (row + blockIdx.x) * R::width, r);
+    if (!arrive_last(ticket + c, splits)) return false;
+    R acc{};
+    for (int s = threadIdx.x; s < splits; s += blockDim.x) acc = merge(acc, get<R>(part + (row + s) * R::width));
+    r = block_merge(acc);
+    return true;
+}
+
+// Channel-last: r[k] is this block's value for channel c0 + k (valid where threadIdx.y == 0);
+// the same protocol per channel tile (blockIdx.x), sh being the column_merge scratch.
+template <typename R, int VEC>
+__device__ bool tile_total(R (&r)[VEC], int c0, int C, double* part, unsigned* ticket, double* sh) {
+    const int splits = gridDim.y, ty = threadIdx.y;
+    if (splits == 1) return true;
+    for (int k = 0; k < VEC; ++k) {
+        if (ty == 0 && c0 + k < C) put(part + ((i64)(c0 + k) * splits + blockIdx.y) * R::width, r[k]);
+    }
+    if (!arrive_last(ticket + blockIdx.x, splits)) return false;
+    for (int k = 0; k < VEC; ++k) {
+        R acc{};
+        if (c0 + k < C) {
+            for (int s = ty; s < splits; s += blockDim.y)
+                acc = merge(acc, get<R>(part + ((i64)(c0 + k) * splits + s) * R::width));
+        }
+        r[k] = column_merge(acc, sh);
+    }
+    return true;
+}
+
+// ---- forward: this rank's payload ------------------------------------------------------
+
+// buf[c] = n m, buf[C+c] = M2 + n (m - K)^2, buf[2C] = n (see the top of this file).
+template <typename P>
+__device__ void write_moments(int c, int C, Moments m, const P* running_mean, double* buf) {
+    double shift = 0;
+    if (running_mean != nullptr) {
+        shift = (double)running_mean[c];
+        if (!isfinite(shift)) shift = 0;
+    }
+    const double d = m.mean - shift;
+    buf[c] = m.n * m.mean;
+    buf[C + c] = m.m2 + m.n * d * d;
+    if (c == 0) buf[2 * C] = m.n;
+}
 
 // Channel-second: grid (splits, C), 1-D blocks. Block (s, c) reduces elements
-// j = s*blockDim*VEC + ... of channel c, j in [0, A*B), at address (j / B * C + c) * B + j % B.
-// part[(c * splits + s) * 3 + {0, 1, 2}] = (n, mean, M2) of the slice.
-template <typename T, int VEC>
-__global__ void moments_partial_cs(const T* __restrict__ x, i64 A, int C, i64 B, double* __restrict__ part) {
+// j = s*blockDim*VEC + ... of channel c, j in [0, A*B), at address (j / B * C + c) * B + j % B,
+// into part[(c * splits + s) * 3 + {0, 1, 2}] = (n, mean, M2); ticket[c] finds the last.
+template <typename T, typename P, int VEC>
+__global__ void moments_cs(const T* __restrict__ x, i64 A, int C, i64 B, const P* __restrict__ running_mean,
+                           double* __restrict__ part, unsigned* __restrict__ ticket, double* __restrict__ buf) {
     typedef typename Acc<T>::type S;
     const int c = blockIdx.y, splits = gridDim.x;
     const i64 per_channel = A * B;
@@ -208,25 +312,24 @@ __global__ void moments_partial_cs(const T* __restrict__ x, i64 A, int C, i64 B,
         for (int k = 0; k < VEC; ++k) t.add(v[k]);
     }
     Moments m = block_merge(to_moments(t));
-    if (threadIdx.x == 0) {
-        double* p = part + ((i64)c * splits + blockIdx.x) * 3;
-        p[0] = m.n; p[1] = m.mean; p[2] = m.m2;
-    }
+    if (channel_total(m, part, ticket) && threadIdx.x == 0) write_moments(c, C, m, running_mean, buf);
 }
 
 // Channel-last: grid (ceil(C / (blockDim.x * VEC)), splits), blocks (32, ROWS). Thread
 // (tx, ty) owns channels c0 .. c0+VEC-1, c0 = (blockIdx.x * 32 + tx) * VEC, and rows
-// a = blockIdx.y * ROWS + ty + k * splits * ROWS.
-template <typename T, int VEC>
-__global__ void moments_partial_cl(const T* __restrict__ x, i64 A, int C, double* __restrict__ part) {
+// a = blockIdx.y * ROWS + ty + k * splits * ROWS; ticket[blockIdx.x] finds the last block
+// of the channel tile, whose threads then merge the splits of their own channels.
+template <typename T, typename P, int VEC>
+__global__ void moments_cl(const T* __restrict__ x, i64 A, int C, const P* __restrict__ running_mean,
+                           double* __restrict__ part, unsigned* __restrict__ ticket, double* __restrict__ buf) {
     typedef typename Acc<T>::type S;
-    const int rows_per_block = blockDim.y, splits = gridDim.y;
+    const int rows_per_block = blockDim.y, splits = gridDim.y, ty = threadIdx.y;
     const int c0 = (blockIdx.x * blockDim.x + threadIdx.x) * VEC;
     Shifted<S> t[VEC];
 #pragma unroll
     for (int k = 0; k < VEC; ++k) t[k].init();
     if (c0 < C) {
-        for (i64 a = (i64)blockIdx.y * rows_per_block + threadIdx.y; a < A; a += (i64)splits * rows_per_block) {
+        for (i64 a = (i64)blockIdx.y * rows_per_block + ty; a < A; a += (i64)splits * rows_per_block) {
             S v[VEC];
             if (VEC > 1) {
                 load<T, VEC>(x, a * C + c0, v);
@@ -237,55 +340,12 @@ __global__ void moments_partial_cl(const T* __restrict__ x, i64 A, int C, double
             for (int k = 0; k < VEC; ++k) t[k].add(v[k]);
         }
     }
-    // Merge over threadIdx.y through shared memory, one channel at a time.
     extern __shared__ double sh[];                     // [3][blockDim.y][blockDim.x]
-    const int tx = threadIdx.x, ty = threadIdx.y, bx = blockDim.x, by = blockDim.y;
-    for (int k = 0; k < VEC; ++k) {
-        Moments m = to_moments(t[k]);
-        sh[(0 * by + ty) * bx + tx] = m.n;
-        sh[(1 * by + ty) * bx + tx] = m.mean;
-        sh[(2 * by + ty) * bx + tx] = m.m2;
-        __syncthreads();
-        for (int stride = by / 2; stride > 0; stride >>= 1) {
-            if (ty < stride) {
-                Moments a = {sh[(0 * by + ty) * bx + tx], sh[(1 * by + ty) * bx + tx], sh[(2 * by + ty) * bx + tx]};
-                const int o = ty + stride;
-                Moments b = {sh[(0 * by + o) * bx + tx], sh[(1 * by + o) * bx + tx], sh[(2 * by + o) * bx + tx]};
-                Moments r = chan_merge(a, b);
-                sh[(0 * by + ty) * bx + tx] = r.n;
-                sh[(1 * by + ty) * bx + tx] = r.mean;
-                sh[(2 * by + ty) * bx + tx] = r.m2;
-            }
-            __syncthreads();
-        }
-        if (ty == 0 && c0 + k < C) {
-            double* p = part + ((i64)(c0 + k) * splits + blockIdx.y) * 3;
-            p[0] = sh[tx]; p[1] = sh[by * bx + tx]; p[2] = sh[2 * by * bx + tx];
-        }
-        __syncthreads();
+    Moments m[VEC];
+    for (int k = 0; k < VEC; ++k) m[k] = column_merge(to_moments(t[k]), sh);
+    if (tile_total(m, c0, C, part, ticket, sh) && ty == 0) {
+        for (int k = 0; k < VEC && c0 + k < C; ++k) write_moments(c0 + k, C, m[k], running_mean, buf);
     }
-}
-
-// One thread per channel: merge the splits and write this rank's payload.
-template <typename P>
-__global__ void moments_combine(const double* __restrict__ part, int C, int splits,
-                                const P* __restrict__ running_mean, double* __restrict__ buf) {
-    const int c = blockIdx.x * blockDim.x + threadIdx.x;
-    if (c >= C) return;
-    Moments m = {0, 0, 0};
-    for (int s = 0; s < splits; ++s) {
-        const double* p = part + ((i64)c * splits + s) * 3;
-        m = chan_merge(m, Moments{p[0], p[1], p[2]});
-    }
-    double shift = 0;
-    if (running_mean != nullptr) {
-        shift = (double)running_mean[c];
-        if (!isfinite(shift)) shift = 0;
-    }
-    const double d = m.mean - shift;
-    buf[c] = m.n * m.mean;
-    buf[C + c] = m.m2 + m.n * d * d;
-    if (c == 0) buf[2 * C] = m.n;
 }
 
 // ---- forward: after the all-reduce --------------------------------------------------
@@ -364,12 +424,23 @@ __global__ void normalize(const T* __restrict__ x, T* __restrict__ y, i64 total,
     }
 }
 
-// ---- backward: per-rank sums ----------------------------------------------------------
+// ---- backward: this rank's sums -----------------------------------------------------------
 
-// part[(c * splits + s) * 2 + {0, 1}] = (sum dy, sum dy (x - mean)) over the slice.
-template <typename T, int VEC>
-__global__ void backward_partial_cs(const T* __restrict__ dy, const T* __restrict__ x, i64 A, int C, i64 B,
-                                    const typename Acc<T>::type* __restrict__ stats, double* __restrict__ part) {
+// buf[c] = sum dy, buf[C+c] = sum dy (x - mean); this rank's parameter gradients accumulate
+// (before the all-reduce overwrites the payload).
+template <typename S, typename P>
+__device__ void write_sums(int c, int C, Sums r, const S* stats, P* weight_grad, P* bias_grad, double* buf) {
+    buf[c] = r.dy;
+    buf[C + c] = r.dyx;
+    if (weight_grad != nullptr) weight_grad[c] = (P)((double)weight_grad[c] + r.dyx * (double)stats[C + c]);
+    if (bias_grad != nullptr) bias_grad[c] = (P)((double)bias_grad[c] + r.dy);
+}
+
+// Same grids, partials (width 2) and tickets as moments_cs / moments_cl.
+template <typename T, typename P, int VEC>
+__global__ void backward_cs(const T* __restrict__ dy, const T* __restrict__ x, i64 A, int C, i64 B,
+                            const typename Acc<T>::type* __restrict__ stats, double* __restrict__ part,
+                            unsigned* __restrict__ ticket, P* weight_grad, P* bias_grad, double* __restrict__ buf) {
     typedef typename Acc<T>::type S;
     const int c = blockIdx.y, splits = gridDim.x;
     const i64 per_channel = A * B;
@@ -384,25 +455,22 @@ __global__ void backward_partial_cs(const T* __restrict__ dy, const T* __restric
 #pragma unroll
         for (int k = 0; k < VEC; ++k) { sdy += g[k]; sdyx += g[k] * (v[k] - m); }
     }
-    double a = sdy, b = sdyx;
-    block_sum2(a, b);
-    if (threadIdx.x == 0) {
-        double* p = part + ((i64)c * splits + blockIdx.x) * 2;
-        p[0] = a; p[1] = b;
-    }
+    Sums r = block_merge(Sums{(double)sdy, (double)sdyx});
+    if (channel_total(r, part, ticket) && threadIdx.x == 0) write_sums(c, C, r, stats, weight_grad, bias_grad, buf);
 }
 
-template <typename T, int VEC>
-__global__ void backward_partial_cl(const T* __restrict__ dy, const T* __restrict__ x, i64 A, int C,
-                                    const typename Acc<T>::type* __restrict__ stats, double* __restrict__ part) {
+template <typename T, typename P, int VEC>
+__global__ void backward_cl(const T* __restrict__ dy, const T* __restrict__ x, i64 A, int C,
+                            const typename Acc<T>::type* __restrict__ stats, double* __restrict__ part,
+                            unsigned* __restrict__ ticket, P* weight_grad, P* bias_grad, double* __restrict__ buf) {
     typedef typename Acc<T>::type S;
-    const int rows_per_block = blockDim.y, splits = gridDim.y;
+    const int rows_per_block = blockDim.y, splits = gridDim.y, ty = threadIdx.y;
     const int c0 = (blockIdx.x * blockDim.x + threadIdx.x) * VEC;
     S sdy[VEC], sdyx[VEC], m[VEC];
 #pragma unroll
     for (int k = 0; k < VEC; ++k) { sdy[k] = 0; sdyx[k] = 0; m[k] = c0 + k < C ? stats[c0 + k] : (S)0; }
     if (c0 < C) {
-        for (i64 a = (i64)blockIdx.y * rows_per_block + threadIdx.y; a < A; a += (i64)splits * rows_per_block) {
+        for (i64 a = (i64)blockIdx.y * rows_per_block + ty; a < A; a += (i64)splits * rows_per_block) {
             S g[VEC], v[VEC];
             if (VEC > 1) {
                 load<T, VEC>(dy, a * C + c0, g);
@@ -416,74 +484,39 @@ __global__ void backward_partial_cl(const T* __restrict__ dy, const T* __restric
         }
     }
     extern __shared__ double sh[];                     // [2][blockDim.y][blockDim.x]
-    const int tx = threadIdx.x, ty = threadIdx.y, bx = blockDim.x, by = blockDim.y;
-    for (int k = 0; k < VEC; ++k) {
-        sh[ty * bx + tx] = sdy[k];
-        sh[(by + ty) * bx + tx] = sdyx[k];
-        __syncthreads();
-        for (int stride = by / 2; stride > 0; stride >>= 1) {
-            if (ty < stride) {
-                sh[ty * bx + tx] += sh[(ty + stride) * bx + tx];
-                sh[(by + ty) * bx + tx] += sh[(by + ty + stride) * bx + tx];
-            }
-            __syncthreads();
-        }
-        if (ty == 0 && c0 + k < C) {
-            double* p = part + ((i64)(c0 + k) * splits + blockIdx.y) * 2;
-            p[0] = sh[tx]; p[1] = sh[by * bx + tx];
-        }
-        __syncthreads();
+    Sums r[VEC];
+    for (int k = 0; k < VEC; ++k) r[k] = column_merge(Sums{(double)sdy[k], (double)sdyx[k]}, sh);
+    if (tile_total(r, c0, C, part, ticket, sh) && ty == 0) {
+        for (int k = 0; k < VEC && c0 + k < C; ++k) write_sums(c0 + k, C, r[k], stats, weight_grad, bias_grad, buf);
     }
-}
-
-// One thread per channel: sum the splits into the payload and accumulate this rank's
-// parameter gradients (before the all-reduce overwrites the payload).
-template <typename S, typename P>
-__global__ void backward_combine(const double* __restrict__ part, int C, int splits,
-                                 const S* __restrict__ stats, P* weight_grad, P* bias_grad,
-                                 double* __restrict__ buf) {
-    const int c = blockIdx.x * blockDim.x + threadIdx.x;
-    if (c >= C) return;
-    double sdy = 0, sdyx = 0;
-    for (int s = 0; s < splits; ++s) {
-        sdy += part[((i64)c * splits + s) * 2];
-        sdyx += part[((i64)c * splits + s) * 2 + 1];
-    }
-    buf[c] = sdy;
-    buf[C + c] = sdyx;
-    if (weight_grad != nullptr) weight_grad[c] = (P)((double)weight_grad[c] + sdyx * (double)stats[C + c]);
-    if (bias_grad != nullptr) bias_grad[c] = (P)((double)bias_grad[c] + sdy);
 }
 
 // ---- backward: after the all-reduce -------------------------------------------------
 
-// coef = [mean_dy | k = invstd^2 * mean(dy (x - mean)) | scale = w * invstd], each of length C.
-// buf == nullptr means fixed (eval) statistics: mean_dy = k = 0.
-template <typename S>
-__global__ void backward_coeffs(const double* __restrict__ buf, const double* __restrict__ count, int C,
-                                const S* __restrict__ stats, S* __restrict__ coef) {
-    const int c = blockIdx.x * blockDim.x + threadIdx.x;
-    if (c >= C) return;
-    double mdy = 0, k = 0;
-    if (buf != nullptr && count[0] > 0) {
-        const double n = count[0], invstd = (double)stats[C + c];
-        mdy = buf[c] / n;
-        k = buf[C + c] / n * invstd * invstd;
+// dx = (dy - mean_dy[c] - (x - mean[c]) * k[c]) * scale[c], with mean_dy = buf[c] / N and
+// k = invstd^2 * buf[C+c] / N from the reduced payload (N = count[0]); buf == nullptr means
+// fixed (eval) statistics: mean_dy = k = 0.
+template <typename T, typename S>
+__device__ __forceinline__ void dx_coefficients(int c, int C, const S* stats, const double* buf, double inv_n,
+                                                S& mean, S& mdy, S& k, S& scale) {
+    mean = stats[c];
+    scale = stats[2 * C + c];
+    if (buf != nullptr) {
+        const double invstd = (double)stats[C + c];
+        mdy = (S)(buf[c] * inv_n);
+        k = (S)(buf[C + c] * inv_n * invstd * invstd);
+    } else {
+        mdy = 0;
+        k = 0;
     }
-    coef[c] = (S)mdy;
-    coef[C + c] = (S)k;
-    coef[2 * C + c] = stats[2 * C + c];
 }
 
-// dx = (dy - mean_dy[c] - (x - mean[c]) * k[c]) * scale[c]
 template <typename T, bool CL, int VEC>
 __global__ void backward_elementwise(const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx,
                                      i64 total, int C, i64 B, const typename Acc<T>::type* __restrict__ stats,
-                                     const typename Acc<T>::type* __restrict__ coef) {
+                                     const double* __restrict__ buf, const double* __restrict__ count) {
     typedef typename Acc<T>::type S;
-    const S* mdy = coef;
-    const S* kk = coef + C;
-    const S* scale = coef + 2 * C;
+    const double inv_n = (buf != nullptr && count[0] > 0) ? 1.0 / count[0] : 0.0;
     for (i64 i = ((i64)blockIdx.x * blockDim.x + threadIdx.x) * VEC; i < total;
          i += (i64)gridDim.x * blockDim.x * VEC) {
         S g[VEC], v[VEC];
@@ -492,11 +525,14 @@ __global__ void backward_elementwise(const T* __restrict__ dy, const T* __restri
         if (CL) {
             const int c0 = (int)(i % C);
 #pragma unroll
-            for (int k = 0; k < VEC; ++k)
-                g[k] = (g[k] - mdy[c0 + k] - (v[k] - stats[c0 + k]) * kk[c0 + k]) * scale[c0 + k];
+            for (int k = 0; k < VEC; ++k) {
+                S m, a, b, sc;
+                dx_coefficients<T>(c0 + k, C, stats, buf, inv_n, m, a, b, sc);
+                g[k] = (g[k] - a - (v[k] - m) * b) * sc;
+            }
         } else {
-            const int c = (int)((i / B) % C);
-            const S m = stats[c], a = mdy[c], b = kk[c], sc = scale[c];
+            S m, a, b, sc;
+            dx_coefficients<T>((int)((i / B) % C), C, stats, buf, inv_n, m, a, b, sc);
 #pragma unroll
             for (int k = 0; k < VEC; ++k) g[k] = (g[k] - a - (v[k] - m) * b) * sc;
         }

@@ -106,7 +106,7 @@ def library() -> Library:
     return _library
 
 
-_DTYPE_KIND = {"float64": "d", "float32": "f", "float16": "h", "bfloat16": "b", "int32": "i", "int64": "q"}
+_DTYPE_KIND = {"float64": "d", "float32": "f", "float16": "h", "bfloat16": "b", "int32": "i", "int64": "q", "uint32": "I"}
 _SCALAR_KIND = {np.int32: ("i", ctypes.c_int32), np.int64: ("q", ctypes.c_int64), np.float64: ("d", ctypes.c_double)}
 
 
@@ -153,7 +153,7 @@ class Kernel:
         if error:
             raise EmulatedKernelError(f"{self.expr}: {error.decode()}")
         if self._after is not None:
-            self._after(self.expr)
+            self._after(self.expr, tuple(grid))
 
 
 class EmuBackend(CupyBackend):
@@ -178,6 +178,7 @@ class EmuBackend(CupyBackend):
         self._kernels: dict[tuple[str, str], Any] = {}
         self._guarded: dict[int, tuple[Any, int]] = {}
         self.launches: list[str] = []
+        self.grids: list[tuple[str, tuple]] = []
 
     def stream_key(self) -> int:
         return 0
@@ -215,8 +216,9 @@ class EmuBackend(CupyBackend):
         out[...] = x
         return out
 
-    def _check_guards(self, expr: str) -> None:
+    def _check_guards(self, expr: str, grid: tuple) -> None:
         self.launches.append(expr)
+        self.grids.append((expr, grid))
         for key, (ref, nbytes) in list(self._guarded.items()):
             base = ref()
             if base is None:

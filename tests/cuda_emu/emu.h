@@ -16,8 +16,9 @@
 //   - parameter kinds (pointer element types, integer and float widths) are reported to
 //     Python, which checks each launch's arguments against them as CuPy cannot.
 //
-// What it cannot show: timing, races between blocks (none of our kernels communicate
-// between blocks), or the PTX fp16 conversion (replaced by _Float16 here).
+// What it cannot show: timing, races between blocks (the last-block reductions are
+// exercised for their logic, in one order of arrival: blocks run in index order here), or
+// the PTX fp16 conversion (replaced by _Float16 here).
 #include <cmath>
 #include <csetjmp>
 #include <cstddef>
@@ -178,6 +179,7 @@ template <typename T> char kind_of() {
     if (std::is_same<T, float>::value) return 'f';
     if (std::is_same<T, long long>::value) return 'q';
     if (std::is_same<T, int>::value) return 'i';
+    if (std::is_same<T, unsigned int>::value) return 'I';
     if (std::is_same<T, unsigned short>::value) return 'H';
     return '?';
 }
@@ -270,6 +272,16 @@ template <typename T> T __shfl_down_sync(unsigned mask, T v, int delta) {
             emu::abort_thread();                                                                   \
         }                                                                                          \
     } while (0)
+
+// Blocks run one after another, so device-wide ordering is trivially satisfied: the
+// last-block pattern (fence, ticket, L2 read) is emulated by plain operations.
+inline void __threadfence() {}
+inline unsigned atomicAdd(unsigned* address, unsigned value) {
+    unsigned old = *address;
+    *address = old + value;
+    return old;
+}
+template <typename T> inline T __ldcg(const T* p) { return *p; }
 
 inline float __uint_as_float(unsigned int u) { float f; std::memcpy(&f, &u, 4); return f; }
 inline unsigned int __float_as_uint(float f) { unsigned int u; std::memcpy(&u, &f, 4); return u; }
