@@ -107,6 +107,49 @@ __device__ __forceinline__ void store(T* p, i64 i, const typename Acc<T>::type (
     *reinterpret_cast<Vec<T, VEC>*>(p + i) = pack;
 }
 
+// ---- grid-stride walks without a 64-bit division per step ----------------------------------
+
+// Element j = a * B + b of channel c's slab in x[A][C][B], at address (a * C + c) * B + b,
+// advanced by a fixed stride: one division up front, then adds and one compare per step.
+struct SlabWalk {
+    i64 a, b, at, da, db, step, wrap, B;
+    __device__ SlabWalk(i64 j, i64 stride, int C, i64 B_, int c) : B(B_) {
+        a = j / B;
+        b = j - a * B;
+        at = (a * C + c) * B + b;
+        da = stride / B;
+        db = stride - da * B;
+        step = da * C * B + db;
+        wrap = (C - 1) * B;                            // b passes B: one more row of the slab
+    }
+    __device__ __forceinline__ void next() {
+        a += da;
+        b += db;
+        at += step;
+        if (b >= B) { b -= B; a += 1; at += wrap; }
+    }
+};
+
+// Channel c = (i / B) % C of flat element i of x[A][C][B] (B = 1: channel-last), advanced by
+// a fixed stride the same way.
+struct ChannelWalk {
+    i64 r, dr, B;
+    int c, dc, C;
+    __device__ ChannelWalk(i64 i, i64 stride, int C_, i64 B_) : B(B_), C(C_) {
+        const i64 q = i / B, dq = stride / B;
+        r = i - q * B;
+        c = (int)(q % C);
+        dr = stride - dq * B;
+        dc = (int)(dq % C);
+    }
+    __device__ __forceinline__ void next() {
+        r += dr;
+        c += dc;
+        if (r >= B) { r -= B; c += 1; }
+        if (c >= C) c -= C;                            // c + dc + 1 < 2C
+    }
+};
+
 // ---- reduction values: Chan-merged moments and plain sums ---------------------------
 
 // Running (n, mean, M2) of one thread, kept as shifted sums until the end.
@@ -293,21 +336,19 @@ __device__ void write_moments(int c, int C, Moments m, const P* running_mean, do
 }
 
 // Channel-second: grid (splits, C), 1-D blocks. Block (s, c) reduces elements
-// j = s*blockDim*VEC + ... of channel c, j in [0, A*B), at address (j / B * C + c) * B + j % B,
+// j = s*blockDim*VEC + k*splits*blockDim*VEC of channel c, j in [0, A*B) (see SlabWalk),
 // into part[(c * splits + s) * 3 + {0, 1, 2}] = (n, mean, M2); ticket[c] finds the last.
 template <typename T, typename P, int VEC>
 __global__ void moments_cs(const T* __restrict__ x, i64 A, int C, i64 B, const P* __restrict__ running_mean,
                            double* __restrict__ part, unsigned* __restrict__ ticket, double* __restrict__ buf) {
     typedef typename Acc<T>::type S;
     const int c = blockIdx.y, splits = gridDim.x;
-    const i64 per_channel = A * B;
     Shifted<S> t;
     t.init();
-    for (i64 j = ((i64)blockIdx.x * blockDim.x + threadIdx.x) * VEC; j < per_channel;
-         j += (i64)splits * blockDim.x * VEC) {
-        const i64 a = j / B, b = j - a * B;
+    for (SlabWalk w(((i64)blockIdx.x * blockDim.x + threadIdx.x) * VEC, (i64)splits * blockDim.x * VEC, C, B, c);
+         w.a < A; w.next()) {
         S v[VEC];
-        load<T, VEC>(x, (a * C + c) * B + b, v);
+        load<T, VEC>(x, w.at, v);
 #pragma unroll
         for (int k = 0; k < VEC; ++k) t.add(v[k]);
     }
@@ -406,16 +447,17 @@ __global__ void normalize(const T* __restrict__ x, T* __restrict__ y, i64 total,
     const S* mean = stats;
     const S* scale = stats + 2 * C;
     const S* shift = stats + 3 * C;
-    for (i64 i = ((i64)blockIdx.x * blockDim.x + threadIdx.x) * VEC; i < total;
-         i += (i64)gridDim.x * blockDim.x * VEC) {
+    const i64 stride = (i64)gridDim.x * blockDim.x * VEC;
+    i64 i = ((i64)blockIdx.x * blockDim.x + threadIdx.x) * VEC;
+    for (ChannelWalk w(i, stride, C, B); i < total; i += stride, w.next()) {
         S v[VEC];
         load<T, VEC>(x, i, v);
         if (CL) {
-            const int c0 = (int)(i % C);
+            const int c0 = w.c;
 #pragma unroll
             for (int k = 0; k < VEC; ++k) v[k] = (v[k] - mean[c0 + k]) * scale[c0 + k] + shift[c0 + k];
         } else {
-            const int c = (int)((i / B) % C);
+            const int c = w.c;
             const S m = mean[c], sc = scale[c], sh = shift[c];
 #pragma unroll
             for (int k = 0; k < VEC; ++k) v[k] = (v[k] - m) * sc + sh;
@@ -443,15 +485,13 @@ __global__ void backward_cs(const T* __restrict__ dy, const T* __restrict__ x, i
                             unsigned* __restrict__ ticket, P* weight_grad, P* bias_grad, double* __restrict__ buf) {
     typedef typename Acc<T>::type S;
     const int c = blockIdx.y, splits = gridDim.x;
-    const i64 per_channel = A * B;
     const S m = stats[c];
     S sdy = 0, sdyx = 0;
-    for (i64 j = ((i64)blockIdx.x * blockDim.x + threadIdx.x) * VEC; j < per_channel;
-         j += (i64)splits * blockDim.x * VEC) {
-        const i64 a = j / B, b = j - a * B, i = (a * C + c) * B + b;
+    for (SlabWalk w(((i64)blockIdx.x * blockDim.x + threadIdx.x) * VEC, (i64)splits * blockDim.x * VEC, C, B, c);
+         w.a < A; w.next()) {
         S g[VEC], v[VEC];
-        load<T, VEC>(dy, i, g);
-        load<T, VEC>(x, i, v);
+        load<T, VEC>(dy, w.at, g);
+        load<T, VEC>(x, w.at, v);
 #pragma unroll
         for (int k = 0; k < VEC; ++k) { sdy += g[k]; sdyx += g[k] * (v[k] - m); }
     }
@@ -517,13 +557,14 @@ __global__ void backward_elementwise(const T* __restrict__ dy, const T* __restri
                                      const double* __restrict__ buf, const double* __restrict__ count) {
     typedef typename Acc<T>::type S;
     const double inv_n = (buf != nullptr && count[0] > 0) ? 1.0 / count[0] : 0.0;
-    for (i64 i = ((i64)blockIdx.x * blockDim.x + threadIdx.x) * VEC; i < total;
-         i += (i64)gridDim.x * blockDim.x * VEC) {
+    const i64 stride = (i64)gridDim.x * blockDim.x * VEC;
+    i64 i = ((i64)blockIdx.x * blockDim.x + threadIdx.x) * VEC;
+    for (ChannelWalk w(i, stride, C, B); i < total; i += stride, w.next()) {
         S g[VEC], v[VEC];
         load<T, VEC>(dy, i, g);
         load<T, VEC>(x, i, v);
         if (CL) {
-            const int c0 = (int)(i % C);
+            const int c0 = w.c;
 #pragma unroll
             for (int k = 0; k < VEC; ++k) {
                 S m, a, b, sc;
@@ -532,7 +573,7 @@ __global__ void backward_elementwise(const T* __restrict__ dy, const T* __restri
             }
         } else {
             S m, a, b, sc;
-            dx_coefficients<T>((int)((i / B) % C), C, stats, buf, inv_n, m, a, b, sc);
+            dx_coefficients<T>(w.c, C, stats, buf, inv_n, m, a, b, sc);
 #pragma unroll
             for (int k = 0; k < VEC; ++k) g[k] = (g[k] - a - (v[k] - m) * b) * sc;
         }
