@@ -94,7 +94,7 @@ class CupyBackend(Backend):
         return kernel
 
     def stream_key(self) -> int:
-        return self.xp.cuda.get_current_stream().ptr
+        return self.xp.cuda.get_current_stream(self._index).ptr
 
     @staticmethod
     def _address(a: Any) -> int:

@@ -61,7 +61,9 @@ class NCCLComm:
     def allreduce(self, buf: Any) -> None:
         if buf.dtype.itemsize != 8 or buf.dtype.kind != "f":
             raise TypeError(f"NCCLComm.allreduce takes float64 buffers, got {buf.dtype}")
-        stream = self._cupy.cuda.get_current_stream().ptr
+        # The current stream of this communicator's device (where the layer's kernels run),
+        # whichever device is current in the calling thread.
+        stream = self._cupy.cuda.get_current_stream(self.device).ptr
         self._comm.allReduce(buf.data.ptr, buf.data.ptr, buf.size, self._nccl.NCCL_FLOAT64,
                              self._nccl.NCCL_SUM, stream)
 
