@@ -13,6 +13,7 @@ Example (``mpiexec -n 2 python train.py``)::
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -54,6 +55,28 @@ def _device_name(t: torch.Tensor) -> str:
     raise ValueError(f"cusyncbn.torch supports CPU and CUDA tensors, got a tensor on {t.device}")
 
 
+_cupy_streams: dict[tuple[int, int], Any] = {}
+
+
+def _on_torch_stream(t: torch.Tensor) -> Any:
+    """Context in which CuPy's current stream is torch's current stream on ``t``'s device.
+
+    The kernels then queue behind torch's own work with no cross-stream event, and a
+    ``torch.cuda.graph`` capture records them. A no-op for CPU tensors.
+    """
+    if t.device.type != "cuda":
+        return contextlib.nullcontext()
+    import cupy
+    index = t.device.index if t.device.index is not None else torch.cuda.current_device()
+    ptr = torch.cuda.current_stream(index).cuda_stream
+    stream = _cupy_streams.get((index, ptr))
+    if stream is None:
+        if len(_cupy_streams) > 64:
+            _cupy_streams.clear()
+        stream = _cupy_streams[(index, ptr)] = cupy.cuda.ExternalStream(ptr, index)
+    return stream
+
+
 def _view(t: torch.Tensor | None, device: str) -> Any:
     """A NumPy/CuPy array sharing ``t``'s memory."""
     if t is None:
@@ -69,22 +92,25 @@ class _Function(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: Any, bias: Any, module: "SyncBatchNorm",
                 momentum: float, channel_last: bool) -> torch.Tensor:
-        engine = module._engine_for(x)
-        y, saved = engine._forward(x.detach(), momentum=momentum, channel_last=channel_last)
+        with _on_torch_stream(x):
+            engine = module._engine_for(x)
+            y, saved = engine._forward(x.detach(), momentum=momentum, channel_last=channel_last)
+            y = torch.from_dlpack(y)
         ctx.module, ctx.engine, ctx.saved = module, engine, saved
-        return torch.from_dlpack(y)
+        return y
 
     @staticmethod
     def backward(ctx: Any, dy: torch.Tensor) -> tuple:
         module, engine, saved = ctx.module, ctx.engine, ctx.saved
         need_w = ctx.needs_input_grad[1]
         need_b = ctx.needs_input_grad[2]
-        module._bind(engine, grads=(need_w, need_b))
-        # dy has the shape of the forward's (possibly channel-last permuted) input; the
-        # permutes around this function are differentiated by autograd itself.
-        dx = torch.from_dlpack(engine._backward(saved, dy.detach().contiguous()))
-        dw = torch.from_dlpack(engine.weight.grad) if need_w else None
-        db = torch.from_dlpack(engine.bias.grad) if need_b else None
+        with _on_torch_stream(dy):
+            module._bind(engine, grads=(need_w, need_b))
+            # dy has the shape of the forward's (possibly channel-last permuted) input; the
+            # permutes around this function are differentiated by autograd itself.
+            dx = torch.from_dlpack(engine._backward(saved, dy.detach().contiguous()))
+            dw = torch.from_dlpack(engine.weight.grad) if need_w else None
+            db = torch.from_dlpack(engine.bias.grad) if need_b else None
         return dx, dw, db, None, None, None
 
 

@@ -130,3 +130,35 @@ def test_dlpack_torch_cuda_zero_copy_and_stream_order():
     np.testing.assert_allclose(cupy.asnumpy(c), expected, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="host array"):
         bn(x.cpu().numpy())
+
+
+def test_torch_module_on_a_side_stream_and_in_a_cuda_graph():
+    """cusyncbn.torch queues its kernels on torch's current stream: training on a side
+    stream matches torch, and a training forward can be captured in a torch CUDA graph."""
+    torch = pytest.importorskip("torch")
+    import copy
+    import cusyncbn.torch as cbt
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8)).cuda()
+    ours = cbt.convert_sync_batchnorm(copy.deepcopy(base))
+    x = torch.randn(8, 3, 16, 16, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):                                       # also warms up kernels and pools
+            for m in (base, ours):
+                m.zero_grad()
+                m(x).square().sum().backward()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.testing.assert_close(ours[1].running_var, base[1].running_var, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ours[1].weight.grad, base[1].weight.grad, rtol=1e-4, atol=1e-4)
+    static_x = x.clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = ours(static_x)
+    static_x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.cuda.synchronize()
+    with torch.no_grad():
+        expected = base[1](base[0](static_x))                     # training mode: batch statistics
+    torch.testing.assert_close(static_y, expected, rtol=1e-4, atol=1e-4)
