@@ -104,10 +104,17 @@ class CupyBackend(Backend):
         return all(a is None or self._address(a) % 16 == 0 for a in arrays)
 
     def _vec(self, dtype_name: str, x3: Any, *others: Any) -> int:
+        """Vector width of a reduction: vectors stay inside a channel (channel-second) or
+        on consecutive channels of one row (channel-last)."""
         a, c, b = x3.shape
         v = _kernels.vector_width(dtype_name)
         inner = c if b == 1 else b
         return v if inner % v == 0 and self._aligned(x3, *others) else 1
+
+    def _vec_elementwise(self, dtype_name: str, x3: Any, *others: Any) -> int:
+        """Vector width of an elementwise pass: its vectors may straddle channels."""
+        v = _kernels.vector_width(dtype_name)
+        return v if x3.size % v == 0 and self._aligned(x3, *others) else 1
 
     def _splits_cs(self, channels: int, per_channel: int, vec: int) -> int:
         want = _cdiv(4 * self._sms, channels)
@@ -189,7 +196,7 @@ class CupyBackend(Backend):
             total = a * c * b
             if total == 0:
                 return
-            vec = self._vec(_name_of(x3.dtype), x3, y3)
+            vec = self._vec_elementwise(_name_of(x3.dtype), x3, y3)
             cl = "true" if b == 1 else "false"
             self._kernel(_name_of(x3.dtype), f"normalize_{cl}{vec}")(
                 (self._elementwise_grid(total, vec),), (_THREADS,),
@@ -212,7 +219,7 @@ class CupyBackend(Backend):
             total = a * c * b
             if total == 0:
                 return
-            vec = self._vec(_name_of(x3.dtype), x3, dy3, dx3)
+            vec = self._vec_elementwise(_name_of(x3.dtype), x3, dy3, dx3)
             cl = "true" if b == 1 else "false"
             fixed = count is None                       # eval statistics: no batch terms
             self._kernel(_name_of(x3.dtype), f"dx_{cl}{vec}")(

@@ -14,7 +14,9 @@ TOL = {"float16": 3e-2, "bfloat16": 1e-1, "float32": 1e-4, "float64": 1e-9}
 # Odd channel counts, sizes that are not multiples of the vector width, 2-D to 5-D.
 SHAPES = [("NCHW", (4, 5, 7, 3)), ("NCHW", (8, 64, 16, 16)), ("NHWC", (3, 5, 6, 7)), ("NHWC", (4, 7, 7, 256)),
           ("NC", (37, 9)), ("NCL", (5, 3, 33)), ("NLC", (5, 33, 8)), ("NCDHW", (2, 3, 3, 4, 5)),
-          ("NDHWC", (2, 3, 4, 5, 16)), ("NCHW", (64, 2048, 2, 2)), ("NHWC", (1, 1, 1, 3))]
+          ("NDHWC", (2, 3, 4, 5, 16)), ("NCHW", (64, 2048, 2, 2)), ("NHWC", (1, 1, 1, 3)),
+          # vectors of the elementwise passes straddling channels: rows of 6 channels, runs of 3
+          ("NHWC", (4, 3, 5, 6)), ("NCHW", (8, 4, 1, 3))]
 
 
 def check_layer(data_format, shape, dtype, to_device, to_host, device, param_dtype=None, seed=0):

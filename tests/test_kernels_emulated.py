@@ -84,6 +84,17 @@ def test_misaligned_input_takes_the_scalar_path(emu):
     assert "normalize<float, false, 1>" in emu.launches and "normalize<float, false, 4>" not in emu.launches
 
 
+def test_elementwise_vectors_straddle_channels(emu):
+    """Runs of 3 elements per channel under 8-wide half vectors, rows of 6 channels under
+    4-wide float vectors: the elementwise passes stay vectorized (and correct)."""
+    check_layer("NCHW", (8, 4, 1, 3), "float16", to_device, to_host, device="cpu")
+    check_layer("NHWC", (4, 3, 5, 6), "float32", to_device, to_host, device="cpu")
+    for expr in ("normalize<half_t, false, 8>", "backward_elementwise<half_t, false, 8>",
+                 "normalize<float, true, 4>", "backward_elementwise<float, true, 4>"):
+        assert expr in emu.launches
+    assert "moments_cs<half_t, float, 1>" in emu.launches          # reductions keep vectors in a channel
+
+
 # ---- negative controls: the emulator reports what would fail on a GPU ---------------------
 
 def test_rejects_wrong_argument_types():

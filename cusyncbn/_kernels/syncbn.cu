@@ -29,10 +29,11 @@
 // The backward elementwise pass derives its per-channel coefficients from the reduced
 // payload itself. Launches per training step: forward 3 (moments, finalize, normalize)
 // and backward 2 (sums, dx), plus one all-reduce each.
-// Vector width VEC loads 16 bytes at a time where the layout
-// keeps a vector inside one channel (channel-second: B % VEC == 0) or on consecutive
-// channels (channel-last: C % VEC == 0) and pointers are 16-byte aligned; the host
-// picks VEC = 1 otherwise.
+// Vector width VEC loads 16 bytes at a time where pointers are 16-byte aligned and, in
+// the reductions, the layout keeps a vector inside one channel (channel-second:
+// B % VEC == 0) or on consecutive channels (channel-last: C % VEC == 0); the elementwise
+// passes step the channel per element, so their vectors may straddle channels and only
+// need total % VEC == 0. The host picks VEC = 1 otherwise.
 //
 // 16-bit types travel as raw 16-bit words (half_t, bf16_t) converted with PTX / bit
 // operations, so no CUDA header is needed and NVRTC compiles this file anywhere.
@@ -149,6 +150,15 @@ struct ChannelWalk {
         if (c >= C) c -= C;                            // c + dc + 1 < 2C
     }
 };
+
+// Steps (channel c, position r in its run of B) to the next flat element; true when the
+// channel changed. Vectors of the elementwise kernels may straddle channels (any B and C).
+__device__ __forceinline__ bool next_element(int& c, i64& r, int C, i64 B, bool channel_last) {
+    if (!channel_last && ++r < B) return false;
+    r = 0;
+    c = c + 1 == C ? 0 : c + 1;
+    return true;
+}
 
 // ---- reduction values: Chan-merged moments and plain sums ---------------------------
 
@@ -452,15 +462,13 @@ __global__ void normalize(const T* __restrict__ x, T* __restrict__ y, i64 total,
     for (ChannelWalk w(i, stride, C, B); i < total; i += stride, w.next()) {
         S v[VEC];
         load<T, VEC>(x, i, v);
-        if (CL) {
-            const int c0 = w.c;
+        int c = w.c;
+        i64 r = w.r;
+        S m = mean[c], sc = scale[c], sh = shift[c];
 #pragma unroll
-            for (int k = 0; k < VEC; ++k) v[k] = (v[k] - mean[c0 + k]) * scale[c0 + k] + shift[c0 + k];
-        } else {
-            const int c = w.c;
-            const S m = mean[c], sc = scale[c], sh = shift[c];
-#pragma unroll
-            for (int k = 0; k < VEC; ++k) v[k] = (v[k] - m) * sc + sh;
+        for (int k = 0; k < VEC; ++k) {
+            v[k] = (v[k] - m) * sc + sh;
+            if (k + 1 < VEC && next_element(c, r, C, B, CL)) { m = mean[c]; sc = scale[c]; sh = shift[c]; }
         }
         store<T, VEC>(y, i, v);
     }
@@ -563,19 +571,14 @@ __global__ void backward_elementwise(const T* __restrict__ dy, const T* __restri
         S g[VEC], v[VEC];
         load<T, VEC>(dy, i, g);
         load<T, VEC>(x, i, v);
-        if (CL) {
-            const int c0 = w.c;
+        int c = w.c;
+        i64 r = w.r;
+        S m, a, b, sc;
+        dx_coefficients<T>(c, C, stats, buf, inv_n, m, a, b, sc);
 #pragma unroll
-            for (int k = 0; k < VEC; ++k) {
-                S m, a, b, sc;
-                dx_coefficients<T>(c0 + k, C, stats, buf, inv_n, m, a, b, sc);
-                g[k] = (g[k] - a - (v[k] - m) * b) * sc;
-            }
-        } else {
-            S m, a, b, sc;
-            dx_coefficients<T>(w.c, C, stats, buf, inv_n, m, a, b, sc);
-#pragma unroll
-            for (int k = 0; k < VEC; ++k) g[k] = (g[k] - a - (v[k] - m) * b) * sc;
+        for (int k = 0; k < VEC; ++k) {
+            g[k] = (g[k] - a - (v[k] - m) * b) * sc;
+            if (k + 1 < VEC && next_element(c, r, C, B, CL)) dx_coefficients<T>(c, C, stats, buf, inv_n, m, a, b, sc);
         }
         store<T, VEC>(dx, i, g);
     }
