@@ -246,17 +246,61 @@ def main(argv=None):
     return 0
 
 
+LARGE_BYTES = 64 << 20          # "large shapes" of the targets: inputs of 64 MiB or more
+OURS, CUDNN, TORCH_SYNC = "cusyncbn", "torch cuDNN (unsynced)", "torch SyncBN path"
+
+
+def summary(rows):
+    """Per (shape, dtype, layout): cusyncbn's fractions of the byte floor and its speed-up
+    over PyTorch's synchronized path and cuDNN (forward + backward), with the targets."""
+    by = {}
+    for shape, dtype, layout, name, fm, ff, bm, bf, err, ok in rows:
+        by.setdefault((shape, dtype, layout), {})[name] = (fm, ff, bm, bf, ok)
+    lines = ["| shape | dtype | layout | fwd % floor | bwd % floor | x vs torch SyncBN | x vs cuDNN | targets |",
+             "|---|---|---|---|---|---|---|---|"]
+    for (shape, dtype, layout), impls in by.items():
+        if OURS not in impls:
+            continue
+        fm, ff, bm, bf, ok = impls[OURS]
+        numel = 1
+        for n in shape:
+            numel *= n
+        large = numel * (4 if dtype == "float32" else 2) >= LARGE_BYTES
+
+        def speedup(other):
+            return (other[0] + other[2]) / (fm + bm) if other else float("nan")
+        vs_sync, vs_cudnn = speedup(impls.get(TORCH_SYNC)), speedup(impls.get(CUDNN))
+        misses = [] if ok else ["WRONG"]
+        if large and min(ff, bf) < 0.85:
+            misses.append("< 85% floor")
+        if not vs_sync >= 3.0:
+            misses.append("< 3x sync")
+        if large and not vs_cudnn >= 1.0:
+            misses.append("slower than cuDNN")
+        lines.append(f"| {shape} | {dtype} | {layout} | {ff:.0%} | {bf:.0%} | {vs_sync:.1f} | {vs_cudnn:.2f} | "
+                     f"{', '.join(misses) or 'met'} |")
+    return lines
+
+
 def _write(out, card, bw, rows, overhead):
     os.makedirs(out, exist_ok=True)
-    lines = [f"Card: {card}; date: {time.strftime('%Y-%m-%d')}; copy bandwidth {bw / 1e12:.2f} TB/s; "
-             f"host overhead per cusyncbn call {overhead:.1f} us", "",
+    head = (f"Card: {card}; date: {time.strftime('%Y-%m-%d')}; copy bandwidth {bw / 1e12:.2f} TB/s; "
+            f"host overhead per cusyncbn call {overhead:.1f} us (target < 25 us)")
+    lines = [head, "",
              "| shape | dtype | layout | implementation | fwd ms | fwd % floor | bwd ms | bwd % floor | max err |",
              "|---|---|---|---|---|---|---|---|---|"]
     for shape, dtype, layout, name, fm, ff, bm, bf, err, ok in rows:
         lines.append(f"| {shape} | {dtype} | {layout} | {name} | {fm:.3f} | {ff:.0%} | {bm:.3f} | {bf:.0%} | "
                      f"{err:.1e}{'' if ok else ' WRONG'} |")
+    short = summary(rows)
+    lines += ["", "Summary (large = inputs of 64 MiB or more):", ""] + short
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
+    print("\n" + head + "\n" + "\n".join(short))
+    _chart(out, rows)
+
+
+def _chart(out, rows):
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -264,15 +308,16 @@ def _write(out, card, bw, rows, overhead):
     except ImportError:
         print("matplotlib not installed: no chart written", file=sys.stderr)
         return
-    names = sorted({r[3] for r in rows})
-    keys = [f"{r[0]}\n{r[1]} {r[2]}" for r in rows if r[3] == names[0]]
+    keys = list(dict.fromkeys((r[0], r[1], r[2]) for r in rows))
+    names = list(dict.fromkeys(r[3] for r in rows))
+    value = {((r[0], r[1], r[2]), r[3]): (r[5] + r[7]) / 2 for r in rows}
     fig, ax = plt.subplots(figsize=(max(8, len(keys) * 0.6), 5))
-    for k, name in enumerate(names):
-        vals = [r[5] + r[7] for r in rows if r[3] == name][:len(keys)]
-        ax.bar([i + k * 0.8 / len(names) for i in range(len(vals))], [v / 2 for v in vals],
-               width=0.8 / len(names), label=name)
+    width = 0.8 / len(names)
+    for k, name in enumerate(names):                  # a missing run leaves its bar out
+        xs = [i + k * width for i, key in enumerate(keys) if (key, name) in value]
+        ax.bar(xs, [value[(key, name)] for key in keys if (key, name) in value], width=width, label=name)
     ax.set_xticks(range(len(keys)))
-    ax.set_xticklabels(keys, rotation=90, fontsize=6)
+    ax.set_xticklabels([f"{s}\n{d} {l}" for s, d, l in keys], rotation=90, fontsize=6)
     ax.set_ylabel("mean of fwd and bwd fraction of byte floor")
     ax.legend()
     fig.tight_layout()
