@@ -406,6 +406,53 @@ def torch_converted_model_matches_torch_on_whole_batch():
     return errors
 
 
+@case
+def nccl_bootstrap_and_fallback():
+    """NCCLComm's control logic with a fake CuPy (tests/fake_cupy.py): the unique id of rank 0
+    reaches every rank; ranks sharing a GPU make NCCLComm raise on every rank and the default
+    path fall back to MPIComm with a one-line warning saying why; so does a CuPy without NCCL."""
+    import warnings
+
+    import fake_cupy
+    from cusyncbn import _nccl
+    errors = []
+    rank, size = WORLD.rank, WORLD.size
+    hostid = os.environ.pop("NCCL_HOSTID", None)
+    try:
+        with fake_cupy.installed(rank):
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                comm = _nccl.nccl_or_fallback(WORLD, "gpu:0")
+            said = [str(w.message) for w in caught]
+            if not isinstance(comm, cusyncbn.MPIComm) or comm.size != size:
+                errors.append(f"one GPU for {size} ranks: got {comm!r}, expected the MPIComm fallback")
+            if len(said) != 1 or "share one GPU" not in said[0] or "\n" in said[0]:
+                errors.append(f"fallback warning: {said}")
+            try:
+                cusyncbn.NCCLComm(WORLD)
+                errors.append("NCCLComm asked for explicitly on a shared GPU did not raise")
+            except RuntimeError as exc:
+                if "share one GPU" not in str(exc):
+                    errors.append(f"NCCLComm error does not say why: {exc}")
+            os.environ["NCCL_HOSTID"] = f"host{rank}"      # as the GPU test launcher does
+            comm = cusyncbn.NCCLComm(WORLD)
+            inner = comm._comm
+            if (inner.size, inner.uid, inner.rank) != (size, ("unique id made by rank", 0), rank):
+                errors.append(f"NCCL bootstrap: communicator built with {(inner.size, inner.uid, inner.rank)}")
+        with fake_cupy.installed(rank, nccl_available=rank != 0):
+            try:
+                cusyncbn.NCCLComm(WORLD)
+                errors.append("NCCLComm without NCCL on rank 0 did not raise")
+            except RuntimeError as exc:
+                if "without NCCL" not in str(exc):
+                    errors.append(f"NCCLComm error does not say why: {exc}")
+    finally:
+        os.environ.pop("NCCL_HOSTID", None)
+        if hostid is not None:
+            os.environ["NCCL_HOSTID"] = hostid
+    return errors
+
+
 def gpu_case(fn):
     """A case that needs CUDA (run by tests/test_gpu.py only)."""
     CASES[fn.__name__] = fn
