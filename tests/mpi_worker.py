@@ -406,6 +406,15 @@ def torch_converted_model_matches_torch_on_whole_batch():
     return errors
 
 
+def nccl_refused(what, why):
+    """Errors unless building an NCCLComm raises a RuntimeError that says ``why``."""
+    try:
+        cusyncbn.NCCLComm(WORLD)
+    except RuntimeError as exc:
+        return [] if why in str(exc) else [f"{what}: the error does not say why: {exc}"]
+    return [f"{what}: did not raise"]
+
+
 @case
 def nccl_bootstrap_and_fallback():
     """NCCLComm's control logic with a fake CuPy (tests/fake_cupy.py): the unique id of rank 0
@@ -428,24 +437,14 @@ def nccl_bootstrap_and_fallback():
                 errors.append(f"one GPU for {size} ranks: got {comm!r}, expected the MPIComm fallback")
             if len(said) != 1 or "share one GPU" not in said[0] or "\n" in said[0]:
                 errors.append(f"fallback warning: {said}")
-            try:
-                cusyncbn.NCCLComm(WORLD)
-                errors.append("NCCLComm asked for explicitly on a shared GPU did not raise")
-            except RuntimeError as exc:
-                if "share one GPU" not in str(exc):
-                    errors.append(f"NCCLComm error does not say why: {exc}")
+            errors += nccl_refused("NCCLComm asked for explicitly on a shared GPU", "share one GPU")
             os.environ["NCCL_HOSTID"] = f"host{rank}"      # as the GPU test launcher does
             comm = cusyncbn.NCCLComm(WORLD)
             inner = comm._comm
             if (inner.size, inner.uid, inner.rank) != (size, ("unique id made by rank", 0), rank):
                 errors.append(f"NCCL bootstrap: communicator built with {(inner.size, inner.uid, inner.rank)}")
         with fake_cupy.installed(rank, nccl_available=rank != 0):
-            try:
-                cusyncbn.NCCLComm(WORLD)
-                errors.append("NCCLComm without NCCL on rank 0 did not raise")
-            except RuntimeError as exc:
-                if "without NCCL" not in str(exc):
-                    errors.append(f"NCCLComm error does not say why: {exc}")
+            errors += nccl_refused("NCCLComm without NCCL on rank 0", "without NCCL")
     finally:
         os.environ.pop("NCCL_HOSTID", None)
         if hostid is not None:
