@@ -25,6 +25,7 @@ def _cdiv(a: int, b: int) -> int:
 
 
 class CupyBackend(Backend):
+    _max_grid_y = 65535           # CUDA's limit; channel-second reductions loop over more channels
     def __init__(self, index: int) -> None:
         import cupy
         super().__init__()
@@ -143,7 +144,7 @@ class CupyBackend(Backend):
             shared = width * _CL_BLOCK[0] * _CL_BLOCK[1] * 8
         else:
             splits = self._splits_cs(c, a * b, vec)
-            grid, block, tickets = (splits, c), (_THREADS,), c
+            grid, block, tickets = (splits, min(c, self._max_grid_y)), (_THREADS,), c
             shape = (np.int64(a), np.int32(c), np.int64(b))
             shared = 0
         part = self.scratch("partials", c * splits * width if splits > 1 else 1, np.float64)

@@ -63,6 +63,17 @@ def test_emulated_grid_sizes(monkeypatch, sms):
     assert tickets and all(not t.any() for t in tickets)
 
 
+@pytest.mark.parametrize("sms", [1, 132])
+def test_more_channels_than_grid_rows(monkeypatch, sms):
+    """Channel-second reductions loop over the channels beyond grid.y (65535 on a GPU, 2 here)."""
+    backend = cuda_emu.EmuBackend(sms=sms)
+    backend._max_grid_y = 2
+    monkeypatch.setitem(_backend._backends, "cpu", backend)
+    check_layer("NCHW", (6, 5, 9, 8), "float32", to_device, to_host, device="cpu")
+    check_layer("NCL", (4, 7, 33), "float16", to_device, to_host, device="cpu")
+    assert {g[1] for e, g in backend.grids if e.startswith(("moments_cs", "backward_cs"))} == {2}
+
+
 def test_every_instantiation_runs(emu):
     """Aligned and misaligned inputs, both layouts, every dtype and parameter dtype:
     together they launch every kernel the CuPy backend can launch."""

@@ -292,12 +292,12 @@ __device__ bool arrive_last(unsigned* ticket, unsigned count) {
     return last;
 }
 
-// The second half of a split reduction. Channel-second: `r` is this block's value (valid in
-// thread 0); returns true where the channel's total is to be written, `r` then being the
+// The second half of a split reduction. Channel-second: `r` is this block's value for
+// channel c (valid in thread 0); returns true where the channel's total is to be written, `r` then being the
 // whole channel's value (in thread 0): directly when the channel has one block, else in the
 // last block to arrive, which merges every split's partial in index order (deterministic).
-template <typename R> __device__ bool channel_total(R& r, double* part, unsigned* ticket) {
-    const int c = blockIdx.y, splits = gridDim.x;
+template <typename R> __device__ bool channel_total(R& r, int c, double* part, unsigned* ticket) {
+    const int splits = gridDim.x;
     if (splits == 1) return true;
     const i64 row = (i64)c * splits;
     if (threadIdx.x == 0) put(part + (row + blockIdx.x) * R::width, r);
@@ -345,25 +345,27 @@ __device__ void write_moments(int c, int C, Moments m, const P* running_mean, do
     if (c == 0) buf[2 * C] = m.n;
 }
 
-// Channel-second: grid (splits, C), 1-D blocks. Block (s, c) reduces elements
+// Channel-second: grid (splits, min(C, 65535)), 1-D blocks. Block (s, c) reduces elements
 // j = s*blockDim*VEC + k*splits*blockDim*VEC of channel c, j in [0, A*B) (see SlabWalk),
 // into part[(c * splits + s) * 3 + {0, 1, 2}] = (n, mean, M2); ticket[c] finds the last.
 template <typename T, typename P, int VEC>
 __global__ void moments_cs(const T* __restrict__ x, i64 A, int C, i64 B, const P* __restrict__ running_mean,
                            double* __restrict__ part, unsigned* __restrict__ ticket, double* __restrict__ buf) {
     typedef typename Acc<T>::type S;
-    const int c = blockIdx.y, splits = gridDim.x;
-    Shifted<S> t;
-    t.init();
-    for (SlabWalk w(((i64)blockIdx.x * blockDim.x + threadIdx.x) * VEC, (i64)splits * blockDim.x * VEC, C, B, c);
-         w.a < A; w.next()) {
-        S v[VEC];
-        load<T, VEC>(x, w.at, v);
+    const int splits = gridDim.x;
+    for (int c = blockIdx.y; c < C; c += gridDim.y) {        // grid.y is at most 65535
+        Shifted<S> t;
+        t.init();
+        for (SlabWalk w(((i64)blockIdx.x * blockDim.x + threadIdx.x) * VEC, (i64)splits * blockDim.x * VEC, C, B, c);
+             w.a < A; w.next()) {
+            S v[VEC];
+            load<T, VEC>(x, w.at, v);
 #pragma unroll
-        for (int k = 0; k < VEC; ++k) t.add(v[k]);
+            for (int k = 0; k < VEC; ++k) t.add(v[k]);
+        }
+        Moments m = block_merge(to_moments(t));
+        if (channel_total(m, c, part, ticket) && threadIdx.x == 0) write_moments(c, C, m, running_mean, buf);
     }
-    Moments m = block_merge(to_moments(t));
-    if (channel_total(m, part, ticket) && threadIdx.x == 0) write_moments(c, C, m, running_mean, buf);
 }
 
 // Channel-last: grid (ceil(C / (blockDim.x * VEC)), splits), blocks (32, ROWS). Thread
@@ -492,19 +494,22 @@ __global__ void backward_cs(const T* __restrict__ dy, const T* __restrict__ x, i
                             const typename Acc<T>::type* __restrict__ stats, double* __restrict__ part,
                             unsigned* __restrict__ ticket, P* weight_grad, P* bias_grad, double* __restrict__ buf) {
     typedef typename Acc<T>::type S;
-    const int c = blockIdx.y, splits = gridDim.x;
-    const S m = stats[c];
-    S sdy = 0, sdyx = 0;
-    for (SlabWalk w(((i64)blockIdx.x * blockDim.x + threadIdx.x) * VEC, (i64)splits * blockDim.x * VEC, C, B, c);
-         w.a < A; w.next()) {
-        S g[VEC], v[VEC];
-        load<T, VEC>(dy, w.at, g);
-        load<T, VEC>(x, w.at, v);
+    const int splits = gridDim.x;
+    for (int c = blockIdx.y; c < C; c += gridDim.y) {        // grid.y is at most 65535
+        const S m = stats[c];
+        S sdy = 0, sdyx = 0;
+        for (SlabWalk w(((i64)blockIdx.x * blockDim.x + threadIdx.x) * VEC, (i64)splits * blockDim.x * VEC, C, B, c);
+             w.a < A; w.next()) {
+            S g[VEC], v[VEC];
+            load<T, VEC>(dy, w.at, g);
+            load<T, VEC>(x, w.at, v);
 #pragma unroll
-        for (int k = 0; k < VEC; ++k) { sdy += g[k]; sdyx += g[k] * (v[k] - m); }
+            for (int k = 0; k < VEC; ++k) { sdy += g[k]; sdyx += g[k] * (v[k] - m); }
+        }
+        Sums r = block_merge(Sums{(double)sdy, (double)sdyx});
+        if (channel_total(r, c, part, ticket) && threadIdx.x == 0)
+            write_sums(c, C, r, stats, weight_grad, bias_grad, buf);
     }
-    Sums r = block_merge(Sums{(double)sdy, (double)sdyx});
-    if (channel_total(r, part, ticket) && threadIdx.x == 0) write_sums(c, C, r, stats, weight_grad, bias_grad, buf);
 }
 
 template <typename T, typename P, int VEC>
