@@ -16,7 +16,8 @@ from ._backend import Backend, Stats, dtype_name as _name_of
 from ._dlpack import device_of
 
 _THREADS = 256            # 1-D blocks: reductions and elementwise passes
-_CL_BLOCK = (32, 8)       # channel-last reductions: 32 channel lanes x 8 rows
+_CL_THREADS = 512         # channel-last reductions: lanes along channels x rows (CL_THREADS in syncbn.cu)
+_CL_TAIL = 32             # at most this many partials per thread and channel in the last block's merge
 _CHANNEL_THREADS = 128    # one thread per channel kernels
 
 
@@ -122,11 +123,17 @@ class CupyBackend(Backend):
         useful = _cdiv(per_channel, _THREADS * vec * 4)
         return int(max(1, min(want, useful, 65535)))
 
-    def _cl_grid(self, rows: int, channels: int, vec: int) -> tuple[int, int]:
-        gx = _cdiv(channels, _CL_BLOCK[0] * vec)
-        want = _cdiv(4 * self._sms, gx)
-        useful = _cdiv(rows, _CL_BLOCK[1] * 4)
-        return gx, int(max(1, min(want, useful, 65535)))
+    def _cl_config(self, rows: int, channels: int, vec: int) -> tuple[tuple[int, int], tuple[int, int]]:
+        """Grid (channel tiles, splits) and block (lanes, rows) of a channel-last reduction."""
+        lanes = 1
+        while lanes < 32 and lanes * vec < channels:      # no idle lanes for small C
+            lanes *= 2
+        rows_per_block = _CL_THREADS // lanes
+        gx = _cdiv(channels, lanes * vec)
+        want = _cdiv(2 * self._sms, gx)                    # two 512-thread blocks per SM
+        useful = _cdiv(rows, rows_per_block * 4)           # at least ~4 rows per thread
+        tail = _cdiv(_CL_TAIL * rows_per_block, vec)       # bounds the last block's merge
+        return (gx, int(max(1, min(want, useful, tail, 65535)))), (lanes, rows_per_block)
 
     def _elementwise_grid(self, total: int, vec: int) -> int:
         return int(max(1, min(_cdiv(total, _THREADS * vec), 16 * self._sms)))
@@ -138,10 +145,10 @@ class CupyBackend(Backend):
         name = _name_of(x3.dtype)
         a, c, b = x3.shape
         if b == 1:
-            gx, splits = self._cl_grid(a, c, vec)
-            grid, block, tickets = (gx, splits), _CL_BLOCK, gx
+            grid, block = self._cl_config(a, c, vec)
+            splits, tickets = grid[1], grid[0]
             shape = (np.int64(a), np.int32(c))
-            shared = width * _CL_BLOCK[0] * _CL_BLOCK[1] * 8
+            shared = width * _CL_THREADS * 8
         else:
             splits = self._splits_cs(c, a * b, vec)
             grid, block, tickets = (splits, min(c, self._max_grid_y)), (_THREADS,), c

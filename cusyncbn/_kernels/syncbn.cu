@@ -40,6 +40,8 @@
 
 typedef long long i64;
 
+#define CL_THREADS 512           // threads per block of the channel-last reductions (the host agrees)
+
 struct half_t { unsigned short bits; };
 struct bf16_t { unsigned short bits; };
 
@@ -253,7 +255,8 @@ template <typename R> __device__ R block_merge(R m) {
     return m;
 }
 
-// Merge over threadIdx.y of a (32, ROWS) block through shared memory sh[width][ROWS][32];
+// Merge over threadIdx.y of a (LANES, ROWS) block (ROWS a power of two) through shared
+// memory sh[width][ROWS][LANES];
 // valid in the threads with threadIdx.y == 0. Every thread must call it.
 template <typename R> __device__ R column_merge(R m, double* sh) {
     const int tx = threadIdx.x, ty = threadIdx.y, bx = blockDim.x, by = blockDim.y;
@@ -368,12 +371,14 @@ __global__ void moments_cs(const T* __restrict__ x, i64 A, int C, i64 B, const P
     }
 }
 
-// Channel-last: grid (ceil(C / (blockDim.x * VEC)), splits), blocks (32, ROWS). Thread
-// (tx, ty) owns channels c0 .. c0+VEC-1, c0 = (blockIdx.x * 32 + tx) * VEC, and rows
-// a = blockIdx.y * ROWS + ty + k * splits * ROWS; ticket[blockIdx.x] finds the last block
-// of the channel tile, whose threads then merge the splits of their own channels.
+// Channel-last: grid (ceil(C / (LANES * VEC)), splits), blocks (LANES, ROWS) of at most
+// CL_THREADS threads, LANES a power of two <= 32 fitted to C (every lane has channels) and
+// ROWS = CL_THREADS / LANES. Thread (tx, ty) owns channels c0 .. c0+VEC-1,
+// c0 = (blockIdx.x * LANES + tx) * VEC, and rows a = blockIdx.y * ROWS + ty + k * splits * ROWS;
+// ticket[blockIdx.x] finds the last block of the channel tile, whose threads then merge the
+// splits of their own channels (the host bounds splits so that this stays short).
 template <typename T, typename P, int VEC>
-__global__ void moments_cl(const T* __restrict__ x, i64 A, int C, const P* __restrict__ running_mean,
+__global__ void __launch_bounds__(CL_THREADS) moments_cl(const T* __restrict__ x, i64 A, int C, const P* __restrict__ running_mean,
                            double* __restrict__ part, unsigned* __restrict__ ticket, double* __restrict__ buf) {
     typedef typename Acc<T>::type S;
     const int rows_per_block = blockDim.y, splits = gridDim.y, ty = threadIdx.y;
@@ -513,7 +518,7 @@ __global__ void backward_cs(const T* __restrict__ dy, const T* __restrict__ x, i
 }
 
 template <typename T, typename P, int VEC>
-__global__ void backward_cl(const T* __restrict__ dy, const T* __restrict__ x, i64 A, int C,
+__global__ void __launch_bounds__(CL_THREADS) backward_cl(const T* __restrict__ dy, const T* __restrict__ x, i64 A, int C,
                             const typename Acc<T>::type* __restrict__ stats, double* __restrict__ part,
                             unsigned* __restrict__ ticket, P* weight_grad, P* bias_grad, double* __restrict__ buf) {
     typedef typename Acc<T>::type S;
