@@ -74,6 +74,24 @@ def test_more_channels_than_grid_rows(monkeypatch, sms):
     assert {g[1] for e, g in backend.grids if e.startswith(("moments_cs", "backward_cs"))} == {2}
 
 
+def test_results_do_not_depend_on_block_order(monkeypatch):
+    """The last block to finish merges the splits in index order: bitwise the same results
+    whichever block arrives last (blocks run in index order, then in two shuffled orders)."""
+    results = []
+    for order in (0, 1, 2024):
+        monkeypatch.setitem(_backend._backends, "cpu", cuda_emu.EmuBackend(sms=132, block_order=order))
+        run = []
+        for fmt, shape in (("NCHW", (16, 3, 40, 41)), ("NHWC", (16, 20, 41, 8))):
+            x = to_device(np.random.default_rng(0).normal(size=shape), "float32")
+            dy = to_device(np.random.default_rng(1).normal(size=shape), "float32")
+            bn = cusyncbn.SyncBatchNorm(shape[-1] if fmt == "NHWC" else shape[1], data_format=fmt)
+            run += [bn(x).copy(), bn.backward(dy).copy(), bn.weight.grad.copy(), bn._variance.copy()]
+        results.append(run)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            np.testing.assert_array_equal(a, b)
+
+
 def test_every_instantiation_runs(emu):
     """Aligned and misaligned inputs, both layouts, every dtype and parameter dtype:
     together they launch every kernel the CuPy backend can launch."""

@@ -91,6 +91,10 @@ class Library:
         self._lib = ctypes.CDLL(so)
         self._index = {expr: i for i, expr in enumerate(exprs)}
 
+    def set_block_order(self, seed: int) -> None:
+        """0: blocks run in index order; another seed: in a shuffled order, new at each launch."""
+        self._lib.emu_set_block_order(ctypes.c_uint(seed))
+
     def kernel(self, expr: str, after_launch: Any = None) -> "Kernel":
         return Kernel(self._lib, self._index[expr], expr, after_launch)
 
@@ -160,15 +164,17 @@ class EmuBackend(CupyBackend):
     """``CupyBackend`` on NumPy arrays with emulated kernels.
 
     ``sms`` (the multiprocessor count) sets the grid sizes; ``kernels`` replaces
-    syncbn.cu by another build of it (a mutated one, in the negative controls).
+    syncbn.cu by another build of it (a mutated one, in the negative controls);
+    ``block_order`` seeds the shuffled order in which blocks run (0: index order).
     """
 
     import_array = NumpyBackend.import_array
     is_native = NumpyBackend.is_native
 
-    def __init__(self, sms: int = 4, kernels: Library | None = None) -> None:
+    def __init__(self, sms: int = 4, kernels: Library | None = None, block_order: int = 1) -> None:
         Backend.__init__(self)
         self._library = kernels or library()
+        self._library.set_block_order(block_order)
         self.xp = np
         self.device = "cpu"
         self._index = 0

@@ -16,15 +16,19 @@
 //   - parameter kinds (pointer element types, integer and float widths) are reported to
 //     Python, which checks each launch's arguments against them as CuPy cannot.
 //
-// What it cannot show: timing, races between blocks (the last-block reductions are
-// exercised for their logic, in one order of arrival: blocks run in index order here), or
-// the PTX fp16 conversion (replaced by _Float16 here).
+// Blocks run one at a time, in index order or (emu_set_block_order) in a shuffled order
+// per launch, as a GPU gives no order. What it cannot show: timing, races between
+// concurrently running blocks (the last-block reductions are exercised for their logic
+// under many orders of arrival, not for their memory ordering), or the PTX fp16
+// conversion (replaced by _Float16 here).
 #include <cmath>
+#include <algorithm>
 #include <csetjmp>
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <random>
 #include <string>
 #include <type_traits>
 #include <utility>
@@ -72,6 +76,7 @@ inline std::string error;
 inline void (*body)(void*) = nullptr;
 inline void* body_arg = nullptr;
 inline unsigned char shuffle_slots[kMaxThreads / 32][32][8];
+inline unsigned block_order_seed = 0;          // 0: blocks in index order; else shuffled per launch
 
 inline void fail(const std::string& what) {
     if (error.empty()) error = what;
@@ -232,12 +237,18 @@ const char* launch(void (*kernel)(P...), const unsigned* g, const unsigned* b, s
     Bound<P...> bound{kernel, args};
     body = &Bound<P...>::run;
     body_arg = &bound;
+    std::vector<dim3> order;
     for (unsigned z = 0; z < g[2]; ++z)
         for (unsigned y = 0; y < g[1]; ++y)
-            for (unsigned x = 0; x < g[0]; ++x) {
-                block_idx = dim3{x, y, z};
-                if (!run_block()) return error.c_str();
-            }
+            for (unsigned x = 0; x < g[0]; ++x) order.push_back(dim3{x, y, z});
+    if (block_order_seed != 0) {                     // a GPU runs blocks in no set order
+        std::mt19937 rng(block_order_seed++);
+        std::shuffle(order.begin(), order.end(), rng);
+    }
+    for (const dim3& b_idx : order) {
+        block_idx = b_idx;
+        if (!run_block()) return error.c_str();
+    }
     return error.empty() ? nullptr : error.c_str();
 }
 
@@ -293,5 +304,7 @@ inline unsigned short emu_float_to_half(float f) {
     std::memcpy(&bits, &h, 2);
     return bits;
 }
+extern "C" void emu_set_block_order(unsigned seed) { emu::block_order_seed = seed; }
+
 using std::isfinite;
 using std::sqrt;
