@@ -35,6 +35,18 @@
 // passes step the channel per element, so their vectors may straddle channels and only
 // need total % VEC == 0. The host picks VEC = 1 otherwise.
 //
+// Kernel arguments (one vocabulary throughout):
+//   x, dy, y, dx     input / output arrays of T, contiguous, viewed as [A][C][B]
+//   A, C, B          rows, channels, elements per (row, channel); total = A * C * B
+//   running_mean/var the layer's running statistics (P = parameter type); nullptr: not tracked
+//   weight, bias     affine parameters (P); nullptr: 1 and 0
+//   weight_grad/bias_grad  gradients accumulated in place (P); nullptr: not wanted
+//   stats            [mean | invstd | invstd * w | b], 4C values of S (float, or double for double input)
+//   buf              the all-reduce payload (double): forward 2C + 1, backward 2C
+//   count            &forward buf[2C], the global count N (backward)
+//   part, ticket     per-split partials (double workspace) and per-channel(-tile) arrival
+//                    counters (unsigned, zero between launches) of the split reductions
+//
 // 16-bit types travel as raw 16-bit words (half_t, bf16_t) converted with PTX / bit
 // operations, so no CUDA header is needed and NVRTC compiles this file anywhere.
 
