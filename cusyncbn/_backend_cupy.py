@@ -102,21 +102,24 @@ class CupyBackend(Backend):
     def _address(a: Any) -> int:
         return a.data.ptr
 
-    def _aligned(self, *arrays: Any) -> bool:
-        return all(a is None or self._address(a) % 16 == 0 for a in arrays)
+    def _widest(self, dtype_name: str, extent: int, arrays: tuple) -> int:
+        """The widest vector (in elements) dividing ``extent`` with every array aligned to it."""
+        itemsize = _kernels.ITEMSIZE[dtype_name]
+        addresses = [self._address(a) for a in arrays if a is not None]
+        for v in _kernels.vector_widths(dtype_name):
+            if extent % v == 0 and all(p % (v * itemsize) == 0 for p in addresses):
+                return v
+        return 1
 
     def _vec(self, dtype_name: str, x3: Any, *others: Any) -> int:
         """Vector width of a reduction: vectors stay inside a channel (channel-second) or
         on consecutive channels of one row (channel-last)."""
         a, c, b = x3.shape
-        v = _kernels.vector_width(dtype_name)
-        inner = c if b == 1 else b
-        return v if inner % v == 0 and self._aligned(x3, *others) else 1
+        return self._widest(dtype_name, c if b == 1 else b, (x3,) + others)
 
     def _vec_elementwise(self, dtype_name: str, x3: Any, *others: Any) -> int:
         """Vector width of an elementwise pass: its vectors may straddle channels."""
-        v = _kernels.vector_width(dtype_name)
-        return v if x3.size % v == 0 and self._aligned(x3, *others) else 1
+        return self._widest(dtype_name, x3.size, (x3,) + others)
 
     def _splits_cs(self, channels: int, per_channel: int, vec: int) -> int:
         want = _cdiv(4 * self._sms, channels)

@@ -93,11 +93,13 @@ def test_results_do_not_depend_on_block_order(monkeypatch):
 
 
 def test_every_instantiation_runs(emu):
-    """Aligned and misaligned inputs, both layouts, every dtype and parameter dtype:
-    together they launch every kernel the CuPy backend can launch."""
+    """Both layouts with runs of 8, 4 and 2 elements (odd counts around them, so that the
+    widest vector dividing the extent is that run), aligned and misaligned, every dtype and
+    parameter dtype: together they launch every kernel the CuPy backend can launch."""
+    shapes = [(fmt, shape) for k in (8, 4, 2) for fmt, shape in (("NCHW", (3, 5, 1, k)), ("NHWC", (3, 1, 1, k)))]
     for dtype in TOL:
         for pdtype in ("float32", "float64"):
-            for fmt, shape in (("NCHW", (3, 5, 4, 8)), ("NHWC", (3, 4, 5, 16))):
+            for fmt, shape in shapes:
                 for misalign in (False, True):
                     def dev(a, dt, misalign=misalign):
                         return to_device(a, dt, misalign and dt == dtype)

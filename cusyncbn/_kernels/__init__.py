@@ -27,15 +27,25 @@ def vector_width(dtype_name: str) -> int:
     return 16 // ITEMSIZE[dtype_name]
 
 
+def vector_widths(dtype_name: str) -> tuple[int, ...]:
+    """Every width the kernels are instantiated for, widest first: 16-byte loads, and
+    narrower powers of two for extents that the widest does not divide."""
+    widths, v = [], vector_width(dtype_name)
+    while v >= 1:
+        widths.append(v)
+        v //= 2
+    return tuple(widths)
+
+
 def stats_ctype(dtype_name: str) -> str:
     return "double" if dtype_name == "float64" else "float"
 
 
 def name_expressions(dtype_name: str) -> dict[str, str]:
     """Every kernel used for inputs of ``dtype_name``, keyed by a short Python-side name."""
-    t, s, v = CTYPES[dtype_name], stats_ctype(dtype_name), vector_width(dtype_name)
+    t, s = CTYPES[dtype_name], stats_ctype(dtype_name)
     names: dict[str, str] = {}
-    for vec in (1, v):
+    for vec in vector_widths(dtype_name):
         for pname, p in PARAM_CTYPES.items():
             for layout in ("cs", "cl"):
                 names[f"moments_{layout}{vec}_{pname}"] = f"moments_{layout}<{t}, {p}, {vec}>"

@@ -29,11 +29,11 @@
 // The backward elementwise pass derives its per-channel coefficients from the reduced
 // payload itself. Launches per training step: forward 3 (moments, finalize, normalize)
 // and backward 2 (sums, dx), plus one all-reduce each.
-// Vector width VEC loads 16 bytes at a time where pointers are 16-byte aligned and, in
-// the reductions, the layout keeps a vector inside one channel (channel-second:
-// B % VEC == 0) or on consecutive channels (channel-last: C % VEC == 0); the elementwise
-// passes step the channel per element, so their vectors may straddle channels and only
-// need total % VEC == 0. The host picks VEC = 1 otherwise.
+// Vector width VEC (a power of two, up to 16 bytes) is the widest the pointers' alignment
+// allows such that, in the reductions, a vector stays inside one channel (channel-second:
+// B % VEC == 0) or on consecutive channels of a row (channel-last: C % VEC == 0); the
+// elementwise passes step the channel per element, so their vectors may straddle
+// channels and only need total % VEC == 0.
 //
 // Kernel arguments (one vocabulary throughout):
 //   x, dy, y, dx     input / output arrays of T, contiguous, viewed as [A][C][B]
