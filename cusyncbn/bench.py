@@ -195,7 +195,16 @@ def main(argv=None):
     parser.add_argument("--out", default="bench_out")
     parser.add_argument("--reps", type=int, default=None)
     args = parser.parse_args(argv)
-    import torch
+    try:
+        import cupy  # noqa: F401
+        import torch
+        usable = torch.cuda.is_available()
+    except ImportError as exc:
+        print(f"cusyncbn.bench needs torch and CuPy: {exc}", file=sys.stderr)
+        return 2
+    if not usable:
+        print("cusyncbn.bench needs a CUDA GPU (torch.cuda.is_available() is False)", file=sys.stderr)
+        return 2
     import torch.distributed as dist
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29533")

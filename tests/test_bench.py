@@ -31,3 +31,12 @@ def test_summary_states_speedups_and_targets(tmp_path, capsys):
     text = (tmp_path / "results.md").read_text()
     assert "Test card" in text and text.count("| cusyncbn |") == 3 and "Summary" in text
     assert "host overhead per cusyncbn call 12.5 us" in capsys.readouterr().out
+
+
+def test_without_a_gpu_it_says_so(capsys):
+    import pytest
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the benchmark would run")
+    assert bench.main([]) == 2
+    assert "needs" in capsys.readouterr().err
