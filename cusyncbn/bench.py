@@ -15,6 +15,7 @@ cusyncbn runs with a 1-rank NCCL communicator, so the collective is really calle
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import statistics
 import sys
@@ -196,7 +197,7 @@ def main(argv=None):
     parser.add_argument("--reps", type=int, default=None)
     args = parser.parse_args(argv)
     try:
-        import cupy  # noqa: F401
+        importlib.import_module("cupy")
         import torch
         usable = torch.cuda.is_available()
     except ImportError as exc:
