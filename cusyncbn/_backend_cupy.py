@@ -7,6 +7,7 @@ by ``cupy.RawModule`` and fetched by name.
 """
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
@@ -14,6 +15,7 @@ import numpy as np
 from . import _kernels
 from ._backend import Backend, Stats, dtype_name as _name_of
 from ._dlpack import device_of
+from ._launch import cupy_launcher
 
 _THREADS = 256            # 1-D blocks: reductions and elementwise passes
 _CL_THREADS = 512         # channel-last reductions: lanes along channels x rows (CL_THREADS in syncbn.cu)
@@ -27,6 +29,7 @@ def _cdiv(a: int, b: int) -> int:
 
 class CupyBackend(Backend):
     _max_grid_y = 65535           # CUDA's limit; channel-second reductions loop over more channels
+
     def __init__(self, index: int) -> None:
         import cupy
         super().__init__()
@@ -38,6 +41,12 @@ class CupyBackend(Backend):
             self._sms = self._cuda_device.attributes["MultiProcessorCount"]
         self._modules: dict[str, Any] = {}
         self._kernels: dict[tuple[str, str], Any] = {}
+        self._packed = os.environ.get("CUSYNCBN_PACKED_LAUNCH", "0") == "1"
+
+    def use_packed_launch(self, packed: bool) -> None:
+        """Launch through ``_launch.PackedLaunch`` (True) or ``cupy.RawKernel`` (False)."""
+        self._packed = bool(packed)
+        self._kernels.clear()
 
     # -- arrays ---------------------------------------------------------------------------
     def is_native(self, x: Any) -> bool:
@@ -92,6 +101,9 @@ class CupyBackend(Backend):
                                                name_expressions=list(names.values()))
                 self._modules[dtype_name] = module
             kernel = module.get_function(names[key])
+            if self._packed:
+                with self._cuda_device:
+                    kernel = cupy_launcher(kernel, self._index)
             self._kernels[(dtype_name, key)] = kernel
         return kernel
 

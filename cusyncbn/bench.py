@@ -169,25 +169,34 @@ def _nccl_comm():
     return _COMM["comm"]
 
 
-def host_overhead_us():
-    """Host time of one training forward+backward layer call on a tiny input (no syncs between calls)."""
+def host_overhead_us(packed=False):
+    """Host time of one layer call, averaged over training forward+backward pairs on a tiny
+    input (no syncs between calls); ``packed``: through ``cusyncbn._launch.PackedLaunch``."""
     import cupy
     import cusyncbn
     bn = cusyncbn.SyncBatchNorm(64, comm=_nccl_comm(), device=f"gpu:{cupy.cuda.Device().id}")
-    x = cupy.random.standard_normal((2, 64, 8, 8), dtype=cupy.float32)
-    dy = cupy.ones_like(x)
-    for _ in range(20):
-        bn.backward(bn(x))
-    cupy.cuda.Device().synchronize()
-    n = 2000
-    t0 = time.perf_counter()
-    for _ in range(n):
-        y = bn(x)
-        bn.backward(dy)
-    t1 = time.perf_counter()
-    cupy.cuda.Device().synchronize()
-    del y
-    return (t1 - t0) / n * 1e6 / 2
+    previous = bn._backend._packed
+    bn._backend.use_packed_launch(packed)
+    try:
+        x = cupy.random.standard_normal((2, 64, 8, 8), dtype=cupy.float32)
+        dy = cupy.ones_like(x)
+        for _ in range(20):
+            bn.backward(bn(x))
+        cupy.cuda.Device().synchronize()
+        n = 2000
+        t0 = time.perf_counter()
+        for _ in range(n):
+            y = bn(x)
+            bn.backward(dy)
+        t1 = time.perf_counter()
+        cupy.cuda.Device().synchronize()
+        check = cusyncbn.SyncBatchNorm(64, device=bn.device)          # a fresh layer, batch statistics
+        with cusyncbn.no_grad():
+            same = bool(cupy.allclose(bn(x), check(x), rtol=1e-5, atol=1e-5))
+        del y
+    finally:
+        bn._backend.use_packed_launch(previous)
+    return (t1 - t0) / n * 1e6 / 2, same
 
 
 def main(argv=None):
@@ -250,8 +259,10 @@ def main(argv=None):
                           f"bwd {bwd_ms:7.3f} ms ({bwd_frac:4.0%}) err {err:.1e}{'' if ok else ' WRONG'}", flush=True)
                 del xs, dys, runs
                 torch.cuda.empty_cache()
-    overhead = host_overhead_us()
-    print(f"host overhead of one cusyncbn layer call: {overhead:.1f} us")
+    overhead, _ = host_overhead_us()
+    packed, packed_ok = host_overhead_us(packed=True)
+    print(f"host overhead of one cusyncbn layer call: {overhead:.1f} us (cupy.RawKernel launches), "
+          f"{packed:.1f} us (packed launches, CUSYNCBN_PACKED_LAUNCH=1; same results: {packed_ok})")
     _write(args.out, card, bw, rows, overhead)
     return 0
 

@@ -45,6 +45,38 @@ def test_emulated_kernels_match_reference(emu, data_format, shape, dtype):
     assert emu.launches, "the emulated backend was not used"
 
 
+@pytest.mark.parametrize("dtype", ["float16", "float64"])
+def test_packed_launch_matches_cupy_style_launch(monkeypatch, dtype):
+    """The opt-in packed launch (cusyncbn._launch, CUSYNCBN_PACKED_LAUNCH=1): the emulator
+    reads every kernel's arguments from the packed slots; the results are bitwise those of
+    the ordinary launch."""
+    outputs = []
+    for packed in (False, True):
+        backend = cuda_emu.EmuBackend(sms=132, packed=packed)
+        monkeypatch.setitem(_backend._backends, "cpu", backend)
+        run = []
+        for fmt, shape in (("NCHW", (16, 3, 40, 41)), ("NHWC", (16, 20, 41, 8)), ("NC", (301, 5))):
+            check_layer(fmt, shape, dtype, to_device, to_host, device="cpu")
+            c = shape[-1] if fmt != "NCHW" else shape[1]
+            bn = cusyncbn.SyncBatchNorm(c, data_format=fmt, dtype="float64" if dtype == "float64" else "float32")
+            x = to_device(np.random.default_rng(0).normal(size=shape), dtype)
+            run += [bn(x).copy(), bn.backward(x).copy(), bn.weight.grad.copy(), bn._variance.copy()]
+            bn.eval()
+            run += [bn(x).copy(), bn.backward(x).copy()]
+        outputs.append(run)
+        assert backend.launches
+    for a, b in zip(*outputs):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_packed_launch_rejects_python_scalars():
+    from cusyncbn import _launch
+    with pytest.raises(TypeError, match="np.int32"):
+        _launch.pack((np.zeros(3), 4), lambda a: a.ctypes.data)
+    with pytest.raises(ValueError, match="at most"):
+        _launch.pack((None,) * (_launch.MAX_ARGS + 1), lambda a: 0)
+
+
 @pytest.mark.parametrize("sms", [1, 132])
 def test_emulated_grid_sizes(monkeypatch, sms):
     """One block per channel (sms=1), and an H100-sized grid splitting every channel many

@@ -33,6 +33,7 @@ from cusyncbn import _kernels
 from cusyncbn._backend import Backend
 from cusyncbn._backend_cupy import CupyBackend
 from cusyncbn._backend_numpy import NumpyBackend
+from cusyncbn._launch import PackedLaunch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 GUARD = 64                     # bytes on each side of every allocation
@@ -146,18 +147,27 @@ class Kernel:
                                       "(CuPy would pass it with the wrong size)")
         return entry[1](value)
 
-    def __call__(self, grid: Any, block: Any, args: tuple, shared_mem: int = 0) -> None:
+    def check_arguments(self, args: tuple) -> list:
+        """The ctypes values of ``args``, each checked against its kernel parameter."""
         if len(args) != len(self.params):
             raise EmulatedKernelError(f"{self.expr} takes {len(self.params)} arguments, got {len(args)}")
-        values = [self._argument(n, a, k) for n, (a, k) in enumerate(zip(args, self.params))]
-        argv = (ctypes.c_void_p * max(1, len(values)))(*[ctypes.addressof(v) for v in values])
+        return [self._argument(n, a, k) for n, (a, k) in enumerate(zip(args, self.params))]
+
+    def launch_packed(self, grid: tuple, block: tuple, shared_mem: int, params: int) -> None:
+        """Launch with arguments already packed (an address of ``void*`` pointers to values,
+        as ``cuLaunchKernel`` takes them: what ``cusyncbn._launch.PackedLaunch`` builds)."""
         g = (ctypes.c_uint * 3)(*(tuple(grid) + (1, 1, 1))[:3])
         b = (ctypes.c_uint * 3)(*(tuple(block) + (1, 1, 1))[:3])
-        error = self._launch(g, b, shared_mem, argv)
+        error = self._launch(g, b, shared_mem, ctypes.cast(params, ctypes.POINTER(ctypes.c_void_p)))
         if error:
             raise EmulatedKernelError(f"{self.expr}: {error.decode()}")
         if self._after is not None:
             self._after(self.expr, tuple(grid))
+
+    def __call__(self, grid: Any, block: Any, args: tuple, shared_mem: int = 0) -> None:
+        values = self.check_arguments(args)
+        argv = (ctypes.c_void_p * max(1, len(values)))(*[ctypes.addressof(v) for v in values])
+        self.launch_packed(grid, block, shared_mem, ctypes.addressof(argv))
 
 
 class EmuBackend(CupyBackend):
@@ -165,14 +175,17 @@ class EmuBackend(CupyBackend):
 
     ``sms`` (the multiprocessor count) sets the grid sizes; ``kernels`` replaces
     syncbn.cu by another build of it (a mutated one, in the negative controls);
-    ``block_order`` seeds the shuffled order in which blocks run (0: index order).
+    ``block_order`` seeds the shuffled order in which blocks run (0: index order);
+    ``packed`` launches through ``cusyncbn._launch.PackedLaunch`` (the opt-in fast path).
     """
 
     import_array = NumpyBackend.import_array
     is_native = NumpyBackend.is_native
 
-    def __init__(self, sms: int = 4, kernels: Library | None = None, block_order: int = 1) -> None:
+    def __init__(self, sms: int = 4, kernels: Library | None = None, block_order: int = 1,
+                 packed: bool = False) -> None:
         Backend.__init__(self)
+        self._packed = packed
         self._library = kernels or library()
         self._library.set_block_order(block_order)
         self.xp = np
@@ -197,6 +210,8 @@ class EmuBackend(CupyBackend):
         kernel = self._kernels.get((dtype_name, key))
         if kernel is None:
             kernel = self._library.kernel(_kernels.name_expressions(dtype_name)[key], self._check_guards)
+            if self._packed:                    # the production packing, read back by the emulator
+                kernel = _CheckedPackedLaunch(kernel)
             self._kernels[(dtype_name, key)] = kernel
         return kernel
 
@@ -232,6 +247,18 @@ class EmuBackend(CupyBackend):
                 continue
             if not (np.all(base[:GUARD] == POISON) and np.all(base[GUARD + nbytes:] == POISON)):
                 raise EmulatedKernelError(f"{expr} wrote outside a {nbytes}-byte allocation")
+
+
+class _CheckedPackedLaunch(PackedLaunch):
+    """``cusyncbn._launch.PackedLaunch`` into the emulator, arguments checked first."""
+
+    def __init__(self, kernel: Kernel) -> None:
+        super().__init__(kernel.launch_packed, lambda a: a.ctypes.data)
+        self._kernel = kernel
+
+    def __call__(self, grid: Any, block: Any, args: tuple, shared_mem: int = 0) -> None:
+        self._kernel.check_arguments(args)
+        super().__call__(grid, block, args, shared_mem)
 
 
 def guarded_copy(x: Any, misalign: bool = False) -> Any:
