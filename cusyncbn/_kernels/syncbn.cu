@@ -54,6 +54,11 @@ typedef long long i64;
 
 #define CL_THREADS 512           // threads per block of the channel-last reductions (the host agrees)
 
+// The reductions issue BATCH independent loads before using any: with one load in flight
+// per thread (load, then accumulate, then the next load) a scalar or 8-byte load path
+// cannot keep enough bytes in flight to reach the memory bandwidth.
+constexpr int BATCH = 4;
+
 struct half_t { unsigned short bits; };
 struct bf16_t { unsigned short bits; };
 
@@ -371,12 +376,21 @@ __global__ void moments_cs(const T* __restrict__ x, i64 A, int C, i64 B, const P
     for (int c = blockIdx.y; c < C; c += gridDim.y) {        // grid.y is at most 65535
         Shifted<S> t;
         t.init();
-        for (SlabWalk w(((i64)blockIdx.x * blockDim.x + threadIdx.x) * VEC, (i64)splits * blockDim.x * VEC, C, B, c);
-             w.a < A; w.next()) {
-            S v[VEC];
-            load<T, VEC>(x, w.at, v);
+        SlabWalk w(((i64)blockIdx.x * blockDim.x + threadIdx.x) * VEC, (i64)splits * blockDim.x * VEC, C, B, c);
+        while (w.a < A) {
+            S v[BATCH][VEC];
+            bool in[BATCH];
 #pragma unroll
-            for (int k = 0; k < VEC; ++k) t.add(v[k]);
+            for (int u = 0; u < BATCH; ++u, w.next()) {
+                in[u] = w.a < A;
+                if (in[u]) load<T, VEC>(x, w.at, v[u]);
+            }
+#pragma unroll
+            for (int u = 0; u < BATCH; ++u) {
+                if (!in[u]) break;
+#pragma unroll
+                for (int k = 0; k < VEC; ++k) t.add(v[u][k]);
+            }
         }
         Moments m = block_merge(to_moments(t));
         if (channel_total(m, c, part, ticket) && threadIdx.x == 0) write_moments(c, C, m, running_mean, buf);
@@ -399,15 +413,19 @@ __global__ void __launch_bounds__(CL_THREADS) moments_cl(const T* __restrict__ x
 #pragma unroll
     for (int k = 0; k < VEC; ++k) t[k].init();
     if (c0 < C) {
-        for (i64 a = (i64)blockIdx.y * rows_per_block + ty; a < A; a += (i64)splits * rows_per_block) {
-            S v[VEC];
-            if (VEC > 1) {
-                load<T, VEC>(x, a * C + c0, v);
-            } else {
-                v[0] = to_acc(x[a * C + c0]);
+        const i64 stride = (i64)splits * rows_per_block;
+        for (i64 a = (i64)blockIdx.y * rows_per_block + ty; a < A; a += BATCH * stride) {
+            S v[BATCH][VEC];
+#pragma unroll
+            for (int u = 0; u < BATCH; ++u) {
+                if (a + u * stride < A) load<T, VEC>(x, (a + u * stride) * C + c0, v[u]);
             }
 #pragma unroll
-            for (int k = 0; k < VEC; ++k) t[k].add(v[k]);
+            for (int u = 0; u < BATCH; ++u) {
+                if (a + u * stride >= A) break;
+#pragma unroll
+                for (int k = 0; k < VEC; ++k) t[k].add(v[u][k]);
+            }
         }
     }
     extern __shared__ double sh[];                     // [3][blockDim.y][blockDim.x]
@@ -515,13 +533,24 @@ __global__ void backward_cs(const T* __restrict__ dy, const T* __restrict__ x, i
     for (int c = blockIdx.y; c < C; c += gridDim.y) {        // grid.y is at most 65535
         const S m = stats[c];
         S sdy = 0, sdyx = 0;
-        for (SlabWalk w(((i64)blockIdx.x * blockDim.x + threadIdx.x) * VEC, (i64)splits * blockDim.x * VEC, C, B, c);
-             w.a < A; w.next()) {
-            S g[VEC], v[VEC];
-            load<T, VEC>(dy, w.at, g);
-            load<T, VEC>(x, w.at, v);
+        SlabWalk w(((i64)blockIdx.x * blockDim.x + threadIdx.x) * VEC, (i64)splits * blockDim.x * VEC, C, B, c);
+        while (w.a < A) {
+            S g[BATCH][VEC], v[BATCH][VEC];
+            bool in[BATCH];
 #pragma unroll
-            for (int k = 0; k < VEC; ++k) { sdy += g[k]; sdyx += g[k] * (v[k] - m); }
+            for (int u = 0; u < BATCH; ++u, w.next()) {
+                in[u] = w.a < A;
+                if (in[u]) {
+                    load<T, VEC>(dy, w.at, g[u]);
+                    load<T, VEC>(x, w.at, v[u]);
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < BATCH; ++u) {
+                if (!in[u]) break;
+#pragma unroll
+                for (int k = 0; k < VEC; ++k) { sdy += g[u][k]; sdyx += g[u][k] * (v[u][k] - m); }
+            }
         }
         Sums r = block_merge(Sums{(double)sdy, (double)sdyx});
         if (channel_total(r, c, part, ticket) && threadIdx.x == 0)
@@ -540,17 +569,22 @@ __global__ void __launch_bounds__(CL_THREADS) backward_cl(const T* __restrict__ 
 #pragma unroll
     for (int k = 0; k < VEC; ++k) { sdy[k] = 0; sdyx[k] = 0; m[k] = c0 + k < C ? stats[c0 + k] : (S)0; }
     if (c0 < C) {
-        for (i64 a = (i64)blockIdx.y * rows_per_block + ty; a < A; a += (i64)splits * rows_per_block) {
-            S g[VEC], v[VEC];
-            if (VEC > 1) {
-                load<T, VEC>(dy, a * C + c0, g);
-                load<T, VEC>(x, a * C + c0, v);
-            } else {
-                g[0] = to_acc(dy[a * C + c0]);
-                v[0] = to_acc(x[a * C + c0]);
+        const i64 stride = (i64)splits * rows_per_block;
+        for (i64 a = (i64)blockIdx.y * rows_per_block + ty; a < A; a += BATCH * stride) {
+            S g[BATCH][VEC], v[BATCH][VEC];
+#pragma unroll
+            for (int u = 0; u < BATCH; ++u) {
+                if (a + u * stride < A) {
+                    load<T, VEC>(dy, (a + u * stride) * C + c0, g[u]);
+                    load<T, VEC>(x, (a + u * stride) * C + c0, v[u]);
+                }
             }
 #pragma unroll
-            for (int k = 0; k < VEC; ++k) { sdy[k] += g[k]; sdyx[k] += g[k] * (v[k] - m[k]); }
+            for (int u = 0; u < BATCH; ++u) {
+                if (a + u * stride >= A) break;
+#pragma unroll
+                for (int k = 0; k < VEC; ++k) { sdy[k] += g[u][k]; sdyx[k] += g[u][k] * (v[u][k] - m[k]); }
+            }
         }
     }
     extern __shared__ double sh[];                     // [2][blockDim.y][blockDim.x]
