@@ -44,10 +44,6 @@ class EmulatedKernelError(RuntimeError):
     pass
 
 
-def available() -> bool:
-    return shutil.which(os.environ.get("CXX", "g++")) is not None
-
-
 def _expressions() -> list[str]:
     seen: dict[str, None] = {}
     for dtype_name in _kernels.CTYPES:
@@ -82,7 +78,10 @@ class Library:
             with open(src, "w", encoding="utf-8") as f:
                 f.write(unit)
             tmp = f"{so}.{os.getpid()}.tmp"
-            cmd = [os.environ.get("CXX", "g++"), "-std=c++20", "-O2", "-shared", "-fPIC", "-U_FORTIFY_SOURCE",
+            compiler = shutil.which(os.environ.get("CXX", "g++"))
+            if compiler is None:
+                raise RuntimeError("the kernel emulator needs a C++20 compiler: g++ on the PATH, or $CXX")
+            cmd = [compiler, "-std=c++20", "-O2", "-shared", "-fPIC", "-U_FORTIFY_SOURCE",
                    "-Wno-unknown-pragmas", "-I", HERE, src, "-o", tmp]
             done = subprocess.run(cmd, capture_output=True, text=True)
             os.remove(src)
