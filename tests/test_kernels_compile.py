@@ -24,3 +24,12 @@ def test_every_instantiation_compiles(dtype_name, arch):
         assert nvrtc.getPTX(prog)
     finally:
         nvrtc.destroyProgram(prog)
+
+
+def test_host_and_kernels_agree_on_the_channel_last_block_size():
+    """__launch_bounds__(CL_THREADS) in syncbn.cu must cover the blocks the host launches."""
+    import re
+
+    from cusyncbn import _backend_cupy
+    defined = re.search(r"#define CL_THREADS (\d+)", _kernels.source())
+    assert defined and int(defined.group(1)) == _backend_cupy._CL_THREADS
