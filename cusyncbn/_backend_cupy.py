@@ -123,16 +123,6 @@ class CupyBackend(Backend):
                 return v
         return 1
 
-    def _vec(self, dtype_name: str, x3: Any, *others: Any) -> int:
-        """Vector width of a reduction: vectors stay inside a channel (channel-second) or
-        on consecutive channels of one row (channel-last)."""
-        a, c, b = x3.shape
-        return self._widest(dtype_name, c if b == 1 else b, (x3,) + others)
-
-    def _vec_elementwise(self, dtype_name: str, x3: Any, *others: Any) -> int:
-        """Vector width of an elementwise pass: its vectors may straddle channels."""
-        return self._widest(dtype_name, x3.size, (x3,) + others)
-
     def _splits_cs(self, channels: int, per_channel: int, vec: int) -> int:
         want = _cdiv(4 * self._sms, channels)
         useful = _cdiv(per_channel, _THREADS * vec * 4)
@@ -153,12 +143,20 @@ class CupyBackend(Backend):
     def _elementwise_grid(self, total: int, vec: int) -> int:
         return int(max(1, min(_cdiv(total, _THREADS * vec), 16 * self._sms)))
 
-    def _reduce(self, kind: str, x3: Any, inputs: tuple, vec: int, width: int, pname: str,
-                before: tuple, after: tuple) -> None:
-        """Launch a one-pass reduction kernel (``moments`` or ``backward``): per-split partials,
-        merged by the last block of each channel (tile) into the payload."""
-        name = _name_of(x3.dtype)
+    def _reduce(self, kind: str, x3: Any, inputs: tuple, width: int, pname: str, before: tuple,
+                grads: tuple, buf: Any) -> None:
+        """One-pass reduction (``moments`` or ``backward``) of ``inputs`` into the payload ``buf``:
+        per-split partials, merged by the last block of each channel (tile).
+
+        Its vectors stay inside a channel (channel-second) or on consecutive channels of one
+        row (channel-last). Arguments: inputs, shape, ``before``, workspace, ``grads``, ``buf``.
+        """
         a, c, b = x3.shape
+        if a * b == 0:
+            buf.fill(0)
+            return
+        name = _name_of(x3.dtype)
+        vec = self._widest(name, c if b == 1 else b, inputs)
         if b == 1:
             grid, block = self._cl_config(a, c, vec)
             splits, tickets = grid[1], grid[0]
@@ -172,7 +170,20 @@ class CupyBackend(Backend):
         part = self.scratch("partials", c * splits * width if splits > 1 else 1, np.float64)
         ticket = self.scratch("tickets", tickets, np.uint32, zeroed=True)
         self._kernel(name, f"{kind}_{'cl' if b == 1 else 'cs'}{vec}_{pname}")(
-            grid, block, inputs + shape + before + (part, ticket) + after, shared_mem=shared)
+            grid, block, inputs + shape + before + (part, ticket) + grads + (buf,), shared_mem=shared)
+
+    def _elementwise(self, kind: str, x3: Any, arrays: tuple, stats_args: tuple) -> None:
+        """An elementwise pass (``normalize`` or ``dx``) over ``arrays``; its vectors may straddle
+        channels. Arguments: arrays, total, C, B, ``stats_args``."""
+        a, c, b = x3.shape
+        total = a * c * b
+        if total == 0:
+            return
+        name = _name_of(x3.dtype)
+        vec = self._widest(name, total, arrays)
+        self._kernel(name, f"{kind}_{'true' if b == 1 else 'false'}{vec}")(
+            (self._elementwise_grid(total, vec),), (_THREADS,),
+            arrays + (np.int64(total), np.int32(c), np.int64(b)) + stats_args)
 
     @staticmethod
     def _param_name(*arrays: Any) -> str:
@@ -188,12 +199,7 @@ class CupyBackend(Backend):
     # -- the steps of _backend.Backend --------------------------------------------------------
     def local_moments(self, x3: Any, running_mean: Any, buf: Any) -> None:
         with self._cuda_device:
-            a, c, b = x3.shape
-            if a * b == 0:
-                buf.fill(0)
-                return
-            vec = self._vec(_name_of(x3.dtype), x3)
-            self._reduce("moments", x3, (x3,), vec, 3, self._param_name(running_mean), (running_mean,), (buf,))
+            self._reduce("moments", x3, (x3,), 3, self._param_name(running_mean), (running_mean,), (), buf)
 
     def finalize_forward(self, buf: Any, running_mean: Any, running_var: Any, momentum: float, eps: float,
                          unbiased: bool, weight: Any, bias: Any, stats: Stats, dtype_name: str) -> None:
@@ -215,37 +221,16 @@ class CupyBackend(Backend):
 
     def normalize(self, x3: Any, stats: Stats, y3: Any) -> None:
         with self._cuda_device:
-            a, c, b = x3.shape
-            total = a * c * b
-            if total == 0:
-                return
-            vec = self._vec_elementwise(_name_of(x3.dtype), x3, y3)
-            cl = "true" if b == 1 else "false"
-            self._kernel(_name_of(x3.dtype), f"normalize_{cl}{vec}")(
-                (self._elementwise_grid(total, vec),), (_THREADS,),
-                (x3, y3, np.int64(total), np.int32(c), np.int64(b), stats.data))
+            self._elementwise("normalize", x3, (x3, y3), (stats.data,))
 
     def backward_reduce(self, dy3: Any, x3: Any, stats: Stats, weight_grad: Any, bias_grad: Any,
                         buf: Any) -> None:
         with self._cuda_device:
-            a, c, b = x3.shape
-            if a * b == 0:
-                buf.fill(0)
-                return
-            vec = self._vec(_name_of(x3.dtype), x3, dy3)
-            self._reduce("backward", x3, (dy3, x3), vec, 2, self._param_name(weight_grad, bias_grad),
-                         (stats.data,), (weight_grad, bias_grad, buf))
+            self._reduce("backward", x3, (dy3, x3), 2, self._param_name(weight_grad, bias_grad),
+                         (stats.data,), (weight_grad, bias_grad), buf)
 
     def backward_input(self, dy3: Any, x3: Any, stats: Stats, buf: Any, count: Any, dx3: Any) -> None:
+        fixed = count is None                           # eval statistics: no batch terms
         with self._cuda_device:
-            a, c, b = x3.shape
-            total = a * c * b
-            if total == 0:
-                return
-            vec = self._vec_elementwise(_name_of(x3.dtype), x3, dy3, dx3)
-            cl = "true" if b == 1 else "false"
-            fixed = count is None                       # eval statistics: no batch terms
-            self._kernel(_name_of(x3.dtype), f"dx_{cl}{vec}")(
-                (self._elementwise_grid(total, vec),), (_THREADS,),
-                (dy3, x3, dx3, np.int64(total), np.int32(c), np.int64(b), stats.data,
-                 None if fixed else buf, None if fixed else count))
+            self._elementwise("dx", x3, (dy3, x3, dx3),
+                              (stats.data, None if fixed else buf, None if fixed else count))
