@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import hashlib
+import math
 import os
 import shutil
 import subprocess
@@ -192,11 +193,14 @@ class EmuBackend(CupyBackend):
         self._index = 0
         self._cuda_device = contextlib.nullcontext()
         self._sms = sms
-        self._modules: dict[str, Any] = {}
         self._kernels: dict[tuple[str, str], Any] = {}
         self._guarded: dict[int, tuple[Any, int]] = {}
-        self.launches: list[str] = []
-        self.grids: list[tuple[str, tuple]] = []
+        self.grids: list[tuple[str, tuple]] = []        # (instantiation, grid) of every launch
+
+    @property
+    def launches(self) -> list[str]:
+        """The instantiation of every launch, in order."""
+        return [expr for expr, _ in self.grids]
 
     def stream_key(self) -> int:
         return 0
@@ -216,12 +220,9 @@ class EmuBackend(CupyBackend):
 
     # -- guarded allocations -------------------------------------------------------------
     def empty(self, shape: Any, dtype: Any) -> Any:
-        dtype = np.dtype(dtype)
         shape = (shape,) if np.isscalar(shape) else tuple(shape)
-        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        base = np.full(nbytes + 2 * GUARD, POISON, dtype=np.uint8)
-        arr = base[GUARD:GUARD + nbytes].view(dtype).reshape(shape)
-        self._guarded[id(base)] = (weakref.ref(base), nbytes)
+        base, arr = _between_guards(shape, np.dtype(dtype))
+        self._guarded[id(base)] = (weakref.ref(base), arr.nbytes)
         return arr
 
     def zeros(self, shape: Any, dtype: Any) -> Any:
@@ -237,7 +238,6 @@ class EmuBackend(CupyBackend):
         return out
 
     def _check_guards(self, expr: str, grid: tuple) -> None:
-        self.launches.append(expr)
         self.grids.append((expr, grid))
         for key, (ref, nbytes) in list(self._guarded.items()):
             base = ref()
@@ -252,7 +252,7 @@ class _CheckedPackedLaunch(PackedLaunch):
     """``cusyncbn._launch.PackedLaunch`` into the emulator, arguments checked first."""
 
     def __init__(self, kernel: Kernel) -> None:
-        super().__init__(kernel.launch_packed, lambda a: a.ctypes.data)
+        super().__init__(kernel.launch_packed, EmuBackend._address)
         self._kernel = kernel
 
     def __call__(self, grid: Any, block: Any, args: tuple, shared_mem: int = 0) -> None:
@@ -260,11 +260,17 @@ class _CheckedPackedLaunch(PackedLaunch):
         super().__call__(grid, block, args, shared_mem)
 
 
+def _between_guards(shape: tuple, dtype: Any, shift: int = 0) -> tuple[Any, Any]:
+    """(base, array): an array of ``shape`` inside a poisoned byte buffer, GUARD bytes of
+    poison on each side (``shift`` more before it, to misalign it)."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    base = np.full(nbytes + 2 * GUARD + shift, POISON, dtype=np.uint8)
+    return base, base[GUARD + shift:GUARD + shift + nbytes].view(dtype).reshape(shape)
+
+
 def guarded_copy(x: Any, misalign: bool = False) -> Any:
     """``x`` copied between guard zones, 16-byte aligned or (``misalign``) one element off."""
     x = np.asarray(x)
-    shift = x.dtype.itemsize if misalign else 0
-    base = np.full(x.nbytes + 2 * GUARD + shift, POISON, dtype=np.uint8)
-    out = base[GUARD + shift:GUARD + shift + x.nbytes].view(x.dtype).reshape(x.shape)
+    _, out = _between_guards(x.shape, x.dtype, x.dtype.itemsize if misalign else 0)
     out[...] = x
     return out
