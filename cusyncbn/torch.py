@@ -47,9 +47,13 @@ class TorchDistComm:
         return f"TorchDistComm(rank={self.rank}, size={self.size})"
 
 
+def _cuda_index(t: torch.Tensor) -> int:
+    return t.device.index if t.device.index is not None else torch.cuda.current_device()
+
+
 def _device_name(t: torch.Tensor) -> str:
     if t.device.type == "cuda":
-        return f"gpu:{t.device.index if t.device.index is not None else torch.cuda.current_device()}"
+        return f"gpu:{_cuda_index(t)}"
     if t.device.type == "cpu":
         return "cpu"
     raise ValueError(f"cusyncbn.torch supports CPU and CUDA tensors, got a tensor on {t.device}")
@@ -67,7 +71,7 @@ def _on_torch_stream(t: torch.Tensor) -> Any:
     if t.device.type != "cuda":
         return contextlib.nullcontext()
     import cupy
-    index = t.device.index if t.device.index is not None else torch.cuda.current_device()
+    index = _cuda_index(t)
     ptr = torch.cuda.current_stream(index).cuda_stream
     stream = _cupy_streams.get((index, ptr))
     if stream is None:
