@@ -273,8 +273,8 @@ template <typename R> __device__ R block_merge(R m) {
 }
 
 // Merge over threadIdx.y of a (LANES, ROWS) block (ROWS a power of two) through shared
-// memory sh[width][ROWS][LANES];
-// valid in the threads with threadIdx.y == 0. Every thread must call it.
+// memory sh[width][ROWS][LANES]; valid in the threads with threadIdx.y == 0. Every thread
+// must call it.
 template <typename R> __device__ R column_merge(R m, double* sh) {
     const int tx = threadIdx.x, ty = threadIdx.y, bx = blockDim.x, by = blockDim.y;
     for (int f = 0; f < R::width; ++f) sh[(f * by + ty) * bx + tx] = fields(m)[f];
@@ -313,9 +313,10 @@ __device__ bool arrive_last(unsigned* ticket, unsigned count) {
 }
 
 // The second half of a split reduction. Channel-second: `r` is this block's value for
-// channel c (valid in thread 0); returns true where the channel's total is to be written, `r` then being the
-// whole channel's value (in thread 0): directly when the channel has one block, else in the
-// last block to arrive, which merges every split's partial in index order (deterministic).
+// channel c (valid in thread 0); returns true where the channel's total is to be written,
+// `r` then being the whole channel's value (in thread 0): directly when the channel has one
+// block, else in the last block to arrive, which merges every split's partial in index
+// order (deterministic).
 template <typename R> __device__ bool channel_total(R& r, int c, double* part, unsigned* ticket) {
     const int splits = gridDim.x;
     if (splits == 1) return true;
@@ -351,14 +352,18 @@ __device__ bool tile_total(R (&r)[VEC], int c0, int C, double* part, unsigned* t
 
 // ---- forward: this rank's payload ------------------------------------------------------
 
+// The shift K of channel c: the running mean where tracked and finite, else 0 (the same
+// on every rank, and the same in the moments and in the finalize).
+template <typename P> __device__ __forceinline__ double shift_of(const P* running_mean, int c) {
+    if (running_mean == nullptr) return 0;
+    const double k = (double)running_mean[c];
+    return isfinite(k) ? k : 0;
+}
+
 // buf[c] = n m, buf[C+c] = M2 + n (m - K)^2, buf[2C] = n (see the top of this file).
 template <typename P>
 __device__ void write_moments(int c, int C, Moments m, const P* running_mean, double* buf) {
-    double shift = 0;
-    if (running_mean != nullptr) {
-        shift = (double)running_mean[c];
-        if (!isfinite(shift)) shift = 0;
-    }
+    const double shift = shift_of(running_mean, c);
     const double d = m.mean - shift;
     buf[c] = m.n * m.mean;
     buf[C + c] = m.m2 + m.n * d * d;
@@ -446,11 +451,7 @@ __global__ void forward_finalize(const double* __restrict__ buf, int C, P* runni
     const int c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= C) return;
     const double n = buf[2 * C];
-    double shift = 0;
-    if (running_mean != nullptr) {
-        shift = (double)running_mean[c];
-        if (!isfinite(shift)) shift = 0;
-    }
+    const double shift = shift_of(running_mean, c);
     double mean = 0, var = 0;
     if (n > 0) {
         mean = buf[c] / n;
