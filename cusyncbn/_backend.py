@@ -12,18 +12,22 @@ the local count is ``n_r = A * B`` and the local statistics are the mean ``m_r``
 the sum of squared deviations ``M2_r`` (computed around ``m_r``: two-pass or
 Welford, never E[x^2] - E[x]^2).
 
-Forward all-reduce payload (float64, length ``2C + 1``), with ``K`` the shift
-(the running mean where it is finite, else 0; identical on every rank)::
+Forward all-reduce payload (float64, length ``2C + 3``), with ``K`` the shift
+(the running mean where it is finite, else 0; identical on every rank) and ``t`` this
+rank's collective tag (see below)::
 
     buf[c]        = n_r * m_r
     buf[C + c]    = M2_r + n_r * (m_r - K)^2
     buf[2C]       = n_r
+    buf[2C + 1]   = t
+    buf[2C + 2]   = t^2
 
 Summed over ranks this gives ``N = sum n_r``, ``mean = buf[c] / N`` and, by Chan's
 parallel combine written as sums, ``M2 = buf[C + c] - N * (mean - K)^2`` (the
 cancellation is between numbers of size ``(mean - K)^2``, small once the running
 mean tracks the data, and done in float64), ``var = M2 / N`` (biased), ``invstd =
-1 / sqrt(var + eps)``. Running statistics, only when ``N > 0``::
+1 / sqrt(var + eps)``. Running statistics, only when ``N > 0``, the ranks agree (below)
+and the channel's ``mean`` and ``var`` are finite::
 
     running_mean = running_mean * momentum + mean * (1 - momentum)
     running_var  = running_var  * momentum + var' * (1 - momentum)
@@ -32,10 +36,12 @@ with ``var' = var``, or ``var * N / (N - 1)`` when the unbiased option is on and
 
 Normalization: ``y = (x - mean) * (invstd * w) + b``.
 
-Backward all-reduce payload (float64, length ``2C``)::
+Backward all-reduce payload (float64, length ``2C + 2``)::
 
-    buf[c]     = sum dy               (local sum; = this rank's bias gradient)
-    buf[C + c] = sum dy * (x - mean)  (local; times invstd = this rank's weight gradient)
+    buf[c]      = sum dy               (local sum; = this rank's bias gradient)
+    buf[C + c]  = sum dy * (x - mean)  (local; times invstd = this rank's weight gradient)
+    buf[2C]     = t
+    buf[2C + 1] = t^2
 
 and after the all-reduce, with ``xhat = (x - mean) * invstd``::
 
@@ -44,6 +50,23 @@ and after the all-reduce, with ``xhat = (x - mean) * invstd``::
 which is the exact gradient of the global loss: uneven or empty ranks give the
 same ``dx`` as one process holding the whole batch. In eval mode (fixed statistics)
 ``dx = dy * w * invstd``.
+
+The tag ``t`` (an integer below ``2^20``, so every sum is exact in float64) numbers the
+collective on its communicator. With ``R`` ranks, all ranks used the same tag exactly
+when ``sum t = R t`` and ``sum t^2 = R t^2`` for this rank's ``t`` (equality in the
+Cauchy-Schwarz inequality): a rank that fell out of step is seen by every rank in the
+payload it already exchanges, with no extra collective and no host synchronization.
+
+Every pass records what it found in ``stats.flags`` (a float of the statistics dtype,
+so that it travels with the statistics and costs no allocation)::
+
+    flags[0] (forward)  = NONFINITE * (some channel's mean or var is not finite)
+                          + DESYNC * (the tags disagree)
+    flags[1] (backward) = DESYNC * (the tags disagree)
+
+The running statistics are left unchanged when either bit is set (per channel for
+NONFINITE); the caller decides when to read the flags (at once on the CPU; on the GPU
+without a host synchronization, later).
 """
 from __future__ import annotations
 
@@ -65,22 +88,38 @@ def dtype_name(dtype: Any) -> str:
     return name
 
 
-class Stats:
-    """Per-call statistics, ``[mean | invstd | invstd * w | b]`` in one array of length 4C.
+NONFINITE = 1          # flag bits (see above)
+DESYNC = 2
+TAG_LIMIT = 1 << 20    # tags are taken modulo this: t^2 summed over 1024 ranks stays exact
 
-    ``mean`` and ``invstd`` are what backward needs; the other two are the folded
-    normalization coefficients. The dtype is the stats dtype of the input.
+
+def forward_payload_size(channels: int) -> int:
+    return 2 * channels + 3
+
+
+def backward_payload_size(channels: int) -> int:
+    return 2 * channels + 2
+
+
+class Stats:
+    """Per-call statistics, ``[mean | invstd | invstd * w | b | flags[2]]`` in one array of
+    length 4C + 2.
+
+    ``mean`` and ``invstd`` are what backward needs; ``scale`` and ``shift`` are the folded
+    normalization coefficients; ``flags`` what the passes found (see above). The dtype is
+    the stats dtype of the input.
     """
 
-    __slots__ = ("data", "payload", "mean", "invstd", "scale", "shift")
+    __slots__ = ("data", "payload", "mean", "invstd", "scale", "shift", "flags")
 
     def __init__(self, data: Any, payload: Any, channels: int) -> None:
         self.data = data
-        self.payload = payload          # the forward all-reduce buffer (float64, 2C + 1)
+        self.payload = payload          # the forward all-reduce buffer (float64, 2C + 3)
         self.mean = data[:channels]
         self.invstd = data[channels:2 * channels]
         self.scale = data[2 * channels:3 * channels]
-        self.shift = data[3 * channels:]
+        self.shift = data[3 * channels:4 * channels]
+        self.flags = data[4 * channels:]
 
 
 class Backend:
@@ -120,7 +159,8 @@ class Backend:
         spare = self._spare.get((channels, dtype, self.stream_key()))
         if spare:
             return spare.pop()
-        return Stats(self.empty((4 * channels,), dtype), self.empty((2 * channels + 1,), np.float64), channels)
+        return Stats(self.empty((4 * channels + 2,), dtype), self.empty((forward_payload_size(channels),), np.float64),
+                     channels)
 
     def give_back(self, stats: Stats) -> None:
         """``stats`` is no longer needed by the caller once queued work is done; work queued
@@ -146,31 +186,33 @@ class Backend:
     def contiguous(self, x: Any) -> Any:
         return self.xp.ascontiguousarray(x)
 
-    def local_moments(self, x3: Any, running_mean: Any, buf: Any) -> None:
-        """Write this rank's forward payload for ``x3`` into ``buf`` (see above)."""
+    def local_moments(self, x3: Any, running_mean: Any, tag: int, buf: Any) -> None:
+        """Write this rank's forward payload for ``x3`` into ``buf`` (see above); ``running_mean``
+        (None: not tracked) gives the shift."""
         raise NotImplementedError
 
-    def finalize_forward(self, buf: Any, running_mean: Any, running_var: Any, momentum: float, eps: float,
-                         unbiased: bool, weight: Any, bias: Any, stats: Stats, dtype_name: str) -> None:
-        """From the reduced payload: ``stats`` and, when ``running_var`` is given, the running update."""
+    def normalize_batch(self, x3: Any, buf: Any, tag: int, ranks: int, running_mean: Any, running_var: Any,
+                        momentum: float, eps: float, unbiased: bool, weight: Any, bias: Any, stats: Stats,
+                        y3: Any) -> None:
+        """From the reduced forward payload: ``stats`` (flags included), the running update when
+        ``running_var`` is given, and ``y3``, the normalized ``x3``."""
         raise NotImplementedError
 
-    def eval_stats(self, running_mean: Any, running_var: Any, eps: float, weight: Any, bias: Any,
-                   stats: Stats, dtype_name: str) -> None:
-        """``stats`` from the running statistics."""
-        raise NotImplementedError
-
-    def normalize(self, x3: Any, stats: Stats, y3: Any) -> None:
+    def normalize_fixed(self, x3: Any, running_mean: Any, running_var: Any, eps: float, weight: Any, bias: Any,
+                        stats: Stats, y3: Any) -> None:
+        """``stats`` from the running statistics, and ``y3``, the normalized ``x3``."""
         raise NotImplementedError
 
     def backward_reduce(self, dy3: Any, x3: Any, stats: Stats, weight_grad: Any, bias_grad: Any,
-                        buf: Any) -> None:
-        """Write ``[sum dy, sum dy * (x - mean)]`` (length 2C) into ``buf`` and add this rank's
-        shares to ``weight_grad`` / ``bias_grad`` (either may be None)."""
+                        tag: int, buf: Any) -> None:
+        """Write ``[sum dy, sum dy * (x - mean), t, t^2]`` (length 2C + 2) into ``buf`` and add
+        this rank's shares to ``weight_grad`` / ``bias_grad`` (either may be None)."""
         raise NotImplementedError
 
-    def backward_input(self, dy3: Any, x3: Any, stats: Stats, buf: Any, count: Any, dx3: Any) -> None:
-        """``dx`` from the reduced backward payload; ``count`` None means fixed (eval) statistics."""
+    def backward_input(self, dy3: Any, x3: Any, stats: Stats, buf: Any, count: Any, tag: int, ranks: int,
+                       dx3: Any) -> None:
+        """``dx`` from the reduced backward payload (and ``stats.flags[1]``); ``count`` None
+        means fixed (eval) statistics and ``buf`` is then unused."""
         raise NotImplementedError
 
 

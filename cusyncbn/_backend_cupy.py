@@ -197,39 +197,47 @@ class CupyBackend(Backend):
         return (_cdiv(channels, _CHANNEL_THREADS),), (_CHANNEL_THREADS,)
 
     # -- the steps of _backend.Backend --------------------------------------------------------
-    def local_moments(self, x3: Any, running_mean: Any, buf: Any) -> None:
+    def local_moments(self, x3: Any, running_mean: Any, tag: int, buf: Any) -> None:
         with self._cuda_device:
-            self._reduce("moments", x3, (x3,), 3, self._param_name(running_mean), (running_mean,), (), buf)
+            c = x3.shape[1]
+            self._reduce("moments", x3, (x3,), 3, self._param_name(running_mean), (running_mean,), (), buf[:2 * c + 1])
+            buf[2 * c + 1].fill(tag)
+            buf[2 * c + 2].fill(float(tag) * tag)
 
-    def finalize_forward(self, buf: Any, running_mean: Any, running_var: Any, momentum: float, eps: float,
-                         unbiased: bool, weight: Any, bias: Any, stats: Stats, dtype_name: str) -> None:
+    def normalize_batch(self, x3: Any, buf: Any, tag: int, ranks: int, running_mean: Any, running_var: Any,
+                        momentum: float, eps: float, unbiased: bool, weight: Any, bias: Any, stats: Stats,
+                        y3: Any) -> None:
         with self._cuda_device:
             c = stats.mean.shape[0]
             grid, block = self._channel_grid(c)
             pname = self._param_name(running_mean, running_var, weight, bias)
-            self._kernel(dtype_name, f"finalize_{pname}")(
+            self._kernel(_name_of(x3.dtype), f"finalize_{pname}")(
                 grid, block, (buf, np.int32(c), running_mean, running_var, np.float64(momentum), np.float64(eps),
                               np.int32(bool(unbiased)), weight, bias, stats.data))
+            stats.flags.fill(0)
+            self._elementwise("normalize", x3, (x3, y3), (stats.data,))
 
-    def eval_stats(self, running_mean: Any, running_var: Any, eps: float, weight: Any, bias: Any,
-                   stats: Stats, dtype_name: str) -> None:
+    def normalize_fixed(self, x3: Any, running_mean: Any, running_var: Any, eps: float, weight: Any, bias: Any,
+                        stats: Stats, y3: Any) -> None:
         with self._cuda_device:
             c = stats.mean.shape[0]
             grid, block = self._channel_grid(c)
-            self._kernel(dtype_name, f"eval_{_name_of(running_mean.dtype)}")(
+            self._kernel(_name_of(x3.dtype), f"eval_{_name_of(running_mean.dtype)}")(
                 grid, block, (running_mean, running_var, np.int32(c), np.float64(eps), weight, bias, stats.data))
-
-    def normalize(self, x3: Any, stats: Stats, y3: Any) -> None:
-        with self._cuda_device:
+            stats.flags.fill(0)
             self._elementwise("normalize", x3, (x3, y3), (stats.data,))
 
     def backward_reduce(self, dy3: Any, x3: Any, stats: Stats, weight_grad: Any, bias_grad: Any,
-                        buf: Any) -> None:
+                        tag: int, buf: Any) -> None:
         with self._cuda_device:
+            c = x3.shape[1]
             self._reduce("backward", x3, (dy3, x3), 2, self._param_name(weight_grad, bias_grad),
-                         (stats.data,), (weight_grad, bias_grad), buf)
+                         (stats.data,), (weight_grad, bias_grad), buf[:2 * c])
+            buf[2 * c].fill(tag)
+            buf[2 * c + 1].fill(float(tag) * tag)
 
-    def backward_input(self, dy3: Any, x3: Any, stats: Stats, buf: Any, count: Any, dx3: Any) -> None:
+    def backward_input(self, dy3: Any, x3: Any, stats: Stats, buf: Any, count: Any, tag: int, ranks: int,
+                       dx3: Any) -> None:
         fixed = count is None                           # eval statistics: no batch terms
         with self._cuda_device:
             self._elementwise("dx", x3, (dy3, x3, dx3),

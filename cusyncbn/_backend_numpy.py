@@ -11,7 +11,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from ._backend import Backend, Stats
+from ._backend import DESYNC, NONFINITE, Backend, Stats
 from ._dlpack import device_of
 
 _BLOCK_ELEMENTS = 1 << 20
@@ -73,40 +73,50 @@ class NumpyBackend(Backend):
         except Exception as exc:
             raise TypeError(f"{what} must be an array (NumPy or a DLPack producer), got {type(x).__name__}") from exc
 
-    def local_moments(self, x3: Any, running_mean: Any, buf: Any) -> None:
+    def local_moments(self, x3: Any, running_mean: Any, tag: int, buf: Any) -> None:
         channels = x3.shape[1]
         n = x3.shape[0] * x3.shape[2]
+        buf[2 * channels:] = (n, tag, float(tag) * tag)
         if n == 0:
-            buf[:] = 0.0
+            buf[:2 * channels] = 0.0
             return
         mean = _blocked_channel_sum(x3, lambda r: x3[r]) / n
         m2 = _blocked_channel_sum(x3, lambda r: np.square(x3[r].astype(np.float64) - _col(mean)))
         shift = _shift(running_mean, channels)
         buf[:channels] = n * mean
         buf[channels:2 * channels] = m2 + n * np.square(mean - shift)
-        buf[2 * channels] = n
 
-    def finalize_forward(self, buf: Any, running_mean: Any, running_var: Any, momentum: float, eps: float,
-                         unbiased: bool, weight: Any, bias: Any, stats: Stats, dtype_name: str) -> None:
+    def normalize_batch(self, x3: Any, buf: Any, tag: int, ranks: int, running_mean: Any, running_var: Any,
+                        momentum: float, eps: float, unbiased: bool, weight: Any, bias: Any, stats: Stats,
+                        y3: Any) -> None:
         channels = stats.mean.shape[0]
         count = buf[2 * channels]
-        if count > 0:
-            mean = buf[:channels] / count
-            dev = mean - _shift(running_mean, channels)
-            var = np.maximum((buf[channels:2 * channels] - count * dev * dev) / count, 0.0)
-        else:
-            mean = np.zeros(channels)
-            var = np.zeros(channels)
-        self._fill(stats, mean, 1.0 / np.sqrt(var + eps), weight, bias)
-        if count > 0 and running_mean is not None and running_var is not None:
-            var_run = var * (count / (count - 1)) if (unbiased and count > 1) else var
-            running_mean[...] = running_mean * momentum + mean * (1.0 - momentum)
-            running_var[...] = running_var * momentum + var_run * (1.0 - momentum)
+        desync = not _tags_agree(buf[2 * channels + 1:], tag, ranks)
+        with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+            if count > 0:
+                mean = buf[:channels] / count
+                dev = mean - _shift(running_mean, channels)
+                var = np.maximum((buf[channels:2 * channels] - count * dev * dev) / count, 0.0)
+            else:
+                mean = np.zeros(channels)
+                var = np.zeros(channels)
+            finite = np.isfinite(mean) & np.isfinite(var)
+            self._fill(stats, mean, 1.0 / np.sqrt(var + eps), weight, bias)
+            stats.flags[0] = NONFINITE * (not finite.all()) + DESYNC * desync
+            if count > 0 and running_mean is not None and running_var is not None and not desync:
+                var_run = var * (count / (count - 1)) if (unbiased and count > 1) else var
+                new_mean = running_mean * momentum + mean * (1.0 - momentum)
+                new_var = running_var * momentum + var_run * (1.0 - momentum)
+                running_mean[finite] = new_mean[finite]
+                running_var[finite] = new_var[finite]
+        self.normalize(x3, stats, y3)
 
-    def eval_stats(self, running_mean: Any, running_var: Any, eps: float, weight: Any, bias: Any,
-                   stats: Stats, dtype_name: str) -> None:
+    def normalize_fixed(self, x3: Any, running_mean: Any, running_var: Any, eps: float, weight: Any, bias: Any,
+                        stats: Stats, y3: Any) -> None:
         invstd = 1.0 / np.sqrt(running_var.astype(np.float64) + eps)
         self._fill(stats, running_mean.astype(np.float64), invstd, weight, bias)
+        stats.flags[0] = 0
+        self.normalize(x3, stats, y3)
 
     @staticmethod
     def _fill(stats: Stats, mean: Any, invstd: Any, weight: Any, bias: Any) -> None:
@@ -115,37 +125,47 @@ class NumpyBackend(Backend):
         stats.scale[...] = invstd if weight is None else invstd * weight.astype(np.float64)
         stats.shift[...] = 0.0 if bias is None else bias
 
-    def normalize(self, x3: Any, stats: Stats, y3: Any) -> None:
+    @staticmethod
+    def normalize(x3: Any, stats: Stats, y3: Any) -> None:
         mean, scale, shift = _col(stats.mean), _col(stats.scale), _col(stats.shift)
         for rows in _row_blocks(x3):
             y3[rows] = (x3[rows].astype(mean.dtype) - mean) * scale + shift
 
     def backward_reduce(self, dy3: Any, x3: Any, stats: Stats, weight_grad: Any, bias_grad: Any,
-                        buf: Any) -> None:
+                        tag: int, buf: Any) -> None:
         channels = x3.shape[1]
         mean64 = _col(stats.mean.astype(np.float64))
         buf[:channels] = _blocked_channel_sum(dy3, lambda r: dy3[r])
-        buf[channels:] = _blocked_channel_sum(
+        buf[channels:2 * channels] = _blocked_channel_sum(
             x3, lambda r: dy3[r].astype(np.float64) * (x3[r].astype(np.float64) - mean64))
+        buf[2 * channels:] = (tag, float(tag) * tag)
         if weight_grad is not None:
-            weight_grad += (buf[channels:] * stats.invstd).astype(weight_grad.dtype)
+            weight_grad += (buf[channels:2 * channels] * stats.invstd).astype(weight_grad.dtype)
         if bias_grad is not None:
             bias_grad += buf[:channels].astype(bias_grad.dtype)
 
-    def backward_input(self, dy3: Any, x3: Any, stats: Stats, buf: Any, count: Any, dx3: Any) -> None:
+    def backward_input(self, dy3: Any, x3: Any, stats: Stats, buf: Any, count: Any, tag: int, ranks: int,
+                       dx3: Any) -> None:
         scale = _col(stats.scale)
         if count is None:
+            stats.flags[1] = 0
             for rows in _row_blocks(dy3):
                 dx3[rows] = dy3[rows].astype(scale.dtype) * scale
             return
         channels = scale.shape[1]
+        stats.flags[1] = DESYNC * (not _tags_agree(buf[2 * channels:], tag, ranks))
         n = max(float(count[0]), 1.0)
         mean_dy = _col((buf[:channels] / n).astype(scale.dtype))
-        proj = _col((buf[channels:] / n * stats.invstd.astype(np.float64) ** 2).astype(scale.dtype))
+        proj = _col((buf[channels:2 * channels] / n * stats.invstd.astype(np.float64) ** 2).astype(scale.dtype))
         mean = _col(stats.mean)
         for rows in _row_blocks(dy3):
             xmu = x3[rows].astype(scale.dtype) - mean
             dx3[rows] = (dy3[rows].astype(scale.dtype) - mean_dy - xmu * proj) * scale
+
+
+def _tags_agree(sums: Any, tag: int, ranks: int) -> bool:
+    """Whether every rank contributed ``tag``: ``sums = (sum t, sum t^2)`` over ``ranks`` ranks."""
+    return bool(sums[0] == ranks * tag and sums[1] == ranks * float(tag) * tag)
 
 
 def _bfloat16_to_numpy(x: Any) -> Any:

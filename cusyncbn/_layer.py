@@ -20,7 +20,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from ._backend import Backend, dtype_name, get_backend
+from ._backend import TAG_LIMIT, Backend, backward_payload_size, dtype_name, get_backend
 from ._comm import Communicator, SingleProcessComm, resolve_comm
 from ._device import _parse as resolve_device, get_device
 from ._dlpack import framework_of, to_framework, to_host
@@ -53,6 +53,18 @@ def no_grad() -> Iterator[None]:
 
 def _recording() -> bool:
     return not getattr(_state, "no_grad", False)
+
+
+_tags: dict[int, list] = {}
+
+
+def _next_tag(comm: Any) -> int:
+    """The tag of the next collective on ``comm`` (see ``_backend.py``)."""
+    entry = _tags.get(id(comm))
+    if entry is None or entry[0] is not comm:
+        entry = _tags[id(comm)] = [comm, 0]
+    entry[1] = (entry[1] + 1) % TAG_LIMIT
+    return entry[1]
 
 
 def _debug_from_env() -> bool:
@@ -388,18 +400,20 @@ class _BatchNormBase:
         count = None
         if batch_stats:
             buf = stats.payload
-            backend.local_moments(x3, self._mean if running else None, buf)
+            tag = _next_tag(comm)
+            backend.local_moments(x3, self._mean if running else None, tag, buf)
             comm.allreduce(buf)
             update = running and self.training
-            backend.finalize_forward(buf, self._mean if running else None, self._variance if update else None,
-                                     self._momentum if momentum is None else float(momentum), self._epsilon,
-                                     self._unbiased, weight, bias, stats, dtype_name(x.dtype))
-            count = buf[2 * c:]
+            y3 = backend.empty(x3.shape, x.dtype)
+            backend.normalize_batch(x3, buf, tag, comm.size, self._mean if running else None,
+                                    self._variance if update else None,
+                                    self._momentum if momentum is None else float(momentum), self._epsilon,
+                                    self._unbiased, weight, bias, stats, y3)
+            count = buf[2 * c:2 * c + 1]
         else:
             comm = SingleProcessComm()
-            backend.eval_stats(self._mean, self._variance, self._epsilon, weight, bias, stats, dtype_name(x.dtype))
-        y3 = backend.empty(x3.shape, x.dtype)
-        backend.normalize(x3, stats, y3)
+            y3 = backend.empty(x3.shape, x.dtype)
+            backend.normalize_fixed(x3, self._mean, self._variance, self._epsilon, weight, bias, stats, y3)
         saved = _Saved(x3, tuple(x.shape), stats, count, comm, framework, self._calls["forward"], channel_last)
         return y3.reshape(x.shape), saved
 
@@ -430,13 +444,14 @@ class _BatchNormBase:
         weight_grad = self._grad_slot(self.weight)
         bias_grad = self._grad_slot(self.bias)
         buf = None
+        tag = _next_tag(saved.comm) if saved.count is not None else 0
         if saved.count is not None or weight_grad is not None or bias_grad is not None:
-            buf = backend.scratch("backward payload", 2 * c, np.float64)
-            backend.backward_reduce(dy3, saved.x3, saved.stats, weight_grad, bias_grad, buf)
+            buf = backend.scratch("backward payload", backward_payload_size(c), np.float64)
+            backend.backward_reduce(dy3, saved.x3, saved.stats, weight_grad, bias_grad, tag, buf)
         if saved.count is not None:
             saved.comm.allreduce(buf)
         dx3 = backend.empty(saved.x3.shape, saved.x3.dtype)
-        backend.backward_input(dy3, saved.x3, saved.stats, buf, saved.count, dx3)
+        backend.backward_input(dy3, saved.x3, saved.stats, buf, saved.count, tag, saved.comm.size, dx3)
         if pop:                          # popped: nothing refers to these statistics any more
             backend.give_back(saved.stats)
         return dx3.reshape(saved.shape)
