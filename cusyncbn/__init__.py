@@ -8,8 +8,10 @@ from ._checkpoint import export_state_dict, load_checkpoint, load_state_dict, sa
 from ._comm import Communicator, MPIComm, SingleProcessComm
 from ._device import get_device, set_device
 from ._grads import allreduce_gradients
-from ._layer import BatchNorm1D, BatchNorm2D, BatchNorm3D, SyncBatchNorm, no_grad
+from ._grad_mode import no_grad
+from ._layer import BatchNorm1D, BatchNorm2D, BatchNorm3D, SyncBatchNorm
 from ._params import ParamAttr, Parameter
+from . import functional
 
 __version__ = "0.1.0"
 
@@ -25,6 +27,6 @@ def __getattr__(name: str):
 __all__ = [
     "BatchNorm1D", "BatchNorm2D", "BatchNorm3D", "Communicator", "MPIComm", "NCCLComm",
     "ParamAttr", "Parameter", "SingleProcessComm", "SyncBatchNorm", "allreduce_gradients",
-    "export_state_dict", "get_device", "load_checkpoint", "load_state_dict", "no_grad", "save_checkpoint",
+    "export_state_dict", "functional", "get_device", "load_checkpoint", "load_state_dict", "no_grad", "save_checkpoint",
     "set_device", "__version__",
 ]

@@ -90,7 +90,6 @@ def dtype_name(dtype: Any) -> str:
 
 NONFINITE = 1          # flag bits (see above)
 DESYNC = 2
-TAG_LIMIT = 1 << 20    # tags are taken modulo this: t^2 summed over 1024 ranks stays exact
 
 
 def forward_payload_size(channels: int) -> int:

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from . import _state
 from ._dlpack import to_host
 
 _TORCH_TO_OURS = {"weight": "weight", "bias": "bias", "running_mean": "_mean", "running_var": "_variance"}
@@ -97,7 +98,8 @@ def save_checkpoint(layers: Any, path: str | os.PathLike) -> None:
         raise
 
 
-def load_checkpoint(layers: Any, path: str | os.PathLike, strict: bool = True) -> None:
+def load_checkpoint(layers: Any, path: str | os.PathLike, strict: bool = True, *,
+                    allow_nonfinite: bool = False) -> None:
     """Load a file written by :func:`save_checkpoint` into the same layer(s).
 
     Every layer's entries are checked before any layer is changed.
@@ -111,6 +113,8 @@ def load_checkpoint(layers: Any, path: str | os.PathLike, strict: bool = True) -
         if prefix not in per_layer:
             raise KeyError(f"load_checkpoint: {path} has entries for layer {prefix!r}, not among {list(named)}")
         per_layer[prefix][entry] = value
-    staged = {name: layer._stage_state(per_layer[name], strict) for name, layer in named.items()}
+    staged = {name: _state.stage(layer.state_dict(), per_layer[name], strict, layer.device, layer.name,
+                                 allow_nonfinite, source=f"{path}")
+              for name, layer in named.items()}
     for name, layer in named.items():                   # written only once every layer fits
-        layer._write_state(staged[name])
+        _state.write(layer.state_dict(), staged[name])

@@ -94,6 +94,32 @@ class MPIComm:
         return f"MPIComm(rank={self.rank}, size={self.size})"
 
 
+# Collective tags (see _backend.py): one counter per communicator object.
+_TAG_LIMIT = 1 << 20
+_tags: dict[int, list] = {}
+
+
+def next_tag(comm: Any) -> int:
+    """Number the next collective on ``comm`` (1, 2, ... modulo 2^20)."""
+    entry = _tags.get(id(comm))
+    if entry is None or entry[0] is not comm:
+        entry = _tags[id(comm)] = [comm, 0]
+    entry[1] = (entry[1] + 1) % _TAG_LIMIT
+    return entry[1]
+
+
+def set_tag(comm: Any, tag: int) -> None:
+    """Make ``tag`` the number of the last collective on ``comm`` (ranks re-aligning after an
+    error that every rank saw)."""
+    _tags[id(comm)] = [comm, int(tag) % _TAG_LIMIT]
+
+
+def peek_tag(comm: Any) -> int:
+    """The number of the last collective on ``comm`` (0 before the first)."""
+    entry = _tags.get(id(comm))
+    return entry[1] if entry is not None and entry[0] is comm else 0
+
+
 def launched_size() -> int:
     """World size announced by an MPI launcher's environment, 1 if none."""
     for var in _SIZE_VARS:
@@ -143,15 +169,29 @@ def default_comm(device: str) -> Communicator:
     return comm
 
 
+_adopted: dict[tuple[int, str], tuple[Any, Communicator]] = {}
+
+
 def resolve_comm(comm: Any, device: str) -> Communicator:
-    """Turn the ``comm=`` argument of a layer into a communicator object."""
+    """Turn the ``comm=`` argument of a layer or function into a communicator object.
+
+    An mpi4py communicator is wrapped once per device (an NCCL communicator is costly to
+    build) and the wrapper reused by every later call with the same mpi4py object.
+    """
     if comm is None:
         return default_comm(device)
     if _is_mpi4py_comm(comm):
+        key = (id(comm), device)
+        known = _adopted.get(key)
+        if known is not None and known[0] is comm:
+            return known[1]
         if device == "cpu":
-            return MPIComm(comm)
-        from ._nccl import nccl_or_fallback
-        return nccl_or_fallback(comm, device)
+            wrapped: Communicator = MPIComm(comm)
+        else:
+            from ._nccl import nccl_or_fallback
+            wrapped = nccl_or_fallback(comm, device)
+        _adopted[key] = (comm, wrapped)
+        return wrapped
     if isinstance(comm, Communicator) and isinstance(getattr(comm, "size", None), int):
         return comm
     raise TypeError("comm must be None, an mpi4py communicator or an object with rank, size and "

@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from ._comm import resolve_comm
-from ._layer import SyncBatchNorm as _CoreSyncBatchNorm
+from ._comm import SingleProcessComm, resolve_comm
+from .functional import sync_batch_norm, sync_batch_norm_backward
 
 __all__ = ["SyncBatchNorm", "TorchDistComm", "convert_sync_batchnorm"]
 
@@ -81,41 +81,39 @@ def _on_torch_stream(t: torch.Tensor) -> Any:
     return stream
 
 
-def _view(t: torch.Tensor | None, device: str) -> Any:
-    """A NumPy/CuPy array sharing ``t``'s memory."""
-    if t is None:
-        return None
-    t = t.detach()
-    if device == "cpu":
-        return t.numpy()
-    import cupy
-    return cupy.from_dlpack(t)
-
-
 class _Function(torch.autograd.Function):
+    """One call of the functional core per pass; dx and the backward all-reduce only when
+    the input needs a gradient."""
+
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: Any, bias: Any, module: "SyncBatchNorm",
-                momentum: float, channel_last: bool) -> torch.Tensor:
+    def forward(ctx: Any, x: torch.Tensor, weight: Any, bias: Any, module: "SyncBatchNorm", training: bool,
+                momentum: float, data_format: str) -> torch.Tensor:
+        device = _device_name(x)
         with _on_torch_stream(x):
-            engine = module._engine_for(x)
-            y, saved = engine._forward(x.detach(), momentum=momentum, channel_last=channel_last)
-            y = torch.from_dlpack(y)
-        ctx.module, ctx.engine, ctx.saved = module, engine, saved
-        return y
+            y, ctx.core = sync_batch_norm(
+                x.detach(), module._array("running_mean", device), module._array("running_var", device),
+                module._array("weight", device), module._array("bias", device), training=training,
+                momentum=momentum, epsilon=float(module.eps), data_format=data_format,
+                comm=module._comm_for(device), unbiased_running_var=True, device=device,
+                name=type(module).__name__)
+            return torch.from_dlpack(y)
 
     @staticmethod
     def backward(ctx: Any, dy: torch.Tensor) -> tuple:
-        module, engine, saved = ctx.module, ctx.engine, ctx.saved
-        need_w = ctx.needs_input_grad[1]
-        need_b = ctx.needs_input_grad[2]
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
         with _on_torch_stream(dy):
-            module._bind(engine, grads=(need_w, need_b))
             # dy has the shape of the forward's (possibly channel-last permuted) input; the
             # permutes around this function are differentiated by autograd itself.
-            dx = torch.from_dlpack(engine._backward(saved, dy.detach().contiguous()))
-            dw = torch.from_dlpack(engine.weight.grad) if need_w else None
-            db = torch.from_dlpack(engine.bias.grad) if need_b else None
-        return dx, dw, db, None, None, None
+            dx, dw, db = sync_batch_norm_backward(ctx.core, dy.detach().contiguous(), input_grad=need_x,
+                                                  weight_grad=need_w, bias_grad=need_b)
+            grads = tuple(None if g is None else torch.from_dlpack(g) for g in (dx, dw, db))
+        ctx.core = None
+        return grads + (None, None, None, None)
+
+
+# (input rank, channels last) -> data format of the functional core.
+_FORMATS = {(2, False): "NC", (3, False): "NCL", (4, False): "NCHW", (5, False): "NCDHW",
+            (4, True): "NHWC", (5, True): "NDHWC"}
 
 
 def _is_channels_last(x: torch.Tensor) -> bool:
@@ -178,51 +176,42 @@ class SyncBatchNorm(torch.nn.Module):
             self.register_buffer("running_var", None)
             self.register_buffer("num_batches_tracked", None)
         self._comm_arg = comm
-        self._engines: dict[str, Any] = {}
+        self._comms: dict[str, Any] = {}
+        self._views: dict[str, tuple] = {}
 
     def extra_repr(self) -> str:
         return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
                 f"track_running_stats={self.track_running_stats}, backend=cusyncbn")
 
-    def _comm(self, device: str) -> Any:
-        from ._comm import SingleProcessComm
-        if not self.sync:
-            return SingleProcessComm()
-        if self.process_group is not None:
-            return TorchDistComm(self.process_group)
-        return resolve_comm(self._comm_arg, device)
+    def _comm_for(self, device: str) -> Any:
+        comm = self._comms.get(device)
+        if comm is None:
+            if not self.sync:
+                comm = SingleProcessComm()
+            elif self.process_group is not None:
+                comm = TorchDistComm(self.process_group)
+            else:
+                comm = resolve_comm(self._comm_arg, device)
+            self._comms[device] = comm
+        return comm
 
-    def _engine_for(self, x: torch.Tensor) -> Any:
-        device = _device_name(x)
-        engine = self._engines.get(device)
-        if engine is None:
-            param_dtype = "float64" if (self.weight is not None and self.weight.dtype == torch.float64) or \
-                (self.running_mean is not None and self.running_mean.dtype == torch.float64) else "float32"
-            engine = _CoreSyncBatchNorm(self.num_features, epsilon=self.eps, comm=self._comm(device),
-                                        device=device, dtype=param_dtype, unbiased_running_var=True,
-                                        weight_attr=None if self.affine else False,
-                                        bias_attr=None if self.affine else False)
-            engine._track_running_stats = self.track_running_stats
-            self._engines[device] = engine
-        engine._epsilon = float(self.eps)
-        engine.training = self.training
-        self._bind(engine, grads=(False, False))
-        return engine
-
-    def _bind(self, engine: Any, grads: tuple[bool, bool]) -> None:
-        """Point the engine's arrays at this module's tensors (zero-copy) and give it fresh grads."""
-        device = engine.device
-        if self.affine:
-            engine.weight.data = _view(self.weight, device)
-            engine.bias.data = _view(self.bias, device)
-            engine.weight.trainable, engine.bias.trainable = grads
-            engine.weight.grad = engine._backend.zeros(engine.weight.data.shape, engine.weight.data.dtype) \
-                if grads[0] else None
-            engine.bias.grad = engine._backend.zeros(engine.bias.data.shape, engine.bias.data.dtype) \
-                if grads[1] else None
-        if self.track_running_stats:
-            engine._mean = _view(self.running_mean, device)
-            engine._variance = _view(self.running_var, device)
+    def _array(self, attr: str, device: str) -> Any:
+        """The NumPy / CuPy array sharing the memory of this module's tensor ``attr`` (None
+        when it has none), imported through DLPack once and reused while the tensor is the same."""
+        t = getattr(self, attr)
+        if t is None:
+            return None
+        cached = self._views.get(attr)
+        if cached is not None and cached[0] is t and cached[1] == t.data_ptr():
+            return cached[2]
+        data = t.detach()
+        if device == "cpu":
+            array = data.numpy()
+        else:
+            import cupy
+            array = cupy.from_dlpack(data)
+        self._views[attr] = (t, t.data_ptr(), array)
+        return array
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() not in (2, 3, 4, 5):
@@ -232,13 +221,22 @@ class SyncBatchNorm(torch.nn.Module):
             self.num_batches_tracked.add_(1)
             if self.momentum is None:                    # cumulative moving average
                 momentum = 1.0 / float(self.num_batches_tracked)
+        # As torch: batch statistics in training, and in eval when no running ones are kept.
+        training = self.training or self.running_mean is None
         channel_last = _is_channels_last(x)
         xin = _to_channel_last(x) if channel_last else x.contiguous()
-        y = _Function.apply(xin, self.weight, self.bias, self, 1.0 - momentum, channel_last)
+        data_format = _FORMATS[(x.dim(), channel_last)]
+        y = _Function.apply(xin, self.weight, self.bias, self, training, 1.0 - momentum, data_format)
         return _from_channel_last(y) if channel_last else y
 
+    @classmethod
+    def convert_sync_batchnorm(cls, module: torch.nn.Module, process_group: Any = None, *,
+                               comm: Any = None) -> torch.nn.Module:
+        """As ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``: see :func:`convert_sync_batchnorm`."""
+        return convert_sync_batchnorm(module, process_group, comm=comm)
 
-def convert_sync_batchnorm(module: torch.nn.Module, comm: Any = None, process_group: Any = None) -> torch.nn.Module:
+
+def convert_sync_batchnorm(module: torch.nn.Module, process_group: Any = None, *, comm: Any = None) -> torch.nn.Module:
     """Replace every ``torch.nn.BatchNorm*d`` / ``SyncBatchNorm`` in ``module`` by
     :class:`SyncBatchNorm`, sharing its parameters and buffers (as torch's own convert does).
 
@@ -267,7 +265,7 @@ def convert_sync_batchnorm(module: torch.nn.Module, comm: Any = None, process_gr
         new.train(module.training)
         return new
     for name, child in module.named_children():
-        new_child = convert_sync_batchnorm(child, comm, process_group)
+        new_child = convert_sync_batchnorm(child, process_group, comm=comm)
         if new_child is not child:
             module.add_module(name, new_child)
     return module

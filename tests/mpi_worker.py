@@ -319,31 +319,126 @@ def bad_input_raises_before_any_collective():
     return errors
 
 
+def expect_raise(errors, what, fn, kind, words):
+    """``fn()`` must raise ``kind`` with every one of ``words`` in its message."""
+    try:
+        fn()
+        errors.append(f"{what}: no exception")
+    except kind as exc:
+        missing = [w for w in words if w not in str(exc)]
+        if missing:
+            errors.append(f"{what}: message lacks {missing}: {exc}")
+    except Exception as exc:                             # noqa: BLE001 - reported, not raised
+        errors.append(f"{what}: {type(exc).__name__} instead of {kind.__name__}: {exc}")
+
+
 @case
 def debug_mode_raises_on_every_rank():
     comm = make_comm(WORLD)
     errors = []
     bn = cusyncbn.SyncBatchNorm(3, comm=comm, device=LAYER_DEVICE, debug=True, name="dbg")
     last = WORLD.size - 1
-    bad_dtype = "float64" if WORLD.rank == last else "float32"
+    mine = WORLD.rank == last
+    # Bad input on one rank: that rank raises its own error, every other one a RuntimeError naming it.
+    channels = 4 if mine else 3
+    if mine:
+        expect_raise(errors, "bad input here", lambda: bn(xp.zeros((2, channels, 2, 2), "float32")),
+                     ValueError, ["4 channels"])
+    else:
+        expect_raise(errors, "bad input elsewhere", lambda: bn(xp.zeros((2, channels, 2, 2), "float32")),
+                     RuntimeError, [f"[{last}]"])
+    # Train/eval mismatch: named on every rank.
+    bn.train() if not mine else bn.eval()
+    expect_raise(errors, "train/eval mismatch", lambda: bn(xp.ones((2, 3, 2, 2), "float32")),
+                 RuntimeError, ["mode", f"rank {last}: eval", "rank 0: train"])
+    bn.train()
+    # One rank calls backward with no pending forward while the others run the next forward.
+    bn_b = cusyncbn.SyncBatchNorm(3, comm=comm, device=LAYER_DEVICE, debug=True, name="dbg_b", data_format="NC")
+    x = xp.ones((2, 3), "float32")
+    if mine:
+        expect_raise(errors, "backward without forward here", lambda: bn_b.backward(x),
+                     RuntimeError, ["no pending forward"])
+    else:
+        expect_raise(errors, "forward meeting it elsewhere", lambda: bn_b(x), RuntimeError, [f"[{last}]"])
+    y = bn_b(x)                                          # agreeing calls still work afterwards
+    bn_b.backward(xp.ones_like(y))
+    return errors
+
+
+@case
+def debug_mode_accepts_valid_differences():
+    """Per-rank spatial sizes, input dtypes and default names may differ under debug."""
+    comm = make_comm(WORLD)
+    errors = []
+    if WORLD.rank == 0:
+        cusyncbn.SyncBatchNorm(3, comm=comm, device=LAYER_DEVICE)         # shifts this rank's default names
+    bn = cusyncbn.SyncBatchNorm(3, comm=comm, device=LAYER_DEVICE, debug=True, momentum=0.5)
+    rng = np.random.default_rng(11)
+    shapes = [(2 + r, 3, 2 + r, 5 - r % 3) for r in range(WORLD.size)]
+    dtypes = ["float32" if r % 2 == 0 else "float64" for r in range(WORLD.size)]
+    xs = [rng.normal(size=s) for s in shapes]
+    dys = [rng.normal(size=s) for s in shapes]
+    r = WORLD.rank
     try:
-        bn(xp.zeros((2, 3, 2, 2), bad_dtype))
-        errors.append("dtype mismatch between ranks: no exception")
-    except RuntimeError as exc:
-        if f"[{last}]" not in str(exc):
-            errors.append(f"message does not name rank {last}: {exc}")
-    channels = 4 if WORLD.rank == last else 3
-    try:
-        bn(xp.zeros((2, channels, 2, 2), "float32"))
-        errors.append("bad input on one rank: no exception")
-    except ValueError as exc:
-        if WORLD.rank != last:
-            errors.append(f"rank {WORLD.rank} raised ValueError {exc}, expected RuntimeError")
-    except RuntimeError as exc:
-        if WORLD.rank == last or f"[{last}]" not in str(exc):
-            errors.append(f"unexpected {exc}")
-    y = bn(xp.ones((2, 3, 2, 2), "float32"))          # agreeing calls still work afterwards
-    bn.backward(xp.ones_like(y))
+        y = bn(xp.asarray(xs[r].astype(dtypes[r])))
+        dx = bn.backward(xp.asarray(dys[r].astype(dtypes[r])))
+    except Exception as exc:                             # noqa: BLE001 - reported, not raised
+        return [f"valid differences refused: {type(exc).__name__}: {exc}"]
+    flat = np.concatenate([x.transpose(1, 0, 2, 3).reshape(3, -1) for x in xs], axis=1)
+    mean, var = flat.mean(axis=1), flat.var(axis=1)
+    want_y = (xs[r] - mean[None, :, None, None]) / np.sqrt(var[None, :, None, None] + 1e-5)
+    close(errors, "y", y, want_y, "float32")
+    close(errors, "running mean", bn.running_mean, 0.5 * mean, "float32")
+    if not np.all(np.isfinite(host(dx))):
+        errors.append("dx not finite")
+    return errors
+
+
+@case
+def skipped_batch_is_detected_on_every_rank():
+    """A rank that catches a bad-input error and goes on is out of step: every rank raises at
+    the next collective, and no running statistics are spoiled."""
+    comm = make_comm(WORLD)
+    errors = []
+    bn = cusyncbn.SyncBatchNorm(3, comm=comm, device=LAYER_DEVICE, data_format="NC")
+    x = xp.asarray(np.random.default_rng(5).normal(size=(4, 3)))
+    bn(x)
+    bn.backward(xp.ones_like(x))
+    before = host(bn.running_mean).copy()
+    if WORLD.rank == WORLD.size - 1:
+        try:
+            bn(xp.zeros((4, 5)))                         # wrong channel count: raises here only
+        except ValueError:
+            pass                                          # ... and this rank skips the batch
+    expect_raise(errors, "step after the skipped batch", lambda: bn(x), RuntimeError, ["out of step"])
+    if not np.array_equal(host(bn.running_mean), before):
+        errors.append("running statistics changed by a desynchronized step")
+    return errors
+
+
+@case
+def nonfinite_statistics_leave_running_stats_and_warn():
+    import warnings
+    comm = make_comm(WORLD)
+    errors = []
+    bn = cusyncbn.SyncBatchNorm(3, comm=comm, device=LAYER_DEVICE, data_format="NC", name="nf")
+    x = np.random.default_rng(6).normal(size=(4, 3))
+    if WORLD.rank == 0:
+        x[1, 2] = np.nan                                   # one bad value on one rank, channel 2
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        bn(xp.asarray(x))
+    rm, rv = host(bn.running_mean), host(bn.running_var)
+    if not any("not finite" in str(w.message) and "nf" in str(w.message) for w in caught):
+        errors.append(f"no warning naming the layer: {[str(w.message) for w in caught]}")
+    if not (np.isfinite(rm).all() and np.isfinite(rv).all()):
+        errors.append(f"running statistics became non-finite: {rm} {rv}")
+    if rm[2] != 0.0 or rv[2] != 1.0:
+        errors.append("channel 2's running statistics changed")
+    if rm[0] == 0.0:
+        errors.append("finite channels were not updated")
+    strict = cusyncbn.SyncBatchNorm(3, comm=comm, device=LAYER_DEVICE, data_format="NC", nonfinite="raise")
+    expect_raise(errors, "nonfinite='raise'", lambda: strict(xp.asarray(x)), FloatingPointError, ["not finite"])
     return errors
 
 

@@ -1,0 +1,52 @@
+"""Reporting what the passes found (``stats.flags``: non-finite statistics, ranks out of step).
+
+On the CPU the flags are read as soon as a pass has written them. On the GPU reading
+them at once would synchronize the host with the device on every call; instead each
+pass queues an asynchronous copy of its two flags into pinned host memory behind its
+kernels, and the next call into cusyncbn (any layer, any pass) reports every copy that
+has landed, without waiting for those that have not. :func:`flush` waits for all.
+"""
+from __future__ import annotations
+
+from collections import deque
+from typing import Any, Callable
+
+import numpy as np
+
+_pending: deque = deque()
+_pinned: list = []               # spare pinned host buffers (2 values each)
+
+
+def watch(flags: Any, report: Callable[[Any], None]) -> None:
+    """Call ``report(host_flags)`` once the device has written ``flags`` (2 values)."""
+    if isinstance(flags, np.ndarray):
+        report(flags)
+        return
+    import cupy
+    from cupyx import empty_pinned
+    host = _pinned.pop() if _pinned else empty_pinned((2,), flags.dtype)
+    if host.dtype != flags.dtype:
+        host = empty_pinned((2,), flags.dtype)
+    stream = cupy.cuda.get_current_stream()
+    flags.get(stream=stream, out=host, blocking=False)
+    event = cupy.cuda.Event(block=False, disable_timing=True)
+    event.record(stream)
+    _pending.append((event, host, report))
+
+
+def poll() -> None:
+    """Report every queued copy that has completed (in order), without waiting."""
+    while _pending and _pending[0][0].done:
+        _, host, report = _pending.popleft()
+        try:
+            report(host)
+        finally:
+            if len(_pinned) < 64:
+                _pinned.append(host)
+
+
+def flush() -> None:
+    """Wait for every queued copy and report it."""
+    while _pending:
+        _pending[0][0].synchronize()
+        poll()

@@ -1,0 +1,119 @@
+"""What every pass checks before any collective, written once.
+
+Data formats, the ``(A, C, B)`` view of an input (see ``_backend.py``), and the checks
+of inputs, gradients, parameters and options. Each check raises a built-in exception
+(``ValueError`` / ``TypeError``) whose message names what was received and what was
+expected, before any collective is made, so a bad call changes nothing.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from ._backend import Backend, dtype_name
+
+# data_format -> whether the channel axis is last.
+FORMATS = {"NC": False, "NCL": False, "NCHW": False, "NCDHW": False,
+           "NLC": True, "NHWC": True, "NDHWC": True}
+FLOAT_NAMES = ("float16", "bfloat16", "float32", "float64")
+PARAM_NAMES = ("float32", "float64")
+
+
+def channel_last(data_format: str) -> bool:
+    """Whether the channel axis of ``data_format`` is the last one."""
+    try:
+        return FORMATS[data_format]
+    except (KeyError, TypeError):
+        raise ValueError(f"data_format must be one of {list(FORMATS)}, got {data_format!r}") from None
+
+
+def view3(x: Any, channels: int, last: bool) -> Any:
+    """``x`` viewed as ``(A, C, B)``: ``(N, C, prod(spatial))`` or ``(N * prod(spatial), C, 1)``."""
+    shape = tuple(x.shape)
+    if last or x.ndim == 2:
+        return x.reshape(math.prod(shape[:-1]), channels, 1)
+    return x.reshape(shape[0], channels, math.prod(shape[2:]))
+
+
+def check_momentum(momentum: Any, where: str) -> float:
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float, np.floating, np.integer)):
+        raise TypeError(f"{where}: momentum must be a float in [0, 1], got {momentum!r}")
+    value = float(momentum)
+    if not 0.0 <= value <= 1.0:                        # NaN fails too
+        raise ValueError(f"{where}: momentum must be in [0, 1], got {momentum!r}")
+    return value
+
+
+def check_epsilon(epsilon: Any, where: str) -> float:
+    if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float, np.floating, np.integer)):
+        raise TypeError(f"{where}: epsilon must be a finite float >= 0, got {epsilon!r}")
+    value = float(epsilon)
+    if not (math.isfinite(value) and value >= 0.0):
+        raise ValueError(f"{where}: epsilon must be a finite float >= 0, got {epsilon!r}")
+    return value
+
+
+def check_bool(value: Any, what: str, where: str) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{where}: {what} must be True or False, got {value!r}")
+    return bool(value)
+
+
+def is_float(dtype: Any) -> bool:
+    return dtype.kind == "f" or dtype_name(dtype) == "bfloat16"
+
+
+def check_input(backend: Backend, x: Any, channels: int | None, last: bool, ndims: tuple, data_format: str,
+                where: str) -> Any:
+    """``x`` as a contiguous array of ``backend`` with a floating dtype and ``channels``
+    channels on the axis ``data_format`` gives it (any count when ``channels`` is None)."""
+    x = backend.import_array(x, "x")
+    if not is_float(x.dtype):
+        raise TypeError(f"{where}: x must have a floating dtype ({', '.join(FLOAT_NAMES)}), got {x.dtype}")
+    if x.ndim not in ndims:
+        raise ValueError(f"{where}: x must have {' or '.join(map(str, ndims))} dimensions "
+                         f"for data_format {data_format!r}, got shape {tuple(x.shape)}")
+    axis = x.ndim - 1 if last else 1
+    if channels is not None and x.shape[axis] != channels:
+        raise ValueError(f"{where}: x has {x.shape[axis]} channels on axis {axis} "
+                         f"(data_format {data_format!r}, shape {tuple(x.shape)}), expected num_features={channels}")
+    return backend.contiguous(x)
+
+
+def check_grad_output(backend: Backend, dy: Any, shape: tuple, dtype: Any, where: str) -> Any:
+    """``dy`` as a contiguous array of ``backend`` with ``shape``, cast to ``dtype``."""
+    dy = backend.import_array(dy, "dy")
+    if not is_float(dy.dtype):
+        raise TypeError(f"{where}: dy must have a floating dtype, got {dy.dtype}")
+    if tuple(dy.shape) != shape:
+        raise ValueError(f"{where}: dy has shape {tuple(dy.shape)}, expected {shape} (the forward's input)")
+    if dy.dtype != dtype:
+        dy = dy.astype(dtype)
+    return backend.contiguous(dy)
+
+
+def check_params(backend: Backend, channels: int, where: str, **arrays: Any) -> dict:
+    """The per-channel arrays (running statistics, weight, bias; None allowed) as arrays of
+    ``backend``: shape ``(channels,)``, contiguous, one shared float32 / float64 dtype (the
+    kernels are instantiated per parameter dtype)."""
+    out: dict[str, Any] = {}
+    dtypes = set()
+    for role, value in arrays.items():
+        if value is None:
+            out[role] = None
+            continue
+        arr = backend.import_array(value, role)
+        if tuple(arr.shape) != (channels,):
+            raise ValueError(f"{where}: {role} has shape {tuple(arr.shape)}, expected ({channels},)")
+        if dtype_name(arr.dtype) not in PARAM_NAMES:
+            raise TypeError(f"{where}: {role} must be float32 or float64, got {arr.dtype}")
+        if not arr.flags.c_contiguous:
+            raise ValueError(f"{where}: {role} must be contiguous (it may be updated in place)")
+        dtypes.add(dtype_name(arr.dtype))
+        out[role] = arr
+    if len(dtypes) > 1:
+        given = {k: dtype_name(v.dtype) for k, v in out.items() if v is not None}
+        raise TypeError(f"{where}: running statistics, weight and bias must share one dtype, got {given}")
+    return out

@@ -1,0 +1,56 @@
+"""Loading per-channel state (parameters, running statistics) into a layer, all or nothing.
+
+A layer's ``state_dict()`` is a mapping of names to its live arrays; loading first
+checks every entry (known key, shape ``(C,)``, a floating dtype, finite values unless
+allowed) and converts it to the layer's device, then writes them all. Used by
+``set_state_dict`` and by the checkpoint functions, which stage several layers before
+writing any.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ._backend import get_backend
+from ._dlpack import to_host
+from ._rules import is_float
+
+
+def stage(targets: dict, state: dict, strict: bool, device: str, where: str, allow_nonfinite: bool = False,
+          source: str = "state") -> dict:
+    """Check every entry of ``state`` against ``targets`` (a ``state_dict()``) and return the
+    entries as arrays of ``device``. Nothing is written.
+
+    Raises:
+        KeyError: an unknown key, or (``strict``) a key of ``targets`` missing.
+        ValueError: a shape that does not fit, or non-finite values (unless allowed).
+        TypeError: a dtype that is not floating.
+    """
+    backend = get_backend(device)
+    unknown = sorted(set(state) - set(targets))
+    missing = sorted(set(targets) - set(state))
+    if unknown:
+        raise KeyError(f"{where}: unexpected keys {unknown} in {source}; the layer has {list(targets)}")
+    if strict and missing:
+        raise KeyError(f"{where}: missing keys {missing} in {source} (pass strict=False to load a subset)")
+    staged = {}
+    for key, value in state.items():
+        # Checkpoints usually come from the host: copying them to the layer's device is the point.
+        arr = value if backend.is_native(value) else backend.xp.asarray(to_host(value))
+        expected = tuple(targets[key].shape)
+        if tuple(arr.shape) != expected:
+            raise ValueError(f"{where}: {source}[{key!r}] has shape {tuple(arr.shape)}, expected shape {expected}")
+        if not is_float(arr.dtype):
+            raise TypeError(f"{where}: {source}[{key!r}] has dtype {arr.dtype}, expected a floating dtype")
+        if not allow_nonfinite and not bool(np.isfinite(np.asarray(to_host(arr), dtype=np.float64)).all()):
+            raise ValueError(f"{where}: {source}[{key!r}] holds NaN or Inf (pass allow_nonfinite=True to load "
+                             "it anyway)")
+        staged[key] = arr
+    return staged
+
+
+def write(targets: dict, staged: dict) -> None:
+    """Copy the staged arrays into the live ones, in place, cast to their dtype."""
+    for key, arr in staged.items():
+        targets[key][...] = arr.astype(targets[key].dtype)

@@ -1,0 +1,376 @@
+"""Stateless synchronized batch normalization: arrays in, arrays out.
+
+The passes of :class:`cusyncbn.SyncBatchNorm` as two functions, for hand-written
+training loops (as ``torch.nn.functional.batch_norm`` is for PyTorch): the layer
+classes and the framework adapters are thin holders of state on top of them.
+
+The maths, for channel ``c`` of the **global** batch (every element of that channel on
+every rank of ``comm``, ``N`` of them)::
+
+    mean  = sum(x) / N                      var = sum((x - mean)^2) / N   (biased)
+    invstd = 1 / sqrt(var + epsilon)        y = (x - mean) * invstd * weight + bias
+    running_mean = momentum * running_mean + (1 - momentum) * mean
+    running_var  = momentum * running_var  + (1 - momentum) * var   (var * N / (N - 1) if unbiased)
+
+    dbias   = sum(dy)                       dweight = sum(dy * (x - mean)) * invstd
+    dx = weight * invstd * (dy - mean(dy) - (x - mean) * invstd^2 * mean(dy * (x - mean)))
+
+where the sums of ``dbias`` / ``dweight`` run over this rank's elements (the sum over
+ranks of these partial gradients is the full gradient, see
+:func:`cusyncbn.allreduce_gradients`) and the means in ``dx`` over the global batch.
+A training forward makes one all-reduce of ``2C + 3`` float64 values, a backward that
+wants ``dx`` one of ``2C + 2``; eval makes none, and neither does a backward that wants
+only the parameter gradients. Per-rank batches may be uneven or empty: the results are
+those of one process holding the whole batch.
+
+Arrays may be NumPy or CuPy arrays or any DLPack producer (torch, JAX, Paddle); the
+device is the input's (NumPy on the CPU, the CUDA kernels on a GPU), and every other
+array must live there too. Results are NumPy or CuPy arrays.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import numpy as np
+
+from . import _debug, _flags
+from ._backend import DESYNC, NONFINITE, Backend, Stats, backward_payload_size, dtype_name, get_backend
+from ._comm import Communicator, SingleProcessComm, next_tag, peek_tag, resolve_comm
+from ._dlpack import device_of
+from ._rules import check_bool, check_epsilon, check_grad_output, check_input, check_momentum, check_params, \
+    channel_last, view3
+
+__all__ = ["BatchNormContext", "sync_batch_norm", "sync_batch_norm_backward"]
+
+_NDIMS = (2, 3, 4, 5)
+_NONFINITE_MODES = ("warn", "raise")
+
+
+class BatchNormContext:
+    """What a forward keeps for its backward. Pass it to :func:`sync_batch_norm_backward`
+    once; until then it holds the input and the statistics alive (drop it, or call
+    :meth:`release`, when no backward will come)."""
+
+    __slots__ = ("_backend", "_x3", "_shape", "_stats", "_count", "_comm", "_last", "_where", "_debug",
+                 "_pdtype", "_done", "_affine")
+
+    def __init__(self, backend: Backend, x3: Any, shape: tuple, stats: Stats, count: Any, comm: Communicator,
+                 last: bool, where: str, debug: bool, pdtype: str | None, affine: tuple[bool, bool]) -> None:
+        self._backend, self._x3, self._shape, self._stats, self._count = backend, x3, shape, stats, count
+        self._comm, self._last, self._where, self._debug, self._pdtype = comm, last, where, debug, pdtype
+        self._affine = affine
+        self._done = False
+
+    @property
+    def batch_stats(self) -> bool:
+        """Whether the forward normalized with the (synchronized) batch statistics."""
+        return self._count is not None
+
+    @property
+    def consumed(self) -> bool:
+        """True once backward has run or :meth:`release` was called."""
+        return self._done
+
+    @property
+    def device(self) -> str:
+        return self._backend.device
+
+    @property
+    def shape(self) -> tuple:
+        """Shape of the forward's input (and of ``dy`` / ``dx``)."""
+        return self._shape
+
+    @property
+    def mean(self) -> Any:
+        """The per-channel mean used by the forward (global batch mean, or the running mean)."""
+        return self._live().mean
+
+    @property
+    def invstd(self) -> Any:
+        """The per-channel ``1 / sqrt(var + epsilon)`` used by the forward."""
+        return self._live().invstd
+
+    def _live(self) -> Stats:
+        if self._done:
+            raise RuntimeError(f"{self._where}: this context was already consumed by a backward (or released)")
+        return self._stats
+
+    def release(self) -> None:
+        """Free what the forward kept, without a backward. Idempotent."""
+        if not self._done:
+            self._done = True
+            self._backend.give_back(self._stats)
+            self._x3 = None
+
+    def __repr__(self) -> str:
+        state = "consumed" if self._done else "pending"
+        return (f"BatchNormContext(shape={self._shape}, device={self.device!r}, "
+                f"batch_stats={self.batch_stats}, {state})")
+
+
+def _backend_of(x: Any) -> Backend:
+    if isinstance(x, np.ndarray):
+        return get_backend("cpu")
+    if not hasattr(x, "__dlpack_device__"):
+        raise TypeError(f"x must be an array (NumPy, CuPy or a DLPack producer), got {type(x).__name__}")
+    where = device_of(x)
+    if where != "cpu" and not where.startswith("gpu:"):
+        raise ValueError(f"x lives on {where}; cusyncbn runs on the CPU and on CUDA GPUs")
+    return get_backend(where)
+
+
+def _validated(where: str, check: Any, vote: Any) -> Any:
+    """``check()``; with ``vote`` (a debug vote taking the error or None) all ranks first
+    agree on whether every rank's check passed."""
+    error: Exception | None = None
+    value = None
+    try:
+        value = check()
+    except (TypeError, ValueError, RuntimeError) as exc:
+        error = exc
+    if vote is not None:
+        vote(error)
+    if error is not None:
+        raise error
+    return value
+
+
+# -- what the passes found ---------------------------------------------------------------
+
+_warned: set = set()
+
+
+def _report_forward(where: str, comm: Communicator, tag: int, nonfinite: str) -> Any:
+    def report(flags: Any) -> None:
+        bits = int(flags[0])
+        if bits & DESYNC:
+            raise RuntimeError(_desync_message(where, "forward", comm, tag))
+        if bits & NONFINITE:
+            message = (f"{where}: the global batch statistics of some channels are not finite (NaN/Inf in the "
+                       f"input of some rank); their running statistics were left unchanged")
+            if nonfinite == "raise":
+                raise FloatingPointError(message)
+            if where not in _warned:
+                _warned.add(where)
+                warnings.warn(message + " (reported once per layer)", RuntimeWarning, stacklevel=4)
+    return report
+
+
+def _desync_message(where: str, what: str, comm: Communicator, tag: int) -> str:
+    return (f"{where}: collectives out of step between ranks: this rank's collective #{tag} ({what}) was summed "
+            f"with a different collective on another rank of {comm!r} (a rank skipped or added a forward or "
+            "backward, e.g. after catching an exception); this step's results are wrong and the running "
+            "statistics were left unchanged")
+
+
+def _channels_of(x: Any, last: bool) -> int | None:
+    shape = getattr(x, "shape", None)
+    if shape is None or len(shape) < 2:
+        return None
+    return int(shape[-1] if last else shape[1])
+
+
+def sync_batch_norm(x: Any, running_mean: Any = None, running_var: Any = None, weight: Any = None,
+                    bias: Any = None, *, training: bool = True, momentum: float = 0.9, epsilon: float = 1e-5,
+                    data_format: str = "NCHW", comm: Any = None, unbiased_running_var: bool = False,
+                    nonfinite: str = "warn", debug: bool = False, num_features: int | None = None,
+                    device: str | None = None, name: str | None = None) -> tuple[Any, BatchNormContext]:
+    """Batch-normalize ``x`` over the global batch of ``comm``: one all-reduce in training.
+
+    Args:
+        x: input of 2 to 5 dimensions, channels on axis 1 (channel-second formats) or last.
+        running_mean, running_var: per-channel running statistics, updated in place in
+            training (None: not tracked); required in eval (``training=False``).
+        weight, bias: per-channel affine parameters (None: 1 and 0). All four per-channel
+            arrays share one dtype, float32 or float64.
+        training: True: normalize with the batch statistics synchronized over ``comm``;
+            False: with the running statistics (no collective).
+        momentum: ``running = running * momentum + batch * (1 - momentum)`` (Paddle's convention).
+        epsilon: added to the variance.
+        data_format: 'NC', 'NCL', 'NCHW', 'NCDHW' (channel second) or 'NLC', 'NHWC', 'NDHWC'.
+        comm: None (every MPI rank when launched by MPI, else this process), an mpi4py
+            communicator or a cusyncbn communicator.
+        unbiased_running_var: update ``running_var`` with the unbiased variance (PyTorch's rule).
+        nonfinite: 'warn' (once per ``name``) or 'raise' (``FloatingPointError``) when the
+            global statistics of a channel are not finite; its running statistics are
+            left unchanged either way. On a GPU this is reported by a later call.
+        debug: before the collective, check with one extra small all-reduce that every rank
+            makes the same collective and passed validation, so that an error on one rank
+            is raised on every rank instead of leaving the others waiting.
+        num_features: the expected channel count (None: any).
+        device: 'cpu' or 'gpu:N' where ``x`` must live (None: wherever it lives).
+        name: used in messages.
+
+    Returns:
+        ``(y, ctx)``: ``y`` with the shape and dtype of ``x``; ``ctx`` for the backward.
+
+    Raises:
+        TypeError / ValueError: bad input, arrays or options (before any collective).
+        RuntimeError: the ranks' collectives are out of step (every rank raises).
+
+    Example:
+        >>> import numpy as np
+        >>> from cusyncbn.functional import sync_batch_norm, sync_batch_norm_backward
+        >>> x = np.arange(12, dtype=np.float32).reshape(3, 2, 2)          # (N, C, L)
+        >>> rm, rv = np.zeros(2, np.float32), np.ones(2, np.float32)
+        >>> y, ctx = sync_batch_norm(x, rm, rv, data_format="NCL")
+        >>> [round(float(v), 6) for v in y.mean(axis=(0, 2))]
+        [0.0, 0.0]
+        >>> dx, dw, db = sync_batch_norm_backward(ctx, np.ones_like(y))
+    """
+    _flags.poll()
+    where = name or "sync_batch_norm"
+    last = channel_last(data_format)
+    training = check_bool(training, "training", where)
+    debug = check_bool(debug, "debug", where)
+    unbiased = check_bool(unbiased_running_var, "unbiased_running_var", where)
+    if nonfinite not in _NONFINITE_MODES:
+        raise ValueError(f"{where}: nonfinite must be one of {_NONFINITE_MODES}, got {nonfinite!r}")
+    backend = get_backend(device) if device is not None else _backend_of(x)
+    comm = resolve_comm(comm, backend.device) if (training or debug) else None
+    collective = training and comm.size > 1
+    tag = next_tag(comm) if training else 0
+
+    def check() -> tuple:
+        momentum_ = check_momentum(momentum, where)
+        epsilon_ = check_epsilon(epsilon, where)
+        xa = check_input(backend, x, num_features, last, _NDIMS, data_format, where)
+        c = _channels_of(xa, last)
+        params = check_params(backend, c, where, running_mean=running_mean, running_var=running_var,
+                              weight=weight, bias=bias)
+        if not training and (params["running_mean"] is None or params["running_var"] is None):
+            raise ValueError(f"{where}: eval (training=False) needs running_mean and running_var")
+        if (params["running_mean"] is None) != (params["running_var"] is None):
+            raise ValueError(f"{where}: give both running_mean and running_var, or neither")
+        return xa, params, momentum_, epsilon_
+
+    vote = None
+    if debug and comm.size > 1:
+        def vote(error: Exception | None) -> None:
+            row = _debug.record(tag if training else peek_tag(comm), False, _channels_of(x, last) or 0,
+                                _dtype_label(running_mean, running_var, weight, bias), training)
+            _debug.agree(comm, backend.xp, where, row, error)
+    x, params, momentum, epsilon = _validated(where, check, vote)
+    c = _channels_of(x, last)
+    x3 = view3(x, c, last)
+    stats = backend.take_stats(c, np.float64 if x.dtype == np.float64 else np.float32)
+    rm, rv, w, b = params["running_mean"], params["running_var"], params["weight"], params["bias"]
+    y3 = backend.empty(x3.shape, x.dtype)
+    count = None
+    if training:
+        buf = stats.payload
+        backend.local_moments(x3, rm, tag, buf)
+        comm.allreduce(buf)
+        backend.normalize_batch(x3, buf, tag, comm.size, rm, rv, momentum, epsilon, unbiased, w, b, stats, y3)
+        count = buf[2 * c:2 * c + 1]
+        if isinstance(stats.flags, np.ndarray):            # host: report at once, on every rank
+            _report_forward(where, comm, tag, nonfinite)(stats.flags)
+    else:
+        backend.normalize_fixed(x3, rm, rv, epsilon, w, b, stats, y3)
+    ctx = BatchNormContext(backend, x3, tuple(x.shape), stats, count, comm or SingleProcessComm(), last, where,
+                           debug, _dtype_label(rm, rv, w, b), (w is not None, b is not None))
+    if training and not isinstance(stats.flags, np.ndarray):
+        _flags.watch(stats.flags, _report_forward(where, comm, tag, nonfinite))
+    return y3.reshape(x.shape), ctx
+
+
+def _dtype_label(*arrays: Any) -> str | None:
+    """'float32' / 'float64' for the first array given (of any framework), else None."""
+    for a in arrays:
+        if a is not None:
+            text = str(getattr(a, "dtype", ""))
+            return "float64" if "float64" in text else "float32" if "float32" in text else text or None
+    return None
+
+
+def sync_batch_norm_backward(ctx: BatchNormContext, dy: Any, *, input_grad: bool = True, weight_grad: bool = True,
+                             bias_grad: bool = True, weight_grad_out: Any = None, bias_grad_out: Any = None) -> tuple[Any, Any, Any]:
+    """Gradients of the forward that made ``ctx``, given ``dy``: one all-reduce when ``dx``
+    is wanted after a training forward, none otherwise.
+
+    Args:
+        ctx: from :func:`sync_batch_norm` (each context takes one backward).
+        dy: gradient of the loss w.r.t. ``y`` (same shape; cast to ``y``'s dtype).
+        input_grad: compute ``dx``. False makes no collective (every rank must agree).
+        weight_grad, bias_grad: compute this rank's share of ``dweight`` / ``dbias``.
+        weight_grad_out, bias_grad_out: arrays to **add** the shares into (e.g. a
+            parameter's ``.grad``) instead of allocating new ones.
+
+    Returns:
+        ``(dx, dweight, dbias)``; each None when not wanted (or, for the parameter
+        gradients, when the forward had no such parameter and no ``*_out`` is given).
+
+    Raises:
+        RuntimeError: ``ctx`` was already used; the ranks' collectives are out of step.
+        TypeError / ValueError: ``dy`` does not match the forward's input.
+    """
+    if not isinstance(ctx, BatchNormContext):
+        raise TypeError(f"ctx must be the BatchNormContext returned by sync_batch_norm, got {type(ctx).__name__}")
+    _flags.poll()
+    where = ctx._where
+    input_grad = check_bool(input_grad, "input_grad", where)
+    comm, backend = ctx._comm, ctx._backend
+    collective = input_grad and ctx.batch_stats
+    tag = next_tag(comm) if collective else 0
+
+    def check() -> tuple:
+        if ctx._done:
+            raise RuntimeError(f"{where}: this forward was already back-propagated (each context takes one "
+                               "backward)")
+        dya = check_grad_output(backend, dy, ctx._shape, ctx._x3.dtype, where)
+        c = ctx._x3.shape[1]
+        pdtype = ctx._pdtype or "float32"
+        wg = _grad_slot(backend, weight_grad, weight_grad_out, ctx._affine[0], c, pdtype, "weight_grad_out", where)
+        bg = _grad_slot(backend, bias_grad, bias_grad_out, ctx._affine[1], c, pdtype, "bias_grad_out", where)
+        return dya, wg, bg
+
+    vote = None
+    if ctx._debug and collective and comm.size > 1:
+        def vote(error: Exception | None) -> None:
+            _debug.agree(comm, backend.xp, where,
+                         _debug.record(tag, True, ctx._x3.shape[1], ctx._pdtype, True), error)
+    dy, wg, bg = _validated(where, check, vote)
+    c = ctx._x3.shape[1]
+    dy3 = view3(dy, c, ctx._last)
+    stats, x3 = ctx._stats, ctx._x3
+    dx = None
+    if collective or wg is not None or bg is not None:
+        buf = backend.scratch("backward payload", backward_payload_size(c), np.float64)
+        backend.backward_reduce(dy3, x3, stats, wg, bg, tag, buf)
+        if collective:
+            comm.allreduce(buf)
+    if input_grad:
+        dx3 = backend.empty(x3.shape, x3.dtype)
+        backend.backward_input(dy3, x3, stats, buf if collective else None, ctx._count if collective else None,
+                               tag, comm.size, dx3)
+        dx = dx3.reshape(ctx._shape)
+        if collective:
+            report = _backward_report(where, comm, tag)
+            if isinstance(stats.flags, np.ndarray):
+                report(stats.flags)
+            else:
+                _flags.watch(stats.flags, report)
+    ctx.release()
+    return dx, wg, bg
+
+
+def _backward_report(where: str, comm: Communicator, tag: int) -> Any:
+    def report(flags: Any) -> None:
+        if int(flags[1]) & DESYNC:
+            raise RuntimeError(_desync_message(where, "backward", comm, tag))
+    return report
+
+
+def _grad_slot(backend: Backend, wanted: bool, out: Any, exists: bool, channels: int, pdtype: str, what: str,
+               where: str) -> Any:
+    """Where a parameter gradient accumulates: ``out``, fresh zeros, or None (not wanted, or
+    the forward had no such parameter)."""
+    if out is not None:
+        arr = check_params(backend, channels, where, **{what: out})[what]
+        if dtype_name(arr.dtype) != pdtype:
+            raise TypeError(f"{where}: {what} must have the parameters' dtype {pdtype}, got {arr.dtype}")
+        return arr
+    if not check_bool(wanted, what.replace("_out", ""), where) or not exists:
+        return None
+    return backend.zeros((channels,), pdtype)
