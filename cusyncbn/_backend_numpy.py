@@ -80,11 +80,12 @@ class NumpyBackend(Backend):
         if n == 0:
             buf[:2 * channels] = 0.0
             return
-        mean = _blocked_channel_sum(x3, lambda r: x3[r]) / n
-        m2 = _blocked_channel_sum(x3, lambda r: np.square(x3[r].astype(np.float64) - _col(mean)))
-        shift = _shift(running_mean, channels)
-        buf[:channels] = n * mean
-        buf[channels:2 * channels] = m2 + n * np.square(mean - shift)
+        with np.errstate(invalid="ignore", over="ignore"):     # NaN/Inf input: flagged after the reduce
+            mean = _blocked_channel_sum(x3, lambda r: x3[r]) / n
+            m2 = _blocked_channel_sum(x3, lambda r: np.square(x3[r].astype(np.float64) - _col(mean)))
+            shift = _shift(running_mean, channels)
+            buf[:channels] = n * mean
+            buf[channels:2 * channels] = m2 + n * np.square(mean - shift)
 
     def normalize_batch(self, x3: Any, buf: Any, tag: int, ranks: int, running_mean: Any, running_var: Any,
                         momentum: float, eps: float, unbiased: bool, weight: Any, bias: Any, stats: Stats,
@@ -128,8 +129,9 @@ class NumpyBackend(Backend):
     @staticmethod
     def normalize(x3: Any, stats: Stats, y3: Any) -> None:
         mean, scale, shift = _col(stats.mean), _col(stats.scale), _col(stats.shift)
-        for rows in _row_blocks(x3):
-            y3[rows] = (x3[rows].astype(mean.dtype) - mean) * scale + shift
+        with np.errstate(invalid="ignore", over="ignore"):
+            for rows in _row_blocks(x3):
+                y3[rows] = (x3[rows].astype(mean.dtype) - mean) * scale + shift
 
     def backward_reduce(self, dy3: Any, x3: Any, stats: Stats, weight_grad: Any, bias_grad: Any,
                         tag: int, buf: Any) -> None:

@@ -443,6 +443,45 @@ def nonfinite_statistics_leave_running_stats_and_warn():
 
 
 @case
+def functional_matches_global_reference():
+    """cusyncbn.functional on uneven and empty per-rank batches, every layout."""
+    from cusyncbn.functional import sync_batch_norm, sync_batch_norm_backward
+    comm = CountingComm(make_comm(WORLD))
+    errors = []
+    rng = np.random.default_rng(21)
+    c = 3
+    for data_format in ref.CHANNEL_LAST:
+        for split in ("uneven", "empty"):
+            total = 2 * WORLD.size + 3
+            counts = split_counts(total, WORLD.size, split)
+            lo, hi = sum(counts[:WORLD.rank]), sum(counts[:WORLD.rank + 1])
+            x = rng.normal(1.0, 2.0, size=global_shape(data_format, total, c))
+            dy = rng.normal(size=x.shape)
+            w, b = rng.uniform(0.5, 1.5, c), rng.normal(size=c)
+            rm, rv = xp.zeros(c), xp.ones(c)
+            wd, bd = xp.asarray(w), xp.asarray(b)
+            y, ctx = sync_batch_norm(xp.asarray(x[lo:hi]), rm, rv, wd, bd, momentum=0.6, data_format=data_format,
+                                     comm=comm)
+            dx, dw, db = sync_batch_norm_backward(ctx, xp.asarray(dy[lo:hi]))
+            y_ref, mean, var = ref.forward(x, w, b, 1e-5, data_format)
+            dx_ref, dw_ref, db_ref = ref.backward(x, dy, w, 1e-5, data_format)
+            rm_ref, rv_ref = ref.update_running(np.zeros(c), np.ones(c), mean, var, x.size // c, 0.6)
+            grads = np.concatenate([host(dw), host(db)])
+            WORLD.Allreduce(MPI.IN_PLACE, grads)
+            where = f"{data_format}/{split}"
+            for what, got, want in (("y", y, y_ref[lo:hi]), ("dx", dx, dx_ref[lo:hi]), ("dweight", grads[:c], dw_ref),
+                                    ("dbias", grads[c:], db_ref), ("running mean", rm, rm_ref),
+                                    ("running var", rv, rv_ref)):
+                close(errors, f"{where} {what}", got, want, "float64")
+    calls = comm.calls
+    _, ctx = sync_batch_norm(xp.ones((2, c)), data_format="NC", comm=comm)
+    dx, _, _ = sync_batch_norm_backward(ctx, xp.ones((2, c)), input_grad=False)
+    if dx is not None or comm.calls != calls + 1:
+        errors.append(f"backward without input gradient: dx={dx!r}, {comm.calls - calls} collectives (want 1)")
+    return errors
+
+
+@case
 def allreduce_gradients_sums_and_averages():
     comm = make_comm(WORLD)
     a = xp.full((3,), float(WORLD.rank + 1))

@@ -244,3 +244,52 @@ def test_public_names():
     assert set(cusyncbn.__all__) <= set(dir(cusyncbn)) | {"NCCLComm"}
     assert cusyncbn.SingleProcessComm().size == 1
     assert isinstance(cusyncbn.SingleProcessComm(), cusyncbn.Communicator)
+
+
+def test_discoverable_api_signature_repr_and_errors():
+    import inspect
+    params = inspect.signature(cusyncbn.SyncBatchNorm).parameters
+    for option in ("comm", "dtype", "debug", "device", "output", "unbiased_running_var", "nonfinite"):
+        assert params[option].kind is inspect.Parameter.KEYWORD_ONLY, option
+    assert not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    bn = layer(name="bn1", bias_attr=False)
+    assert repr(bn) == ("SyncBatchNorm(num_features=3, momentum=0.9, epsilon=1e-05, data_format='NCHW', "
+                        "name='bn1', weight=True, bias=False, device='cpu')")
+    assert (bn.momentum, bn.epsilon, bn.name, bn.data_format) == (0.9, 1e-05, "bn1", "NCHW")
+    with pytest.raises(AttributeError):
+        bn.momentum = 0.5                                    # read-only
+    with pytest.raises(TypeError, match=r"^SyncBatchNorm: momentum .* None"):
+        layer(momentum=None)
+    with pytest.raises(ValueError, match=r"^SyncBatchNorm: epsilon must be a finite"):
+        layer(epsilon=float("nan"))
+    with pytest.raises(ValueError, match=r"^BatchNorm2D: epsilon must be a finite"):
+        cusyncbn.BatchNorm2D(3, epsilon=float("inf"), device="cpu")
+    with pytest.raises(TypeError, match=r"^SyncBatchNorm: debug must be True or False"):
+        layer(debug="yes")
+    with pytest.raises(ValueError, match=r"^SyncBatchNorm: num_features"):
+        layer(0)
+    import pathlib
+    assert (pathlib.Path(cusyncbn.__file__).parent / "py.typed").exists()
+
+
+def test_convert_builds_fresh_layers_and_walks_children_only():
+    class Holder:                                      # an arbitrary object: never entered
+        def __init__(self):
+            self.bn = cusyncbn.BatchNorm1D(3, device="cpu")
+
+    class Net:
+        def __init__(self):
+            self.blocks = [cusyncbn.BatchNorm2D(3, device="cpu", momentum=0.8, epsilon=1e-3, name="b0")]
+            self.head = cusyncbn.BatchNorm1D(3, device="cpu", data_format="NC", use_global_stats=True)
+            self.holder = Holder()
+
+    net = Net()
+    old = net.blocks[0]
+    old.eval()
+    converted = cusyncbn.SyncBatchNorm.convert_sync_batchnorm(net)
+    new = converted.blocks[0]
+    assert converted is net and type(new) is cusyncbn.SyncBatchNorm and new is not old
+    assert (new.momentum, new.epsilon, new.name, new.data_format, new.training) == (0.8, 1e-3, "b0", "NCHW", False)
+    assert new.weight is old.weight and new.running_mean is old.running_mean
+    assert type(net.head) is cusyncbn.SyncBatchNorm
+    assert type(net.holder.bn) is cusyncbn.BatchNorm1D

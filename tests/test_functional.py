@@ -1,0 +1,232 @@
+"""The stateless functional core (cusyncbn.functional), one process, against the float64 reference."""
+import gc
+import re
+import warnings
+import weakref
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import cusyncbn
+import reference as ref
+from cusyncbn.functional import BatchNormContext, sync_batch_norm, sync_batch_norm_backward
+
+SHAPES = {"NC": (6, 3), "NCL": (4, 3, 5), "NCHW": (3, 3, 4, 2), "NCDHW": (2, 3, 2, 3, 2),
+          "NLC": (4, 5, 3), "NHWC": (3, 4, 2, 3), "NDHWC": (2, 2, 3, 2, 3)}
+
+
+class CountingComm:
+    """A one-process communicator that counts its all-reduces."""
+
+    rank, size = 0, 1
+
+    def __init__(self):
+        self.calls = 0
+
+    def allreduce(self, buf):
+        self.calls += 1
+
+
+def params(rng, c=3, dtype="float64"):
+    return (np.zeros(c, dtype), np.ones(c, dtype), rng.uniform(0.5, 1.5, c).astype(dtype),
+            rng.normal(size=c).astype(dtype))
+
+
+@pytest.mark.parametrize("data_format", list(SHAPES))
+def test_training_pass_matches_reference(data_format):
+    rng = np.random.default_rng(0)
+    x = rng.normal(2.0, 3.0, size=SHAPES[data_format])
+    dy = rng.normal(size=x.shape)
+    rm, rv, w, b = params(rng)
+    comm = CountingComm()
+    y, ctx = sync_batch_norm(x, rm, rv, w, b, momentum=0.7, data_format=data_format, comm=comm)
+    dx, dw, db = sync_batch_norm_backward(ctx, dy)
+    y_ref, mean, var = ref.forward(x, w, b, 1e-5, data_format)
+    dx_ref, dw_ref, db_ref = ref.backward(x, dy, w, 1e-5, data_format)
+    rm_ref, rv_ref = ref.update_running(np.zeros(3), np.ones(3), mean, var, x.size // 3, 0.7)
+    for got, want in ((y, y_ref), (dx, dx_ref), (dw, dw_ref), (db, db_ref), (rm, rm_ref), (rv, rv_ref)):
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10)
+    assert comm.calls == 2                                     # one all-reduce per pass
+    assert ctx.consumed
+
+
+def test_negative_control_wrong_momentum_convention_is_caught():
+    """The running-statistics check can fail: PyTorch's convention gives other numbers."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(8, 3))
+    rm, rv, w, b = params(rng)
+    sync_batch_norm(x, rm, rv, w, b, momentum=0.7, data_format="NC")
+    _, mean, var = ref.forward(x, w, b, 1e-5, "NC")
+    torch_rule = 0.7 * mean, 0.3 + 0.7 * var
+    assert not np.allclose(rm, torch_rule[0]) and not np.allclose(rv, torch_rule[1])
+
+
+def test_eval_pass_and_gradient_without_collective():
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(4, 3, 5))
+    dy = rng.normal(size=x.shape)
+    rm, rv, w, b = params(rng)
+    rm[:] = [0.5, -1.0, 2.0]
+    rv[:] = [1.5, 0.25, 4.0]
+    comm = CountingComm()
+    y, ctx = sync_batch_norm(x, rm, rv, w, b, training=False, data_format="NCL", comm=comm)
+    dx, dw, db = sync_batch_norm_backward(ctx, dy)
+    np.testing.assert_allclose(y, ref.eval_forward(x, w, b, rm, rv, 1e-5, "NCL"), rtol=1e-12)
+    np.testing.assert_allclose(dx, ref.eval_backward(dy, w, rv, 1e-5, "NCL"), rtol=1e-12)
+    assert not ctx.batch_stats and comm.calls == 0
+    np.testing.assert_allclose(db, dy.sum(axis=(0, 2)), rtol=1e-12)
+
+
+def test_backward_without_input_gradient_makes_no_collective():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(6, 3))
+    dy = rng.normal(size=x.shape)
+    rm, rv, w, b = params(rng)
+    comm = CountingComm()
+    _, ctx = sync_batch_norm(x, rm, rv, w, b, data_format="NC", comm=comm)
+    assert comm.calls == 1
+    dx, dw, db = sync_batch_norm_backward(ctx, dy, input_grad=False)
+    assert dx is None and comm.calls == 1                     # no dx, no all-reduce
+    _, dw_ref, db_ref = ref.backward(x, dy, w, 1e-5, "NC")
+    np.testing.assert_allclose(dw, dw_ref, rtol=1e-10)
+    np.testing.assert_allclose(db, db_ref, rtol=1e-10)
+    _, ctx = sync_batch_norm(x, rm, rv, w, b, data_format="NC", comm=comm)
+    assert sync_batch_norm_backward(ctx, dy, input_grad=False, weight_grad=False, bias_grad=False) == \
+        (None, None, None)
+    assert comm.calls == 2
+
+
+def test_gradients_accumulate_into_given_arrays_and_affine_none():
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(5, 3))
+    dy = rng.normal(size=x.shape)
+    wg, bg = np.full(3, 1.0), np.full(3, 2.0)
+    _, ctx = sync_batch_norm(x, data_format="NC", weight=np.ones(3), bias=np.zeros(3))
+    _, dw, db = sync_batch_norm_backward(ctx, dy, weight_grad_out=wg, bias_grad_out=bg)
+    _, dw_ref, db_ref = ref.backward(x, dy, np.ones(3), 1e-5, "NC")
+    assert dw is wg and db is bg
+    np.testing.assert_allclose(wg, 1.0 + dw_ref, rtol=1e-10)
+    np.testing.assert_allclose(bg, 2.0 + db_ref, rtol=1e-10)
+    y, ctx = sync_batch_norm(x, data_format="NC")              # no parameters, no running statistics
+    dx, dw, db = sync_batch_norm_backward(ctx, dy)
+    np.testing.assert_allclose(y, ref.forward(x, 1.0, 0.0, 1e-5, "NC")[0], rtol=1e-10, atol=1e-12)
+    assert dx is not None and dw is None and db is None
+
+
+def test_context_is_single_use_and_releasable():
+    x = np.random.default_rng(5).normal(size=(4, 3))
+    _, ctx = sync_batch_norm(x, data_format="NC")
+    assert isinstance(ctx, BatchNormContext) and "pending" in repr(ctx)
+    np.testing.assert_allclose(ctx.mean, x.mean(axis=0), rtol=1e-12)
+    sync_batch_norm_backward(ctx, np.ones_like(x))
+    with pytest.raises(RuntimeError, match="already back-propagated"):
+        sync_batch_norm_backward(ctx, np.ones_like(x))
+    with pytest.raises(RuntimeError, match="consumed"):
+        ctx.mean
+    _, ctx = sync_batch_norm(x, data_format="NC")
+    ctx.release()
+    ctx.release()
+    assert ctx.consumed
+    with pytest.raises(TypeError, match="BatchNormContext"):
+        sync_batch_norm_backward(object(), x)
+
+
+@pytest.mark.parametrize("call, kind, words", [
+    (lambda x: sync_batch_norm(x, data_format="NHCW"), ValueError, "data_format must be one of"),
+    (lambda x: sync_batch_norm(x, momentum=None, data_format="NC"), TypeError, "momentum"),
+    (lambda x: sync_batch_norm(x, momentum=1.5, data_format="NC"), ValueError, "momentum must be in"),
+    (lambda x: sync_batch_norm(x, epsilon=float("nan"), data_format="NC"), ValueError, "epsilon"),
+    (lambda x: sync_batch_norm(x, epsilon=float("inf"), data_format="NC"), ValueError, "epsilon"),
+    (lambda x: sync_batch_norm(x, training="yes", data_format="NC"), TypeError, "training must be True or False"),
+    (lambda x: sync_batch_norm(x, debug=1, data_format="NC"), TypeError, "debug must be True or False"),
+    (lambda x: sync_batch_norm(x, training=False, data_format="NC"), ValueError, "needs running_mean"),
+    (lambda x: sync_batch_norm(x, np.zeros(4), np.ones(4), data_format="NC"), ValueError, r"expected \(3,\)"),
+    (lambda x: sync_batch_norm(x, np.zeros(3, "float16"), np.ones(3, "float16"), data_format="NC"), TypeError,
+     "float32 or float64"),
+    (lambda x: sync_batch_norm(x, np.zeros(3), np.ones(3, "float32"), data_format="NC"), TypeError, "share one"),
+    (lambda x: sync_batch_norm(x, num_features=4, data_format="NC"), ValueError, "expected num_features=4"),
+    (lambda x: sync_batch_norm(x.astype("int32"), data_format="NC"), TypeError, "floating dtype"),
+    (lambda x: sync_batch_norm("abc", data_format="NC"), TypeError, "must be an array"),
+    (lambda x: sync_batch_norm(x, nonfinite="ignore", data_format="NC"), ValueError, "nonfinite"),
+])
+def test_bad_calls_raise_clear_errors_and_change_nothing(call, kind, words):
+    x = np.random.default_rng(6).normal(size=(4, 3))
+    with pytest.raises(kind, match=words):
+        call(x)
+
+
+def test_nonfinite_statistics_keep_running_statistics():
+    x = np.random.default_rng(7).normal(size=(6, 3))
+    x[2, 1] = np.inf
+    rm, rv = np.zeros(3), np.ones(3)
+    with pytest.warns(RuntimeWarning, match="nf_test: the global batch statistics"):
+        sync_batch_norm(x, rm, rv, data_format="NC", name="nf_test")
+    assert rm[1] == 0.0 and rv[1] == 1.0 and rm[0] != 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                     # reported once per name
+        sync_batch_norm(x, rm, rv, data_format="NC", name="nf_test")
+    with pytest.raises(FloatingPointError):
+        sync_batch_norm(x, rm, rv, data_format="NC", nonfinite="raise")
+
+
+def test_torch_tensors_go_in_through_dlpack_and_update_in_place():
+    torch = pytest.importorskip("torch")
+    x = torch.randn(5, 3, 4, dtype=torch.float64)
+    rm, rv = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    y, ctx = sync_batch_norm(x, rm, rv, data_format="NCL")
+    y_ref, mean, var = ref.forward(x.numpy(), 1.0, 0.0, 1e-5, "NCL")
+    np.testing.assert_allclose(y, y_ref, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(rm.numpy(), 0.1 * mean, rtol=1e-10)     # the torch buffer itself moved
+
+
+def test_forwards_never_back_propagated_are_bounded():
+    """A loop that forgot no_grad() keeps at most ``max_pending`` inputs alive, and says so once."""
+    bn = cusyncbn.SyncBatchNorm(8, device="cpu", data_format="NC")
+    refs = []
+    with pytest.warns(RuntimeWarning, match="no_grad") as record:
+        for _ in range(50):
+            x = np.random.default_rng(0).normal(size=(64, 8))
+            refs.append(weakref.ref(x))
+            bn(x)
+            del x
+    gc.collect()
+    alive = sum(r() is not None for r in refs)
+    assert alive == bn.max_pending
+    assert sum("no_grad" in str(w.message) for w in record) == 1
+    y = bn(np.ones((4, 8)))
+    bn.backward(np.ones_like(y))                                # the newest is still back-propagatable
+    with cusyncbn.no_grad():
+        bn(np.ones((4, 8)))
+    gc.collect()
+    # One more forward dropped the oldest, its backward took itself: max_pending - 1 of ours
+    # remain; a no_grad forward keeps nothing.
+    assert sum(r() is not None for r in refs) == bn.max_pending - 1
+
+
+PRIVATE = re.compile(r"\b(?!self\b|cls\b)([A-Za-z_][A-Za-z0-9_]*)\.(_[a-z][A-Za-z0-9_]*)\b")
+DEFINES = r"(self\.{0}\b\s*[:=]|def {0}\b|\"{0}\"|'{0}'|^{0}\b\s*[:=]|class {0}\b)"
+
+
+def test_no_module_reaches_into_another_modules_private_attributes():
+    """``obj._name`` in a module is fine only for names that module itself defines."""
+    package = Path(cusyncbn.__file__).parent
+    modules = {p.stem for p in package.glob("_*.py")}        # cusyncbn._convert names a module
+    outside = {("modules", "_functions")}                  # torch's sync BN, the benchmark's baseline
+    offences = []
+    for path in sorted(package.glob("*.py")):
+        text = path.read_text()
+        for line_no, line in enumerate(text.splitlines(), 1):
+            code = line.split("#", 1)[0]
+            for obj, name in PRIVATE.findall(code):
+                if name in modules or (obj, name) in outside:
+                    continue
+                if re.search(DEFINES.format(re.escape(name)), text, re.M) is None:
+                    offences.append(f"{path.name}:{line_no}: {obj}.{name}")
+    assert offences == []
+
+
+def test_private_access_check_can_fail(tmp_path):
+    text = "def f(layer):\n    return layer._backend\n"
+    assert PRIVATE.findall(text) == [("layer", "_backend")]
+    assert re.search(DEFINES.format("_backend"), text, re.M) is None
