@@ -159,3 +159,52 @@ def test_wrong_device_is_an_error_not_a_copy():
             return (2, 0)
     with pytest.raises(ValueError, match="lives on gpu:0 but this layer is on the CPU"):
         cusyncbn.SyncBatchNorm(3, device="cpu")(FakeCuda())
+
+
+def test_torch_parity_convert_signature_and_classmethod():
+    import inspect
+    params = list(inspect.signature(cbt.convert_sync_batchnorm).parameters.values())
+    assert [p.name for p in params[:2]] == ["module", "process_group"]
+    assert params[2].name == "comm" and params[2].kind is inspect.Parameter.KEYWORD_ONLY
+    model = make_model(2)
+    converted = cbt.SyncBatchNorm.convert_sync_batchnorm(model)
+    assert sum(isinstance(m, cbt.SyncBatchNorm) for m in converted.modules()) == 2
+
+
+class _CountingComm:
+    rank, size = 0, 1
+
+    def __init__(self):
+        self.calls = 0
+
+    def allreduce(self, buf):
+        self.calls += 1
+
+
+def test_backward_skips_dx_and_collective_when_input_needs_no_gradient():
+    comm = _CountingComm()
+    bn = cbt.SyncBatchNorm(3, comm=comm).double()
+    x = torch.randn(6, 3, 4, dtype=torch.float64)              # requires_grad False
+    bn(x).square().sum().backward()
+    assert comm.calls == 1                                      # the forward's only
+    ref = torch.nn.BatchNorm1d(3).double()
+    ref(x).square().sum().backward()
+    torch.testing.assert_close(bn.weight.grad, ref.weight.grad)
+    torch.testing.assert_close(bn.bias.grad, ref.bias.grad)
+    xg = x.clone().requires_grad_()
+    bn(xg).square().sum().backward()
+    assert comm.calls == 3 and xg.grad is not None             # forward + backward with dx
+
+
+def test_parameter_views_are_imported_once():
+    bn = cbt.SyncBatchNorm(3).double()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    bn(x)
+    views = {k: v[2] for k, v in bn._views.items()}
+    bn(x)
+    assert all(bn._views[k][2] is v for k, v in views.items()) and len(views) == 4
+    bn.weight = torch.nn.Parameter(torch.full((3,), 2.0, dtype=torch.float64))   # a new tensor: re-imported
+    y = bn(x)
+    assert bn._views["weight"][2] is not views["weight"]
+    torch.testing.assert_close(y.std(dim=0, unbiased=False), torch.full((3,), 2.0, dtype=torch.float64),
+                               rtol=1e-4, atol=1e-4)
