@@ -170,6 +170,7 @@ def default_comm(device: str) -> Communicator:
 
 
 _adopted: dict[tuple[int, str], tuple[Any, Communicator]] = {}
+_accepted: set = set()
 
 
 def resolve_comm(comm: Any, device: str) -> Communicator:
@@ -192,7 +193,9 @@ def resolve_comm(comm: Any, device: str) -> Communicator:
             wrapped = nccl_or_fallback(comm, device)
         _adopted[key] = (comm, wrapped)
         return wrapped
-    if isinstance(comm, Communicator) and isinstance(getattr(comm, "size", None), int):
+    if type(comm) in _accepted or (isinstance(comm, Communicator) and isinstance(getattr(comm, "size", None), int)):
+        # (a runtime Protocol check costs ~10 us: done once per communicator class)
+        _accepted.add(type(comm))
         return comm
     raise TypeError("comm must be None, an mpi4py communicator or an object with rank, size and "
                     f"allreduce(buf) (e.g. cusyncbn.MPIComm), got {type(comm).__name__}")
