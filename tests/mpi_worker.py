@@ -1,6 +1,7 @@
 """Multi-rank test cases, run by tests/test_mpi.py as
 
-    mpiexec -n N python -m mpi4py tests/mpi_worker.py CASE [cpu|gpu]
+    mpiexec -n N python -m mpi4py tests/mpi_worker.py CASE [cpu|gpu|emu]
+    mpiexec -n 1 python -m mpi4py tests/mpi_worker.py --list     (the registered case names)
 
 Every rank builds the same global batch from a seed, keeps its own slice, runs the
 layer, and compares against the float64 reference on the global batch. Failures
@@ -34,7 +35,8 @@ if DEVICE == "emu":
     import cuda_emu  # noqa: E402
     from cusyncbn import _backend  # noqa: E402
     _backend._backends["cpu"] = cuda_emu.EmuBackend(sms=4)
-CASES = {}
+CASES = {}                      # name -> case; the names are listed again in tests/mpi_cases.py
+GPU_CASES = {}                  # cases that need CUDA
 TOL = {"float16": (2e-2, 1e-2), "float32": (1e-5, 1e-4), "float64": (1e-10, 1e-9)}
 
 
@@ -454,7 +456,7 @@ def nccl_bootstrap_and_fallback():
 
 def gpu_case(fn):
     """A case that needs CUDA (run by tests/test_gpu.py only)."""
-    CASES[fn.__name__] = fn
+    GPU_CASES[fn.__name__] = fn
     return fn
 
 
@@ -520,7 +522,10 @@ def torch_syncbatchnorm_numerics():
 
 def main():
     name = sys.argv[1]
-    errors = CASES[name]()
+    if name == "--list":                 # the registry, for tests/test_mpi.py to compare with tests/mpi_cases.py
+        print("RESULT " + json.dumps({"size": WORLD.size, "cpu": list(CASES), "gpu": list(GPU_CASES)}), flush=True)
+        return
+    errors = {**CASES, **GPU_CASES}[name]()
     if DEVICE == "emu" and not _backend._backends["cpu"].launches:
         errors.append("the emulated GPU backend launched no kernel")
     gathered = WORLD.gather([f"rank {WORLD.rank}: {e}" for e in errors], root=0)
