@@ -256,3 +256,21 @@ def test_public_names():
     assert set(cusyncbn.__all__) <= set(dir(cusyncbn)) | {"NCCLComm"}
     assert cusyncbn.SingleProcessComm().size == 1
     assert isinstance(cusyncbn.SingleProcessComm(), cusyncbn.Communicator)
+
+
+def test_device_of_names_devices_as_device_does():
+    class Producer:
+        def __init__(self, kind, index):
+            self.where = (kind, index)
+
+        def __dlpack_device__(self):
+            return self.where
+    assert cusyncbn.device_of(np.zeros(2)) == "cpu"
+    assert cusyncbn.device_of(Producer(3, 0)) == "cpu"                  # CUDA-pinned host memory
+    assert [cusyncbn.device_of(Producer(kind, 1)) for kind in (2, 13)] == ["gpu:1", "gpu:1"]
+    assert cusyncbn.device_of(Producer(10, 0)) == "DLPack device type 10:0"      # ROCm: not a cusyncbn device
+    with pytest.raises(TypeError, match="device_of needs an array .* got list"):
+        cusyncbn.device_of([1.0, 2.0])
+    x = np.random.default_rng(8).normal(size=(4, 3)).astype("float32")
+    bn = cusyncbn.SyncBatchNorm(3, data_format="NC", device=cusyncbn.device_of(x))
+    np.testing.assert_allclose(bn(x), ref.forward(x, 1, 0, 1e-5, "NC")[0], rtol=1e-5, atol=1e-5)
