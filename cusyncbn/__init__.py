@@ -7,6 +7,7 @@ Importing this package imports neither mpi4py, CuPy nor any framework.
 from ._checkpoint import export_state_dict, load_checkpoint, load_state_dict, save_checkpoint
 from ._comm import Communicator, MPIComm, SingleProcessComm
 from ._device import get_device, set_device
+from ._dlpack import device_of
 from ._grads import allreduce_gradients
 from ._grad_mode import no_grad
 from ._layer import BatchNorm1D, BatchNorm2D, BatchNorm3D, SyncBatchNorm
@@ -27,6 +28,6 @@ def __getattr__(name: str):
 __all__ = [
     "BatchNorm1D", "BatchNorm2D", "BatchNorm3D", "Communicator", "MPIComm", "NCCLComm",
     "ParamAttr", "Parameter", "SingleProcessComm", "SyncBatchNorm", "allreduce_gradients",
-    "export_state_dict", "functional", "get_device", "load_checkpoint", "load_state_dict", "no_grad", "save_checkpoint",
-    "set_device", "__version__",
+    "device_of", "export_state_dict", "functional", "get_device", "load_checkpoint", "load_state_dict", "no_grad",
+    "save_checkpoint", "set_device", "__version__",
 ]

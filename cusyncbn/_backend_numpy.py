@@ -68,10 +68,14 @@ class NumpyBackend(Backend):
                 if "bfloat16" in str(getattr(x, "dtype", "")):
                     return _bfloat16_to_numpy(x)
                 raise TypeError(f"{what}: cannot import a {type(x).__name__} through DLPack: {exc}") from exc
+        message = f"{what} must be an array (NumPy or a DLPack producer), got {type(x).__name__}"
         try:
-            return np.asarray(x)
-        except Exception as exc:
-            raise TypeError(f"{what} must be an array (NumPy or a DLPack producer), got {type(x).__name__}") from exc
+            array = np.asarray(x)
+        except Exception as exc:                       # e.g. ragged nested sequences
+            raise TypeError(message) from exc
+        if array.dtype.kind in "OSUV":                 # NumPy wraps anything: str, bytes, None, dicts...
+            raise TypeError(message)
+        return array
 
     def local_moments(self, x3: Any, running_mean: Any, tag: int, buf: Any) -> None:
         channels = x3.shape[1]

@@ -15,7 +15,29 @@ _CUDA_TYPES = {2, 13}        # kDLCUDA, kDLCUDAManaged
 
 
 def device_of(x: Any) -> str:
-    """``"cpu"`` or ``"gpu:N"`` for a DLPack producer (or NumPy/CuPy array)."""
+    """Where an array lives, named as ``device=`` and :func:`set_device` name devices.
+
+    A layer made with ``device=cusyncbn.device_of(x)`` takes ``x`` whatever the machine:
+    a JAX or torch array may be on the GPU or the CPU, and the default device (the GPU
+    wherever CuPy sees one) refuses host arrays.
+
+    Args:
+        x: a NumPy or CuPy array, or any DLPack producer (torch, JAX, Paddle...).
+
+    Returns:
+        ``"cpu"`` or ``"gpu:N"`` (N: the CUDA device index); for another DLPack
+        device type, a description that ``device=`` refuses.
+
+    Raises:
+        TypeError: ``x`` is not a DLPack producer (e.g. a list).
+
+    Example:
+        >>> import numpy as np, cusyncbn
+        >>> cusyncbn.device_of(np.zeros(3))
+        'cpu'
+    """
+    if not hasattr(x, "__dlpack_device__"):
+        raise TypeError(f"device_of needs an array (NumPy, CuPy or a DLPack producer), got {type(x).__name__}")
     kind, index = x.__dlpack_device__()
     kind = int(kind)
     if kind in _CPU_TYPES:

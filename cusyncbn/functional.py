@@ -285,7 +285,8 @@ def _dtype_label(*arrays: Any) -> str | None:
 
 
 def sync_batch_norm_backward(ctx: BatchNormContext, dy: Any, *, input_grad: bool = True, weight_grad: bool = True,
-                             bias_grad: bool = True, weight_grad_out: Any = None, bias_grad_out: Any = None) -> tuple[Any, Any, Any]:
+                             bias_grad: bool = True, weight_grad_out: Any = None, bias_grad_out: Any = None,
+                             retain: bool = False) -> tuple[Any, Any, Any]:
     """Gradients of the forward that made ``ctx``, given ``dy``: one all-reduce when ``dx``
     is wanted after a training forward, none otherwise.
 
@@ -296,6 +297,8 @@ def sync_batch_norm_backward(ctx: BatchNormContext, dy: Any, *, input_grad: bool
         weight_grad, bias_grad: compute this rank's share of ``dweight`` / ``dbias``.
         weight_grad_out, bias_grad_out: arrays to **add** the shares into (e.g. a
             parameter's ``.grad``) instead of allocating new ones.
+        retain: keep ``ctx`` for another backward (as ``retain_graph`` in autograd
+            frameworks); by default it is released.
 
     Returns:
         ``(dx, dweight, dbias)``; each None when not wanted (or, for the parameter
@@ -351,7 +354,8 @@ def sync_batch_norm_backward(ctx: BatchNormContext, dy: Any, *, input_grad: bool
                 report(stats.flags)
             else:
                 _flags.watch(stats.flags, report)
-    ctx.release()
+    if not check_bool(retain, "retain", where):
+        ctx.release()
     return dx, wg, bg
 
 

@@ -1,6 +1,7 @@
 """Multi-rank test cases, run by tests/test_mpi.py as
 
-    mpiexec -n N python -m mpi4py tests/mpi_worker.py CASE [cpu|gpu]
+    mpiexec -n N python -m mpi4py tests/mpi_worker.py CASE [cpu|gpu|emu]
+    mpiexec -n 1 python -m mpi4py tests/mpi_worker.py --list     (the registered case names)
 
 Every rank builds the same global batch from a seed, keeps its own slice, runs the
 layer, and compares against the float64 reference on the global batch. Failures
@@ -34,7 +35,8 @@ if DEVICE == "emu":
     import cuda_emu  # noqa: E402
     from cusyncbn import _backend  # noqa: E402
     _backend._backends["cpu"] = cuda_emu.EmuBackend(sms=4)
-CASES = {}
+CASES = {}                      # name -> case; the names are listed again in tests/mpi_cases.py
+GPU_CASES = {}                  # cases that need CUDA
 TOL = {"float16": (2e-2, 1e-2), "float32": (1e-5, 1e-4), "float64": (1e-10, 1e-9)}
 
 
@@ -588,7 +590,7 @@ def nccl_bootstrap_and_fallback():
 
 def gpu_case(fn):
     """A case that needs CUDA (run by tests/test_gpu.py only)."""
-    CASES[fn.__name__] = fn
+    GPU_CASES[fn.__name__] = fn
     return fn
 
 
@@ -596,7 +598,11 @@ def gpu_case(fn):
 def torch_syncbatchnorm_numerics():
     """cusyncbn.torch (synced by cusyncbn's NCCLComm) against torch.nn.SyncBatchNorm (synced
     by a torch.distributed NCCL group) on the same uneven per-rank data: outputs, dx,
-    parameter gradients and running statistics over three SGD steps."""
+    parameter gradients and running statistics over three SGD steps.
+
+    The batch norms are compared alone (BN -> ReLU -> BN) on the same input tensors, since a
+    convolution in front would add its own rounding; TF32 (torch's default for float32
+    convolutions and matmuls on Ampere and newer, ~1e-3 off) is switched off all the same."""
     import copy
     import socket
 
@@ -613,6 +619,8 @@ def torch_syncbatchnorm_numerics():
         port = None
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(WORLD.bcast(port)))
     torch.cuda.set_device(0)
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
     dist.init_process_group("nccl", rank=WORLD.rank, world_size=WORLD.size)
     counts = split_counts(4 * WORLD.size + 3, WORLD.size, "uneven")
     lo, hi = sum(counts[:WORLD.rank]), sum(counts[:WORLD.rank + 1])
@@ -620,18 +628,21 @@ def torch_syncbatchnorm_numerics():
     try:
         for dtype, channels_last in ((torch.float32, False), (torch.float32, True), (torch.float64, False)):
             torch.manual_seed(0)
-            base = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8),
-                                       torch.nn.ReLU(), torch.nn.Conv2d(8, 5, 1),
-                                       torch.nn.BatchNorm2d(5, momentum=0.3)).to("cuda", dtype)
+            base = torch.nn.Sequential(torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                                       torch.nn.BatchNorm2d(8, momentum=0.3)).to("cuda", dtype)
+            with torch.no_grad():
+                for bn in (base[0], base[2]):
+                    bn.weight.uniform_(0.5, 1.5)
+                    bn.bias.normal_()
             theirs = torch.nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(base))
             ours = cbt.convert_sync_batchnorm(copy.deepcopy(base))
             opts = [torch.optim.SGD(m.parameters(), lr=0.05) for m in (theirs, ours)]
             tol = "float64" if dtype == torch.float64 else "float32"
             for step in range(3):
-                x = torch.randn((sum(counts), 3, 6, 7), dtype=dtype, device="cuda")[lo:hi]
+                x = (torch.randn((sum(counts), 8, 6, 7), dtype=dtype, device="cuda") * 2 + 1)[lo:hi]
                 if channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
-                weights = torch.randn((hi - lo, 5, 6, 7), dtype=dtype, device="cuda")
+                weights = torch.randn((hi - lo, 8, 6, 7), dtype=dtype, device="cuda")
                 outs = []
                 for model, opt in zip((theirs, ours), opts):
                     opt.zero_grad()
@@ -654,7 +665,10 @@ def torch_syncbatchnorm_numerics():
 
 def main():
     name = sys.argv[1]
-    errors = CASES[name]()
+    if name == "--list":                 # the registry, for tests/test_mpi.py to compare with tests/mpi_cases.py
+        print("RESULT " + json.dumps({"size": WORLD.size, "cpu": list(CASES), "gpu": list(GPU_CASES)}), flush=True)
+        return
+    errors = {**CASES, **GPU_CASES}[name]()
     if DEVICE == "emu" and not _backend._backends["cpu"].launches:
         errors.append("the emulated GPU backend launched no kernel")
     gathered = WORLD.gather([f"rank {WORLD.rank}: {e}" for e in errors], root=0)

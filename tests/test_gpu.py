@@ -15,6 +15,17 @@ from test_mpi import CASES, GPU_CASES, run_ranks
 pytestmark = pytest.mark.gpu
 
 
+@pytest.fixture
+def torch_float32():
+    """torch, with float32 convolutions and matmuls in float32 rather than TF32 (torch's
+    default on Ampere and newer GPUs, ~1e-3 off) while the test compares against torch."""
+    torch = pytest.importorskip("torch")
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield torch
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def to_device(a, dtype):
     import cupy
     if dtype == "bfloat16":
@@ -74,20 +85,26 @@ def test_no_host_sync_under_graph_capture():
     np.testing.assert_allclose(cupy.asnumpy(dx), cupy.asnumpy(dx_ref), rtol=1e-5, atol=1e-5)
 
 
-def test_torch_cuda_matches_torch_batchnorm():
-    torch = pytest.importorskip("torch")
+def test_torch_cuda_matches_torch_batchnorm(torch_float32):
+    """The batch norms alone, on the same input tensor (no convolution's rounding in between)."""
+    torch = torch_float32
     import copy
     import cusyncbn.torch as cbt
     torch.manual_seed(0)
-    ref_model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8)).cuda()
+    ref_model = torch.nn.Sequential(torch.nn.BatchNorm2d(8), torch.nn.ReLU(), torch.nn.BatchNorm2d(8)).cuda()
+    with torch.no_grad():
+        for bn in (ref_model[0], ref_model[2]):
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.normal_()
     ours = cbt.convert_sync_batchnorm(copy.deepcopy(ref_model))
-    x = torch.randn(6, 3, 9, 9, device="cuda")
+    x = torch.randn(6, 8, 7, 7, device="cuda") * 2 + 1
+    dy = torch.randn(6, 8, 7, 7, device="cuda")          # not a constant: d(sum of BN output)/dx is 0
     outs = []
     for m in (ref_model, ours):
         xx = x.clone().requires_grad_()
         y = m(xx)
-        y.square().sum().backward()
-        outs.append((y, xx.grad, m[1].weight.grad, m[1].running_var))
+        (y * dy).sum().backward()
+        outs.append((y, xx.grad, m[0].weight.grad, m[0].bias.grad, m[0].running_var, m[2].running_mean))
     for a, b in zip(*outs):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
 
@@ -110,36 +127,41 @@ def test_multi_rank_against_torch_syncbatchnorm(case, n):
 
 def test_dlpack_torch_cuda_zero_copy_and_stream_order():
     """A torch CUDA tensor goes in without a copy, results come back as torch tensors, and
-    work still queued on torch's (non-default) stream is ordered before our kernels."""
+    work still queued on torch's (non-default) stream is ordered before our kernels: x and
+    dy (random) are written there behind a long chain of matmuls, and y and dx are checked
+    against the float64 reference."""
     torch = pytest.importorskip("torch")
     import cupy
     bn = cusyncbn.SyncBatchNorm(16, device="gpu", output="input")
     side = torch.cuda.Stream()
     with torch.cuda.stream(side):
         a = torch.randn(2048, 2048, device="cuda")
-        for _ in range(20):                                   # keep the side stream busy
+        for _ in range(20):                                   # keep the side stream busy (a ends up all +-1)
             a = torch.tanh(a @ a / 2048 ** 0.5)
-        noise = a.flatten()[:64 * 16 * 4].reshape(64, 16, 4, 1)
-        x = noise + torch.arange(16, device="cuda", dtype=torch.float32).view(1, 16, 1, 1)
+        x = torch.randn(64, 16, 4, 1, device="cuda") * 2 + torch.arange(16, device="cuda").view(1, 16, 1, 1)
         y = bn(x)                                             # torch's current stream is `side` here
-        dx = bn.backward(torch.ones_like(y))
+        dy = torch.randn(x.shape, device="cuda")
+        dx = bn.backward(dy)
     side.synchronize()
-    assert isinstance(y, torch.Tensor) and y.is_cuda and isinstance(dx, torch.Tensor)
+    assert isinstance(y, torch.Tensor) and y.is_cuda and isinstance(dx, torch.Tensor) and dx.is_cuda
     assert bn._backend.import_array(x, "x").data.ptr == x.data_ptr()       # zero-copy
-    expected = cusyncbn.SyncBatchNorm(16, device="cpu")(x.cpu().numpy())
-    np.testing.assert_allclose(y.cpu().numpy(), expected, rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(dx.cpu().numpy(), 0.0, atol=1e-4)        # d(sum y)/dx = 0 for BN
-    c = bn(cupy.asarray(x.cpu().numpy()))
+    x_host, dy_host = x.cpu().numpy(), dy.cpu().numpy()
+    y_ref = ref.forward(x_host, 1, 0, 1e-5, "NCHW")[0]
+    np.testing.assert_allclose(y.cpu().numpy(), y_ref, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(dx.cpu().numpy(), ref.backward(x_host, dy_host, 1, 1e-5, "NCHW")[0],
+                               rtol=1e-4, atol=1e-4)
+    c = bn(cupy.asarray(x_host))
     assert isinstance(c, cupy.ndarray)
-    np.testing.assert_allclose(cupy.asnumpy(c), expected, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(cupy.asnumpy(c), y_ref, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="host array"):
         bn(x.cpu().numpy())
 
 
-def test_torch_module_on_a_side_stream_and_in_a_cuda_graph():
+def test_torch_module_on_a_side_stream_and_in_a_cuda_graph(torch_float32):
     """cusyncbn.torch queues its kernels on torch's current stream: training on a side
-    stream matches torch, and a training forward can be captured in a torch CUDA graph."""
-    torch = pytest.importorskip("torch")
+    stream matches torch, and a training forward can be captured in a torch CUDA graph
+    (after a torch convolution, so torch's kernels and ours share the graph)."""
+    torch = torch_float32
     import copy
     import cusyncbn.torch as cbt
     torch.manual_seed(0)

@@ -132,7 +132,8 @@ def test_param_attrs():
     assert none.weight is None and none.bias is None and none.parameters() == []
     x = np.random.default_rng(5).normal(size=(4, 3)).astype("float32")
     np.testing.assert_allclose(none(x), ref.forward(x, 1, 0, 1e-5, "NC")[0], atol=1e-5)
-    none.backward(np.ones_like(x))
+    dy = np.random.default_rng(6).normal(size=x.shape).astype("float32")
+    np.testing.assert_allclose(none.backward(dy), ref.backward(x, dy, 1, 1e-5, "NC")[0], rtol=1e-4, atol=1e-4)
 
 
 def test_lifo_and_no_grad():
@@ -147,7 +148,8 @@ def test_lifo_and_no_grad():
     np.testing.assert_allclose(bn.backward(dy), ref.backward(xb, dy, 1, 1e-5, "NC")[0], atol=1e-10)
     with pytest.raises(ValueError, match=r"dy has shape \(4, 3\), expected \(5, 3\)"):
         bn.backward(dy)
-    bn.backward(rng.normal(size=(5, 3)))
+    dy = rng.normal(size=(5, 3))
+    np.testing.assert_allclose(bn.backward(dy), ref.backward(xa, dy, 1, 1e-5, "NC")[0], atol=1e-10)
     with pytest.raises(RuntimeError, match="no pending forward"):
         bn.backward(dy)
 
@@ -158,11 +160,21 @@ def test_lifo_and_no_grad():
     (lambda: layer(), np.zeros((3,), "float32"), ValueError, "2 or 3 or 4 or 5 dimensions"),
     (lambda: layer(), np.zeros((2, 3, 2, 2), "int64"), TypeError, "floating dtype"),
     (lambda: cusyncbn.BatchNorm2D(3, device="cpu"), np.zeros((2, 3), "float32"), ValueError, "4 dimensions"),
-    (lambda: layer(), "not an array", TypeError, "floating dtype"),
+    (lambda: layer(), np.zeros((2, 3), "U1"), TypeError, "floating dtype"),       # an array, of the wrong dtype
+    (lambda: layer(), "not an array", TypeError, "x must be an array .* got str"),
+    (lambda: layer(), b"\x00\x00\x80?", TypeError, "x must be an array .* got bytes"),
+    (lambda: layer(), None, TypeError, "x must be an array .* got NoneType"),
+    (lambda: layer(), {"x": 1.0}, TypeError, "x must be an array .* got dict"),
+    (lambda: layer(), [[1.0, 2.0, 3.0], [4.0]], TypeError, "x must be an array .* got list"),   # ragged
 ])
 def test_bad_input_messages(make, x, kind, words):
     with pytest.raises(kind, match=words):
         make()(x)
+
+
+def test_numeric_array_likes_are_taken():
+    x = [[1.0, 2.0, 3.0], [4.0, 5.0, 7.0], [0.5, -1.0, 2.0]]
+    np.testing.assert_allclose(layer()(x), ref.forward(np.asarray(x), 1, 0, 1e-5, "NC")[0], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("kwargs,kind,words", [
@@ -293,3 +305,21 @@ def test_convert_builds_fresh_layers_and_walks_children_only():
     assert new.weight is old.weight and new.running_mean is old.running_mean
     assert type(net.head) is cusyncbn.SyncBatchNorm
     assert type(net.holder.bn) is cusyncbn.BatchNorm1D
+
+
+def test_device_of_names_devices_as_device_does():
+    class Producer:
+        def __init__(self, kind, index):
+            self.where = (kind, index)
+
+        def __dlpack_device__(self):
+            return self.where
+    assert cusyncbn.device_of(np.zeros(2)) == "cpu"
+    assert cusyncbn.device_of(Producer(3, 0)) == "cpu"                  # CUDA-pinned host memory
+    assert [cusyncbn.device_of(Producer(kind, 1)) for kind in (2, 13)] == ["gpu:1", "gpu:1"]
+    assert cusyncbn.device_of(Producer(10, 0)) == "DLPack device type 10:0"      # ROCm: not a cusyncbn device
+    with pytest.raises(TypeError, match="device_of needs an array .* got list"):
+        cusyncbn.device_of([1.0, 2.0])
+    x = np.random.default_rng(8).normal(size=(4, 3)).astype("float32")
+    bn = cusyncbn.SyncBatchNorm(3, data_format="NC", device=cusyncbn.device_of(x))
+    np.testing.assert_allclose(bn(x), ref.forward(x, 1, 0, 1e-5, "NC")[0], rtol=1e-5, atol=1e-5)

@@ -3,17 +3,14 @@ import json
 import os
 import shutil
 import subprocess
-import re
 import sys
 
 import pytest
 
+from mpi_cases import CPU_CASES as CASES, GPU_CASES, NO_KERNEL_CASES
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 TIMEOUT_S = 180
-# Case names, read from the worker's source (importing it would initialise MPI in pytest).
-_SOURCE = open(os.path.join(HERE, "mpi_worker.py")).read()
-CASES = re.findall(r"^@case\ndef (\w+)", _SOURCE, re.M)
-GPU_CASES = re.findall(r"^@gpu_case\ndef (\w+)", _SOURCE, re.M)        # run by test_gpu.py
 
 
 def mpiexec() -> str:
@@ -46,9 +43,15 @@ def test_multi_rank(case, n):
     assert result["errors"] == [], "\n".join(result["errors"])
 
 
+def test_case_lists_equal_the_workers_registry():
+    registry = run_ranks(1, "--list")
+    assert sorted(registry["cpu"]) == sorted(CASES) and len(set(CASES)) == len(CASES) == 20
+    assert sorted(registry["gpu"]) == sorted(GPU_CASES) == ["torch_syncbatchnorm_numerics"]
+    assert set(NO_KERNEL_CASES) < set(CASES)
+
+
 # Every case that runs the layer's kernels, again with them emulated on the CPU.
-EMU_CASES = [c for c in CASES if c not in ("nccl_bootstrap_and_fallback", "allreduce_gradients_sums_and_averages",
-                                           "bad_input_raises_before_any_collective")]
+EMU_CASES = [c for c in CASES if c not in NO_KERNEL_CASES]
 
 
 @pytest.mark.parametrize("n", [2, 4])
