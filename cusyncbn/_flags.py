@@ -5,6 +5,10 @@ them at once would synchronize the host with the device on every call; instead e
 pass queues an asynchronous copy of its two flags into pinned host memory behind its
 kernels, and the next call into cusyncbn (any layer, any pass) reports every copy that
 has landed, without waiting for those that have not. :func:`flush` waits for all.
+
+Nothing is queued or queried while the current stream is being captured into a CUDA
+graph (an event query is illegal then): the kernels still leave the running statistics
+unchanged, but a graph's replays report nothing.
 """
 from __future__ import annotations
 
@@ -24,18 +28,28 @@ def watch(flags: Any, report: Callable[[Any], None]) -> None:
         return
     import cupy
     from cupyx import empty_pinned
-    host = _pinned.pop() if _pinned else empty_pinned((2,), flags.dtype)
-    if host.dtype != flags.dtype:
-        host = empty_pinned((2,), flags.dtype)
-    stream = cupy.cuda.get_current_stream()
-    flags.get(stream=stream, out=host, blocking=False)
-    event = cupy.cuda.Event(block=False, disable_timing=True)
-    event.record(stream)
+    with flags.device:
+        stream = cupy.cuda.get_current_stream()
+        if stream.is_capturing():
+            return
+        host = _pinned.pop() if _pinned else empty_pinned((2,), flags.dtype)
+        if host.dtype != flags.dtype:
+            host = empty_pinned((2,), flags.dtype)
+        flags.get(stream=stream, out=host, blocking=False)
+        event = cupy.cuda.Event(block=False, disable_timing=True)
+        event.record(stream)
     _pending.append((event, host, report))
+
+
+def _capturing() -> bool:
+    import cupy
+    return cupy.cuda.get_current_stream().is_capturing()
 
 
 def poll() -> None:
     """Report every queued copy that has completed (in order), without waiting."""
+    if not _pending or _capturing():
+        return
     while _pending and _pending[0][0].done:
         _, host, report = _pending.popleft()
         try:
@@ -47,6 +61,8 @@ def poll() -> None:
 
 def flush() -> None:
     """Wait for every queued copy and report it."""
+    if not _pending or _capturing():
+        return
     while _pending:
         _pending[0][0].synchronize()
         poll()
