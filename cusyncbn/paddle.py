@@ -35,7 +35,6 @@ from typing import Any, Iterable
 import paddle
 from paddle.autograd import PyLayer
 
-from ._convert import walk
 from ._dlpack import device_of
 from ._grads import allreduce_gradients as _allreduce_arrays
 from ._rules import FORMATS
@@ -190,12 +189,12 @@ _CONVERTED = (paddle.nn.BatchNorm1D, paddle.nn.BatchNorm2D, paddle.nn.BatchNorm3
               paddle.nn.BatchNorm)
 
 
-def _renamed(attr: Any) -> Any:
-    """A copy of a ParamAttr carrying a name with ``_sync`` appended (as Paddle's converter
-    does, so the new layer's placeholder parameters do not reuse the old names)."""
+def _unnamed(attr: Any) -> Any:
+    """``attr`` without its name: the new layer's own parameters are placeholders (replaced
+    by the old layer's), and Paddle refuses a second parameter of the same name."""
     if isinstance(attr, paddle.ParamAttr) and attr.name is not None:
         attr = copy.copy(attr)
-        attr.name = attr.name + "_sync"
+        attr.name = None
     return attr
 
 
@@ -209,18 +208,20 @@ def _replacement(old: Any, comm: Any) -> SyncBatchNorm:
     else:
         weight_attr, data_format, act = old._weight_attr, old._data_format, None
         use_global, name = old._use_global_stats, old._name
-    new = SyncBatchNorm(int(old._mean.shape[0]), old._momentum, old._epsilon, _renamed(weight_attr),
-                        _renamed(old._bias_attr), data_format, name, comm=comm, use_global_stats=use_global)
+    new = SyncBatchNorm(int(old._mean.shape[0]), old._momentum, old._epsilon, _unnamed(weight_attr),
+                        _unnamed(old._bias_attr), data_format, None, comm=comm, use_global_stats=use_global)
+    # Set after construction: a name also names the running statistics (taken over below).
+    new._name, new._weight_attr, new._bias_attr = name, weight_attr, old._bias_attr
     with paddle.no_grad():
         for attr in ("weight", "bias"):
             param = getattr(old, attr)
             if param is not None:
                 setattr(new, attr, param)
             elif getattr(new, attr).dtype != old._mean.dtype:     # frozen ones / zeros in the stats' dtype
-                setattr(new, attr, new.create_parameter(
-                    [new._num_features], dtype=old._mean.dtype, is_bias=attr == "bias",
-                    default_initializer=paddle.nn.initializer.Constant(1.0 if attr == "weight" else 0.0)))
-                getattr(new, attr).stop_gradient = True
+                frozen = new.create_parameter([new._num_features], dtype=old._mean.dtype, default_initializer=
+                                              paddle.nn.initializer.Constant(1.0 if attr == "weight" else 0.0))
+                frozen.stop_gradient = True
+                setattr(new, attr, frozen)
         new._mean, new._variance = old._mean, old._variance
     new._act = act
     new.train() if old.training else new.eval()
@@ -234,8 +235,9 @@ def convert_sync_batchnorm(layer: Any, *, comm: Any = None) -> Any:
     The new layers take over the old ones' parameters and running statistics (the same
     tensors, as Paddle's converter does), momentum, epsilon, data format, name,
     ``use_global_stats`` (and ``act`` of ``paddle.nn.BatchNorm``) and train/eval mode. The
-    model is walked through ``named_children()`` (and lists / dicts of layers); a layer
-    shared by several parents is converted once.
+    model is walked through its sublayers as Paddle's converter walks ``named_children()``,
+    except that a layer registered under several names (or parents) is converted once and
+    replaced under every name (``named_children()`` yields it only once).
 
     Args:
         layer: the model, or one batch-norm layer.
@@ -251,8 +253,22 @@ def convert_sync_batchnorm(layer: Any, *, comm: Any = None) -> Any:
         >>> type(model[1]).__name__
         'SyncBatchNorm'
     """
-    return walk(layer, lambda old: _replacement(old, comm),
-                lambda obj: isinstance(obj, _CONVERTED) and not isinstance(obj, SyncBatchNorm))
+    return _convert(layer, comm, {})
+
+
+def _convert(layer: Any, comm: Any, memo: dict) -> Any:
+    if id(layer) in memo:
+        return memo[id(layer)]
+    if isinstance(layer, _CONVERTED) and not isinstance(layer, SyncBatchNorm):
+        memo[id(layer)] = new = _replacement(layer, comm)
+        return new
+    memo[id(layer)] = layer
+    for name, child in list(layer._sub_layers.items()):      # every name, shared layers included
+        if child is not None:
+            new = _convert(child, comm, memo)
+            if new is not child:
+                layer.add_sublayer(name, new)
+    return layer
 
 
 def allreduce_gradients(parameters: Iterable[Any], comm: Any = None, op: str = "sum") -> None:
