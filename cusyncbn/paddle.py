@@ -42,6 +42,10 @@ from .functional import sync_batch_norm, sync_batch_norm_backward
 
 __all__ = ["SyncBatchNorm", "allreduce_gradients", "convert_sync_batchnorm"]
 
+if not hasattr(paddle.Tensor, "__dlpack_device__"):       # added in Paddle 3.0 (with Tensor.__dlpack__)
+    raise ImportError(f"cusyncbn.paddle needs PaddlePaddle >= 3.0 (Tensor.__dlpack__ / __dlpack_device__), "
+                      f"found {paddle.__version__}")
+
 
 @functools.lru_cache(maxsize=64)
 def _external_stream(index: int, ptr: int) -> Any:
