@@ -145,7 +145,7 @@ class SyncBatchNorm(paddle.nn.SyncBatchNorm):
                  use_global_stats: bool | None = None) -> None:
         if data_format not in FORMATS:
             raise ValueError(f"SyncBatchNorm: data_format must be one of {list(FORMATS)}, got {data_format!r}")
-        if use_global_stats not in (None, True, False):
+        if use_global_stats is not None and not isinstance(use_global_stats, bool):
             raise TypeError(f"SyncBatchNorm: use_global_stats must be None, True or False, got {use_global_stats!r}")
         super().__init__(num_features, momentum, epsilon, weight_attr, bias_attr, data_format, name)
         self._use_global_stats = use_global_stats
@@ -173,6 +173,9 @@ class SyncBatchNorm(paddle.nn.SyncBatchNorm):
             return paddle.from_dlpack(y), ctx
 
     def forward(self, x: Any) -> Any:
+        if not paddle.in_dynamic_mode():
+            raise RuntimeError(f"{self.full_name()}: cusyncbn.paddle runs in dynamic-graph mode only (its passes "
+                               "are Python calls, not Paddle operators)")
         if not isinstance(x, paddle.Tensor):
             raise TypeError(f"{self.full_name()}: x must be a paddle.Tensor, got {type(x).__name__}")
         if paddle.is_grad_enabled() and not (x.stop_gradient and self.weight.stop_gradient
@@ -209,6 +212,9 @@ def _replacement(old: Any, comm: Any) -> SyncBatchNorm:
         # trainable_statistics; batch statistics otherwise.
         use_global = True if old._use_global_stats else (False if old._trainable_statistics else None)
         name = None
+        if act is not None and not hasattr(paddle.nn.functional, act):
+            raise ValueError(f"convert_sync_batchnorm: {old.full_name()} has act={act!r}, which is not a function "
+                             "of paddle.nn.functional; apply the activation as its own layer")
     else:
         weight_attr, data_format, act = old._weight_attr, old._data_format, None
         use_global, name = old._use_global_stats, old._name

@@ -93,21 +93,12 @@ def layer_uneven_and_empty_batches():
     return errors
 
 
-class CountingComm:
-    def __init__(self, inner):
-        self.inner, self.rank, self.size, self.calls = inner, inner.rank, inner.size, 0
-
-    def allreduce(self, buf):
-        self.calls += 1
-        self.inner.allreduce(buf)
-
-
 @case
 def collectives_only_where_needed():
     """One all-reduce per training forward, one per backward only when x needs a gradient,
     none in eval or for use_global_stats=True."""
     paddle.set_default_dtype("float32")
-    comm = CountingComm(cusyncbn.MPIComm(WORLD))
+    comm = mw.CountingComm(cusyncbn.MPIComm(WORLD))
     bn = cbp.SyncBatchNorm(4, comm=comm)
     x = paddle.randn([WORLD.rank + 1, 4, 3, 3])
     errors = []

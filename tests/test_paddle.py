@@ -101,6 +101,14 @@ def test_float32_matches_paddle():
     for a, b in [(y, y_p), (dx, dx_p), (g["weight"], g_p["weight"]), (g["bias"], g_p["bias"]),
                  (ours._variance.numpy(), theirs._variance.numpy())]:
         close(a, b, 1e-4)
+    half, dy_half = x.astype("float16"), dy.astype("float16")    # statistics in float32, y and dx in float16
+    xt = paddle.to_tensor(half, stop_gradient=False)
+    y = ours(xt)
+    (y.astype("float32") * paddle.to_tensor(dy_half.astype("float32"))).sum().backward()   # no CPU float16 multiply
+    assert y.dtype == xt.grad.dtype == paddle.float16
+    w, b = ours.weight.numpy(), ours.bias.numpy()
+    close(y.numpy(), ref.forward(half, w, b, 1e-5, "NHWC")[0], 1e-2)
+    close(xt.grad.numpy(), ref.backward(half, dy_half, w, 1e-5, "NHWC")[0], 1e-2)
 
 
 @pytest.mark.parametrize("use_global_stats", [True, False])
@@ -215,6 +223,17 @@ def test_errors_before_any_collective():
     with pytest.raises(TypeError, match="paddle.Tensor"):
         bn(np.zeros((2, 3)))
     assert comm.calls == 0
+    with pytest.raises(TypeError, match="use_global_stats must be None, True or False"):
+        cbp.SyncBatchNorm(3, use_global_stats=1)
+    with pytest.raises(ValueError, match="act='nope'"):
+        cbp.convert_sync_batchnorm(paddle.nn.BatchNorm(3, act="nope"))
+    paddle.enable_static()
+    try:
+        with paddle.static.program_guard(paddle.static.Program()):
+            with pytest.raises(RuntimeError, match="dynamic-graph mode only"):
+                cbp.SyncBatchNorm(3)(paddle.static.data("x", [4, 3], "float32"))
+    finally:
+        paddle.disable_static()
 
 
 def test_convert_every_kind_keeps_tensors_modes_and_outputs():
