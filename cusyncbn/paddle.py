@@ -32,6 +32,7 @@ import warnings
 from contextlib import nullcontext
 from typing import Any, Iterable
 
+import numpy as np
 import paddle
 from paddle.autograd import PyLayer
 
@@ -70,7 +71,6 @@ def _array(t: Any, device: str) -> Any:
     """A NumPy / CuPy array sharing the memory of Paddle tensor ``t`` (writes land in ``t``)."""
     data = t.detach()
     if device == "cpu":
-        import numpy as np
         return np.from_dlpack(data)
     import cupy
     return cupy.from_dlpack(data)
@@ -234,7 +234,7 @@ def _replacement(old: Any, comm: Any) -> SyncBatchNorm:
                 setattr(new, attr, frozen)
         new._mean, new._variance = old._mean, old._variance
     new._act = act
-    new.train() if old.training else new.eval()
+    new.training = old.training         # not train() / eval(): they also switch Paddle's global tracer mode
     return new
 
 
