@@ -1,0 +1,306 @@
+"""Paddle drop-in: ``paddle.nn.SyncBatchNorm`` running on cusyncbn.
+
+Importing this module imports Paddle (``import cusyncbn`` alone does not). The layer is
+a ``paddle.nn.SyncBatchNorm`` (same constructor, attributes, parameters and state-dict
+keys) whose forward and backward are one call each of :mod:`cusyncbn.functional`
+through a ``paddle.autograd.PyLayer``, so Paddle's optimizers and ``loss.backward()``
+work unchanged. It is exact for uneven and empty per-rank batches, and it syncs through
+a cusyncbn communicator: under plain ``mpirun`` on CPUs or GPUs, with no
+``paddle.distributed`` set-up.
+
+Tensors cross to NumPy (CPU) or CuPy (GPU) through DLPack without a copy: inputs,
+parameters and running statistics are read, and the running statistics updated in
+place, in the memory of the Paddle tensors (``tensor.detach()`` first, since Paddle
+refuses to export a tensor that requires gradients; ``Tensor.numpy()`` would copy).
+On a GPU the kernels run on Paddle's current stream.
+
+Like PyTorch's SyncBatchNorm, the backward leaves *this rank's share* of the
+``weight`` / ``bias`` gradients in ``.grad`` (their sum over ranks is the full
+gradient): all-reduce parameter gradients as in any data-parallel loop, e.g. with
+:func:`allreduce_gradients` or Paddle's ``DataParallel``.
+
+Example (``mpiexec -n 2 python train.py``)::
+
+    import cusyncbn.paddle as cbp
+    model = cbp.convert_sync_batchnorm(model)      # every BatchNorm* -> cbp.SyncBatchNorm
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import warnings
+from contextlib import nullcontext
+from typing import Any, Iterable
+
+import numpy as np
+import paddle
+from paddle.autograd import PyLayer
+
+from ._dlpack import device_of
+from ._grads import allreduce_gradients as _allreduce_arrays
+from ._rules import FORMATS
+from .functional import sync_batch_norm, sync_batch_norm_backward
+
+__all__ = ["SyncBatchNorm", "allreduce_gradients", "convert_sync_batchnorm"]
+
+if not hasattr(paddle.Tensor, "__dlpack_device__"):       # added in Paddle 3.0 (with Tensor.__dlpack__)
+    raise ImportError(f"cusyncbn.paddle needs PaddlePaddle >= 3.0 (Tensor.__dlpack__ / __dlpack_device__), "
+                      f"found {paddle.__version__}")
+
+
+@functools.lru_cache(maxsize=64)
+def _external_stream(index: int, ptr: int) -> Any:
+    import cupy
+    return cupy.cuda.ExternalStream(ptr, index)
+
+
+def _on_paddle_stream(device: str) -> Any:
+    """Context in which CuPy's current stream is Paddle's current stream on ``device``
+    (``"gpu:N"``): the kernels queue behind Paddle's own work with no cross-stream event.
+    A no-op on the CPU."""
+    if device == "cpu":
+        return nullcontext()
+    index = int(device.split(":")[1])
+    with warnings.catch_warnings():                 # paddle.device.cuda is deprecated in favour of
+        warnings.simplefilter("ignore")             # paddle.device, whose Stream lacks an int pointer
+        ptr = paddle.device.cuda.current_stream(index).cuda_stream
+    return _external_stream(index, int(ptr))
+
+
+def _array(t: Any, device: str) -> Any:
+    """A NumPy / CuPy array sharing the memory of Paddle tensor ``t`` (writes land in ``t``)."""
+    data = t.detach()
+    if device == "cpu":
+        return np.from_dlpack(data)
+    import cupy
+    return cupy.from_dlpack(data)
+
+
+class _Function(PyLayer):
+    """One call of the functional core per pass; ``dx`` and the backward all-reduce only
+    when the input needs a gradient."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Any, weight: Any, bias: Any, layer: "SyncBatchNorm") -> Any:
+        y, ctx.core = layer._core_forward(x)
+        ctx.needs = (not x.stop_gradient, not weight.stop_gradient, not bias.stop_gradient)
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, dy: Any) -> tuple:
+        need_x, need_w, need_b = ctx.needs
+        core, ctx.core = ctx.core, None
+        device = core.device
+        with _on_paddle_stream(device):
+            grads = sync_batch_norm_backward(core, _array(dy, device), input_grad=need_x, weight_grad=need_w,
+                                             bias_grad=need_b)
+            return tuple(None if g is None else paddle.from_dlpack(g) for g in grads)
+
+
+class SyncBatchNorm(paddle.nn.SyncBatchNorm):
+    """Drop-in for ``paddle.nn.SyncBatchNorm`` backed by cusyncbn: exact for uneven and
+    empty per-rank batches, numerically stable, and synchronized under plain ``mpirun``.
+
+    A subclass of ``paddle.nn.SyncBatchNorm``: same constructor, attributes (``weight``,
+    ``bias``, ``_mean``, ``_variance``, ``_momentum``, ``_epsilon``, ``_data_format``,
+    ``_weight_attr``, ``_bias_attr``), parameters and state-dict keys; as there,
+    ``weight_attr=False`` / ``bias_attr=False`` give a frozen weight of ones / bias of
+    zeros. Training normalizes with the mean and biased variance of the global batch
+    (every rank of ``comm``) and updates ``running = running * momentum + batch *
+    (1 - momentum)``; eval uses the running statistics and makes no collective. The
+    layer follows its input: CPU tensors run on NumPy, GPU tensors on cusyncbn's CUDA
+    kernels (CuPy), on Paddle's current stream; parameters must live on the input's device.
+
+    Args:
+        num_features: number of channels C.
+        momentum: of the running statistics (Paddle's convention). Default 0.9.
+        epsilon: added to the variance. Default 1e-5.
+        weight_attr, bias_attr: None, a ``paddle.ParamAttr``, or False (frozen ones / zeros).
+        data_format: 'NC', 'NCL', 'NCHW', 'NCDHW' (channels second) or 'NLC', 'NHWC',
+            'NDHWC' (channels last); input of 2 to 5 dimensions either way.
+        name: layer name (names of the running statistics; messages).
+        comm: None (all MPI ranks when launched by MPI with several processes, else this
+            process alone), an mpi4py communicator (e.g. ``MPI.COMM_WORLD.Split(...)``) or a
+            cusyncbn communicator. ``paddle.distributed`` is not needed.
+        use_global_stats: as Paddle's ``BatchNorm*D``: True always normalizes with the
+            running statistics, False always with the batch statistics (updating the
+            running ones, in eval too, as Paddle does), None by mode.
+
+    Raises:
+        ValueError: unknown ``data_format``; at forward, an input whose dimensions or
+            channel count do not fit (before any collective).
+        TypeError: at forward, a non-floating input or an unusable ``comm``.
+
+    Example:
+        >>> import paddle, cusyncbn.paddle as cbp
+        >>> bn = cbp.SyncBatchNorm(2)
+        >>> x = paddle.to_tensor([[[[0.3, 0.4], [0.3, 0.07]], [[0.83, 0.37], [0.18, 0.93]]]])
+        >>> x.stop_gradient = False
+        >>> y = bn(x)
+        >>> y.sum().backward()        # x.grad, bn.weight.grad, bn.bias.grad
+    """
+
+    def __init__(self, num_features: int, momentum: float = 0.9, epsilon: float = 1e-05, weight_attr: Any = None,
+                 bias_attr: Any = None, data_format: str = "NCHW", name: str | None = None, *, comm: Any = None,
+                 use_global_stats: bool | None = None) -> None:
+        if data_format not in FORMATS:
+            raise ValueError(f"SyncBatchNorm: data_format must be one of {list(FORMATS)}, got {data_format!r}")
+        if use_global_stats is not None and not isinstance(use_global_stats, bool):
+            raise TypeError(f"SyncBatchNorm: use_global_stats must be None, True or False, got {use_global_stats!r}")
+        super().__init__(num_features, momentum, epsilon, weight_attr, bias_attr, data_format, name)
+        self._use_global_stats = use_global_stats
+        self._comm = comm
+        self._act: str | None = None          # set when converted from a paddle.nn.BatchNorm(act=...)
+
+    def extra_repr(self) -> str:
+        text = super().extra_repr()
+        if self._use_global_stats is not None:
+            text += f", use_global_stats={self._use_global_stats}"
+        return text + ", backend=cusyncbn"
+
+    def _core_forward(self, x: Any) -> tuple:
+        """``(y, ctx)``: one call of the functional core on Paddle tensors."""
+        device = device_of(x)
+        # Paddle's kernel: batch statistics unless use_global_stats (or eval with it unset);
+        # batch statistics always update the running ones, in eval too.
+        batch = self.training if self._use_global_stats is None else not self._use_global_stats
+        with _on_paddle_stream(device):
+            y, ctx = sync_batch_norm(
+                _array(x, device), _array(self._mean, device), _array(self._variance, device),
+                _array(self.weight, device), _array(self.bias, device), training=batch,
+                momentum=self._momentum, epsilon=self._epsilon, data_format=self._data_format, comm=self._comm,
+                num_features=self._num_features, device=device, name=self._name or self.full_name())
+            return paddle.from_dlpack(y), ctx
+
+    def forward(self, x: Any) -> Any:
+        if not paddle.in_dynamic_mode():
+            raise RuntimeError(f"{self.full_name()}: cusyncbn.paddle runs in dynamic-graph mode only (its passes "
+                               "are Python calls, not Paddle operators)")
+        if not isinstance(x, paddle.Tensor):
+            raise TypeError(f"{self.full_name()}: x must be a paddle.Tensor, got {type(x).__name__}")
+        if paddle.is_grad_enabled() and not (x.stop_gradient and self.weight.stop_gradient
+                                             and self.bias.stop_gradient):
+            y = _Function.apply(x, self.weight, self.bias, self)
+        else:
+            y, ctx = self._core_forward(x)
+            ctx.release()                     # nothing will be back-propagated
+        return y if self._act is None else getattr(paddle.nn.functional, self._act)(y)
+
+    @classmethod
+    def convert_sync_batchnorm(cls, layer: Any, *, comm: Any = None) -> Any:
+        """As ``paddle.nn.SyncBatchNorm.convert_sync_batchnorm``: see :func:`convert_sync_batchnorm`."""
+        return convert_sync_batchnorm(layer, comm=comm)
+
+
+_CONVERTED = (paddle.nn.BatchNorm1D, paddle.nn.BatchNorm2D, paddle.nn.BatchNorm3D, paddle.nn.SyncBatchNorm,
+              paddle.nn.BatchNorm)
+
+
+def _unnamed(attr: Any) -> Any:
+    """``attr`` without its name: the new layer's own parameters are placeholders (replaced
+    by the old layer's), and Paddle refuses a second parameter of the same name."""
+    if isinstance(attr, paddle.ParamAttr) and attr.name is not None:
+        attr = copy.copy(attr)
+        attr.name = None
+    return attr
+
+
+def _replacement(old: Any, comm: Any) -> SyncBatchNorm:
+    if isinstance(old, paddle.nn.BatchNorm):
+        weight_attr, data_format, act = old._param_attr, old._data_layout, old._act
+        # Paddle's kernel: running statistics when use_global_stats, else in eval unless
+        # trainable_statistics; batch statistics otherwise.
+        use_global = True if old._use_global_stats else (False if old._trainable_statistics else None)
+        name = None
+        if act is not None and not hasattr(paddle.nn.functional, act):
+            raise ValueError(f"convert_sync_batchnorm: {old.full_name()} has act={act!r}, which is not a function "
+                             "of paddle.nn.functional; apply the activation as its own layer")
+    else:
+        weight_attr, data_format, act = old._weight_attr, old._data_format, None
+        use_global, name = old._use_global_stats, old._name
+    new = SyncBatchNorm(int(old._mean.shape[0]), old._momentum, old._epsilon, _unnamed(weight_attr),
+                        _unnamed(old._bias_attr), data_format, None, comm=comm, use_global_stats=use_global)
+    # Set after construction: a name also names the running statistics (taken over below).
+    new._name, new._weight_attr, new._bias_attr = name, weight_attr, old._bias_attr
+    with paddle.no_grad():
+        for attr in ("weight", "bias"):
+            param = getattr(old, attr)
+            if param is not None:
+                setattr(new, attr, param)
+            elif getattr(new, attr).dtype != old._mean.dtype:     # frozen ones / zeros in the stats' dtype
+                frozen = new.create_parameter([new._num_features], dtype=old._mean.dtype, default_initializer=
+                                              paddle.nn.initializer.Constant(1.0 if attr == "weight" else 0.0))
+                frozen.stop_gradient = True
+                setattr(new, attr, frozen)
+        new._mean, new._variance = old._mean, old._variance
+    new._act = act
+    new.training = old.training         # not train() / eval(): they also switch Paddle's global tracer mode
+    return new
+
+
+def convert_sync_batchnorm(layer: Any, *, comm: Any = None) -> Any:
+    """Replace every ``paddle.nn.BatchNorm1D/2D/3D``, ``paddle.nn.BatchNorm`` and
+    ``paddle.nn.SyncBatchNorm`` in ``layer`` by :class:`SyncBatchNorm`.
+
+    The new layers take over the old ones' parameters and running statistics (the same
+    tensors, as Paddle's converter does), momentum, epsilon, data format, name,
+    ``use_global_stats`` (and ``act`` of ``paddle.nn.BatchNorm``) and train/eval mode. The
+    model is walked through its sublayers as Paddle's converter walks ``named_children()``,
+    except that a layer registered under several names (or parents) is converted once and
+    replaced under every name (``named_children()`` yields it only once).
+
+    Args:
+        layer: the model, or one batch-norm layer.
+        comm: communicator of the new layers (see :class:`SyncBatchNorm`).
+
+    Returns:
+        The converted model (a new object when ``layer`` itself is a batch norm).
+
+    Example:
+        >>> import paddle, cusyncbn.paddle as cbp
+        >>> model = paddle.nn.Sequential(paddle.nn.Conv2D(3, 5, 3), paddle.nn.BatchNorm2D(5))
+        >>> model = cbp.convert_sync_batchnorm(model)
+        >>> type(model[1]).__name__
+        'SyncBatchNorm'
+    """
+    return _convert(layer, comm, {})
+
+
+def _convert(layer: Any, comm: Any, memo: dict) -> Any:
+    if id(layer) in memo:
+        return memo[id(layer)]
+    if isinstance(layer, _CONVERTED) and not isinstance(layer, SyncBatchNorm):
+        memo[id(layer)] = new = _replacement(layer, comm)
+        return new
+    memo[id(layer)] = layer
+    for name, child in list(layer._sub_layers.items()):      # every name, shared layers included
+        if child is not None:
+            new = _convert(child, comm, memo)
+            if new is not child:
+                layer.add_sublayer(name, new)
+    return layer
+
+
+def allreduce_gradients(parameters: Iterable[Any], comm: Any = None, op: str = "sum") -> None:
+    """Sum (or average) the ``.grad`` of Paddle parameters over ranks, in place, in one collective.
+
+    The data-parallel step for a model trained under ``mpirun`` without
+    ``paddle.distributed``: after ``loss.backward()``, every parameter's gradient (the
+    SyncBatchNorm layers' shares included) becomes the full gradient on every rank.
+
+    Args:
+        parameters: Paddle parameters, e.g. ``model.parameters()``; those without a
+            gradient are skipped. All on one device.
+        comm: as for :class:`SyncBatchNorm`.
+        op: ``"sum"`` (each rank's loss is its part of a global sum) or ``"mean"``.
+
+    Raises:
+        ValueError: unknown ``op``.
+
+    Example:
+        >>> loss.backward(); cbp.allreduce_gradients(model.parameters()); opt.step()   # doctest: +SKIP
+    """
+    grads = [p.grad for p in parameters if p.grad is not None]
+    device = device_of(grads[0]) if grads else "cpu"
+    with _on_paddle_stream(device):
+        _allreduce_arrays([_array(g, device) for g in grads], comm, op)
