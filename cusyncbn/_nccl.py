@@ -11,7 +11,8 @@ import socket
 import warnings
 from typing import Any
 
-from ._comm import MPIComm
+from . import _abort
+from ._comm import MPIComm, agree_on_length
 
 
 class NCCLComm:
@@ -57,15 +58,23 @@ class NCCLComm:
         with cupy.cuda.Device(self.device):
             self._comm = nccl.NcclCommunicator(self.size, uid, self.rank)
         self._cupy = cupy
+        self._lengths: set[int] = set()
+        _abort.install(nccl_comm=self)
 
     def allreduce(self, buf: Any) -> None:
         if buf.dtype.itemsize != 8 or buf.dtype.kind != "f":
             raise TypeError(f"NCCLComm.allreduce takes float64 buffers, got {buf.dtype}")
         # The current stream of this communicator's device (where the layer's kernels run),
         # whichever device is current in the calling thread.
+        agree_on_length(self.mpi_comm, self._lengths, buf.size)     # first use of a length only: host MPI
         stream = self._cupy.cuda.get_current_stream(self.device).ptr
         self._comm.allReduce(buf.data.ptr, buf.data.ptr, buf.size, self._nccl.NCCL_FLOAT64,
                              self._nccl.NCCL_SUM, stream)
+
+    def abort(self) -> None:
+        """Abort the NCCL communicator (``ncclCommAbort``): operations in flight end, and it
+        cannot be used again. Done before ``MPI_Abort`` when a rank fails (see cusyncbn._abort)."""
+        self._comm.abort()
 
     def __repr__(self) -> str:
         return f"NCCLComm(rank={self.rank}, size={self.size}, device={self.device})"
