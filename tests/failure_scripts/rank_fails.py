@@ -1,16 +1,21 @@
-"""One rank fails while the others wait in a collective; tests/test_failures.py checks the job ends.
+"""The last rank fails while the others wait in a collective; tests/test_failures.py checks the job ends.
 
 Launch:
     mpiexec -n 2 python tests/failure_scripts/rank_fails.py CASE
     mpiexec -n 2 python -m mpi4py tests/failure_scripts/rank_fails.py CASE
 
-Every rank trains a SyncBatchNorm on the CPU for a step; then rank 1 fails as CASE says
-and rank 0 goes on to the next forward, whose all-reduce waits for rank 1. CASEs:
-exception, exit (sys.exit(3)), bad_input (wrong channel count, no debug), channels
-(layers of 4 and 5 channels, no debug), thread (an exception in a thread), nccl (an
-exception with a fake NCCL communicator, which must be aborted first). ``normal``
-catches two sys.exit(1) and ends with exit status 0; ``hooks`` prints whether the hooks
-are installed.
+Every rank trains a SyncBatchNorm on the CPU for a step; then the last rank fails as
+CASE says, and the others go on to the next forward, whose all-reduce waits for it:
+  exception     raises RuntimeError
+  exit          sys.exit(3)
+  exit_message  sys.exit("...")
+  bad_input     passes 5 channels to a layer of 4 (no debug mode)
+  channels      builds its layer with 5 channels, the others with 4 (no debug mode)
+  thread        an exception in a thread named "loader"
+  nccl          raises with an NCCLComm (tests/fake_cupy.py), which must be aborted first
+  opted_out     calls set_abort_on_failure(False) and raises, the others do not wait
+  normal        catches two sys.exit(1) and ends with status 0
+Every rank that gets to the end prints "rank R: done (hooks installed: ...)".
 """
 import os
 import sys
@@ -38,44 +43,56 @@ def caught_exits():
         sys.exit(1)
     except SystemExit as exc:
         kept = exc                                  # a reference cycle: freed only at shutdown
-    return kept is not None
+    return kept
+
+
+def fail_in_thread():
+    def fail():
+        raise RuntimeError("a thread fails on purpose")
+    worker = threading.Thread(target=fail, name="loader")
+    worker.start()
+    worker.join()
+
+
+def nccl_comm(world):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import fake_cupy
+    os.environ["NCCL_HOSTID"] = f"rank{world.rank}"
+    with fake_cupy.installed(world.rank) as nccl:
+        nccl.NcclCommunicator.abort = lambda self: print(f"rank {self.rank}: ncclCommAbort", file=sys.stderr)
+        return cusyncbn.NCCLComm(world)
 
 
 def main():
     from mpi4py import MPI
-    rank = MPI.COMM_WORLD.rank
+    world = MPI.COMM_WORLD
+    rank, failing = world.rank, world.rank == world.size - 1
     if CASE == "nccl":
-        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        import fake_cupy
-        os.environ["NCCL_HOSTID"] = f"rank{rank}"
-        with fake_cupy.installed(rank) as nccl:
-            nccl.NcclCommunicator.abort = lambda self: print(f"rank {rank}: ncclCommAbort", file=sys.stderr)
-            comm = cusyncbn.NCCLComm(MPI.COMM_WORLD)
-        if rank == 1:
-            raise RuntimeError(f"rank 1 fails on purpose with {comm}")
-    channels = 5 if CASE == "channels" and rank == 1 else 4
+        comm = nccl_comm(world)
+        if failing:
+            raise RuntimeError(f"fails on purpose with {comm}")
+    channels = 5 if CASE == "channels" and failing else 4
     bn = cusyncbn.SyncBatchNorm(channels, data_format="NCL")
     step(bn, channels)
-    if CASE == "hooks":
-        print(f"rank {rank}: hooks installed: {sys.excepthook is not sys.__excepthook__}", flush=True)
-        return 0
-    if rank == 1:
+    if failing:
         if CASE == "exception":
-            raise RuntimeError("rank 1 fails on purpose")
+            raise RuntimeError("fails on purpose")
         if CASE == "exit":
             sys.exit(3)
+        if CASE == "exit_message":
+            sys.exit("gives up on purpose")
         if CASE == "bad_input":
             step(bn, channels + 1)
         if CASE == "thread":
-            def fail():
-                raise RuntimeError("a thread of rank 1 fails on purpose")
-            worker = threading.Thread(target=fail, name="loader")
-            worker.start()
-            worker.join()
+            fail_in_thread()
+        if CASE == "opted_out":
+            cusyncbn.set_abort_on_failure(False)
+            raise RuntimeError("fails on purpose, opted out")
         if CASE == "normal":
             caught_exits()
-    step(bn, channels)
-    print(f"rank {rank}: done", flush=True)
+    if CASE != "opted_out":
+        step(bn, channels)
+    print(f"rank {rank}: done (hooks installed: {sys.excepthook is not sys.__excepthook__})", flush=True)
     return 0
 
 
