@@ -156,10 +156,10 @@ class SystemExit(builtins.SystemExit):
         status = self.code
         if status is None or isinstance(status, int) and status == 0:
             return
-        if not isinstance(status, int):
-            print(status, file=sys.stderr)          # what the interpreter would print next
-            status = 1
-        _abort(status % 256 or 1, f"exits with status {self.code!r}")
+        if isinstance(status, int):
+            _abort(status % 256 or 1, f"exits with status {status}")
+        print(status, file=sys.stderr)              # what the interpreter would print next
+        _abort(1, "exits with the message above")
 
 
 def _exit(status: Any = None) -> None:

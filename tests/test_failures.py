@@ -88,7 +88,7 @@ def test_failing_rank_ends_the_job(case, runner):
 
 def test_exit_with_a_message_and_a_failing_thread_end_the_job():
     output, status, _ = job("exit_message")
-    assert status != 0 and "gives up on purpose" in output and "exits with status 'gives up on purpose'" in output
+    assert status != 0 and "gives up on purpose" in output and "exits with the message above" in output
     output, status, _ = job("thread")
     assert status != 0, output
     assert "RuntimeError: a thread fails on purpose" in output and "in thread 'loader'" in output, output
