@@ -62,11 +62,19 @@ class MPIComm:
 
     NumPy buffers are reduced in place. CuPy buffers are staged through host memory
     (a device-to-host copy and a synchronization: the fallback used when NCCL is not
-    available; :class:`cusyncbn.NCCLComm` avoids it).
+    available; :class:`cusyncbn.NCCLComm` avoids it). The first all-reduce of each
+    buffer length first checks that every rank passes that length (see
+    :func:`agree_on_length`). Building one in a job of several MPI processes makes a
+    failing rank end the job (see :func:`cusyncbn.set_abort_on_failure`).
 
     Args:
         mpi_comm: an ``mpi4py.MPI.Comm`` (intra-communicator), e.g. ``MPI.COMM_WORLD``
             or ``MPI.COMM_WORLD.Split(rank // 2)``. Default: ``MPI.COMM_WORLD``.
+
+    Raises:
+        TypeError: ``mpi_comm`` is not an mpi4py intra-communicator.
+        RuntimeError (from ``allreduce``): the ranks passed buffers of different lengths,
+            or MPI failed; the message says what this rank passed.
 
     Example:
         >>> from mpi4py import MPI            # doctest: +SKIP
@@ -137,15 +145,17 @@ _MISMATCH_HINT = ("a layer probably has different num_features on different rank
 
 
 def _payload_guess(count: int) -> str:
-    """Which SyncBatchNorm collective has ``count`` values (forward 2C+3, backward 2C+2)."""
-    if count % 2:
-        return f"a training forward of {(count - 3) // 2} channels"
-    return f"a backward of {(count - 2) // 2} channels"
+    """Which SyncBatchNorm collective has ``count`` values (forward 2C+3, backward 2C+2), if any."""
+    if count % 2 and count >= 5:
+        return f"like a forward of {(count - 3) // 2} channels"
+    if count % 2 == 0 and count >= 4:
+        return f"like a backward of {(count - 2) // 2} channels"
+    return "not a layer's payload"
 
 
 def _allreduce_failure(comm: Any, count: int, exc: Any) -> str:
     """What to say when an MPI all-reduce of ``count`` float64 values raised ``exc``."""
-    text = (f"cusyncbn: the all-reduce of {count} float64 values ({_payload_guess(count)}, or allreduce_gradients) "
+    text = (f"cusyncbn: the all-reduce of {count} float64 values ({_payload_guess(count)}) "
             f"failed on rank {comm.rank} of {comm.size} (MPI: {str(exc).splitlines()[0]})")
     if exc.Get_error_class() == comm._mpi.ERR_TRUNCATE:
         text += f": the ranks passed buffers of different lengths; {_MISMATCH_HINT}"

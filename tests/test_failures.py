@@ -59,7 +59,7 @@ _POOL = concurrent.futures.ThreadPoolExecutor(max_workers=4)
 @functools.lru_cache(maxsize=None)
 def _jobs():
     specs = [(case, runner, 2, ()) for case in FAILURES for runner in RUNNERS]
-    specs += [(case, "python", 2, ()) for case in ("exit_message", "thread", "nccl", "opted_out")]
+    specs += [(case, "python", 2, ()) for case in ("exit_message", "thread", "nccl", "nccl_lengths", "opted_out")]
     specs += [("normal", runner, 2, ()) for runner in RUNNERS] + [("normal", "python", 2, NO_ABORT)]
     specs += [("normal", "python", 0, ()), ("exception", "python", 0, ())]
     return {spec: _POOL.submit(launch, *spec) for spec in specs}
@@ -72,8 +72,8 @@ FAILURES = {
     "exit": ["cusyncbn: rank 1 of 2 exits with status 3", "MPI_Abort(3)"],
     "bad_input": ["Traceback", "ValueError", "5", "cusyncbn: rank 1 of 2 raised ValueError"],
     "channels": ["RuntimeError: cusyncbn: the ranks passed all-reduce buffers of different lengths",
-                 "11 values (a training forward of 4 channels) on rank 0",
-                 "13 values (a training forward of 5 channels) on rank 1", "num_features"],
+                 "11 values (like a forward of 4 channels) on rank 0",
+                 "13 values (like a forward of 5 channels) on rank 1", "num_features"],
 }
 
 
@@ -94,11 +94,13 @@ def test_exit_with_a_message_and_a_failing_thread_end_the_job():
     assert "RuntimeError: a thread fails on purpose" in output and "in thread 'loader'" in output, output
 
 
-def test_nccl_communicator_is_aborted_before_mpi():
+def test_nccl_communicator_is_aborted_before_mpi_and_checks_lengths():
     output, status, _ = job("nccl")
     assert status != 0, output
     assert "rank 1: ncclCommAbort" in output and "RuntimeError: fails on purpose with NCCLComm" in output, output
     assert output.index("rank 1: ncclCommAbort") < output.index("MPI_Abort(MPI_COMM_WORLD, 1)"), output
+    output, status, _ = job("nccl_lengths")
+    assert status != 0 and "11 values (like a forward of 4 channels) on rank 0; 13 values" in output, output
 
 
 @pytest.mark.parametrize("runner", RUNNERS)
@@ -136,6 +138,6 @@ def test_mpi_error_message_names_the_length_and_the_cause():
 
     comm = SimpleNamespace(rank=1, size=4, _mpi=SimpleNamespace(ERR_TRUNCATE=15))
     text = _allreduce_failure(comm, 35, FakeMPIError("Message truncated, error stack:\nMPI_Allreduce(...)"))
-    assert text.startswith("cusyncbn: the all-reduce of 35 float64 values (a training forward of 16 channels")
+    assert text.startswith("cusyncbn: the all-reduce of 35 float64 values (like a forward of 16 channels)")
     assert "rank 1 of 4 (MPI: Message truncated, error stack:)" in text and "different lengths" in text
     assert "num_features" in text

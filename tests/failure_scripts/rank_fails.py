@@ -13,6 +13,7 @@ CASE says, and the others go on to the next forward, whose all-reduce waits for 
   channels      builds its layer with 5 channels, the others with 4 (no debug mode)
   thread        an exception in a thread named "loader"
   nccl          raises with an NCCLComm (tests/fake_cupy.py), which must be aborted first
+  nccl_lengths  passes 13 values to NCCLComm.allreduce, the others 11
   opted_out     calls set_abort_on_failure(False) and raises, the others do not wait
   normal        catches two sys.exit(1) and ends with status 0
 Every rank that gets to the end prints "rank R: done (hooks installed: ...)".
@@ -20,6 +21,7 @@ Every rank that gets to the end prints "rank R: done (hooks installed: ...)".
 import os
 import sys
 import threading
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -60,7 +62,12 @@ def nccl_comm(world):
     os.environ["NCCL_HOSTID"] = f"rank{world.rank}"
     with fake_cupy.installed(world.rank) as nccl:
         nccl.NcclCommunicator.abort = lambda self: print(f"rank {self.rank}: ncclCommAbort", file=sys.stderr)
+        nccl.NcclCommunicator.allReduce = lambda self, *args: None
         return cusyncbn.NCCLComm(world)
+
+
+def fake_cupy_buffer(size):
+    return SimpleNamespace(dtype=np.dtype(np.float64), size=size, data=SimpleNamespace(ptr=0))
 
 
 def main():
@@ -71,6 +78,9 @@ def main():
         comm = nccl_comm(world)
         if failing:
             raise RuntimeError(f"fails on purpose with {comm}")
+    if CASE == "nccl_lengths":
+        comm = nccl_comm(world)
+        comm.allreduce(fake_cupy_buffer(13 if failing else 11))
     channels = 5 if CASE == "channels" and failing else 4
     bn = cusyncbn.SyncBatchNorm(channels, data_format="NCL")
     step(bn, channels)
