@@ -137,8 +137,8 @@ def _thread_excepthook(args: Any) -> None:
     finally:
         # A thread may end itself with sys.exit(): threading ignores that, and so do we.
         if _active() and not issubclass(args.exc_type, builtins.SystemExit):
-            name = getattr(args.thread, "name", "a thread")
-            _abort(1, f"raised {args.exc_type.__name__} in thread {name!r}")
+            where = "a thread" if args.thread is None else f"thread {args.thread.name!r}"
+            _abort(1, f"raised {args.exc_type.__name__} in {where}")
 
 
 class SystemExit(builtins.SystemExit):
