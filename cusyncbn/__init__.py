@@ -4,6 +4,7 @@
 ``forward`` / ``backward``; NumPy + MPI on the CPU, CuPy kernels + NCCL on the GPU.
 Importing this package imports neither mpi4py, CuPy nor any framework.
 """
+from ._abort import set_abort_on_failure
 from ._checkpoint import export_state_dict, load_checkpoint, load_state_dict, save_checkpoint
 from ._comm import Communicator, MPIComm, SingleProcessComm
 from ._device import get_device, set_device
@@ -29,5 +30,5 @@ __all__ = [
     "BatchNorm1D", "BatchNorm2D", "BatchNorm3D", "Communicator", "MPIComm", "NCCLComm",
     "ParamAttr", "Parameter", "SingleProcessComm", "SyncBatchNorm", "allreduce_gradients",
     "device_of", "export_state_dict", "functional", "get_device", "load_checkpoint", "load_state_dict", "no_grad",
-    "save_checkpoint", "set_device", "__version__",
+    "save_checkpoint", "set_abort_on_failure", "set_device", "__version__",
 ]

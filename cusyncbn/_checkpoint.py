@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import zipfile
 from typing import Any
 
 import numpy as np
@@ -85,7 +86,12 @@ def save_checkpoint(layers: Any, path: str | os.PathLike) -> None:
             arrays[f"{prefix}/{key}" if prefix else key] = np.array(to_host(value), copy=True)
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".cusyncbn-", suffix=".npz.tmp", dir=directory)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".cusyncbn-", suffix=".npz.tmp", dir=directory)
+    except OSError as exc:                  # it would name the temporary file, not the user's path
+        why = "no such directory" if isinstance(exc, FileNotFoundError) else exc.strerror
+        raise type(exc)(exc.errno, f"save_checkpoint cannot write {path!r}: {why} ({directory!r}; the checkpoint "
+                        "is written there under a temporary name first)") from None
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **arrays)
@@ -103,18 +109,64 @@ def load_checkpoint(layers: Any, path: str | os.PathLike, strict: bool = True, *
     """Load a file written by :func:`save_checkpoint` into the same layer(s).
 
     Every layer's entries are checked before any layer is changed.
+
+    Args:
+        layers: the layer, or the dict of named layers, given to ``save_checkpoint``.
+        path: the ``.npz`` file.
+        strict: every entry of every layer must be in the file.
+        allow_nonfinite: load NaN or Inf values instead of raising.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the file is not a checkpoint (empty, not an ``.npz``, truncated or
+            corrupt), an entry is unreadable or has the wrong shape, or holds NaN or Inf.
+        KeyError: the file's entries do not match the layers' (unknown or missing ones).
+        TypeError: an entry is not floating point.
+
+    Example:
+        >>> cusyncbn.load_checkpoint({"bn1": bn1, "bn2": bn2}, "bn.npz")     # doctest: +SKIP
     """
     named = layers if isinstance(layers, dict) else {"": layers}
-    with np.load(os.fspath(path)) as data:
-        files = {k: data[k] for k in data.files}
-    per_layer: dict[str, dict] = {name: {} for name in named}
-    for key, value in files.items():
+    path = os.fspath(path)
+    saved: dict[str, dict] = {}
+    for key, value in _read_npz(path).items():
         prefix, _, entry = key.rpartition("/")
-        if prefix not in per_layer:
-            raise KeyError(f"load_checkpoint: {path} has entries for layer {prefix!r}, not among {list(named)}")
-        per_layer[prefix][entry] = value
-    staged = {name: _state.stage(layer.state_dict(), per_layer[name], strict, layer.device, layer.name,
-                                 allow_nonfinite, source=f"{path}")
+        saved.setdefault(prefix, {})[entry] = value
+    if set(saved) - set(named):
+        def layers(names: list) -> str:
+            return "a single layer" if names == [""] else f"the layers {names}"
+        raise KeyError(f"load_checkpoint: {path} holds {layers(sorted(saved))}, not {layers(list(named))}; load "
+                       "a dict of layers under the names it was saved with, or a single layer's file into a single "
+                       "layer")
+    staged = {name: _state.stage(layer.state_dict(), saved.get(name, {}), strict, layer.device, layer.name,
+                                 allow_nonfinite, source=path)
               for name, layer in named.items()}
     for name, layer in named.items():                   # written only once every layer fits
         _state.write(layer.state_dict(), staged[name])
+
+
+_NPY_MAGIC = b"\x93NUMPY"
+
+
+def _read_npz(path: str) -> dict:
+    """The arrays of an ``.npz`` file; an error names the file and what is wrong with it."""
+    with open(path, "rb") as f:                 # FileNotFoundError & co. name the path themselves
+        head = f.read(len(_NPY_MAGIC))
+    if not head.startswith(b"PK"):              # every zip file (.npz) starts so
+        what = ("is empty" if not head else "holds a single .npy array" if head == _NPY_MAGIC
+                else "is not an .npz file")
+        raise ValueError(f"load_checkpoint: {path} {what}, not a checkpoint written by cusyncbn.save_checkpoint")
+    try:
+        data = np.load(path, allow_pickle=False)
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile) as exc:
+        raise ValueError(f"load_checkpoint: {path} is truncated or corrupt ({exc})") from exc
+    arrays = {}
+    with data:
+        for key in data.files:
+            try:
+                arrays[key] = data[key]
+            except (OSError, EOFError, ValueError, zipfile.BadZipFile) as exc:
+                raise ValueError(f"load_checkpoint: entry {key!r} of {path} is unreadable ({exc})") from exc
+            if not isinstance(arrays[key], np.ndarray):
+                raise ValueError(f"load_checkpoint: entry {key!r} of {path} is not a NumPy array")
+    return arrays

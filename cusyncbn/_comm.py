@@ -15,6 +15,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from . import _abort
+
 # Environment variables that MPI launchers (Hydra/MPICH, Open MPI, PMIx, Slurm,
 # MVAPICH) set in every process they start; read without initialising MPI.
 _SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "MV2_COMM_WORLD_SIZE", "SLURM_NTASKS")
@@ -60,11 +62,19 @@ class MPIComm:
 
     NumPy buffers are reduced in place. CuPy buffers are staged through host memory
     (a device-to-host copy and a synchronization: the fallback used when NCCL is not
-    available; :class:`cusyncbn.NCCLComm` avoids it).
+    available; :class:`cusyncbn.NCCLComm` avoids it). The first all-reduce of each
+    buffer length first checks that every rank passes that length (see
+    :func:`agree_on_length`). Building one in a job of several MPI processes makes a
+    failing rank end the job (see :func:`cusyncbn.set_abort_on_failure`).
 
     Args:
         mpi_comm: an ``mpi4py.MPI.Comm`` (intra-communicator), e.g. ``MPI.COMM_WORLD``
             or ``MPI.COMM_WORLD.Split(rank // 2)``. Default: ``MPI.COMM_WORLD``.
+
+    Raises:
+        TypeError: ``mpi_comm`` is not an mpi4py intra-communicator.
+        RuntimeError (from ``allreduce``): the ranks passed buffers of different lengths,
+            or MPI failed; the message says what this rank passed.
 
     Example:
         >>> from mpi4py import MPI            # doctest: +SKIP
@@ -81,17 +91,75 @@ class MPIComm:
         self.mpi_comm = mpi_comm
         self.rank = mpi_comm.Get_rank()
         self.size = mpi_comm.Get_size()
+        self._lengths: set[int] = set()
+        _abort.install()
 
     def allreduce(self, buf: Any) -> None:
-        if isinstance(buf, np.ndarray):
-            self.mpi_comm.Allreduce(self._mpi.IN_PLACE, buf, op=self._mpi.SUM)
-            return
-        host = buf.get()
-        self.mpi_comm.Allreduce(self._mpi.IN_PLACE, host, op=self._mpi.SUM)
-        buf.set(host)
+        host = buf if isinstance(buf, np.ndarray) else buf.get()
+        try:
+            agree_on_length(self.mpi_comm, self._lengths, host.size)
+            self.mpi_comm.Allreduce(self._mpi.IN_PLACE, host, op=self._mpi.SUM)
+        except self._mpi.Exception as exc:
+            raise RuntimeError(_allreduce_failure(self, host.size, exc)) from exc
+        if host is not buf:
+            buf.set(host)
 
     def __repr__(self) -> str:
         return f"MPIComm(rank={self.rank}, size={self.size})"
+
+
+def agree_on_length(mpi_comm: Any, agreed: set, count: int) -> None:
+    """Before the first all-reduce of ``count`` values over ``mpi_comm``, check that every
+    rank passes ``count`` values.
+
+    Ranks passing buffers of different lengths to one all-reduce is a bug (most often a
+    layer with different ``num_features`` on different ranks): MPICH then aborts the job
+    with a bare "Message truncated", NCCL hangs or reads past the shorter buffer. Every
+    rank of a correct program makes the same collectives in the same order, so all ranks
+    meet each length for the first time together; checking then costs one all-reduce of
+    two integers per distinct length and communicator, once. ``agreed`` holds the
+    lengths already checked.
+
+    Raises:
+        RuntimeError: on every rank, naming each rank's length, when they differ.
+    """
+    if count in agreed:
+        return
+    from mpi4py import MPI
+    ends = np.array([count, -count], dtype=np.int64)
+    mpi_comm.Allreduce(MPI.IN_PLACE, ends, op=MPI.MIN)
+    if ends[0] == -ends[1]:
+        agreed.add(count)
+        return
+    by_length: dict[int, list[int]] = {}
+    for rank, length in enumerate(mpi_comm.allgather(count)):
+        by_length.setdefault(length, []).append(rank)
+    found = "; ".join(f"{length} values ({_payload_guess(length)}) on rank{'s' * (len(ranks) > 1)} "
+                      f"{', '.join(map(str, ranks))}" for length, ranks in sorted(by_length.items()))
+    raise RuntimeError(f"cusyncbn: the ranks passed all-reduce buffers of different lengths: {found}. Every rank "
+                       f"must make the same collective calls with the same sizes; {_MISMATCH_HINT}")
+
+
+_MISMATCH_HINT = ("a layer probably has different num_features on different ranks, or the ranks call different "
+                  "layers (debug=True or CUSYNCBN_DEBUG=1 also names the layer)")
+
+
+def _payload_guess(count: int) -> str:
+    """Which SyncBatchNorm collective has ``count`` values (forward 2C+3, backward 2C+2), if any."""
+    if count % 2 and count >= 5:
+        return f"like a forward of {(count - 3) // 2} channels"
+    if count % 2 == 0 and count >= 4:
+        return f"like a backward of {(count - 2) // 2} channels"
+    return "not a layer's payload"
+
+
+def _allreduce_failure(comm: Any, count: int, exc: Any) -> str:
+    """What to say when an MPI all-reduce of ``count`` float64 values raised ``exc``."""
+    text = (f"cusyncbn: the all-reduce of {count} float64 values ({_payload_guess(count)}) "
+            f"failed on rank {comm.rank} of {comm.size} (MPI: {str(exc).splitlines()[0]})")
+    if exc.Get_error_class() == comm._mpi.ERR_TRUNCATE:
+        text += f": the ranks passed buffers of different lengths; {_MISMATCH_HINT}"
+    return text
 
 
 # Collective tags (see _backend.py): one counter per communicator object.

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _debug, _state
+from . import _abort as abort_hooks, _debug, _state
 from ._backend import get_backend
 from ._convert import walk
 from ._comm import Communicator, SingleProcessComm, next_tag, resolve_comm
@@ -96,6 +96,8 @@ class _BatchNormBase:
             self._comm = SingleProcessComm()
         elif comm is not None:
             self._comm = resolve_comm(comm, self._device)
+        else:
+            abort_hooks.install()          # a rank failing before the first collective ends the job too
         self.training = True
         self.weight = self._make_param(weight_attr, "weight", 1.0)
         self.bias = self._make_param(bias_attr, "bias", 0.0)

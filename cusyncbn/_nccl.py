@@ -11,7 +11,8 @@ import socket
 import warnings
 from typing import Any
 
-from ._comm import MPIComm
+from . import _abort
+from ._comm import MPIComm, agree_on_length
 
 
 class NCCLComm:
@@ -22,9 +23,15 @@ class NCCLComm:
             ``MPI.COMM_WORLD``; a ``Split`` gives group-wise sync).
         device: CUDA device index of this rank (default: the current CuPy device).
 
+    The first all-reduce of each buffer length checks over MPI, on the host, that every
+    rank passes that length (NCCL would hang or read past the shorter buffer); later ones
+    are NCCL only. Building one makes a failing rank end the job, aborting this NCCL
+    communicator first (see :func:`cusyncbn.set_abort_on_failure`).
+
     Raises:
         RuntimeError: NCCL is not available, or two ranks of the group share one GPU
-            (NCCL refuses that: "Duplicate GPU detected").
+            (NCCL refuses that: "Duplicate GPU detected"); from ``allreduce``: the ranks
+            passed buffers of different lengths.
 
     Example:
         >>> comm = cusyncbn.NCCLComm()                       # doctest: +SKIP
@@ -57,15 +64,23 @@ class NCCLComm:
         with cupy.cuda.Device(self.device):
             self._comm = nccl.NcclCommunicator(self.size, uid, self.rank)
         self._cupy = cupy
+        self._lengths: set[int] = set()
+        _abort.install(nccl_comm=self)
 
     def allreduce(self, buf: Any) -> None:
         if buf.dtype.itemsize != 8 or buf.dtype.kind != "f":
             raise TypeError(f"NCCLComm.allreduce takes float64 buffers, got {buf.dtype}")
+        agree_on_length(self.mpi_comm, self._lengths, buf.size)     # first use of a length only: host MPI
         # The current stream of this communicator's device (where the layer's kernels run),
         # whichever device is current in the calling thread.
         stream = self._cupy.cuda.get_current_stream(self.device).ptr
         self._comm.allReduce(buf.data.ptr, buf.data.ptr, buf.size, self._nccl.NCCL_FLOAT64,
                              self._nccl.NCCL_SUM, stream)
+
+    def abort(self) -> None:
+        """Abort the NCCL communicator (``ncclCommAbort``): operations in flight end, and it
+        cannot be used again. Done before ``MPI_Abort`` when a rank fails (see cusyncbn._abort)."""
+        self._comm.abort()
 
     def __repr__(self) -> str:
         return f"NCCLComm(rank={self.rank}, size={self.size}, device={self.device})"

@@ -2,6 +2,11 @@
 
 Launch:
     mpiexec -n 2 python examples/train_mpi.py [--steps 60] [--device cpu|gpu]
+    mpiexec -n 2 python -m mpi4py examples/train_mpi.py ...     (the same)
+
+If one rank fails (an exception, sys.exit(1)), every rank ends with MPI_Abort instead of
+waiting for it forever: cusyncbn's hooks do that, and so does ``python -m mpi4py``
+(README, "When something goes wrong").
 
 Each rank holds an uneven slice of every global batch (rank r gets more samples than
 rank r-1), runs Linear -> SyncBatchNorm -> ReLU -> Linear -> softmax cross-entropy,
@@ -63,10 +68,20 @@ class MLP:
         self.bn.clear_gradients()
 
 
-def progress(step, steps, loss, width=30):
-    done = int(width * step / steps)
-    sys.stderr.write(f"\r[{'#' * done}{'.' * (width - done)}] step {step}/{steps} loss {loss:.4f}")
-    sys.stderr.flush()
+def progress_bar(steps):
+    """A tqdm bar on stderr when stderr is a terminal and tqdm is installed, else None.
+
+    Under mpiexec the ranks' output reaches the terminal through pipes, and a bar redrawn
+    with carriage returns would interleave with the other lines: then (and without tqdm)
+    the periodic loss lines are all the progress there is.
+    """
+    if not sys.stderr.isatty():
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=steps, unit="step", file=sys.stderr, leave=False)
 
 
 def main(argv=None):
@@ -100,6 +115,7 @@ def main(argv=None):
     if rank == 0:
         print(f"cusyncbn {cusyncbn.__version__}: {size} rank(s) on {device}, per-rank batch {counts}", flush=True)
     first = last = None
+    bar = progress_bar(args.steps) if rank == 0 else None
     for step in range(1, args.steps + 1):
         labels = rng.integers(0, classes, args.batch)
         x = (centers[labels] + rng.normal(0, 1.5, (args.batch, d_in))).astype(np.float32)
@@ -112,10 +128,17 @@ def main(argv=None):
             single.sgd(args.lr)
             first = total if first is None else first
             last = total
-            progress(step, args.steps, total)
+            if bar is not None:
+                bar.set_postfix_str(f"loss {total:.4f}", refresh=False)
+                bar.update()
             if step % max(1, args.steps // 5) == 0:
-                sys.stderr.write("\n")
-                print(f"step {step:4d}  loss {total:.4f}", flush=True)
+                line = f"step {step:4d}  loss {total:.4f}"
+                if bar is not None:
+                    bar.write(line)
+                else:
+                    print(line, flush=True)
+    if bar is not None:
+        bar.close()
     ok = True
     if single is not None:
         diffs = [float(abs(a.data - b.data).max()) for a, b in zip(model.parameters(), single.parameters())]
