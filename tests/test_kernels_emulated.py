@@ -242,3 +242,106 @@ def test_training_step_allocates_only_its_outputs(emu):
     bn.eval()
     bn(x)
     assert len(shapes) == 4
+
+
+# ---- launches per pass, flags ------------------------------------------------------------------
+
+def _launches_of(emu, step):
+    before = len(emu.grids)
+    step()
+    return [expr if expr.startswith("<") else expr.split("<")[0] for expr, _ in emu.grids[before:]]
+
+
+@pytest.mark.parametrize("data_format,shape", [("NCHW", (4, 8, 5, 5)), ("NHWC", (4, 5, 5, 8)), ("NC", (16, 8)),
+                                               ("NCHW", (0, 8, 5, 5)), ("NHWC", (0, 5, 5, 8))])
+def test_launches_per_pass(emu, data_format, shape):
+    """Training forward: moments + normalize; backward: backward sums + dx; eval forward:
+    normalize. Nothing else reaches the device (a fill or item assignment on a device array
+    counts as a launch, as it is one on a GPU), also for an empty batch."""
+    c = shape[-1] if data_format == "NHWC" else shape[1]
+    bn = cusyncbn.SyncBatchNorm(c, data_format=data_format)
+    x = to_device(np.random.default_rng(0).normal(size=shape), "float32")
+    for _ in range(2):                                  # the first call builds the plans
+        y = bn(x)
+        bn.backward(y)
+    layout = "cl" if data_format in ("NHWC", "NC") else "cs"
+    assert _launches_of(emu, lambda: bn(x)) == [f"moments_{layout}", f"normalize_{layout}"]
+    assert _launches_of(emu, lambda: bn.backward(x)) == [f"backward_{layout}", f"dx_{layout}"]
+    bn.eval()
+    assert _launches_of(emu, lambda: bn(x)) == [f"normalize_{layout}"]
+    with cusyncbn.no_grad():
+        assert _launches_of(emu, lambda: bn(x)) == [f"normalize_{layout}"]
+
+
+def test_a_host_fill_counts_as_a_launch(emu):
+    """The launch count above would see a stray fill (the old backend's tag and flag fills)."""
+    a = emu.zeros((4,), np.float64)
+    assert _launches_of(emu, lambda: a.fill(1)) == ["<host fill>"]
+    assert _launches_of(emu, lambda: a.__setitem__(slice(0, 2), 3)) == ["<host setitem>"]
+
+
+def _forward_step(backend, x, running, tag, ranks, tamper=None, momentum=0.9):
+    """One training forward through ``backend`` directly: (stats array, payload, running stats)."""
+    from cusyncbn._backend import Stats
+    c = x.shape[1]
+    rm, rv = (backend.zeros((c,), np.float32), backend.zeros((c,), np.float32))
+    np.copyto(rm, running[0])
+    np.copyto(rv, running[1])
+    stats = Stats(backend.empty((4 * c + 2,), np.float32), backend.empty((2 * c + 3,), np.float64), c)
+    backend.local_moments(x, rm, tag, stats.payload)
+    if tamper is not None:
+        tamper(stats.payload)
+    y = backend.empty(x.shape, x.dtype)
+    backend.normalize_batch(x, stats.payload, tag, ranks, rm, rv, momentum, 1e-5, False, None, None, stats, y)
+    return np.array(stats.data, np.float64), np.array(stats.payload), np.array(rm), np.array(rv), np.array(y)
+
+
+@pytest.mark.parametrize("shape", [(6, 3, 10), (40, 3, 1)])
+@pytest.mark.parametrize("case", ["plain", "nonfinite", "desync", "empty_rank"])
+def test_flags_and_running_statistics_match_numpy(emu, shape, case):
+    """flags[0] (non-finite channel, disagreeing tags), the running statistics left alone per
+    non-finite channel or entirely on a desync, and a rank without samples among others:
+    bitwise-comparable to the NumPy backend's decisions."""
+    from cusyncbn._backend_numpy import NumpyBackend
+    rng = np.random.default_rng(5)
+    x = rng.normal(2.0, 3.0, size=shape).astype(np.float32)
+    if case == "nonfinite":
+        x[1, 1, 0] = np.nan
+    running = (rng.normal(size=3).astype(np.float32), rng.uniform(0.5, 2, 3).astype(np.float32))
+    tamper, ranks = None, 1
+    if case == "desync":
+        tamper = lambda buf: buf.__setitem__(slice(7, 9), (6.0, 20.0))     # another rank sent tag 2
+        ranks = 2
+    if case == "empty_rank":                         # this rank has no rows; the others' sums arrive
+        other = NumpyBackend()
+        full = _forward_step(other, x, running, 4, 1)[1]
+        x = x[:0]
+        tamper = lambda buf: np.copyto(buf, full)
+    ours = _forward_step(emu, cuda_emu.guarded_copy(x), running, 4, ranks, tamper)
+    ref = _forward_step(NumpyBackend(), x, running, 4, ranks, tamper)
+    c = shape[1]
+    assert ours[0][4 * c] == ref[0][4 * c] == {"plain": 0, "nonfinite": 1, "desync": 2, "empty_rank": 0}[case]
+    np.testing.assert_allclose(ours[1], ref[1], rtol=1e-6, atol=1e-6)             # payload (tags included)
+    np.testing.assert_allclose(ours[2:4], ref[2:4], rtol=1e-6, atol=1e-7)         # running statistics
+    np.testing.assert_allclose(ours[0][:4 * c], ref[0][:4 * c], rtol=1e-5, atol=1e-6)
+    if case == "desync":
+        np.testing.assert_array_equal(ours[2], running[0])
+
+
+def test_backward_flag_reports_disagreeing_tags(emu):
+    from cusyncbn._backend import Stats
+    rng = np.random.default_rng(6)
+    x = cuda_emu.guarded_copy(rng.normal(size=(5, 3, 8)).astype(np.float32))
+    stats = Stats(emu.zeros((14,), np.float32), emu.zeros((9,), np.float64), 3)
+    np.copyto(stats.data[:12], np.tile([0.5, 1.0, 1.0], 4)[:12])
+    count = emu.zeros((1,), np.float64)
+    np.copyto(count, 40.0)
+    flags = []
+    for sums in ((3.0, 9.0), (4.0, 10.0)):                     # tag 3 on one rank: agree; then not
+        buf = emu.zeros((8,), np.float64)
+        emu.backward_reduce(x, x, stats, None, None, 3, buf)
+        np.copyto(buf[6:], sums)
+        dx = emu.empty(x.shape, np.float32)
+        emu.backward_input(x, x, stats, buf, count, 3, 1, dx)
+        flags.append(float(stats.flags[1]))
+    assert flags == [0.0, 2.0]
