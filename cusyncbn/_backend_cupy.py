@@ -2,8 +2,11 @@
 
 Every launch goes on the current CuPy stream and nothing here reads device memory
 from the host, so a training forward/backward never synchronizes with the host and
-can be captured in a CUDA graph. Kernels are compiled once per (device, input dtype)
-by ``cupy.RawModule`` and fetched by name.
+can be captured in a CUDA graph. One kernel per step (``_kernels/syncbn.cu``): two
+launches per training forward or backward, one per eval forward. Kernels are compiled once
+per (device, input dtype, loads in flight) by ``cupy.RawModule`` and fetched by name; the
+launch of each step (kernel, grid, block, workspaces) is planned once per shape, dtype,
+alignment class and stream (``_plan``), from ``_tuning``.
 """
 from __future__ import annotations
 

@@ -137,22 +137,21 @@ __device__ __forceinline__ void unpack2(unsigned w, bf16_t, float& lo, float& hi
     lo = __uint_as_float(w << 16);
     hi = __uint_as_float(w & 0xffff0000u);
 }
-__device__ __forceinline__ unsigned pack2(float lo, float hi, half_t) {
+template <typename A, typename B> struct Same { static constexpr bool value = false; };
+template <typename A> struct Same<A, A> { static constexpr bool value = true; };
+
+// Two values rounded to T (half_t or bf16_t) in one 32-bit word, lo in the low half.
+template <typename T> __device__ __forceinline__ unsigned pack2(float lo, float hi) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
     unsigned w;
-    asm("{ cvt.rn.f16x2.f32 %0, %1, %2; }" : "=r"(w) : "f"(hi), "f"(lo));
+    if constexpr (Same<T, half_t>::value) {
+        asm("{ cvt.rn.f16x2.f32 %0, %1, %2; }" : "=r"(w) : "f"(hi), "f"(lo));
+    } else {
+        asm("{ cvt.rn.bf16x2.f32 %0, %1, %2; }" : "=r"(w) : "f"(hi), "f"(lo));
+    }
     return w;
 #else
-    return (unsigned)from_acc<half_t>(lo).bits | ((unsigned)from_acc<half_t>(hi).bits << 16);
-#endif
-}
-__device__ __forceinline__ unsigned pack2(float lo, float hi, bf16_t) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    unsigned w;
-    asm("{ cvt.rn.bf16x2.f32 %0, %1, %2; }" : "=r"(w) : "f"(hi), "f"(lo));
-    return w;
-#else
-    return (unsigned)bf16_bits(lo) | ((unsigned)bf16_bits(hi) << 16);
+    return (unsigned)from_acc<T>(lo).bits | ((unsigned)from_acc<T>(hi).bits << 16);
 #endif
 }
 
@@ -198,7 +197,7 @@ template <typename T, int VEC> struct Io {
         Raw r;
         if constexpr (pairs) {
 #pragma unroll
-            for (int k = 0; k < VEC / 2; ++k) r.v[k] = pack2(in[2 * k], in[2 * k + 1], T{});
+            for (int k = 0; k < VEC / 2; ++k) r.v[k] = pack2<T>(in[2 * k], in[2 * k + 1]);
         } else {
 #pragma unroll
             for (int k = 0; k < VEC; ++k) r.v[k] = from_acc<T>(in[k]);
@@ -350,6 +349,25 @@ __device__ bool split_total(double* tile, int c0, int nch, int splits, int s, do
     return true;
 }
 
+// Per-thread sums (a[e], b[e]) of channels tile_c0 + lane * CH + e -> the channel totals,
+// passed to write(c, total_a, total_b) once per channel of the tile, in the block that finishes
+// it (split `split` of `splits`, arriving on `ticket`). Every thread must call it.
+template <int CH, typename S, typename F>
+__device__ void finish_sums(const S (&a)[CH], const S (&b)[CH], int lanes, int tile_c0, int C, int splits, int split,
+                            double* part, unsigned* ticket, F write) {
+    extern __shared__ double sh[];                     // tile_sum scratch, then the tile
+    const int items = lanes * CH * 2, nt = block_threads();
+    double* tile = sh + (nt > (nt >> 5) * items ? nt : (nt >> 5) * items);
+    double sums[CH][2];
+#pragma unroll
+    for (int e = 0; e < CH; ++e) { sums[e][0] = a[e]; sums[e][1] = b[e]; }
+    tile_sum<CH, 2>(sums, lanes, sh, tile);
+    const int nch = min(lanes * CH, C - tile_c0);
+    if (split_total<2>(tile, tile_c0, nch, splits, split, part, ticket, sh)) {
+        for (int i = thread_rank(); i < nch; i += nt) write(tile_c0 + i, tile[2 * i], tile[2 * i + 1]);
+    }
+}
+
 // Per-channel coefficients of channels c0 .. c0 + nch - 1 into shared memory (N of S per
 // channel), one thread per channel, so that each is computed once per block. Every thread
 // must call it; f(c, out) writes channel c's coefficients.
@@ -357,6 +375,12 @@ template <int N, typename S, typename F> __device__ void channel_coefficients(in
     __syncthreads();                                   // cf is free: earlier readers are done
     for (int i = thread_rank(); i < nch; i += block_threads()) f(c0 + i, cf + i * N);
     __syncthreads();
+}
+
+// Coefficient j (of N per channel) of this thread's VEC channel-last channels, from cf.
+template <int N, int VEC, typename S> __device__ __forceinline__ void own_coefficient(const S* cf, int j, S (&out)[VEC]) {
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) out[e] = cf[(threadIdx.x * VEC + e) * N + j];
 }
 
 // ---- forward: this rank's payload ------------------------------------------------------
@@ -403,16 +427,16 @@ template <typename P> __device__ void empty_moments(int C, const P* running_mean
 
 // Channel-second: grid (splits, min(C, 65535)), 1-D blocks; block (s, c) sums its slice of
 // channel c; ticket[c] finds the last block of the channel.
-template <typename T, typename P, int VEC>
-__global__ void BOUNDS moments_cs(const T* __restrict__ x, int A, int C, int B, const P* __restrict__ running_mean,
-                                  double tag, double* __restrict__ part, unsigned* __restrict__ ticket,
-                                  double* __restrict__ shift, double* __restrict__ buf) {
+#define MOMENTS_PARAMS                                                                                        \
+    const T *__restrict__ x, int A, int C, int B, const P *__restrict__ running_mean, double tag,             \
+        double *__restrict__ part, unsigned *__restrict__ ticket, double *__restrict__ shift,                 \
+        double *__restrict__ buf
+
+template <typename T, typename P, int VEC> __global__ void BOUNDS moments_cs(MOMENTS_PARAMS) {
     typedef Io<T, VEC> io;
     typedef typename io::S S;
     constexpr int BATCH = io::batch;
     if (A == 0 || B == 0) { empty_moments(C, running_mean, tag, shift, buf); return; }
-    extern __shared__ double sh[];                     // tile_sum scratch, then the tile (2 doubles)
-    double* tile = sh + block_threads();
     for (int c = blockIdx.y; c < C; c += gridDim.y) {          // grid.y is at most 65535
         const S k = to_acc(x[(i64)c * B]);
         S s1 = 0, s2 = 0;
@@ -424,12 +448,11 @@ __global__ void BOUNDS moments_cs(const T* __restrict__ x, int A, int C, int B, 
 #pragma unroll
             for (int e = 0; e < VEC; ++e) { const S d = v[e] - k; s1 += d; s2 += d * d; }
         });
-        double sums[1][2] = {{(double)s1, (double)s2}};
-        tile_sum<1, 2>(sums, 1, sh, tile);
-        if (split_total<2>(tile, c, 1, gridDim.x, blockIdx.x, part, ticket + c, sh) && thread_rank() == 0) {
-            write_moments(c, C, (double)A * B, (double)k, tile[0], tile[1], running_mean, shift, buf);
-            if (c == 0) { buf[2 * C] = (double)A * B; write_tags(buf + 2 * C + 1, tag); }
-        }
+        const S a1[1] = {s1}, a2[1] = {s2};
+        finish_sums(a1, a2, 1, c, C, gridDim.x, blockIdx.x, part, ticket + c, [&](int ch, double t1, double t2) {
+            write_moments(ch, C, (double)A * B, (double)k, t1, t2, running_mean, shift, buf);
+            if (ch == 0) { buf[2 * C] = (double)A * B; write_tags(buf + 2 * C + 1, tag); }
+        });
     }
 }
 
@@ -437,10 +460,7 @@ __global__ void BOUNDS moments_cs(const T* __restrict__ x, int A, int C, int B, 
 // owns channels c0 .. c0+VEC-1, c0 = (blockIdx.x * LANES + tx) * VEC, and rows
 // a = blockIdx.y * ROWS + ty + k * splits * ROWS; ticket[blockIdx.x] finds the last block of
 // the channel tile.
-template <typename T, typename P, int VEC>
-__global__ void BOUNDS moments_cl(const T* __restrict__ x, int A, int C, int B, const P* __restrict__ running_mean,
-                                  double tag, double* __restrict__ part, unsigned* __restrict__ ticket,
-                                  double* __restrict__ shift, double* __restrict__ buf) {
+template <typename T, typename P, int VEC> __global__ void BOUNDS moments_cl(MOMENTS_PARAMS) {
     typedef Io<T, VEC> io;
     typedef typename io::S S;
     constexpr int BATCH = io::batch;
@@ -460,22 +480,11 @@ __global__ void BOUNDS moments_cl(const T* __restrict__ x, int A, int C, int B, 
                              for (int e = 0; e < VEC; ++e) { const S d = v[e] - k[e]; s1[e] += d; s2[e] += d * d; }
                          });
     }
-    extern __shared__ double sh[];                     // tile_sum scratch, then the tile
-    const int items = lanes * VEC * 2, nt = block_threads();
-    double* tile = sh + (nt > (nt >> 5) * items ? nt : (nt >> 5) * items);
-    double sums[VEC][2];
-#pragma unroll
-    for (int e = 0; e < VEC; ++e) { sums[e][0] = s1[e]; sums[e][1] = s2[e]; }
-    tile_sum<VEC, 2>(sums, lanes, sh, tile);
-    const int nch = min(lanes * VEC, C - tile_c0);
-    if (split_total<2>(tile, tile_c0, nch, gridDim.y, blockIdx.y, part, ticket + blockIdx.x, sh)) {
-        for (int i = thread_rank(); i < nch; i += nt) {
-            const int c = tile_c0 + i;
-            write_moments(c, C, (double)A, (double)to_acc(x[c]), tile[2 * i], tile[2 * i + 1], running_mean, shift,
-                          buf);
-            if (c == 0) { buf[2 * C] = (double)A; write_tags(buf + 2 * C + 1, tag); }
-        }
-    }
+    finish_sums(s1, s2, lanes, tile_c0, C, gridDim.y, blockIdx.y, part, ticket + blockIdx.x,
+                [&](int c, double t1, double t2) {
+                    write_moments(c, C, (double)A, (double)to_acc(x[c]), t1, t2, running_mean, shift, buf);
+                    if (c == 0) { buf[2 * C] = (double)A; write_tags(buf + 2 * C + 1, tag); }
+                });
 }
 
 // ---- forward: normalization (the finalize folded in) ----------------------------------------
@@ -603,13 +612,9 @@ template <typename T, typename P, int VEC> __global__ void BOUNDS normalize_cl(N
     });
     if (c0 >= C) return;
     S m[VEC], scale[VEC], b[VEC];
-#pragma unroll
-    for (int e = 0; e < VEC; ++e) {
-        const S* own = cf + (threadIdx.x * VEC + e) * 3;
-        m[e] = own[0];
-        scale[e] = own[1];
-        b[e] = own[2];
-    }
+    own_coefficient<3>(cf, 0, m);
+    own_coefficient<3>(cf, 1, scale);
+    own_coefficient<3>(cf, 2, b);
     typename io::Raw r[BATCH];
     rows_loop<BATCH>(blockIdx.y * blockDim.y + threadIdx.y, A, gridDim.y * blockDim.y, C, c0,
                      [&](int u, i64 at) { r[u] = io::load(x + at); }, [&](int u, i64 at) {
@@ -669,10 +674,10 @@ template <typename T, typename P, int VEC> __global__ void BOUNDS backward_cs(BA
 #pragma unroll
                              for (int e = 0; e < VEC; ++e) { sdy += gv[e]; sdyx += gv[e] * (v[e] - m); }
                          });
-        double sums[1][2] = {{(double)sdy, (double)sdyx}};
-        tile_sum<1, 2>(sums, 1, sh, tile);
-        if (split_total<2>(tile, c, 1, gridDim.x, blockIdx.x, part, ticket + c, sh) && thread_rank() == 0)
-            write_sums(c, C, tile[0], tile[1], stats, tag, weight_grad, bias_grad, buf);
+        const S a1[1] = {sdy}, a2[1] = {sdyx};
+        finish_sums(a1, a2, 1, c, C, gridDim.x, blockIdx.x, part, ticket + c, [&](int ch, double t1, double t2) {
+            write_sums(ch, C, t1, t2, stats, tag, weight_grad, bias_grad, buf);
+        });
     }
 }
 
@@ -699,18 +704,8 @@ template <typename T, typename P, int VEC> __global__ void BOUNDS backward_cl(BA
                              for (int e = 0; e < VEC; ++e) { sdy[e] += gv[e]; sdyx[e] += gv[e] * (v[e] - m[e]); }
                          });
     }
-    extern __shared__ double sh[];
-    const int items = lanes * VEC * 2, nt = block_threads();
-    double* tile = sh + (nt > (nt >> 5) * items ? nt : (nt >> 5) * items);
-    double sums[VEC][2];
-#pragma unroll
-    for (int e = 0; e < VEC; ++e) { sums[e][0] = sdy[e]; sums[e][1] = sdyx[e]; }
-    tile_sum<VEC, 2>(sums, lanes, sh, tile);
-    const int nch = min(lanes * VEC, C - tile_c0);
-    if (split_total<2>(tile, tile_c0, nch, gridDim.y, blockIdx.y, part, ticket + blockIdx.x, sh)) {
-        for (int i = thread_rank(); i < nch; i += nt)
-            write_sums(tile_c0 + i, C, tile[2 * i], tile[2 * i + 1], stats, tag, weight_grad, bias_grad, buf);
-    }
+    finish_sums(sdy, sdyx, lanes, tile_c0, C, gridDim.y, blockIdx.y, part, ticket + blockIdx.x,
+                [&](int c, double t1, double t2) { write_sums(c, C, t1, t2, stats, tag, weight_grad, bias_grad, buf); });
 }
 
 // ---- backward: dx, after the all-reduce -------------------------------------------------
@@ -808,13 +803,9 @@ template <typename T, int VEC> __global__ void BOUNDS dx_cl(DX_PARAMS) {
         return;
     }
     S m[VEC], mdy[VEC], k[VEC];
-#pragma unroll
-    for (int e = 0; e < VEC; ++e) {
-        const S* own = cf + (threadIdx.x * VEC + e) * 4;
-        m[e] = own[0];
-        mdy[e] = own[1];
-        k[e] = own[2];
-    }
+    own_coefficient<4>(cf, 0, m);
+    own_coefficient<4>(cf, 1, mdy);
+    own_coefficient<4>(cf, 2, k);
     rows_loop<BATCH>(a0, A, stride, C, c0, [&](int u, i64 at) { g[u] = io::load(dy + at); r[u] = io::load(x + at); },
                      [&](int u, i64 at) {
                          S gv[VEC], v[VEC];
