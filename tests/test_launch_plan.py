@@ -84,6 +84,9 @@ def test_table_lookup_override_and_fallback(tmp_path, monkeypatch):
     assert backend._kernels and all(k[2] == (2 if "moments" in k[1] else 4) for k in backend._kernels)
     with pytest.raises(ValueError, match="unknown pass"):
         backend.set_launch_config("finalize", "cs", LaunchConfig())
+    for bad in (LaunchConfig(threads=1024), LaunchConfig(threads=100), LaunchConfig(lanes=12), LaunchConfig(loads=0)):
+        with pytest.raises(ValueError, match="multiple of 32"):
+            backend.set_launch_config("dx", "cl", bad)
     # the file format: written atomically, read back, unknown GPUs fall back
     path = str(tmp_path / "tuning.json")
     _tuning.save_table(backend.table, path)
