@@ -2,33 +2,42 @@
 
 Every launch goes on the current CuPy stream and nothing here reads device memory
 from the host, so a training forward/backward never synchronizes with the host and
-can be captured in a CUDA graph. Kernels are compiled once per (device, input dtype)
-by ``cupy.RawModule`` and fetched by name.
+can be captured in a CUDA graph. One kernel per step (``_kernels/syncbn.cu``): two
+launches per training forward or backward, one per eval forward. Kernels are compiled once
+per (device, input dtype, loads in flight) by ``cupy.RawModule`` and fetched by name; the
+launch of each step (kernel, grid, block, workspaces) is planned once per shape, dtype,
+alignment class and stream (``_plan``), from ``_tuning``.
 """
 from __future__ import annotations
 
-import os
+import threading
 from typing import Any
 
 import numpy as np
 
-from . import _kernels
+from . import _kernels, _tuning
 from ._backend import Backend, Stats, dtype_name as _name_of
 from ._dlpack import device_of
-from ._launch import cupy_launcher
-
-_THREADS = 256            # 1-D blocks: reductions and elementwise passes
-_CL_THREADS = 512         # channel-last reductions: lanes along channels x rows (CL_THREADS in syncbn.cu)
-_CL_TAIL = 32             # at most this many partials per thread and channel in the last block's merge
-_CHANNEL_THREADS = 128    # one thread per channel kernels
+from ._tuning import LaunchConfig
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
+class _Plan:
+    """Everything about one launch that does not change between calls: the kernel, grid,
+    block, shared memory, the shape arguments and the workspaces (see ``CupyBackend._plan``)."""
+
+    __slots__ = ("kernel", "grid", "block", "shared", "dims", "work", "vec")
+
+    def __init__(self, kernel: Any, grid: tuple, block: tuple, shared: int, dims: tuple, work: tuple,
+                 vec: int) -> None:
+        self.kernel, self.grid, self.block, self.shared = kernel, grid, block, shared
+        self.dims, self.work, self.vec = dims, work, vec
+
+    def launch(self, args: tuple) -> None:
+        self.kernel(self.grid, self.block, args, shared_mem=self.shared)
 
 
 class CupyBackend(Backend):
-    _max_grid_y = 65535           # CUDA's limit; channel-second reductions loop over more channels
+    max_grid_y = _tuning.MAX_GRID_Y     # CUDA's limit; channel-second kernels loop over more channels
 
     def __init__(self, index: int) -> None:
         import cupy
@@ -39,14 +48,33 @@ class CupyBackend(Backend):
         self._cuda_device = cupy.cuda.Device(index)
         with self._cuda_device:
             self._sms = self._cuda_device.attributes["MultiProcessorCount"]
-        self._modules: dict[str, Any] = {}
-        self._kernels: dict[tuple[str, str], Any] = {}
-        self._packed = os.environ.get("CUSYNCBN_PACKED_LAUNCH", "0") == "1"
+            self.arch = _tuning.arch_key(self._cuda_device.compute_capability, self._sms)
+        self._init_plans()
 
-    def use_packed_launch(self, packed: bool) -> None:
-        """Launch through ``_launch.PackedLaunch`` (True) or ``cupy.RawKernel`` (False)."""
-        self._packed = bool(packed)
-        self._kernels.clear()
+    def _init_plans(self) -> None:
+        self._modules: dict[tuple[str, int], Any] = {}
+        self._kernels: dict[tuple[str, str, int], Any] = {}
+        self._plans: dict[tuple, _Plan] = {}
+        self._shifts: dict[tuple, Any] = {}
+        self._overrides: dict[tuple[str, str], LaunchConfig] = {}
+        self.table: dict | None = None            # None: the shipped table (_tuning.load_table)
+
+    def set_launch_config(self, kind: str, layout: str, config: LaunchConfig | None) -> None:
+        """Launch pass ``kind`` (moments, normalize, backward, dx) in ``layout`` ("cs" channel-
+        second, "cl" channel-last) with ``config`` from now on (None: back to the table or the
+        heuristic)."""
+        if kind not in _kernels.PASSES or layout not in _kernels.LAYOUTS:
+            raise ValueError(f"unknown pass {kind!r} / layout {layout!r}: expected one of "
+                             f"{_kernels.PASSES} and {_kernels.LAYOUTS}")
+        if config is not None and (config.threads % 32 or config.threads > _kernels.MAX_THREADS
+                                   or config.lanes & (config.lanes - 1) or config.lanes > 32 or config.loads < 1):
+            raise ValueError(f"{config}: threads must be a multiple of 32 up to {_kernels.MAX_THREADS} (0: "
+                             "default), lanes a power of two up to 32 (0: default), loads at least 1")
+        if config is None:
+            self._overrides.pop((kind, layout), None)
+        else:
+            self._overrides[(kind, layout)] = config
+        self._plans.clear()
 
     # -- arrays ---------------------------------------------------------------------------
     def is_native(self, x: Any) -> bool:
@@ -90,22 +118,24 @@ class CupyBackend(Backend):
             return self.xp.ascontiguousarray(x)
 
     # -- kernels ----------------------------------------------------------------------------
-    def _kernel(self, dtype_name: str, key: str) -> Any:
-        kernel = self._kernels.get((dtype_name, key))
+    def _kernel(self, dtype_name: str, key: str, loads: int) -> Any:
+        kernel = self._kernels.get((dtype_name, key, loads))
         if kernel is None:
             names = _kernels.name_expressions(dtype_name)
-            module = self._modules.get(dtype_name)
+            module = self._modules.get((dtype_name, loads))
             if module is None:
                 with self._cuda_device:
-                    module = self.xp.RawModule(code=_kernels.source(), options=_kernels.OPTIONS,
+                    module = self.xp.RawModule(code=_kernels.source(), options=_kernels.options(loads),
                                                name_expressions=list(names.values()))
-                self._modules[dtype_name] = module
-            kernel = module.get_function(names[key])
-            if self._packed:
-                with self._cuda_device:
-                    kernel = cupy_launcher(kernel, self._index)
-            self._kernels[(dtype_name, key)] = kernel
+                self._modules[(dtype_name, loads)] = module
+            kernel = self._kernels[(dtype_name, key, loads)] = module.get_function(names[key])
         return kernel
+
+    @staticmethod
+    def _resources(kernel: Any) -> tuple[int, int]:
+        """(registers per thread, static shared bytes) of a compiled kernel."""
+        attributes = kernel.attributes
+        return attributes["num_regs"], attributes["shared_size_bytes"]
 
     def stream_key(self) -> int:
         return self.xp.cuda.get_current_stream(self._index).ptr
@@ -114,76 +144,62 @@ class CupyBackend(Backend):
     def _address(a: Any) -> int:
         return a.data.ptr
 
-    def _widest(self, dtype_name: str, extent: int, arrays: tuple) -> int:
-        """The widest vector (in elements) dividing ``extent`` with every array aligned to it."""
+    def launch_config(self, kind: str, layout: str, dtype_name: str, shape3: tuple[int, int, int]) -> LaunchConfig:
+        """The configuration a pass runs with: override, else measured table, else heuristic."""
+        config = self._overrides.get((kind, layout))
+        if config is None:
+            config = _tuning.lookup(self.arch, kind, layout, dtype_name, shape3, self.table) or _tuning.DEFAULT
+        return config
+
+    def _plan(self, kind: str, x3: Any, arrays: tuple, pname: str) -> _Plan:
+        """The cached launch plan of pass ``kind`` over ``x3``. Per call only the alignment of
+        ``arrays`` is checked (the OR of their addresses modulo 16: a plan per alignment class,
+        narrower vectors for misaligned data)."""
+        misalign = 0
+        for arr in arrays:
+            misalign |= self._address(arr)
+        key = (kind, x3.shape, x3.dtype, pname, misalign & 15, self.stream_key(), threading.get_ident())
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = self._make_plan(kind, x3.shape, _name_of(x3.dtype), pname, misalign & 15)
+        return plan
+
+    def _make_plan(self, kind: str, shape3: tuple, dtype_name: str, pname: str, misalign: int) -> _Plan:
+        a, c, b = shape3
+        layout = "cl" if b == 1 else "cs"
+        config = self.launch_config(kind, layout, dtype_name, shape3)
         itemsize = _kernels.ITEMSIZE[dtype_name]
-        addresses = [self._address(a) for a in arrays if a is not None]
-        for v in _kernels.vector_widths(dtype_name):
-            if extent % v == 0 and all(p % (v * itemsize) == 0 for p in addresses):
-                return v
-        return 1
+        extent = c if layout == "cl" else b
+        vec = next(v for v in _kernels.vector_widths(dtype_name)
+                   if (config.vec == 0 or v <= config.vec) and extent % v == 0 and misalign % (v * itemsize) == 0)
+        lanes, threads = _tuning.block_shape(layout, config, c, vec, itemsize)
+        while lanes > 1 and _tuning.shared_bytes(kind, layout, threads, lanes, vec) > _tuning.MAX_DYNAMIC_SHARED:
+            lanes //= 2
+        shared = _tuning.shared_bytes(kind, layout, threads, lanes, vec)
+        kernel = self._kernel(dtype_name, _kernels.kernel_key(kind, layout, vec, pname), config.loads)
+        registers, static = self._resources(kernel)
+        slots = max(1, round(config.waves * _tuning.resident_blocks(registers, threads, shared + static) * self._sms))
+        grid, block = _tuning.grid(layout, shape3, vec, threads, lanes, slots)
+        if layout == "cs":
+            grid = (grid[0], min(grid[1], self.max_grid_y))
+        work: tuple = ()
+        if kind in _kernels.REDUCTIONS:
+            splits = grid[1] if layout == "cl" else grid[0]
+            work = (self.scratch("partials", c * splits * 2 if splits > 1 else 1, np.float64),
+                    self.scratch("tickets", grid[0] if layout == "cl" else c, np.uint32, zeroed=True))
+        if kind in ("moments", "normalize"):
+            work += (self._shift(c),)
+        dims = (np.int32(a), np.int32(c), np.int32(b))
+        return _Plan(kernel, grid, block, shared, dims, work, vec)
 
-    def _splits_cs(self, channels: int, per_channel: int, vec: int) -> int:
-        want = _cdiv(4 * self._sms, channels)
-        useful = _cdiv(per_channel, _THREADS * vec * 4)
-        return int(max(1, min(want, useful, 65535)))
-
-    def _cl_config(self, rows: int, channels: int, vec: int) -> tuple[tuple[int, int], tuple[int, int]]:
-        """Grid (channel tiles, splits) and block (lanes, rows) of a channel-last reduction."""
-        lanes = 1
-        while lanes < 32 and lanes * vec < channels:      # no idle lanes for small C
-            lanes *= 2
-        rows_per_block = _CL_THREADS // lanes
-        gx = _cdiv(channels, lanes * vec)
-        want = _cdiv(2 * self._sms, gx)                    # two 512-thread blocks per SM
-        useful = _cdiv(rows, rows_per_block * 4)           # at least ~4 rows per thread
-        tail = _cdiv(_CL_TAIL * rows_per_block, vec)       # bounds the last block's merge
-        return (gx, int(max(1, min(want, useful, tail, 65535)))), (lanes, rows_per_block)
-
-    def _elementwise_grid(self, total: int, vec: int) -> int:
-        return int(max(1, min(_cdiv(total, _THREADS * vec), 16 * self._sms)))
-
-    def _reduce(self, kind: str, x3: Any, inputs: tuple, width: int, pname: str, before: tuple,
-                grads: tuple, buf: Any) -> None:
-        """One-pass reduction (``moments`` or ``backward``) of ``inputs`` into the payload ``buf``:
-        per-split partials, merged by the last block of each channel (tile).
-
-        Its vectors stay inside a channel (channel-second) or on consecutive channels of one
-        row (channel-last). Arguments: inputs, shape, ``before``, workspace, ``grads``, ``buf``.
-        """
-        a, c, b = x3.shape
-        if a * b == 0:
-            buf.fill(0)
-            return
-        name = _name_of(x3.dtype)
-        vec = self._widest(name, c if b == 1 else b, inputs)
-        if b == 1:
-            grid, block = self._cl_config(a, c, vec)
-            splits, tickets = grid[1], grid[0]
-            shape = (np.int64(a), np.int32(c))
-            shared = width * _CL_THREADS * 8
-        else:
-            splits = self._splits_cs(c, a * b, vec)
-            grid, block, tickets = (splits, min(c, self._max_grid_y)), (_THREADS,), c
-            shape = (np.int64(a), np.int32(c), np.int64(b))
-            shared = 0
-        part = self.scratch("partials", c * splits * width if splits > 1 else 1, np.float64)
-        ticket = self.scratch("tickets", tickets, np.uint32, zeroed=True)
-        self._kernel(name, f"{kind}_{'cl' if b == 1 else 'cs'}{vec}_{pname}")(
-            grid, block, inputs + shape + before + (part, ticket) + grads + (buf,), shared_mem=shared)
-
-    def _elementwise(self, kind: str, x3: Any, arrays: tuple, stats_args: tuple) -> None:
-        """An elementwise pass (``normalize`` or ``dx``) over ``arrays``; its vectors may straddle
-        channels. Arguments: arrays, total, C, B, ``stats_args``."""
-        a, c, b = x3.shape
-        total = a * c * b
-        if total == 0:
-            return
-        name = _name_of(x3.dtype)
-        vec = self._widest(name, total, arrays)
-        self._kernel(name, f"{kind}_{'true' if b == 1 else 'false'}{vec}")(
-            (self._elementwise_grid(total, vec),), (_THREADS,),
-            arrays + (np.int64(total), np.int32(c), np.int64(b)) + stats_args)
+    def _shift(self, channels: int) -> Any:
+        """The per-channel shift K the moments kernel hands to the normalize kernel (one per
+        channel count, stream and thread, so that both kernels of a forward see the same one)."""
+        key = (channels, self.stream_key(), threading.get_ident())
+        shift = self._shifts.get(key)
+        if shift is None:
+            shift = self._shifts[key] = self.empty((channels,), np.float64)
+        return shift
 
     @staticmethod
     def _param_name(*arrays: Any) -> str:
@@ -193,52 +209,39 @@ class CupyBackend(Backend):
                 return _name_of(arr.dtype)
         return "float32"
 
-    def _channel_grid(self, channels: int) -> tuple[tuple[int], tuple[int]]:
-        return (_cdiv(channels, _CHANNEL_THREADS),), (_CHANNEL_THREADS,)
-
-    # -- the steps of _backend.Backend --------------------------------------------------------
+    # -- the steps of _backend.Backend: one kernel each ---------------------------------------
     def local_moments(self, x3: Any, running_mean: Any, tag: int, buf: Any) -> None:
         with self._cuda_device:
-            c = x3.shape[1]
-            self._reduce("moments", x3, (x3,), 3, self._param_name(running_mean), (running_mean,), (), buf[:2 * c + 1])
-            buf[2 * c + 1].fill(tag)
-            buf[2 * c + 2].fill(float(tag) * tag)
+            plan = self._plan("moments", x3, (x3,), self._param_name(running_mean))
+            plan.launch((x3, *plan.dims, running_mean, np.float64(tag), *plan.work, buf))
 
     def normalize_batch(self, x3: Any, buf: Any, tag: int, ranks: int, running_mean: Any, running_var: Any,
                         momentum: float, eps: float, unbiased: bool, weight: Any, bias: Any, stats: Stats,
                         y3: Any) -> None:
         with self._cuda_device:
-            c = stats.mean.shape[0]
-            grid, block = self._channel_grid(c)
-            pname = self._param_name(running_mean, running_var, weight, bias)
-            self._kernel(_name_of(x3.dtype), f"finalize_{pname}")(
-                grid, block, (buf, np.int32(c), running_mean, running_var, np.float64(momentum), np.float64(eps),
-                              np.int32(bool(unbiased)), weight, bias, stats.data))
-            stats.flags.fill(0)
-            self._elementwise("normalize", x3, (x3, y3), (stats.data,))
+            plan = self._plan("normalize", x3, (x3, y3), self._param_name(running_mean, running_var, weight, bias))
+            plan.launch((x3, y3, *plan.dims, buf, *plan.work, np.float64(tag), np.float64(ranks), running_mean,
+                         running_var, np.float64(momentum), np.float64(eps), np.int32(bool(unbiased)), weight, bias,
+                         stats.data))
 
     def normalize_fixed(self, x3: Any, running_mean: Any, running_var: Any, eps: float, weight: Any, bias: Any,
                         stats: Stats, y3: Any) -> None:
         with self._cuda_device:
-            c = stats.mean.shape[0]
-            grid, block = self._channel_grid(c)
-            self._kernel(_name_of(x3.dtype), f"eval_{_name_of(running_mean.dtype)}")(
-                grid, block, (running_mean, running_var, np.int32(c), np.float64(eps), weight, bias, stats.data))
-            stats.flags.fill(0)
-            self._elementwise("normalize", x3, (x3, y3), (stats.data,))
+            plan = self._plan("normalize", x3, (x3, y3), self._param_name(running_mean, running_var, weight, bias))
+            plan.launch((x3, y3, *plan.dims, None, None, np.float64(0), np.float64(1), running_mean, running_var,
+                         np.float64(0), np.float64(eps), np.int32(0), weight, bias, stats.data))
 
     def backward_reduce(self, dy3: Any, x3: Any, stats: Stats, weight_grad: Any, bias_grad: Any,
                         tag: int, buf: Any) -> None:
         with self._cuda_device:
-            c = x3.shape[1]
-            self._reduce("backward", x3, (dy3, x3), 2, self._param_name(weight_grad, bias_grad),
-                         (stats.data,), (weight_grad, bias_grad), buf[:2 * c])
-            buf[2 * c].fill(tag)
-            buf[2 * c + 1].fill(float(tag) * tag)
+            plan = self._plan("backward", x3, (dy3, x3), self._param_name(weight_grad, bias_grad))
+            part, ticket = plan.work
+            plan.launch((dy3, x3, *plan.dims, stats.data, np.float64(tag), part, ticket, weight_grad, bias_grad, buf))
 
     def backward_input(self, dy3: Any, x3: Any, stats: Stats, buf: Any, count: Any, tag: int, ranks: int,
                        dx3: Any) -> None:
-        fixed = count is None                           # eval statistics: no batch terms
+        fixed = count is None                           # eval statistics: no batch terms, x unread
         with self._cuda_device:
-            self._elementwise("dx", x3, (dy3, x3, dx3),
-                              (stats.data, None if fixed else buf, None if fixed else count))
+            plan = self._plan("dx", x3, (dy3, x3, dx3), "")
+            plan.launch((dy3, x3, dx3, *plan.dims, stats.data, None if fixed else buf, None if fixed else count,
+                         np.float64(tag), np.float64(ranks)))

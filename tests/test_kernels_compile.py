@@ -1,4 +1,6 @@
 """Every kernel instantiation compiles with NVRTC (no GPU needed: this runs in CI)."""
+import re
+
 import pytest
 
 from cusyncbn import _kernels
@@ -16,7 +18,7 @@ def test_every_instantiation_compiles(dtype_name, arch):
         for name in names:
             nvrtc.addNameExpression(prog, name)
         try:
-            nvrtc.compileProgram(prog, [f"-arch={arch}", *_kernels.OPTIONS])
+            nvrtc.compileProgram(prog, [f"-arch={arch}", *_kernels.options()])
         except nvrtc.NVRTCError as exc:
             pytest.fail(f"NVRTC failed for {dtype_name} on {arch}: {exc}\n{nvrtc.getProgramLog(prog)}")
         lowered = {name: nvrtc.getLoweredName(prog, name) for name in names}
@@ -26,10 +28,16 @@ def test_every_instantiation_compiles(dtype_name, arch):
         nvrtc.destroyProgram(prog)
 
 
-def test_host_and_kernels_agree_on_the_channel_last_block_size():
-    """__launch_bounds__(CL_THREADS) in syncbn.cu must cover the blocks the host launches."""
-    import re
-
-    from cusyncbn import _backend_cupy
-    defined = re.search(r"#define CL_THREADS (\d+)", _kernels.source())
-    assert defined and int(defined.group(1)) == _backend_cupy._CL_THREADS
+def test_compile_time_settings_come_from_python():
+    """The block-size bound and the loads in flight are defined once, in _kernels, and passed
+    with -D: the source has no value of its own (it refuses to compile without them)."""
+    source = _kernels.source()
+    for setting in ("CUSYNCBN_MAX_THREADS", "CUSYNCBN_MIN_THREADS_PER_SM", "CUSYNCBN_LOADS"):
+        assert f"-D{setting}=" in " ".join(_kernels.options())
+        assert not re.search(rf"#define {setting}\b", source)
+    prog = nvrtc.createProgram(source, "syncbn.cu", [], [])
+    try:
+        with pytest.raises(nvrtc.NVRTCError):
+            nvrtc.compileProgram(prog, ["-arch=compute_90", "--std=c++17"])
+    finally:
+        nvrtc.destroyProgram(prog)

@@ -45,42 +45,11 @@ def test_emulated_kernels_match_reference(emu, data_format, shape, dtype):
     assert emu.launches, "the emulated backend was not used"
 
 
-@pytest.mark.parametrize("dtype", ["float16", "float64"])
-def test_packed_launch_matches_cupy_style_launch(monkeypatch, dtype):
-    """The opt-in packed launch (cusyncbn._launch, CUSYNCBN_PACKED_LAUNCH=1): the emulator
-    reads every kernel's arguments from the packed slots; the results are bitwise those of
-    the ordinary launch."""
-    outputs = []
-    for packed in (False, True):
-        backend = cuda_emu.EmuBackend(sms=132, packed=packed)
-        monkeypatch.setitem(_backend._backends, "cpu", backend)
-        run = []
-        for fmt, shape in (("NCHW", (16, 3, 40, 41)), ("NHWC", (16, 20, 41, 8)), ("NC", (301, 5))):
-            check_layer(fmt, shape, dtype, to_device, to_host, device="cpu")
-            c = shape[-1] if fmt != "NCHW" else shape[1]
-            bn = cusyncbn.SyncBatchNorm(c, data_format=fmt, dtype="float64" if dtype == "float64" else "float32")
-            x = to_device(np.random.default_rng(0).normal(size=shape), dtype)
-            run += [bn(x).copy(), bn.backward(x).copy(), bn.weight.grad.copy(), bn._variance.copy()]
-            bn.eval()
-            run += [bn(x).copy(), bn.backward(x).copy()]
-        outputs.append(run)
-        assert backend.launches
-    for a, b in zip(*outputs):
-        np.testing.assert_array_equal(a, b)
-
-
-def test_packed_launch_rejects_python_scalars():
-    from cusyncbn import _launch
-    with pytest.raises(TypeError, match="np.int32"):
-        _launch.pack((np.zeros(3), 4), lambda a: a.ctypes.data)
-    with pytest.raises(ValueError, match="at most"):
-        _launch.pack((None,) * (_launch.MAX_ARGS + 1), lambda a: 0)
-
-
 @pytest.mark.parametrize("sms", [1, 132])
 def test_emulated_grid_sizes(monkeypatch, sms):
-    """One block per channel (sms=1), and an H100-sized grid splitting every channel many
-    ways, so the last-block merge runs; its tickets are back to zero after every launch."""
+    """One block per channel (sms=1, channel-second), and an H100-sized grid splitting every
+    channel many ways, so the last-block merge runs; its tickets are back to zero after every
+    launch."""
     backend = cuda_emu.EmuBackend(sms=sms)
     monkeypatch.setitem(_backend._backends, "cpu", backend)
     for fmt, shape in (("NCHW", (16, 3, 40, 41)), ("NHWC", (16, 20, 41, 8)), ("NC", (3001, 5))):
@@ -90,7 +59,10 @@ def test_emulated_grid_sizes(monkeypatch, sms):
         if expr.startswith(("moments_c", "backward_c")):
             layout = expr.split("<")[0][-2:]
             splits[layout].append(grid[0] if layout == "cs" else grid[1])
-    assert min(max(splits["cs"]), max(splits["cl"])) > (4 if sms == 132 else 1)
+    if sms == 132:
+        assert min(max(splits["cs"]), max(splits["cl"])) > 4
+    else:
+        assert max(splits["cs"]) == 1 and max(splits["cl"]) > 1
     tickets = [v for k, v in backend._scratch.items() if k[0] == "tickets"]
     assert tickets and all(not t.any() for t in tickets)
 
@@ -99,7 +71,7 @@ def test_emulated_grid_sizes(monkeypatch, sms):
 def test_more_channels_than_grid_rows(monkeypatch, sms):
     """Channel-second reductions loop over the channels beyond grid.y (65535 on a GPU, 2 here)."""
     backend = cuda_emu.EmuBackend(sms=sms)
-    backend._max_grid_y = 2
+    backend.max_grid_y = 2
     monkeypatch.setitem(_backend._backends, "cpu", backend)
     check_layer("NCHW", (6, 5, 9, 8), "float32", to_device, to_host, device="cpu")
     check_layer("NCL", (4, 7, 33), "float16", to_device, to_host, device="cpu")
@@ -144,65 +116,74 @@ def test_misaligned_input_takes_the_scalar_path(emu):
     x = to_device(np.random.default_rng(0).normal(size=(4, 8, 4, 4)), "float32", misalign=True)
     bn = cusyncbn.SyncBatchNorm(8)
     bn(x)
-    assert "normalize<float, false, 1>" in emu.launches and "normalize<float, false, 4>" not in emu.launches
+    assert "normalize_cs<float, float, 1>" in emu.launches and "normalize_cs<float, float, 4>" not in emu.launches
+    bn(to_device(np.asarray(x), "float32"))                     # aligned again: a plan of its own
+    assert "normalize_cs<float, float, 4>" in emu.launches
 
 
-def test_elementwise_vectors_straddle_channels(emu):
-    """Runs of 3 elements per channel under 8-wide half vectors, rows of 6 channels under
-    4-wide float vectors: the elementwise passes stay vectorized (and correct)."""
+def test_vectors_stay_inside_a_channel(emu):
+    """Runs of 3 elements per channel: scalar channel-second passes; rows of 6 channels:
+    2-wide channel-last passes (a thread's vector holds consecutive channels of one row)."""
     check_layer("NCHW", (8, 4, 1, 3), "float16", to_device, to_host, device="cpu")
     check_layer("NHWC", (4, 3, 5, 6), "float32", to_device, to_host, device="cpu")
-    for expr in ("normalize<half_t, false, 8>", "backward_elementwise<half_t, false, 8>",
-                 "normalize<float, true, 4>", "backward_elementwise<float, true, 4>"):
+    for expr in ("moments_cs<half_t, float, 1>", "normalize_cs<half_t, float, 1>", "dx_cs<half_t, 1>",
+                 "moments_cl<float, float, 2>", "normalize_cl<float, float, 2>", "dx_cl<float, 2>"):
         assert expr in emu.launches
-    assert "moments_cs<half_t, float, 1>" in emu.launches          # reductions keep vectors in a channel
 
 
 # ---- negative controls: the emulator reports what would fail on a GPU ---------------------
 
+def _dx_args(dy, x, dx, stats, shape3):
+    """Arguments of dx_cs with fixed statistics (dx = dy * scale)."""
+    a, c, b = shape3
+    return (dy, x, dx, np.int32(a), np.int32(c), np.int32(b), stats, None, None, np.float64(0), np.float64(1))
+
+
 def test_rejects_wrong_argument_types():
-    k = cuda_emu.library().kernel("eval_finalize<float, float>")
-    rm32, rv32, rm64 = np.zeros(4, np.float32), np.ones(4, np.float32), np.zeros(4)
-    stats = np.zeros(16, np.float32)
-    k((1,), (32,), (rm32, rv32, np.int32(4), np.float64(1e-5), None, None, stats))     # the right types run
-    np.testing.assert_allclose(stats[4:8], 1 / np.sqrt(1 + 1e-5), rtol=1e-6)
+    k = cuda_emu.library().kernel("dx_cs<float, 1>")
+    dy, x, dx = np.ones((2, 3, 5), np.float32), np.ones((2, 3, 5), np.float32), np.zeros((2, 3, 5), np.float32)
+    stats = np.full(14, 2.0, np.float32)
+    args = _dx_args(dy, x, dx, stats, (2, 3, 5))
+    k((1, 3), (32,), args)                                                    # the right types run
+    np.testing.assert_array_equal(dx, 2.0)
     with pytest.raises(cuda_emu.EmulatedKernelError, match="scalar kind"):
-        k((1,), (32,), (rm32, rv32, np.int64(4), np.float64(1e-5), None, None, stats))
+        k((1, 3), (32,), args[:3] + (np.int64(2),) + args[4:])
     with pytest.raises(cuda_emu.EmulatedKernelError, match="scalar kind"):
-        k((1,), (32,), (rm32, rv32, np.int32(4), np.float32(1e-5), None, None, stats))
+        k((1, 3), (32,), args[:-2] + (np.float32(0), args[-1]))
     with pytest.raises(cuda_emu.EmulatedKernelError, match="points to"):
-        k((1,), (32,), (rm64, rv32, np.int32(4), np.float64(1e-5), None, None, stats))
-    with pytest.raises(cuda_emu.EmulatedKernelError, match="takes 7 arguments"):
-        k((1,), (32,), (rm32, rv32, np.int32(4), np.float64(1e-5), None, None))
+        k((1, 3), (32,), (dy.astype(np.float64),) + args[1:])
+    with pytest.raises(cuda_emu.EmulatedKernelError, match="takes 11 arguments"):
+        k((1, 3), (32,), args[:-1])
 
 
 def test_catches_misaligned_vector_access_and_bad_launches():
     backend = cuda_emu.EmuBackend()
     x = to_device(np.ones((2, 3, 8)), "float32", misalign=True)
-    y = backend.empty(x.shape, np.float32)
-    stats = backend.zeros((12,), np.float32)
-    k = backend._kernel("float32", "normalize_false4")
-    args = (x, y, np.int64(x.size), np.int32(3), np.int64(8), stats)
+    dx = backend.empty(x.shape, np.float32)
+    stats = backend.zeros((14,), np.float32)
+    k = backend._kernel("float32", "dx_cs4", 4)
+    args = _dx_args(x, x, dx, stats, x.shape)
     with pytest.raises(cuda_emu.EmulatedKernelError, match="misaligned 16-byte"):
-        k((1,), (256,), args)
+        k((1, 3), (256,), args)
     with pytest.raises(cuda_emu.EmulatedKernelError, match="invalid grid"):
         k((1, 70000), (256,), args)
     with pytest.raises(cuda_emu.EmulatedKernelError, match="invalid block"):
         k((1,), (2048,), args)
-    moments = backend._kernel("float32", "moments_cs1_float32")
-    part, ticket, buf = backend.zeros((9,), np.float64), backend.zeros((3,), np.uint32), backend.zeros((7,), np.float64)
+    moments = backend._kernel("float32", "moments_cs1_float32", 4)
+    part, ticket = backend.zeros((12,), np.float64), backend.zeros((3,), np.uint32)
+    shift, buf = backend.zeros((3,), np.float64), backend.zeros((9,), np.float64)
     with pytest.raises(cuda_emu.EmulatedKernelError, match="partial warp"):
-        moments((1, 3), (48,), (x, np.int64(2), np.int32(3), np.int64(8), None, part, ticket, buf))
+        moments((1, 3), (48,), (x, np.int32(2), np.int32(3), np.int32(8), None, np.float64(0), part, ticket, shift,
+                                buf), shared_mem=8 * 64)
 
 
 def test_catches_writes_outside_an_allocation():
     backend = cuda_emu.EmuBackend()
     x = to_device(np.ones((2, 3, 8)), "float32")
-    y_short = backend.empty((x.size - 1,), np.float32)
-    stats = backend.zeros((12,), np.float32)
+    dx_short = backend.empty((x.size - 1,), np.float32)
+    stats = backend.zeros((14,), np.float32)
     with pytest.raises(cuda_emu.EmulatedKernelError, match="wrote outside"):
-        backend._kernel("float32", "normalize_false1")((1,), (256,), (x, y_short, np.int64(x.size), np.int32(3),
-                                                                      np.int64(8), stats))
+        backend._kernel("float32", "dx_cs1", 4)((1, 3), (256,), _dx_args(x, x, dx_short, stats, x.shape))
 
 
 def test_catches_divergent_barrier():
@@ -219,10 +200,10 @@ def test_catches_divergent_barrier():
 
 
 MUTATIONS = {
-    "Chan's merge without its between-group term": ("r.m2 = a.m2 + b.m2 + d * d * (a.n * b.n / n);",
-                                                    "r.m2 = a.m2 + b.m2;"),
+    "M2 without the shift correction": ("double m2 = s2 - s1 * d1;", "double m2 = s2;"),
     "last-block ticket never reset": ("if (last) *ticket = 0;", ""),
-    "dx without the mean-of-dy term": ("mdy = (S)(buf[c] * inv_n);", "mdy = 0;"),
+    "dx without the mean-of-dy term": ("cf[1] = (S)(buf[c] / n);", "cf[1] = 0;"),
+    "split partials summed from one split only": ("for (int q = j; q < splits; q += J)", "for (int q = j; q < 1; q += J)"),
 }
 
 
@@ -233,7 +214,7 @@ def test_a_bug_in_the_kernels_fails_the_layer_check(monkeypatch, mutation):
     good, bad = MUTATIONS[mutation]
     source = _kernels.source()
     assert source.count(good) == 1
-    broken = cuda_emu.Library(source.replace(good, bad), cuda_emu._expressions())
+    broken = cuda_emu.Library(source.replace(good, bad), cuda_emu._expressions(), _kernels.options())
     monkeypatch.setitem(_backend._backends, "cpu", cuda_emu.EmuBackend(sms=132, kernels=broken))
     with pytest.raises(AssertionError):
         for seed in (0, 1):
@@ -261,3 +242,106 @@ def test_training_step_allocates_only_its_outputs(emu):
     bn.eval()
     bn(x)
     assert len(shapes) == 4
+
+
+# ---- launches per pass, flags ------------------------------------------------------------------
+
+def _launches_of(emu, step):
+    before = len(emu.grids)
+    step()
+    return [expr if expr.startswith("<") else expr.split("<")[0] for expr, _ in emu.grids[before:]]
+
+
+@pytest.mark.parametrize("data_format,shape", [("NCHW", (4, 8, 5, 5)), ("NHWC", (4, 5, 5, 8)), ("NC", (16, 8)),
+                                               ("NCHW", (0, 8, 5, 5)), ("NHWC", (0, 5, 5, 8))])
+def test_launches_per_pass(emu, data_format, shape):
+    """Training forward: moments + normalize; backward: backward sums + dx; eval forward:
+    normalize. Nothing else reaches the device (a fill or item assignment on a device array
+    counts as a launch, as it is one on a GPU), also for an empty batch."""
+    c = shape[-1] if data_format == "NHWC" else shape[1]
+    bn = cusyncbn.SyncBatchNorm(c, data_format=data_format)
+    x = to_device(np.random.default_rng(0).normal(size=shape), "float32")
+    for _ in range(2):                                  # the first call builds the plans
+        y = bn(x)
+        bn.backward(y)
+    layout = "cl" if data_format in ("NHWC", "NC") else "cs"
+    assert _launches_of(emu, lambda: bn(x)) == [f"moments_{layout}", f"normalize_{layout}"]
+    assert _launches_of(emu, lambda: bn.backward(x)) == [f"backward_{layout}", f"dx_{layout}"]
+    bn.eval()
+    assert _launches_of(emu, lambda: bn(x)) == [f"normalize_{layout}"]
+    with cusyncbn.no_grad():
+        assert _launches_of(emu, lambda: bn(x)) == [f"normalize_{layout}"]
+
+
+def test_a_host_fill_counts_as_a_launch(emu):
+    """The launch count above would see a stray fill (the old backend's tag and flag fills)."""
+    a = emu.zeros((4,), np.float64)
+    assert _launches_of(emu, lambda: a.fill(1)) == ["<host fill>"]
+    assert _launches_of(emu, lambda: a.__setitem__(slice(0, 2), 3)) == ["<host setitem>"]
+
+
+def _forward_step(backend, x, running, tag, ranks, tamper=None, momentum=0.9):
+    """One training forward through ``backend`` directly: (stats array, payload, running stats)."""
+    from cusyncbn._backend import Stats
+    c = x.shape[1]
+    rm, rv = (backend.zeros((c,), np.float32), backend.zeros((c,), np.float32))
+    np.copyto(rm, running[0])
+    np.copyto(rv, running[1])
+    stats = Stats(backend.empty((4 * c + 2,), np.float32), backend.empty((2 * c + 3,), np.float64), c)
+    backend.local_moments(x, rm, tag, stats.payload)
+    if tamper is not None:
+        tamper(stats.payload)
+    y = backend.empty(x.shape, x.dtype)
+    backend.normalize_batch(x, stats.payload, tag, ranks, rm, rv, momentum, 1e-5, False, None, None, stats, y)
+    return np.array(stats.data, np.float64), np.array(stats.payload), np.array(rm), np.array(rv), np.array(y)
+
+
+@pytest.mark.parametrize("shape", [(6, 3, 10), (40, 3, 1)])
+@pytest.mark.parametrize("case", ["plain", "nonfinite", "desync", "empty_rank"])
+def test_flags_and_running_statistics_match_numpy(emu, shape, case):
+    """flags[0] (non-finite channel, disagreeing tags), the running statistics left alone per
+    non-finite channel or entirely on a desync, and a rank without samples among others:
+    bitwise-comparable to the NumPy backend's decisions."""
+    from cusyncbn._backend_numpy import NumpyBackend
+    rng = np.random.default_rng(5)
+    x = rng.normal(2.0, 3.0, size=shape).astype(np.float32)
+    if case == "nonfinite":
+        x[1, 1, 0] = np.nan
+    running = (rng.normal(size=3).astype(np.float32), rng.uniform(0.5, 2, 3).astype(np.float32))
+    tamper, ranks = None, 1
+    if case == "desync":
+        tamper = lambda buf: buf.__setitem__(slice(7, 9), (6.0, 20.0))     # another rank sent tag 2
+        ranks = 2
+    if case == "empty_rank":                         # this rank has no rows; the others' sums arrive
+        other = NumpyBackend()
+        full = _forward_step(other, x, running, 4, 1)[1]
+        x = x[:0]
+        tamper = lambda buf: np.copyto(buf, full)
+    ours = _forward_step(emu, cuda_emu.guarded_copy(x), running, 4, ranks, tamper)
+    ref = _forward_step(NumpyBackend(), x, running, 4, ranks, tamper)
+    c = shape[1]
+    assert ours[0][4 * c] == ref[0][4 * c] == {"plain": 0, "nonfinite": 1, "desync": 2, "empty_rank": 0}[case]
+    np.testing.assert_allclose(ours[1], ref[1], rtol=1e-6, atol=1e-6)             # payload (tags included)
+    np.testing.assert_allclose(ours[2:4], ref[2:4], rtol=1e-6, atol=1e-7)         # running statistics
+    np.testing.assert_allclose(ours[0][:4 * c], ref[0][:4 * c], rtol=1e-5, atol=1e-6)
+    if case == "desync":
+        np.testing.assert_array_equal(ours[2], running[0])
+
+
+def test_backward_flag_reports_disagreeing_tags(emu):
+    from cusyncbn._backend import Stats
+    rng = np.random.default_rng(6)
+    x = cuda_emu.guarded_copy(rng.normal(size=(5, 3, 8)).astype(np.float32))
+    stats = Stats(emu.zeros((14,), np.float32), emu.zeros((9,), np.float64), 3)
+    np.copyto(stats.data[:12], np.tile([0.5, 1.0, 1.0], 4)[:12])
+    count = emu.zeros((1,), np.float64)
+    np.copyto(count, 40.0)
+    flags = []
+    for sums in ((3.0, 9.0), (4.0, 10.0)):                     # tag 3 on one rank: agree; then not
+        buf = emu.zeros((8,), np.float64)
+        emu.backward_reduce(x, x, stats, None, None, 3, buf)
+        np.copyto(buf[6:], sums)
+        dx = emu.empty(x.shape, np.float32)
+        emu.backward_input(x, x, stats, buf, count, 3, 1, dx)
+        flags.append(float(stats.flags[1]))
+    assert flags == [0.0, 2.0]

@@ -1,20 +1,35 @@
-"""The CUDA source and the list of its template instantiations.
+"""The CUDA source, its compile-time settings and the list of its template instantiations.
 
-Shared by the CuPy backend (which compiles one module per input dtype, lazily, with
-``cupy.RawModule``) and by the CI test that compiles every instantiation with NVRTC
-on a machine without a GPU.
+Shared by the CuPy backend (which compiles one module per input dtype and settings,
+lazily, with ``cupy.RawModule``), by the CI tests that compile every instantiation with
+NVRTC on a machine without a GPU (and read its resources from the CUBIN), and by the
+kernel emulator in ``tests/cuda_emu``.
 """
 from __future__ import annotations
 
 import os
 
 SOURCE_PATH = os.path.join(os.path.dirname(__file__), "syncbn.cu")
-OPTIONS = ("--std=c++17",)
 # Input dtype name -> the C++ type the kernels are instantiated on.
 CTYPES = {"float16": "half_t", "bfloat16": "bf16_t", "float32": "float", "float64": "double"}
 ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
 PARAM_CTYPES = {"float32": "float", "float64": "double"}
 ARCHITECTURES = ("compute_70", "compute_80", "compute_90")
+LAYOUTS = ("cs", "cl")                 # channel-second (B > 1) and channel-last (B == 1) kernels
+REDUCTIONS = ("moments", "backward")
+PASSES = ("moments", "normalize", "backward", "dx")
+
+# The block-size limit every kernel is compiled for (__launch_bounds__), and the threads per SM
+# its register budget must allow: 65536 / 1024 = 64 registers per thread, 50% occupancy.
+MAX_THREADS = 512
+MIN_THREADS_PER_SM = 1024
+LOADS = 4                              # default 16-byte loads in flight per array and thread
+
+
+def options(loads: int = LOADS) -> tuple[str, ...]:
+    """NVRTC (and emulator) options: the language level and the compile-time settings."""
+    return ("--std=c++17", f"-DCUSYNCBN_MAX_THREADS={MAX_THREADS}",
+            f"-DCUSYNCBN_MIN_THREADS_PER_SM={MIN_THREADS_PER_SM}", f"-DCUSYNCBN_LOADS={int(loads)}")
 
 
 def source() -> str:
@@ -22,38 +37,32 @@ def source() -> str:
         return f.read()
 
 
-def vector_width(dtype_name: str) -> int:
-    """Elements per 16-byte load."""
-    return 16 // ITEMSIZE[dtype_name]
-
-
 def vector_widths(dtype_name: str) -> tuple[int, ...]:
-    """Every width the kernels are instantiated for, widest first: 16-byte loads, and
-    narrower powers of two for extents that the widest does not divide."""
-    widths, v = [], vector_width(dtype_name)
-    while v >= 1:
-        widths.append(v)
-        v //= 2
-    return tuple(widths)
+    """Every width the kernels are instantiated for, widest (16 bytes) first, then the
+    narrower powers of two for extents or pointers that the widest does not fit."""
+    return _WIDTHS[dtype_name]
+
+
+_WIDTHS = {name: tuple(16 // size >> k for k in range((16 // size).bit_length())) for name, size in ITEMSIZE.items()}
 
 
 def stats_ctype(dtype_name: str) -> str:
     return "double" if dtype_name == "float64" else "float"
 
 
+def kernel_key(kind: str, layout: str, vec: int, pname: str) -> str:
+    """The Python-side name of one instantiation (``dx`` has no parameter type)."""
+    return f"{kind}_{layout}{vec}" if kind == "dx" else f"{kind}_{layout}{vec}_{pname}"
+
+
 def name_expressions(dtype_name: str) -> dict[str, str]:
-    """Every kernel used for inputs of ``dtype_name``, keyed by a short Python-side name."""
-    t, s = CTYPES[dtype_name], stats_ctype(dtype_name)
+    """Every kernel used for inputs of ``dtype_name``, keyed by ``kernel_key``."""
+    t = CTYPES[dtype_name]
     names: dict[str, str] = {}
     for vec in vector_widths(dtype_name):
-        for pname, p in PARAM_CTYPES.items():
-            for layout in ("cs", "cl"):
-                names[f"moments_{layout}{vec}_{pname}"] = f"moments_{layout}<{t}, {p}, {vec}>"
-                names[f"backward_{layout}{vec}_{pname}"] = f"backward_{layout}<{t}, {p}, {vec}>"
-        for cl in ("true", "false"):
-            names[f"normalize_{cl}{vec}"] = f"normalize<{t}, {cl}, {vec}>"
-            names[f"dx_{cl}{vec}"] = f"backward_elementwise<{t}, {cl}, {vec}>"
-    for pname, p in PARAM_CTYPES.items():
-        names[f"finalize_{pname}"] = f"forward_finalize<{s}, {p}>"
-        names[f"eval_{pname}"] = f"eval_finalize<{s}, {p}>"
+        for layout in LAYOUTS:
+            for kind in ("moments", "normalize", "backward"):
+                for pname, p in PARAM_CTYPES.items():
+                    names[kernel_key(kind, layout, vec, pname)] = f"{kind}_{layout}<{t}, {p}, {vec}>"
+            names[kernel_key("dx", layout, vec, "")] = f"dx_{layout}<{t}, {vec}>"
     return names

@@ -1,63 +1,88 @@
-// cusyncbn CUDA kernels: per-rank moments, the finalize after the all-reduce,
-// normalization, and the backward reduction and elementwise pass.
+// cusyncbn CUDA kernels: per-rank moments, normalization (with the finalize folded in),
+// and the backward reduction and input gradient. Four kernels per training step.
 //
 // The maths (written once; _backend.py states it with the same names)
 // -------------------------------------------------------------------------
 // The input is viewed as x[A][C][B]: channel-second layouts are (N, C, prod(spatial)),
-// channel-last ones (N * prod(spatial), C, 1) (template flag CL). For channel c:
+// channel-last ones (N * prod(spatial), C, 1). Kernels named *_cs walk one channel's slab
+// (B > 1), kernels named *_cl give each thread fixed channels and walk rows (B == 1).
+// For channel c, with n = A * B and k the channel's first element x[0][c][0] (the shift,
+// loaded once, so that deviations are of the size of the standard deviation):
 //
-//   per thread:  shifted sums around its first value s:  S1 = sum(x - s), S2 = sum((x - s)^2)
-//                -> (n, mean = s + S1/n, M2 = S2 - S1^2/n)        (stable: deviations ~ std)
-//   merge:       Chan: n = na + nb, d = mb - ma, mean = ma + d nb/n, M2 = M2a + M2b + d^2 na nb / n
-//   payload:     buf[c] = n m, buf[C+c] = M2 + n (m - K)^2, buf[2C] = n   (double; K = running
-//                mean when finite, else 0; identical on every rank) -> summed over ranks by NCCL
-//   finalize:    N = buf[2C], mean = buf[c]/N, var = max(buf[C+c]/N - (mean-K)^2, 0),
-//                invstd = rsqrt(var + eps); if N > 0 the running statistics move by momentum
-//   normalize:   y = (x - mean) * (invstd * w) + b
-//   backward:    buf[c] = sum dy, buf[C+c] = sum dy (x - mean)       (local, then summed)
+//   moments:     S1 = sum(x - k), S2 = sum((x - k)^2)        (per thread in the accumulator
+//                type, then summed in double in a fixed order) -> mean = k + S1/n,
+//                M2 = S2 - S1^2/n
+//   payload:     buf[c] = n m, buf[C+c] = M2 + n (m - K)^2, buf[2C] = n, buf[2C+1] = t,
+//                buf[2C+2] = t^2   (double; K = running mean when finite, else 0, identical on
+//                every rank and kept in `shift` for the normalize kernel; t the collective tag)
+//                -> summed over ranks by NCCL
+//   normalize:   N = buf[2C], mean = buf[c]/N, var = max(buf[C+c]/N - (mean-K)^2, 0),
+//                invstd = rsqrt(var + eps), y = (x - mean) * (invstd * w) + b; block 0 writes
+//                stats, flags[0] and (when N > 0, the tags agree and the channel is finite)
+//                moves the running statistics by momentum
+//   backward:    buf[c] = sum dy, buf[C+c] = sum dy (x - mean), buf[2C] = t, buf[2C+1] = t^2
 //                weight.grad += buf[C+c] * invstd (local), bias.grad += buf[c] (local)
-//                dx = (dy - buf[c]/N - (x - mean) invstd^2 buf[C+c]/N) * w invstd
-//                (eval: dx = dy * w * invstd)
+//   dx:          dx = (dy - buf[c]/N - (x - mean) invstd^2 buf[C+c]/N) * w invstd; block 0
+//                writes flags[1]          (eval: dx = dy * w * invstd)
+//   tags:        the ranks agree when sum t == ranks * t and sum t^2 == ranks * t^2
 //
-// Reductions are split over the whole GPU: channel-second grids are (splits, C) with
-// every block reducing a slice of one channel; channel-last grids are (channel tiles,
-// splits) with threads along channels (coalesced) and rows spread over blockDim.y and
-// the splits. Each block writes its partial to a double workspace; the last block to
-// finish a channel (or channel tile) -- found with a device-wide ticket, the counter
-// reset by that block for the next launch -- merges the splits in a fixed order
-// (deterministic) and writes the payload. One launch per reduction, no host round trip.
-// The backward elementwise pass derives its per-channel coefficients from the reduced
-// payload itself. Launches per training step: forward 3 (moments, finalize, normalize)
-// and backward 2 (sums, dx), plus one all-reduce each.
+// Reductions are split over the whole GPU: channel-second grids are (splits, C) with every
+// block reducing a slice of one channel; channel-last grids are (channel tiles, splits) with
+// blocks (LANES, ROWS): lanes along channels, VEC channels per thread (16-byte loads), rows
+// spread over ROWS and the splits. A block sums its threads' values in a fixed order (warp
+// shuffles, then shared memory) and writes its partial to a double workspace; the last block
+// to finish a channel (or channel tile) -- found with a device-wide ticket, the counter reset
+// by that block for the next launch -- sums the splits in a fixed order (deterministic) and
+// writes the payload. One launch per reduction, no host round trip. The elementwise kernels
+// use the same grids: every block derives the coefficients of its own channels once (into
+// shared memory, then registers), never per element.
+//
 // Vector width VEC (a power of two, up to 16 bytes) is the widest the pointers' alignment
-// allows such that, in the reductions, a vector stays inside one channel (channel-second:
-// B % VEC == 0) or on consecutive channels of a row (channel-last: C % VEC == 0); the
-// elementwise passes step the channel per element, so their vectors may straddle
-// channels and only need total % VEC == 0.
+// allows such that a vector stays inside one channel (channel-second: B % VEC == 0) or on
+// consecutive channels of a row (channel-last: C % VEC == 0).
 //
 // Kernel arguments (one vocabulary throughout):
 //   x, dy, y, dx     input / output arrays of T, contiguous, viewed as [A][C][B]
-//   A, C, B          rows, channels, elements per (row, channel); total = A * C * B
+//   A, C, B          rows, channels, elements per (row, channel) (B == 1 channel-last)
 //   running_mean/var the layer's running statistics (P = parameter type); nullptr: not tracked
 //   weight, bias     affine parameters (P); nullptr: 1 and 0
 //   weight_grad/bias_grad  gradients accumulated in place (P); nullptr: not wanted
-//   stats            [mean | invstd | invstd * w | b], 4C values of S (float, or double for double input)
-//   buf              the all-reduce payload (double): forward 2C + 1, backward 2C
-//   count            &forward buf[2C], the global count N (backward)
+//   stats            [mean | invstd | invstd * w | b | flags[2]], 4C + 2 values of S (float,
+//                    or double for double input)
+//   buf              the all-reduce payload (double): forward 2C + 3, backward 2C + 2;
+//                    nullptr in normalize / dx: fixed (eval) statistics
+//   shift            the shift K per channel (double, C), written by moments for normalize
+//   count            &forward buf[2C], the global count N (dx)
+//   tag, ranks       this rank's collective tag and the number of ranks (doubles, exact)
 //   part, ticket     per-split partials (double workspace) and per-channel(-tile) arrival
 //                    counters (unsigned, zero between launches) of the split reductions
 //
-// 16-bit types travel as raw 16-bit words (half_t, bf16_t) converted with PTX / bit
-// operations, so no CUDA header is needed and NVRTC compiles this file anywhere.
+// Compile-time settings come from the host (cusyncbn/_kernels/__init__.py passes them
+// with -D): CUSYNCBN_MAX_THREADS (the largest block), CUSYNCBN_MIN_THREADS_PER_SM (the
+// occupancy the register budget is sized for), CUSYNCBN_LOADS (16-byte loads in flight
+// per array and thread).
+//
+// 16-bit types travel as raw 16-bit words (half_t, bf16_t) converted in pairs with PTX
+// (or bit operations), so no CUDA header is needed and NVRTC compiles this file anywhere.
 
 typedef long long i64;
 
-#define CL_THREADS 512           // threads per block of the channel-last reductions (the host agrees)
+#if !defined(CUSYNCBN_MAX_THREADS) || !defined(CUSYNCBN_MIN_THREADS_PER_SM) || !defined(CUSYNCBN_LOADS)
+#error "compile with the -D options of cusyncbn/_kernels/__init__.py (options())"
+#endif
 
-// The reductions issue BATCH independent loads before using any: with one load in flight
-// per thread (load, then accumulate, then the next load) a scalar or 8-byte load path
-// cannot keep enough bytes in flight to reach the memory bandwidth.
-constexpr int BATCH = 4;
+// Registers per thread are capped so that CUSYNCBN_MIN_THREADS_PER_SM threads fit on an SM
+// whatever the block size (65536 / 1024 = 64 registers for 50% occupancy).
+#define BOUNDS __launch_bounds__(CUSYNCBN_MAX_THREADS, CUSYNCBN_MIN_THREADS_PER_SM / CUSYNCBN_MAX_THREADS)
+
+constexpr double NONFINITE = 1, DESYNC = 2;         // flag bits (_backend.py)
+
+// Loads issued before any is used, per array: CUSYNCBN_LOADS 16-byte loads' worth (at most
+// 8 loads), so that narrow vectors keep as many bytes in flight as 16-byte ones.
+template <int BYTES> struct Batch {
+    static constexpr int raw = CUSYNCBN_LOADS * 16 / BYTES;
+    static constexpr int value = raw < 1 ? 1 : (raw > 8 ? 8 : raw);
+};
 
 struct half_t { unsigned short bits; };
 struct bf16_t { unsigned short bits; };
@@ -90,19 +115,51 @@ template <> __device__ __forceinline__ half_t from_acc<half_t>(float v) {
 #endif
     return h;
 }
-template <> __device__ __forceinline__ bf16_t from_acc<bf16_t>(float v) {
-    unsigned int u = __float_as_uint(v);
-    bf16_t b;
-    if ((u & 0x7fffffffu) > 0x7f800000u) {          // NaN stays a quiet NaN
-        b.bits = (unsigned short)((u >> 16) | 0x40u);
-    } else {                                         // round to nearest, ties to even
-        b.bits = (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+__device__ __forceinline__ unsigned short bf16_bits(float v) {
+    const unsigned int u = __float_as_uint(v);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (unsigned short)((u >> 16) | 0x40u);   // NaN stays quiet
+    return (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);                   // nearest, ties even
+}
+template <> __device__ __forceinline__ bf16_t from_acc<bf16_t>(float v) { return bf16_t{bf16_bits(v)}; }
+
+// ---- packed 16-bit conversions: two values per 32-bit word -----------------------------------
+
+__device__ __forceinline__ void unpack2(unsigned w, half_t, float& lo, float& hi) {
+#ifdef __CUDA_ARCH__
+    asm("{ .reg .f16 l, h; mov.b32 {l, h}, %2; cvt.f32.f16 %0, l; cvt.f32.f16 %1, h; }"
+        : "=f"(lo), "=f"(hi) : "r"(w));
+#else
+    lo = emu_half_to_float((unsigned short)(w & 0xffffu));
+    hi = emu_half_to_float((unsigned short)(w >> 16));
+#endif
+}
+__device__ __forceinline__ void unpack2(unsigned w, bf16_t, float& lo, float& hi) {
+    lo = __uint_as_float(w << 16);
+    hi = __uint_as_float(w & 0xffff0000u);
+}
+template <typename A, typename B> struct Same { static constexpr bool value = false; };
+template <typename A> struct Same<A, A> { static constexpr bool value = true; };
+
+// Two values rounded to T (half_t or bf16_t) in one 32-bit word, lo in the low half.
+template <typename T> __device__ __forceinline__ unsigned pack2(float lo, float hi) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    unsigned w;
+    if constexpr (Same<T, half_t>::value) {
+        asm("{ cvt.rn.f16x2.f32 %0, %1, %2; }" : "=r"(w) : "f"(hi), "f"(lo));
+    } else {
+        asm("{ cvt.rn.bf16x2.f32 %0, %1, %2; }" : "=r"(w) : "f"(hi), "f"(lo));
     }
-    return b;
+    return w;
+#else
+    return (unsigned)from_acc<T>(lo).bits | ((unsigned)from_acc<T>(hi).bits << 16);
+#endif
 }
 
-// VEC consecutive elements, one 16-byte (or narrower) transaction when VEC > 1.
-template <typename T, int VEC> struct alignas(sizeof(T) * VEC) Vec { T v[VEC]; };
+// ---- vector loads and stores -------------------------------------------------------------
+
+template <typename U, int N> struct alignas(sizeof(U) * N) Vec { U v[N]; };
+template <bool C, typename A, typename B> struct Pick { typedef A type; };
+template <typename A, typename B> struct Pick<false, A, B> { typedef B type; };
 
 // A misaligned vector access faults on the GPU; the CPU emulator (tests/cuda_emu)
 // defines this hook to report one instead. Nothing on the GPU.
@@ -110,37 +167,65 @@ template <typename T, int VEC> struct alignas(sizeof(T) * VEC) Vec { T v[VEC]; }
 #define CUSYNCBN_CHECK_ALIGNED(ptr, bytes)
 #endif
 
-template <typename T, int VEC>
-__device__ __forceinline__ void load(const T* p, i64 i, typename Acc<T>::type (&out)[VEC]) {
-    CUSYNCBN_CHECK_ALIGNED(p + i, sizeof(Vec<T, VEC>));
-    Vec<T, VEC> pack = *reinterpret_cast<const Vec<T, VEC>*>(p + i);
+// VEC elements of T as loaded (raw; 16-bit pairs as 32-bit words), converted only when used,
+// so that a batch of loads in flight costs 16 bytes of registers per load whatever T.
+template <typename T, int VEC> struct Io {
+    static constexpr bool pairs = sizeof(T) == 2 && VEC % 2 == 0;
+    typedef typename Acc<T>::type S;
+    typedef Vec<unsigned, pairs ? VEC / 2 : 1> Words;
+    typedef typename Pick<pairs, Words, Vec<T, VEC>>::type Raw;
+    static constexpr int bytes = sizeof(T) * VEC;
+    static constexpr int batch = Batch<bytes>::value;
+    // dx streams two arrays and holds four coefficients per channel: half the loads per array
+    // keep it within the register budget (VEC = 8: 32 registers of coefficients).
+    static constexpr int batch2 = batch > 1 ? batch / 2 : 1;
+
+    static __device__ __forceinline__ Raw load(const T* p) {
+        CUSYNCBN_CHECK_ALIGNED(p, bytes);
+        return *reinterpret_cast<const Raw*>(p);
+    }
+    static __device__ __forceinline__ void unpack(const Raw& r, S (&out)[VEC]) {
+        if constexpr (pairs) {
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) out[k] = to_acc(pack.v[k]);
-}
-
-template <typename T, int VEC>
-__device__ __forceinline__ void store(T* p, i64 i, const typename Acc<T>::type (&in)[VEC]) {
-    Vec<T, VEC> pack;
+            for (int k = 0; k < VEC / 2; ++k) unpack2(r.v[k], T{}, out[2 * k], out[2 * k + 1]);
+        } else {
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) pack.v[k] = from_acc<T>(in[k]);
-    CUSYNCBN_CHECK_ALIGNED(p + i, sizeof(Vec<T, VEC>));
-    *reinterpret_cast<Vec<T, VEC>*>(p + i) = pack;
-}
+            for (int k = 0; k < VEC; ++k) out[k] = to_acc(r.v[k]);
+        }
+    }
+    static __device__ __forceinline__ void store(T* p, const S (&in)[VEC]) {
+        Raw r;
+        if constexpr (pairs) {
+#pragma unroll
+            for (int k = 0; k < VEC / 2; ++k) r.v[k] = pack2<T>(in[2 * k], in[2 * k + 1]);
+        } else {
+#pragma unroll
+            for (int k = 0; k < VEC; ++k) r.v[k] = from_acc<T>(in[k]);
+        }
+        CUSYNCBN_CHECK_ALIGNED(p, bytes);
+        *reinterpret_cast<Raw*>(p) = r;
+    }
+};
 
-// ---- grid-stride walks without a 64-bit division per step ----------------------------------
+// ---- the walks: 32-bit indices, one 64-bit offset ---------------------------------------------
 
-// Element j = a * B + b of channel c's slab in x[A][C][B], at address (a * C + c) * B + b,
-// advanced by a fixed stride: one division up front, then adds and one compare per step.
+__device__ __forceinline__ int thread_rank() { return threadIdx.x + threadIdx.y * blockDim.x; }
+__device__ __forceinline__ int block_threads() { return blockDim.x * blockDim.y; }
+
+// Element j = a * B + b of channel c's slab in x[A][C][B], at offset (a * C + c) * B + b,
+// advanced by a fixed stride: one division up front, then adds and one compare per vector.
 struct SlabWalk {
-    i64 a, b, at, da, db, step, wrap, B;
-    __device__ SlabWalk(i64 j, i64 stride, int C, i64 B_, int c) : B(B_) {
-        a = j / B;
-        b = j - a * B;
-        at = (a * C + c) * B + b;
+    int a, b, da, db, B;
+    i64 at, step, wrap;
+    __device__ SlabWalk(i64 j, int stride, int C, int B_, int c) : B(B_) {
+        const i64 row = j / B;
+        a = (int)row;
+        b = (int)(j - row * B);
+        at = (row * C + c) * B + b;
         da = stride / B;
         db = stride - da * B;
-        step = da * C * B + db;
-        wrap = (C - 1) * B;                            // b passes B: one more row of the slab
+        step = (i64)da * C * B + db;
+        wrap = (i64)(C - 1) * B;                       // b passes B: one more row of the slab
     }
     __device__ __forceinline__ void next() {
         a += da;
@@ -150,151 +235,73 @@ struct SlabWalk {
     }
 };
 
-// Channel c = (i / B) % C of flat element i of x[A][C][B] (B = 1: channel-last), advanced by
-// a fixed stride the same way.
-struct ChannelWalk {
-    i64 r, dr, B;
-    int c, dc, C;
-    __device__ ChannelWalk(i64 i, i64 stride, int C_, i64 B_) : B(B_), C(C_) {
-        const i64 q = i / B, dq = stride / B;
-        r = i - q * B;
-        c = (int)(q % C);
-        dr = stride - dq * B;
-        dc = (int)(dq % C);
-    }
-    __device__ __forceinline__ void next() {
-        r += dr;
-        c += dc;
-        if (r >= B) { r -= B; c += 1; }
-        if (c >= C) c -= C;                            // c + dc + 1 < 2C
-    }
-};
-
-// Steps (channel c, position r in its run of B) to the next flat element; true when the
-// channel changed. Vectors of the elementwise kernels may straddle channels (any B and C).
-__device__ __forceinline__ bool next_element(int& c, i64& r, int C, i64 B, bool channel_last) {
-    if (!channel_last && ++r < B) return false;
-    r = 0;
-    c = c + 1 == C ? 0 : c + 1;
-    return true;
-}
-
-// ---- reduction values: Chan-merged moments and plain sums ---------------------------
-
-// Running (n, mean, M2) of one thread, kept as shifted sums until the end.
-template <typename S> struct Shifted {
-    S shift, s1, s2;
-    i64 n;
-    __device__ void init() { shift = 0; s1 = 0; s2 = 0; n = 0; }
-    __device__ __forceinline__ void add(S v) {
-        if (n == 0) shift = v;
-        S d = v - shift;
-        s1 += d;
-        s2 += d * d;
-        n += 1;
-    }
-};
-
-struct Moments {
-    static constexpr int width = 3;
-    double n, mean, m2;
-};
-struct Sums {                       // backward: (sum dy, sum dy (x - mean))
-    static constexpr int width = 2;
-    double dy, dyx;
-};
-
-__device__ __forceinline__ Moments merge(Moments a, Moments b) {
-    double n = a.n + b.n;
-    if (n == 0) return a;
-    double d = b.mean - a.mean;
-    Moments r;
-    r.n = n;
-    r.mean = a.mean + d * (b.n / n);
-    r.m2 = a.m2 + b.m2 + d * d * (a.n * b.n / n);
-    return r;
-}
-__device__ __forceinline__ Sums merge(Sums a, Sums b) { return Sums{a.dy + b.dy, a.dyx + b.dyx}; }
-
-template <typename S> __device__ __forceinline__ Moments to_moments(const Shifted<S>& t) {
-    Moments m;
-    m.n = (double)t.n;
-    if (t.n == 0) { m.mean = 0; m.m2 = 0; return m; }
-    double s1 = (double)t.s1;
-    m.mean = (double)t.shift + s1 / m.n;
-    double m2 = (double)t.s2 - s1 * s1 / m.n;
-    m.m2 = m2 > 0 ? m2 : 0;
-    return m;
-}
-
-// Both value types are plain structs of doubles; these view them as arrays.
-template <typename R> __device__ __forceinline__ double* fields(R& r) { return reinterpret_cast<double*>(&r); }
-
-template <typename R> __device__ __forceinline__ R shfl_down(R r, int offset) {
+// Calls load(u, offset) for BATCH vectors, then use(u, offset) for each, over this thread's
+// vectors of the slab (full batches without a bound check, then one at a time).
+template <int BATCH, typename Load, typename Use>
+__device__ __forceinline__ void slab_loop(SlabWalk& w, int A, Load load, Use use) {
+    const i64 full = (i64)A - (i64)(BATCH - 1) * (w.da + 1);
+    while (w.a < full) {
+        i64 at[BATCH];
 #pragma unroll
-    for (int f = 0; f < R::width; ++f) fields(r)[f] = __shfl_down_sync(0xffffffffu, fields(r)[f], offset);
-    return r;
+        for (int u = 0; u < BATCH; ++u) { at[u] = w.at; load(u, w.at); w.next(); }
+#pragma unroll
+        for (int u = 0; u < BATCH; ++u) use(u, at[u]);
+    }
+    while (w.a < A) { load(0, w.at); use(0, w.at); w.next(); }
 }
 
-// A block's partial, written by it and read back by the last block of its channel. The
-// read goes through L2 (__ldcg): L1 is not coherent between SMs.
-template <typename R> __device__ __forceinline__ void put(double* p, R r) {
+// The same over rows a, a + stride, ... < A of channels c0.. (offset a * C + c0).
+template <int BATCH, typename Load, typename Use>
+__device__ __forceinline__ void rows_loop(int a, int A, int stride, int C, int c0, Load load, Use use) {
+    i64 at = (i64)a * C + c0;
+    const i64 step = (i64)stride * C;
+    const i64 full = (i64)A - (i64)(BATCH - 1) * stride;
+    for (; a < full; a += BATCH * stride, at += BATCH * step) {
 #pragma unroll
-    for (int f = 0; f < R::width; ++f) p[f] = fields(r)[f];
-}
-template <typename R> __device__ __forceinline__ R get(const double* p) {
-    R r;
+        for (int u = 0; u < BATCH; ++u) load(u, at + u * step);
 #pragma unroll
-    for (int f = 0; f < R::width; ++f) fields(r)[f] = __ldcg(p + f);
-    return r;
+        for (int u = 0; u < BATCH; ++u) use(u, at + u * step);
+    }
+    for (; a < A; a += stride, at += step) { load(0, at); use(0, at); }
 }
 
-// Merge over all threads of a 1-D block; the result is valid in thread 0. Every thread
-// of the block must call it (it synchronizes).
-template <typename R> __device__ R block_merge(R m) {
-    __shared__ double sh[R::width * 32];
-    for (int off = 16; off > 0; off >>= 1) m = merge(m, shfl_down(m, off));
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    if (lane == 0) {
-        for (int f = 0; f < R::width; ++f) sh[f * 32 + warp] = fields(m)[f];
+// The channel-second slab of this block: vectors from (blockIdx.x * blockDim.x + threadIdx.x)
+// * VEC in steps of gridDim.x * blockDim.x * VEC.
+template <int VEC> __device__ __forceinline__ SlabWalk slab_of(int C, int B, int c) {
+    return SlabWalk(((i64)blockIdx.x * blockDim.x + threadIdx.x) * VEC, gridDim.x * blockDim.x * VEC, C, B, c);
+}
+
+// ---- block and split sums (fixed order: bitwise reproducible) ---------------------------------
+
+// Sums v over the threads of a block that share a lane (threads t and t + LANES * k hold the
+// same channels; LANES = 1 for 1-D channel-second blocks) into tile[(lane * CH + k) * W + f]
+// (in shared memory, items = lanes * CH * W doubles); sh is scratch of
+// max(warps * items, threads) doubles. Every thread must call it.
+template <int CH, int W>
+__device__ void tile_sum(double (&v)[CH][W], int lanes, double* sh, double* tile) {
+    const int t = thread_rank(), nt = block_threads();
+    for (int off = 16; off >= lanes; off >>= 1) {
+#pragma unroll
+        for (int k = 0; k < CH; ++k) {
+#pragma unroll
+            for (int f = 0; f < W; ++f) v[k][f] += __shfl_down_sync(0xffffffffu, v[k][f], off);
+        }
+    }
+    const int items = lanes * CH * W, warp = t >> 5, lane = t & 31;
+    if (lane < lanes) {
+#pragma unroll
+        for (int k = 0; k < CH; ++k) {
+#pragma unroll
+            for (int f = 0; f < W; ++f) sh[warp * items + (lane * CH + k) * W + f] = v[k][f];
+        }
     }
     __syncthreads();
-    const int warps = (blockDim.x + 31) >> 5;
-    if (warp == 0) {
-        R w{};
-        if (lane < warps) {
-            for (int f = 0; f < R::width; ++f) fields(w)[f] = sh[f * 32 + lane];
-        }
-        for (int off = 16; off > 0; off >>= 1) w = merge(w, shfl_down(w, off));
-        m = w;
+    for (int i = t; i < items; i += nt) {
+        double s = 0;
+        for (int w = 0; w < nt >> 5; ++w) s += sh[w * items + i];
+        tile[i] = s;
     }
-    __syncthreads();                                   // sh is free for the next call
-    return m;
-}
-
-// Merge over threadIdx.y of a (LANES, ROWS) block (ROWS a power of two) through shared
-// memory sh[width][ROWS][LANES]; valid in the threads with threadIdx.y == 0. Every thread
-// must call it.
-template <typename R> __device__ R column_merge(R m, double* sh) {
-    const int tx = threadIdx.x, ty = threadIdx.y, bx = blockDim.x, by = blockDim.y;
-    for (int f = 0; f < R::width; ++f) sh[(f * by + ty) * bx + tx] = fields(m)[f];
     __syncthreads();
-    for (int stride = by / 2; stride > 0; stride >>= 1) {
-        if (ty < stride) {
-            R a, b;
-            for (int f = 0; f < R::width; ++f) {
-                fields(a)[f] = sh[(f * by + ty) * bx + tx];
-                fields(b)[f] = sh[(f * by + ty + stride) * bx + tx];
-            }
-            R r = merge(a, b);
-            for (int f = 0; f < R::width; ++f) sh[(f * by + ty) * bx + tx] = fields(r)[f];
-        }
-        __syncthreads();
-    }
-    R r{};
-    for (int f = 0; f < R::width; ++f) fields(r)[f] = sh[f * by * bx + tx];
-    __syncthreads();                                   // sh is free for the next call
-    return r;
 }
 
 // Called by every thread of a block once its partials are written: true (in every thread)
@@ -304,7 +311,7 @@ __device__ bool arrive_last(unsigned* ticket, unsigned count) {
     __shared__ bool last;
     __threadfence();                                   // our partials are visible device-wide
     __syncthreads();                                   // ... for every thread of the block
-    if (threadIdx.x == 0 && threadIdx.y == 0) {
+    if (thread_rank() == 0) {
         last = atomicAdd(ticket, 1u) == count - 1;
         if (last) *ticket = 0;
     }
@@ -312,204 +319,311 @@ __device__ bool arrive_last(unsigned* ticket, unsigned count) {
     return last;
 }
 
-// The second half of a split reduction. Channel-second: `r` is this block's value for
-// channel c (valid in thread 0); returns true where the channel's total is to be written,
-// `r` then being the whole channel's value (in thread 0): directly when the channel has one
-// block, else in the last block to arrive, which merges every split's partial in index
-// order (deterministic).
-template <typename R> __device__ bool channel_total(R& r, int c, double* part, unsigned* ticket) {
-    const int splits = gridDim.x;
+// The second half of a split reduction: tile holds this block's sums for channels c0 ..
+// c0 + nch - 1 (W doubles each); split `s` of `splits`. Returns true where the channels'
+// totals are in tile: directly with one split, else in the last block to arrive, which sums
+// every split's partial (part[(c * splits + s) * W + f]) in a fixed order. The read goes
+// through L2 (__ldcg): L1 is not coherent between SMs. Every thread must call it.
+template <int W>
+__device__ bool split_total(double* tile, int c0, int nch, int splits, int s, double* part, unsigned* ticket,
+                            double* sh) {
     if (splits == 1) return true;
-    const i64 row = (i64)c * splits;
-    if (threadIdx.x == 0) put(part + (row + blockIdx.x) * R::width, r);
-    if (!arrive_last(ticket + c, splits)) return false;
-    R acc{};
-    for (int s = threadIdx.x; s < splits; s += blockDim.x) acc = merge(acc, get<R>(part + (row + s) * R::width));
-    r = block_merge(acc);
+    const int t = thread_rank(), nt = block_threads(), items = nch * W;
+    for (int i = t; i < items; i += nt) part[((i64)(c0 + i / W) * splits + s) * W + i % W] = tile[i];
+    if (!arrive_last(ticket, splits)) return false;
+    const int J = items < nt ? nt / items : 1;         // threads per item, each summing every J-th split
+    for (int u = t; u < J * items; u += nt) {
+        const int i = u % items, j = u / items;
+        const double* p = part + (i64)(c0 + i / W) * splits * W + i % W;
+        double acc = 0;
+        for (int q = j; q < splits; q += J) acc += __ldcg(p + (i64)q * W);
+        sh[u] = acc;
+    }
+    __syncthreads();
+    for (int i = t; i < items; i += nt) {
+        double acc = 0;
+        for (int j = 0; j < J; ++j) acc += sh[j * items + i];
+        tile[i] = acc;
+    }
+    __syncthreads();
     return true;
 }
 
-// Channel-last: r[k] is this block's value for channel c0 + k (valid where threadIdx.y == 0);
-// the same protocol per channel tile (blockIdx.x), sh being the column_merge scratch.
-template <typename R, int VEC>
-__device__ bool tile_total(R (&r)[VEC], int c0, int C, double* part, unsigned* ticket, double* sh) {
-    const int splits = gridDim.y, ty = threadIdx.y;
-    if (splits == 1) return true;
-    for (int k = 0; k < VEC; ++k) {
-        if (ty == 0 && c0 + k < C) put(part + ((i64)(c0 + k) * splits + blockIdx.y) * R::width, r[k]);
+// Per-thread sums (a[e], b[e]) of channels tile_c0 + lane * CH + e -> the channel totals,
+// passed to write(c, total_a, total_b) once per channel of the tile, in the block that finishes
+// it (split `split` of `splits`, arriving on `ticket`). Every thread must call it.
+template <int CH, typename S, typename F>
+__device__ void finish_sums(const S (&a)[CH], const S (&b)[CH], int lanes, int tile_c0, int C, int splits, int split,
+                            double* part, unsigned* ticket, F write) {
+    extern __shared__ double sh[];                     // tile_sum scratch, then the tile
+    const int items = lanes * CH * 2, nt = block_threads();
+    double* tile = sh + (nt > (nt >> 5) * items ? nt : (nt >> 5) * items);
+    double sums[CH][2];
+#pragma unroll
+    for (int e = 0; e < CH; ++e) { sums[e][0] = a[e]; sums[e][1] = b[e]; }
+    tile_sum<CH, 2>(sums, lanes, sh, tile);
+    const int nch = min(lanes * CH, C - tile_c0);
+    if (split_total<2>(tile, tile_c0, nch, splits, split, part, ticket, sh)) {
+        for (int i = thread_rank(); i < nch; i += nt) write(tile_c0 + i, tile[2 * i], tile[2 * i + 1]);
     }
-    if (!arrive_last(ticket + blockIdx.x, splits)) return false;
-    for (int k = 0; k < VEC; ++k) {
-        R acc{};
-        if (c0 + k < C) {
-            for (int s = ty; s < splits; s += blockDim.y)
-                acc = merge(acc, get<R>(part + ((i64)(c0 + k) * splits + s) * R::width));
-        }
-        r[k] = column_merge(acc, sh);
-    }
-    return true;
+}
+
+// Per-channel coefficients of channels c0 .. c0 + nch - 1 into shared memory (N of S per
+// channel), one thread per channel, so that each is computed once per block. Every thread
+// must call it; f(c, out) writes channel c's coefficients.
+template <int N, typename S, typename F> __device__ void channel_coefficients(int c0, int nch, S* cf, F f) {
+    __syncthreads();                                   // cf is free: earlier readers are done
+    for (int i = thread_rank(); i < nch; i += block_threads()) f(c0 + i, cf + i * N);
+    __syncthreads();
+}
+
+// Coefficient j (of N per channel) of this thread's VEC channel-last channels, from cf.
+template <int N, int VEC, typename S> __device__ __forceinline__ void own_coefficient(const S* cf, int j, S (&out)[VEC]) {
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) out[e] = cf[(threadIdx.x * VEC + e) * N + j];
 }
 
 // ---- forward: this rank's payload ------------------------------------------------------
 
 // The shift K of channel c: the running mean where tracked and finite, else 0 (the same
-// on every rank, and the same in the moments and in the finalize).
+// on every rank).
 template <typename P> __device__ __forceinline__ double shift_of(const P* running_mean, int c) {
     if (running_mean == nullptr) return 0;
     const double k = (double)running_mean[c];
     return isfinite(k) ? k : 0;
 }
 
-// buf[c] = n m, buf[C+c] = M2 + n (m - K)^2, buf[2C] = n (see the top of this file).
+__device__ __forceinline__ void write_tags(double* at, double tag) {
+    at[0] = tag;
+    at[1] = tag * tag;
+}
+
+// From the sums around the channel's first element k: buf[c] = n m, buf[C+c] = M2 + n (m - K)^2.
 template <typename P>
-__device__ void write_moments(int c, int C, Moments m, const P* running_mean, double* buf) {
-    const double shift = shift_of(running_mean, c);
-    const double d = m.mean - shift;
-    buf[c] = m.n * m.mean;
-    buf[C + c] = m.m2 + m.n * d * d;
-    if (c == 0) buf[2 * C] = m.n;
+__device__ void write_moments(int c, int C, double n, double k, double s1, double s2, const P* running_mean,
+                              double* shift, double* buf) {
+    const double d1 = s1 / n, mean = k + d1;
+    double m2 = s2 - s1 * d1;
+    m2 = m2 < 0 ? 0 : m2;                              // (NaN stays NaN)
+    const double K = shift_of(running_mean, c), d = mean - K;
+    buf[c] = n * mean;
+    buf[C + c] = m2 + n * d * d;
+    shift[c] = K;
 }
 
-// Channel-second: grid (splits, min(C, 65535)), 1-D blocks. Block (s, c) reduces elements
-// j = s*blockDim*VEC + k*splits*blockDim*VEC of channel c, j in [0, A*B) (see SlabWalk),
-// into part[(c * splits + s) * 3 + {0, 1, 2}] = (n, mean, M2); ticket[c] finds the last.
-template <typename T, typename P, int VEC>
-__global__ void moments_cs(const T* __restrict__ x, i64 A, int C, i64 B, const P* __restrict__ running_mean,
-                           double* __restrict__ part, unsigned* __restrict__ ticket, double* __restrict__ buf) {
-    typedef typename Acc<T>::type S;
-    const int splits = gridDim.x;
-    for (int c = blockIdx.y; c < C; c += gridDim.y) {        // grid.y is at most 65535
-        Shifted<S> t;
-        t.init();
-        SlabWalk w(((i64)blockIdx.x * blockDim.x + threadIdx.x) * VEC, (i64)splits * blockDim.x * VEC, C, B, c);
-        while (w.a < A) {
-            S v[BATCH][VEC];
-            bool in[BATCH];
-#pragma unroll
-            for (int u = 0; u < BATCH; ++u, w.next()) {
-                in[u] = w.a < A;
-                if (in[u]) load<T, VEC>(x, w.at, v[u]);
-            }
-#pragma unroll
-            for (int u = 0; u < BATCH; ++u) {
-                if (!in[u]) break;
-#pragma unroll
-                for (int k = 0; k < VEC; ++k) t.add(v[u][k]);
-            }
-        }
-        Moments m = block_merge(to_moments(t));
-        if (channel_total(m, c, part, ticket) && threadIdx.x == 0) write_moments(c, C, m, running_mean, buf);
+// No local input: zeros, n = 0 and the tags (one block).
+template <typename P> __device__ void empty_moments(int C, const P* running_mean, double tag, double* shift,
+                                                    double* buf) {
+    for (int c = thread_rank(); c < C; c += block_threads()) {
+        buf[c] = 0;
+        buf[C + c] = 0;
+        shift[c] = shift_of(running_mean, c);
+    }
+    if (thread_rank() == 0) {
+        buf[2 * C] = 0;
+        write_tags(buf + 2 * C + 1, tag);
     }
 }
 
-// Channel-last: grid (ceil(C / (LANES * VEC)), splits), blocks (LANES, ROWS) of at most
-// CL_THREADS threads, LANES a power of two <= 32 fitted to C (every lane has channels) and
-// ROWS = CL_THREADS / LANES. Thread (tx, ty) owns channels c0 .. c0+VEC-1,
-// c0 = (blockIdx.x * LANES + tx) * VEC, and rows a = blockIdx.y * ROWS + ty + k * splits * ROWS;
-// ticket[blockIdx.x] finds the last block of the channel tile, whose threads then merge the
-// splits of their own channels (the host bounds splits so that this stays short).
-template <typename T, typename P, int VEC>
-__global__ void __launch_bounds__(CL_THREADS) moments_cl(const T* __restrict__ x, i64 A, int C, const P* __restrict__ running_mean,
-                           double* __restrict__ part, unsigned* __restrict__ ticket, double* __restrict__ buf) {
-    typedef typename Acc<T>::type S;
-    const int rows_per_block = blockDim.y, splits = gridDim.y, ty = threadIdx.y;
-    const int c0 = (blockIdx.x * blockDim.x + threadIdx.x) * VEC;
-    Shifted<S> t[VEC];
+// Channel-second: grid (splits, min(C, 65535)), 1-D blocks; block (s, c) sums its slice of
+// channel c; ticket[c] finds the last block of the channel.
+#define MOMENTS_PARAMS                                                                                        \
+    const T *__restrict__ x, int A, int C, int B, const P *__restrict__ running_mean, double tag,             \
+        double *__restrict__ part, unsigned *__restrict__ ticket, double *__restrict__ shift,                 \
+        double *__restrict__ buf
+
+template <typename T, typename P, int VEC> __global__ void BOUNDS moments_cs(MOMENTS_PARAMS) {
+    typedef Io<T, VEC> io;
+    typedef typename io::S S;
+    constexpr int BATCH = io::batch;
+    if (A == 0 || B == 0) { empty_moments(C, running_mean, tag, shift, buf); return; }
+    for (int c = blockIdx.y; c < C; c += gridDim.y) {          // grid.y is at most 65535
+        const S k = to_acc(x[(i64)c * B]);
+        S s1 = 0, s2 = 0;
+        typename io::Raw r[BATCH];
+        SlabWalk w = slab_of<VEC>(C, B, c);
+        slab_loop<BATCH>(w, A, [&](int u, i64 at) { r[u] = io::load(x + at); }, [&](int u, i64) {
+            S v[VEC];
+            io::unpack(r[u], v);
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) t[k].init();
+            for (int e = 0; e < VEC; ++e) { const S d = v[e] - k; s1 += d; s2 += d * d; }
+        });
+        const S a1[1] = {s1}, a2[1] = {s2};
+        finish_sums(a1, a2, 1, c, C, gridDim.x, blockIdx.x, part, ticket + c, [&](int ch, double t1, double t2) {
+            write_moments(ch, C, (double)A * B, (double)k, t1, t2, running_mean, shift, buf);
+            if (ch == 0) { buf[2 * C] = (double)A * B; write_tags(buf + 2 * C + 1, tag); }
+        });
+    }
+}
+
+// Channel-last: grid (ceil(C / (LANES * VEC)), splits), blocks (LANES, ROWS). Thread (tx, ty)
+// owns channels c0 .. c0+VEC-1, c0 = (blockIdx.x * LANES + tx) * VEC, and rows
+// a = blockIdx.y * ROWS + ty + k * splits * ROWS; ticket[blockIdx.x] finds the last block of
+// the channel tile.
+template <typename T, typename P, int VEC> __global__ void BOUNDS moments_cl(MOMENTS_PARAMS) {
+    typedef Io<T, VEC> io;
+    typedef typename io::S S;
+    constexpr int BATCH = io::batch;
+    if (A == 0) { empty_moments(C, running_mean, tag, shift, buf); return; }
+    const int lanes = blockDim.x, tile_c0 = blockIdx.x * lanes * VEC, c0 = tile_c0 + threadIdx.x * VEC;
+    S s1[VEC], s2[VEC], k[VEC];
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) { s1[e] = 0; s2[e] = 0; k[e] = 0; }
     if (c0 < C) {
-        const i64 stride = (i64)splits * rows_per_block;
-        for (i64 a = (i64)blockIdx.y * rows_per_block + ty; a < A; a += BATCH * stride) {
-            S v[BATCH][VEC];
+        io::unpack(io::load(x + c0), k);               // row 0: the shifts
+        typename io::Raw r[BATCH];
+        rows_loop<BATCH>(blockIdx.y * blockDim.y + threadIdx.y, A, gridDim.y * blockDim.y, C, c0,
+                         [&](int u, i64 at) { r[u] = io::load(x + at); }, [&](int u, i64) {
+                             S v[VEC];
+                             io::unpack(r[u], v);
 #pragma unroll
-            for (int u = 0; u < BATCH; ++u) {
-                if (a + u * stride < A) load<T, VEC>(x, (a + u * stride) * C + c0, v[u]);
-            }
-#pragma unroll
-            for (int u = 0; u < BATCH; ++u) {
-                if (a + u * stride >= A) break;
-#pragma unroll
-                for (int k = 0; k < VEC; ++k) t[k].add(v[u][k]);
-            }
-        }
+                             for (int e = 0; e < VEC; ++e) { const S d = v[e] - k[e]; s1[e] += d; s2[e] += d * d; }
+                         });
     }
-    extern __shared__ double sh[];                     // [3][blockDim.y][blockDim.x]
-    Moments m[VEC];
-    for (int k = 0; k < VEC; ++k) m[k] = column_merge(to_moments(t[k]), sh);
-    if (tile_total(m, c0, C, part, ticket, sh) && ty == 0) {
-        for (int k = 0; k < VEC && c0 + k < C; ++k) write_moments(c0 + k, C, m[k], running_mean, buf);
-    }
+    finish_sums(s1, s2, lanes, tile_c0, C, gridDim.y, blockIdx.y, part, ticket + blockIdx.x,
+                [&](int c, double t1, double t2) {
+                    write_moments(c, C, (double)A, (double)to_acc(x[c]), t1, t2, running_mean, shift, buf);
+                    if (c == 0) { buf[2 * C] = (double)A; write_tags(buf + 2 * C + 1, tag); }
+                });
 }
 
-// ---- forward: after the all-reduce --------------------------------------------------
+// ---- forward: normalization (the finalize folded in) ----------------------------------------
 
-// stats = [mean | invstd | scale = invstd * w | shift = b], each of length C.
-template <typename S, typename P>
-__global__ void forward_finalize(const double* __restrict__ buf, int C, P* running_mean, P* running_var,
-                                 double momentum, double eps, int unbiased,
-                                 const P* __restrict__ weight, const P* __restrict__ bias, S* __restrict__ stats) {
-    const int c = blockIdx.x * blockDim.x + threadIdx.x;
-    if (c >= C) return;
+// Channel c's mean and biased variance: from the reduced payload, or fixed (buf == nullptr:
+// the running statistics).
+template <typename P>
+__device__ __forceinline__ void channel_stats(int c, int C, const double* buf, const double* shift,
+                                              const P* running_mean, const P* running_var, double& mean,
+                                              double& var) {
+    if (buf == nullptr) {
+        mean = (double)running_mean[c];
+        var = (double)running_var[c];
+        return;
+    }
     const double n = buf[2 * C];
-    const double shift = shift_of(running_mean, c);
-    double mean = 0, var = 0;
+    mean = 0;
+    var = 0;
     if (n > 0) {
         mean = buf[c] / n;
-        const double d = mean - shift;
+        const double d = mean - shift[c];
         var = (buf[C + c] - n * d * d) / n;
-        var = var > 0 ? var : 0;
-    }
-    const double invstd = 1.0 / sqrt(var + eps);
-    stats[c] = (S)mean;
-    stats[C + c] = (S)invstd;
-    stats[2 * C + c] = (S)(invstd * (weight ? (double)weight[c] : 1.0));
-    stats[3 * C + c] = (S)(bias ? (double)bias[c] : 0.0);
-    if (n > 0 && running_mean != nullptr && running_var != nullptr) {
-        const double v = (unbiased && n > 1) ? var * (n / (n - 1)) : var;
-        running_mean[c] = (P)((double)running_mean[c] * momentum + mean * (1.0 - momentum));
-        running_var[c] = (P)((double)running_var[c] * momentum + v * (1.0 - momentum));
+        var = var < 0 ? 0 : var;                       // (NaN stays NaN)
     }
 }
 
+// y = (x - mean) * scale + bias: cf[0..2] = (mean, invstd * w, b) of channel c.
 template <typename S, typename P>
-__global__ void eval_finalize(const P* __restrict__ running_mean, const P* __restrict__ running_var, int C,
-                              double eps, const P* __restrict__ weight, const P* __restrict__ bias,
-                              S* __restrict__ stats) {
-    const int c = blockIdx.x * blockDim.x + threadIdx.x;
-    if (c >= C) return;
-    const double invstd = 1.0 / sqrt((double)running_var[c] + eps);
-    stats[c] = (S)running_mean[c];
-    stats[C + c] = (S)invstd;
-    stats[2 * C + c] = (S)(invstd * (weight ? (double)weight[c] : 1.0));
-    stats[3 * C + c] = (S)(bias ? (double)bias[c] : 0.0);
+__device__ __forceinline__ void normalize_coefficients(int c, int C, const double* buf, const double* shift,
+                                                       const P* running_mean, const P* running_var, double eps,
+                                                       const P* weight, const P* bias, S* cf) {
+    double mean, var;
+    channel_stats(c, C, buf, shift, running_mean, running_var, mean, var);
+    const double invstd = 1.0 / sqrt(var + eps);
+    cf[0] = (S)mean;
+    cf[1] = (S)(invstd * (weight ? (double)weight[c] : 1.0));
+    cf[2] = (S)(bias ? (double)bias[c] : 0.0);
 }
 
-// ---- forward: normalization ----------------------------------------------------------
+__device__ __forceinline__ bool tags_agree(const double* sums, double tag, double ranks) {
+    return sums[0] == ranks * tag && sums[1] == ranks * tag * tag;
+}
 
-// Thread t handles elements [t*VEC, t*VEC + VEC) of the flat array (total elements).
-// y = (x - mean[c]) * scale[c] + shift[c].
-template <typename T, bool CL, int VEC>
-__global__ void normalize(const T* __restrict__ x, T* __restrict__ y, i64 total, int C, i64 B,
-                          const typename Acc<T>::type* __restrict__ stats) {
-    typedef typename Acc<T>::type S;
-    const S* mean = stats;
-    const S* scale = stats + 2 * C;
-    const S* shift = stats + 3 * C;
-    const i64 stride = (i64)gridDim.x * blockDim.x * VEC;
-    i64 i = ((i64)blockIdx.x * blockDim.x + threadIdx.x) * VEC;
-    for (ChannelWalk w(i, stride, C, B); i < total; i += stride, w.next()) {
-        S v[VEC];
-        load<T, VEC>(x, i, v);
-        int c = w.c;
-        i64 r = w.r;
-        S m = mean[c], sc = scale[c], sh = shift[c];
-#pragma unroll
-        for (int k = 0; k < VEC; ++k) {
-            v[k] = (v[k] - m) * sc + sh;
-            if (k + 1 < VEC && next_element(c, r, C, B, CL)) { m = mean[c]; sc = scale[c]; sh = shift[c]; }
+// Block 0's duty: stats for every channel, flags[0], and the running statistics (batch mode,
+// N > 0, tags agreeing, channel finite). Every thread of the block calls it.
+template <typename S, typename P>
+__device__ void write_stats(int C, const double* buf, const double* shift, double tag, double ranks,
+                            P* running_mean, P* running_var, double momentum, double eps, int unbiased,
+                            const P* weight, const P* bias, S* stats) {
+    __shared__ int nonfinite;
+    if (thread_rank() == 0) nonfinite = 0;
+    __syncthreads();
+    const bool batch = buf != nullptr;
+    const double n = batch ? buf[2 * C] : 0;
+    const bool desync = batch && !tags_agree(buf + 2 * C + 1, tag, ranks);
+    const bool update = batch && n > 0 && !desync && running_mean != nullptr && running_var != nullptr;
+    for (int c = thread_rank(); c < C; c += block_threads()) {
+        double mean, var;
+        channel_stats(c, C, buf, shift, running_mean, running_var, mean, var);
+        const double invstd = 1.0 / sqrt(var + eps);
+        stats[c] = (S)mean;
+        stats[C + c] = (S)invstd;
+        stats[2 * C + c] = (S)(invstd * (weight ? (double)weight[c] : 1.0));
+        stats[3 * C + c] = (S)(bias ? (double)bias[c] : 0.0);
+        const bool finite = isfinite(mean) && isfinite(var);
+        if (batch && !finite) nonfinite = 1;
+        if (update && finite) {
+            const double v = (unbiased && n > 1) ? var * (n / (n - 1)) : var;
+            running_mean[c] = (P)((double)running_mean[c] * momentum + mean * (1.0 - momentum));
+            running_var[c] = (P)((double)running_var[c] * momentum + v * (1.0 - momentum));
         }
-        store<T, VEC>(y, i, v);
     }
+    __syncthreads();
+    if (thread_rank() == 0) stats[4 * C] = (S)((nonfinite ? NONFINITE : 0) + (desync ? DESYNC : 0));
+}
+
+#define NORMALIZE_PARAMS                                                                                      \
+    const T *__restrict__ x, T *__restrict__ y, int A, int C, int B, const double *__restrict__ buf,          \
+        const double *__restrict__ shift, double tag, double ranks, P *running_mean, P *running_var,          \
+        double momentum, double eps, int unbiased, const P *__restrict__ weight, const P *__restrict__ bias,  \
+        typename Acc<T>::type *__restrict__ stats
+#define NORMALIZE_STATS_DUTY                                                                                  \
+    if (blockIdx.x == 0 && blockIdx.y == 0)                                                                   \
+        write_stats(C, buf, shift, tag, ranks, running_mean, running_var, momentum, eps, unbiased, weight, bias, \
+                    stats);
+
+// Channel-second, the grid of moments_cs.
+template <typename T, typename P, int VEC> __global__ void BOUNDS normalize_cs(NORMALIZE_PARAMS) {
+    typedef Io<T, VEC> io;
+    typedef typename io::S S;
+    constexpr int BATCH = io::batch;
+    NORMALIZE_STATS_DUTY
+    if (A == 0 || B == 0) return;
+    extern __shared__ double sh[];
+    S* cf = reinterpret_cast<S*>(sh);
+    for (int c = blockIdx.y; c < C; c += gridDim.y) {
+        channel_coefficients<3>(c, 1, cf, [&](int ch, S* out) {
+            normalize_coefficients(ch, C, buf, shift, running_mean, running_var, eps, weight, bias, out);
+        });
+        const S m = cf[0], scale = cf[1], b = cf[2];
+        typename io::Raw r[BATCH];
+        SlabWalk w = slab_of<VEC>(C, B, c);
+        slab_loop<BATCH>(w, A, [&](int u, i64 at) { r[u] = io::load(x + at); }, [&](int u, i64 at) {
+            S v[VEC];
+            io::unpack(r[u], v);
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) v[e] = (v[e] - m) * scale + b;
+            io::store(y + at, v);
+        });
+    }
+}
+
+// Channel-last, the grid of moments_cl: each thread keeps its VEC channels' coefficients in
+// registers and walks rows.
+template <typename T, typename P, int VEC> __global__ void BOUNDS normalize_cl(NORMALIZE_PARAMS) {
+    typedef Io<T, VEC> io;
+    typedef typename io::S S;
+    constexpr int BATCH = io::batch;
+    NORMALIZE_STATS_DUTY
+    extern __shared__ double sh[];
+    S* cf = reinterpret_cast<S*>(sh);
+    const int tile_c0 = blockIdx.x * blockDim.x * VEC, c0 = tile_c0 + threadIdx.x * VEC;
+    channel_coefficients<3>(tile_c0, min((int)blockDim.x * VEC, C - tile_c0), cf, [&](int ch, S* out) {
+        normalize_coefficients(ch, C, buf, shift, running_mean, running_var, eps, weight, bias, out);
+    });
+    if (c0 >= C) return;
+    S m[VEC], scale[VEC], b[VEC];
+    own_coefficient<3>(cf, 0, m);
+    own_coefficient<3>(cf, 1, scale);
+    own_coefficient<3>(cf, 2, b);
+    typename io::Raw r[BATCH];
+    rows_loop<BATCH>(blockIdx.y * blockDim.y + threadIdx.y, A, gridDim.y * blockDim.y, C, c0,
+                     [&](int u, i64 at) { r[u] = io::load(x + at); }, [&](int u, i64 at) {
+                         S v[VEC];
+                         io::unpack(r[u], v);
+#pragma unroll
+                         for (int e = 0; e < VEC; ++e) v[e] = (v[e] - m[e]) * scale[e] + b[e];
+                         io::store(y + at, v);
+                     });
 }
 
 // ---- backward: this rank's sums -----------------------------------------------------------
@@ -517,126 +631,188 @@ __global__ void normalize(const T* __restrict__ x, T* __restrict__ y, i64 total,
 // buf[c] = sum dy, buf[C+c] = sum dy (x - mean); this rank's parameter gradients accumulate
 // (before the all-reduce overwrites the payload).
 template <typename S, typename P>
-__device__ void write_sums(int c, int C, Sums r, const S* stats, P* weight_grad, P* bias_grad, double* buf) {
-    buf[c] = r.dy;
-    buf[C + c] = r.dyx;
-    if (weight_grad != nullptr) weight_grad[c] = (P)((double)weight_grad[c] + r.dyx * (double)stats[C + c]);
-    if (bias_grad != nullptr) bias_grad[c] = (P)((double)bias_grad[c] + r.dy);
+__device__ void write_sums(int c, int C, double dy, double dyx, const S* stats, double tag, P* weight_grad,
+                           P* bias_grad, double* buf) {
+    buf[c] = dy;
+    buf[C + c] = dyx;
+    if (weight_grad != nullptr) weight_grad[c] = (P)((double)weight_grad[c] + dyx * (double)stats[C + c]);
+    if (bias_grad != nullptr) bias_grad[c] = (P)((double)bias_grad[c] + dy);
+    if (c == 0) write_tags(buf + 2 * C, tag);
 }
+
+__device__ void empty_sums(int C, double tag, double* buf) {
+    for (int c = thread_rank(); c < C; c += block_threads()) {
+        buf[c] = 0;
+        buf[C + c] = 0;
+    }
+    if (thread_rank() == 0) write_tags(buf + 2 * C, tag);
+}
+
+#define BACKWARD_PARAMS                                                                                       \
+    const T *__restrict__ dy, const T *__restrict__ x, int A, int C, int B,                                   \
+        const typename Acc<T>::type *__restrict__ stats, double tag, double *__restrict__ part,              \
+        unsigned *__restrict__ ticket, P *weight_grad, P *bias_grad, double *__restrict__ buf
 
 // Same grids, partials (width 2) and tickets as moments_cs / moments_cl.
-template <typename T, typename P, int VEC>
-__global__ void backward_cs(const T* __restrict__ dy, const T* __restrict__ x, i64 A, int C, i64 B,
-                            const typename Acc<T>::type* __restrict__ stats, double* __restrict__ part,
-                            unsigned* __restrict__ ticket, P* weight_grad, P* bias_grad, double* __restrict__ buf) {
-    typedef typename Acc<T>::type S;
-    const int splits = gridDim.x;
-    for (int c = blockIdx.y; c < C; c += gridDim.y) {        // grid.y is at most 65535
+template <typename T, typename P, int VEC> __global__ void BOUNDS backward_cs(BACKWARD_PARAMS) {
+    typedef Io<T, VEC> io;
+    typedef typename io::S S;
+    constexpr int BATCH = io::batch;
+    if (A == 0 || B == 0) { empty_sums(C, tag, buf); return; }
+    extern __shared__ double sh[];
+    double* tile = sh + block_threads();
+    for (int c = blockIdx.y; c < C; c += gridDim.y) {
         const S m = stats[c];
         S sdy = 0, sdyx = 0;
-        SlabWalk w(((i64)blockIdx.x * blockDim.x + threadIdx.x) * VEC, (i64)splits * blockDim.x * VEC, C, B, c);
-        while (w.a < A) {
-            S g[BATCH][VEC], v[BATCH][VEC];
-            bool in[BATCH];
+        typename io::Raw g[BATCH], r[BATCH];
+        SlabWalk w = slab_of<VEC>(C, B, c);
+        slab_loop<BATCH>(w, A, [&](int u, i64 at) { g[u] = io::load(dy + at); r[u] = io::load(x + at); },
+                         [&](int u, i64) {
+                             S gv[VEC], v[VEC];
+                             io::unpack(g[u], gv);
+                             io::unpack(r[u], v);
 #pragma unroll
-            for (int u = 0; u < BATCH; ++u, w.next()) {
-                in[u] = w.a < A;
-                if (in[u]) {
-                    load<T, VEC>(dy, w.at, g[u]);
-                    load<T, VEC>(x, w.at, v[u]);
-                }
-            }
-#pragma unroll
-            for (int u = 0; u < BATCH; ++u) {
-                if (!in[u]) break;
-#pragma unroll
-                for (int k = 0; k < VEC; ++k) { sdy += g[u][k]; sdyx += g[u][k] * (v[u][k] - m); }
-            }
-        }
-        Sums r = block_merge(Sums{(double)sdy, (double)sdyx});
-        if (channel_total(r, c, part, ticket) && threadIdx.x == 0)
-            write_sums(c, C, r, stats, weight_grad, bias_grad, buf);
+                             for (int e = 0; e < VEC; ++e) { sdy += gv[e]; sdyx += gv[e] * (v[e] - m); }
+                         });
+        const S a1[1] = {sdy}, a2[1] = {sdyx};
+        finish_sums(a1, a2, 1, c, C, gridDim.x, blockIdx.x, part, ticket + c, [&](int ch, double t1, double t2) {
+            write_sums(ch, C, t1, t2, stats, tag, weight_grad, bias_grad, buf);
+        });
     }
 }
 
-template <typename T, typename P, int VEC>
-__global__ void __launch_bounds__(CL_THREADS) backward_cl(const T* __restrict__ dy, const T* __restrict__ x, i64 A, int C,
-                            const typename Acc<T>::type* __restrict__ stats, double* __restrict__ part,
-                            unsigned* __restrict__ ticket, P* weight_grad, P* bias_grad, double* __restrict__ buf) {
-    typedef typename Acc<T>::type S;
-    const int rows_per_block = blockDim.y, splits = gridDim.y, ty = threadIdx.y;
-    const int c0 = (blockIdx.x * blockDim.x + threadIdx.x) * VEC;
+template <typename T, typename P, int VEC> __global__ void BOUNDS backward_cl(BACKWARD_PARAMS) {
+    typedef Io<T, VEC> io;
+    typedef typename io::S S;
+    constexpr int BATCH = io::batch;
+    if (A == 0) { empty_sums(C, tag, buf); return; }
+    const int lanes = blockDim.x, tile_c0 = blockIdx.x * lanes * VEC, c0 = tile_c0 + threadIdx.x * VEC;
     S sdy[VEC], sdyx[VEC], m[VEC];
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) { sdy[k] = 0; sdyx[k] = 0; m[k] = c0 + k < C ? stats[c0 + k] : (S)0; }
+    for (int e = 0; e < VEC; ++e) { sdy[e] = 0; sdyx[e] = 0; m[e] = 0; }
     if (c0 < C) {
-        const i64 stride = (i64)splits * rows_per_block;
-        for (i64 a = (i64)blockIdx.y * rows_per_block + ty; a < A; a += BATCH * stride) {
-            S g[BATCH][VEC], v[BATCH][VEC];
 #pragma unroll
-            for (int u = 0; u < BATCH; ++u) {
-                if (a + u * stride < A) {
-                    load<T, VEC>(dy, (a + u * stride) * C + c0, g[u]);
-                    load<T, VEC>(x, (a + u * stride) * C + c0, v[u]);
-                }
-            }
+        for (int e = 0; e < VEC; ++e) m[e] = stats[c0 + e];
+        typename io::Raw g[BATCH], r[BATCH];
+        rows_loop<BATCH>(blockIdx.y * blockDim.y + threadIdx.y, A, gridDim.y * blockDim.y, C, c0,
+                         [&](int u, i64 at) { g[u] = io::load(dy + at); r[u] = io::load(x + at); },
+                         [&](int u, i64) {
+                             S gv[VEC], v[VEC];
+                             io::unpack(g[u], gv);
+                             io::unpack(r[u], v);
 #pragma unroll
-            for (int u = 0; u < BATCH; ++u) {
-                if (a + u * stride >= A) break;
-#pragma unroll
-                for (int k = 0; k < VEC; ++k) { sdy[k] += g[u][k]; sdyx[k] += g[u][k] * (v[u][k] - m[k]); }
-            }
-        }
+                             for (int e = 0; e < VEC; ++e) { sdy[e] += gv[e]; sdyx[e] += gv[e] * (v[e] - m[e]); }
+                         });
     }
-    extern __shared__ double sh[];                     // [2][blockDim.y][blockDim.x]
-    Sums r[VEC];
-    for (int k = 0; k < VEC; ++k) r[k] = column_merge(Sums{(double)sdy[k], (double)sdyx[k]}, sh);
-    if (tile_total(r, c0, C, part, ticket, sh) && ty == 0) {
-        for (int k = 0; k < VEC && c0 + k < C; ++k) write_sums(c0 + k, C, r[k], stats, weight_grad, bias_grad, buf);
+    finish_sums(sdy, sdyx, lanes, tile_c0, C, gridDim.y, blockIdx.y, part, ticket + blockIdx.x,
+                [&](int c, double t1, double t2) { write_sums(c, C, t1, t2, stats, tag, weight_grad, bias_grad, buf); });
+}
+
+// ---- backward: dx, after the all-reduce -------------------------------------------------
+
+// cf[0..3] = (mean, mean_dy, k, scale): dx = (dy - mean_dy - (x - mean) * k) * scale, with
+// mean_dy = buf[c] / N and k = invstd^2 * buf[C+c] / N (N = max(count, 1)).
+template <typename S>
+__device__ __forceinline__ void dx_coefficients(int c, int C, const S* stats, const double* buf, double n, S* cf) {
+    const double invstd = (double)stats[C + c];
+    cf[0] = stats[c];
+    cf[1] = (S)(buf[c] / n);
+    cf[2] = (S)(buf[C + c] / n * (invstd * invstd));
+    cf[3] = stats[2 * C + c];
+}
+
+// Block 0 writes flags[1]: DESYNC when the backward tags disagree (0 with fixed statistics).
+template <typename S>
+__device__ __forceinline__ void write_backward_flag(int C, const double* buf, double tag, double ranks, S* stats) {
+    if (blockIdx.x == 0 && blockIdx.y == 0 && thread_rank() == 0)
+        stats[4 * C + 1] = (S)((buf != nullptr && !tags_agree(buf + 2 * C, tag, ranks)) ? DESYNC : 0);
+}
+
+#define DX_PARAMS                                                                                             \
+    const T *__restrict__ dy, const T *__restrict__ x, T *__restrict__ dx, int A, int C, int B,               \
+        typename Acc<T>::type *__restrict__ stats, const double *__restrict__ buf,                           \
+        const double *__restrict__ count, double tag, double ranks
+
+// Channel-second, the grid of backward_cs. buf == nullptr: fixed statistics, dx = dy * scale
+// (x is not read).
+template <typename T, int VEC> __global__ void BOUNDS dx_cs(DX_PARAMS) {
+    typedef Io<T, VEC> io;
+    typedef typename io::S S;
+    constexpr int BATCH = io::batch;
+    write_backward_flag(C, buf, tag, ranks, stats);
+    if (A == 0 || B == 0) return;
+    const double n = buf != nullptr && count[0] > 1 ? count[0] : 1.0;
+    extern __shared__ double sh[];
+    S* cf = reinterpret_cast<S*>(sh);
+    for (int c = blockIdx.y; c < C; c += gridDim.y) {
+        SlabWalk w = slab_of<VEC>(C, B, c);
+        typename io::Raw g[BATCH], r[BATCH];
+        if (buf == nullptr) {
+            const S scale = stats[2 * C + c];
+            slab_loop<BATCH>(w, A, [&](int u, i64 at) { g[u] = io::load(dy + at); }, [&](int u, i64 at) {
+                S gv[VEC];
+                io::unpack(g[u], gv);
+#pragma unroll
+                for (int e = 0; e < VEC; ++e) gv[e] *= scale;
+                io::store(dx + at, gv);
+            });
+            continue;
+        }
+        channel_coefficients<4>(c, 1, cf, [&](int ch, S* out) { dx_coefficients(ch, C, stats, buf, n, out); });
+        const S m = cf[0], mdy = cf[1], k = cf[2], scale = cf[3];
+        slab_loop<BATCH>(w, A, [&](int u, i64 at) { g[u] = io::load(dy + at); r[u] = io::load(x + at); },
+                         [&](int u, i64 at) {
+                             S gv[VEC], v[VEC];
+                             io::unpack(g[u], gv);
+                             io::unpack(r[u], v);
+#pragma unroll
+                             for (int e = 0; e < VEC; ++e) gv[e] = (gv[e] - mdy - (v[e] - m) * k) * scale;
+                             io::store(dx + at, gv);
+                         });
     }
 }
 
-// ---- backward: after the all-reduce -------------------------------------------------
-
-// dx = (dy - mean_dy[c] - (x - mean[c]) * k[c]) * scale[c], with mean_dy = buf[c] / N and
-// k = invstd^2 * buf[C+c] / N from the reduced payload (N = count[0]); buf == nullptr means
-// fixed (eval) statistics: mean_dy = k = 0.
-template <typename T, typename S>
-__device__ __forceinline__ void dx_coefficients(int c, int C, const S* stats, const double* buf, double inv_n,
-                                                S& mean, S& mdy, S& k, S& scale) {
-    mean = stats[c];
-    scale = stats[2 * C + c];
+template <typename T, int VEC> __global__ void BOUNDS dx_cl(DX_PARAMS) {
+    typedef Io<T, VEC> io;
+    typedef typename io::S S;
+    constexpr int BATCH = io::batch2;
+    write_backward_flag(C, buf, tag, ranks, stats);
+    const double n = buf != nullptr && count[0] > 1 ? count[0] : 1.0;
+    extern __shared__ double sh[];
+    S* cf = reinterpret_cast<S*>(sh);
+    const int tile_c0 = blockIdx.x * blockDim.x * VEC, c0 = tile_c0 + threadIdx.x * VEC;
     if (buf != nullptr) {
-        const double invstd = (double)stats[C + c];
-        mdy = (S)(buf[c] * inv_n);
-        k = (S)(buf[C + c] * inv_n * invstd * invstd);
-    } else {
-        mdy = 0;
-        k = 0;
+        channel_coefficients<4>(tile_c0, min((int)blockDim.x * VEC, C - tile_c0), cf,
+                                [&](int ch, S* out) { dx_coefficients(ch, C, stats, buf, n, out); });
     }
-}
-
-template <typename T, bool CL, int VEC>
-__global__ void backward_elementwise(const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx,
-                                     i64 total, int C, i64 B, const typename Acc<T>::type* __restrict__ stats,
-                                     const double* __restrict__ buf, const double* __restrict__ count) {
-    typedef typename Acc<T>::type S;
-    const double inv_n = (buf != nullptr && count[0] > 0) ? 1.0 / count[0] : 0.0;
-    const i64 stride = (i64)gridDim.x * blockDim.x * VEC;
-    i64 i = ((i64)blockIdx.x * blockDim.x + threadIdx.x) * VEC;
-    for (ChannelWalk w(i, stride, C, B); i < total; i += stride, w.next()) {
-        S g[VEC], v[VEC];
-        load<T, VEC>(dy, i, g);
-        load<T, VEC>(x, i, v);
-        int c = w.c;
-        i64 r = w.r;
-        S m, a, b, sc;
-        dx_coefficients<T>(c, C, stats, buf, inv_n, m, a, b, sc);
+    if (c0 >= C) return;
+    const int a0 = blockIdx.y * blockDim.y + threadIdx.y, stride = gridDim.y * blockDim.y;
+    typename io::Raw g[BATCH], r[BATCH];
+    S scale[VEC];
 #pragma unroll
-        for (int k = 0; k < VEC; ++k) {
-            g[k] = (g[k] - a - (v[k] - m) * b) * sc;
-            if (k + 1 < VEC && next_element(c, r, C, B, CL)) dx_coefficients<T>(c, C, stats, buf, inv_n, m, a, b, sc);
-        }
-        store<T, VEC>(dx, i, g);
+    for (int e = 0; e < VEC; ++e) scale[e] = stats[2 * C + c0 + e];
+    if (buf == nullptr) {
+        rows_loop<BATCH>(a0, A, stride, C, c0, [&](int u, i64 at) { g[u] = io::load(dy + at); },
+                         [&](int u, i64 at) {
+                             S gv[VEC];
+                             io::unpack(g[u], gv);
+#pragma unroll
+                             for (int e = 0; e < VEC; ++e) gv[e] *= scale[e];
+                             io::store(dx + at, gv);
+                         });
+        return;
     }
+    S m[VEC], mdy[VEC], k[VEC];
+    own_coefficient<4>(cf, 0, m);
+    own_coefficient<4>(cf, 1, mdy);
+    own_coefficient<4>(cf, 2, k);
+    rows_loop<BATCH>(a0, A, stride, C, c0, [&](int u, i64 at) { g[u] = io::load(dy + at); r[u] = io::load(x + at); },
+                     [&](int u, i64 at) {
+                         S gv[VEC], v[VEC];
+                         io::unpack(g[u], gv);
+                         io::unpack(r[u], v);
+#pragma unroll
+                         for (int e = 0; e < VEC; ++e) gv[e] = (gv[e] - mdy[e] - (v[e] - m[e]) * k[e]) * scale[e];
+                         io::store(dx + at, gv);
+                     });
 }

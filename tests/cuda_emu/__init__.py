@@ -34,7 +34,6 @@ from cusyncbn import _kernels
 from cusyncbn._backend import Backend
 from cusyncbn._backend_cupy import CupyBackend
 from cusyncbn._backend_numpy import NumpyBackend
-from cusyncbn._launch import PackedLaunch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 GUARD = 64                     # bytes on each side of every allocation
@@ -53,9 +52,14 @@ def _expressions() -> list[str]:
     return list(seen)
 
 
-def _translation_unit(source: str, exprs: list[str]) -> str:
+def _defines(options: tuple) -> list[str]:
+    """``-DNAME=VALUE`` options as ``#define`` lines."""
+    return [f"#define {o[2:].replace('=', ' ', 1)}" for o in options if o.startswith("-D")]
+
+
+def _translation_unit(source: str, exprs: list[str], options: tuple = ()) -> str:
     source = source.replace("extern __shared__", "extern").replace("__shared__", "static")
-    parts = ['#include "emu.h"', source]
+    parts = ['#include "emu.h"', *_defines(options), source]
     for i, expr in enumerate(exprs):
         parts.append(f'extern "C" const char* emu_launch_{i}(const unsigned* g, const unsigned* b, size_t shared, '
                      f'void** args) {{ return emu::launch(&{expr}, g, b, shared, args); }}')
@@ -65,10 +69,11 @@ def _translation_unit(source: str, exprs: list[str]) -> str:
 
 
 class Library:
-    """A CUDA source compiled for the emulator, with the instantiations ``exprs``."""
+    """A CUDA source compiled for the emulator, with the instantiations ``exprs`` and the
+    ``-D`` settings among ``options`` (as NVRTC gets them)."""
 
-    def __init__(self, source: str, exprs: list[str]) -> None:
-        unit = _translation_unit(source, exprs)
+    def __init__(self, source: str, exprs: list[str], options: tuple = ()) -> None:
+        unit = _translation_unit(source, exprs, options)
         with open(os.path.join(HERE, "emu.h"), encoding="utf-8") as f:
             key = hashlib.sha256((f.read() + unit).encode()).hexdigest()[:16]
         cache = os.environ.get("CUSYNCBN_EMU_CACHE", os.path.join(tempfile.gettempdir(), "cusyncbn-emu"))
@@ -100,15 +105,16 @@ class Library:
         return Kernel(self._lib, self._index[expr], expr, after_launch)
 
 
-_library: Library | None = None
+_libraries: dict[int, Library] = {}
 
 
-def library() -> Library:
-    """syncbn.cu with every instantiation the CuPy backend uses (built once, cached on disk)."""
-    global _library
-    if _library is None:
-        _library = Library(_kernels.source(), _expressions())
-    return _library
+def library(loads: int = _kernels.LOADS) -> Library:
+    """syncbn.cu with every instantiation the CuPy backend uses, compiled with the settings of
+    ``_kernels.options(loads)`` (built once, cached on disk)."""
+    lib = _libraries.get(loads)
+    if lib is None:
+        lib = _libraries[loads] = Library(_kernels.source(), _expressions(), _kernels.options(loads))
+    return lib
 
 
 _DTYPE_KIND = {"float64": "d", "float32": "f", "float16": "h", "bfloat16": "b", "int32": "i", "int64": "q", "uint32": "I"}
@@ -153,21 +159,37 @@ class Kernel:
             raise EmulatedKernelError(f"{self.expr} takes {len(self.params)} arguments, got {len(args)}")
         return [self._argument(n, a, k) for n, (a, k) in enumerate(zip(args, self.params))]
 
-    def launch_packed(self, grid: tuple, block: tuple, shared_mem: int, params: int) -> None:
-        """Launch with arguments already packed (an address of ``void*`` pointers to values,
-        as ``cuLaunchKernel`` takes them: what ``cusyncbn._launch.PackedLaunch`` builds)."""
+    def __call__(self, grid: Any, block: Any, args: tuple, shared_mem: int = 0) -> None:
+        values = self.check_arguments(args)
+        argv = (ctypes.c_void_p * max(1, len(values)))(*[ctypes.addressof(v) for v in values])
         g = (ctypes.c_uint * 3)(*(tuple(grid) + (1, 1, 1))[:3])
         b = (ctypes.c_uint * 3)(*(tuple(block) + (1, 1, 1))[:3])
-        error = self._launch(g, b, shared_mem, ctypes.cast(params, ctypes.POINTER(ctypes.c_void_p)))
+        error = self._launch(g, b, shared_mem, ctypes.cast(argv, ctypes.POINTER(ctypes.c_void_p)))
         if error:
             raise EmulatedKernelError(f"{self.expr}: {error.decode()}")
         if self._after is not None:
             self._after(self.expr, tuple(grid))
 
-    def __call__(self, grid: Any, block: Any, args: tuple, shared_mem: int = 0) -> None:
-        values = self.check_arguments(args)
-        argv = (ctypes.c_void_p * max(1, len(values)))(*[ctypes.addressof(v) for v in values])
-        self.launch_packed(grid, block, shared_mem, ctypes.addressof(argv))
+
+class DeviceArray(np.ndarray):
+    """The emulated backend's arrays: NumPy arrays whose in-place host writes (``fill``, item
+    assignment) are recorded as launches, as each is a kernel launch on a GPU."""
+
+    recorder: Any = None
+
+    def fill(self, value: Any) -> None:
+        _record_host_write("fill", self.shape)
+        super().fill(value)
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        _record_host_write("setitem", self.shape)
+        super().__setitem__(key, value)
+
+
+def _record_host_write(what: str, shape: tuple) -> None:
+    backend = DeviceArray.recorder() if DeviceArray.recorder is not None else None
+    if backend is not None:
+        backend.grids.append((f"<host {what}>", shape))
 
 
 class EmuBackend(CupyBackend):
@@ -175,27 +197,30 @@ class EmuBackend(CupyBackend):
 
     ``sms`` (the multiprocessor count) sets the grid sizes; ``kernels`` replaces
     syncbn.cu by another build of it (a mutated one, in the negative controls);
-    ``block_order`` seeds the shuffled order in which blocks run (0: index order);
-    ``packed`` launches through ``cusyncbn._launch.PackedLaunch`` (the opt-in fast path).
+    ``block_order`` seeds the shuffled order in which blocks run (0: index order).
+    Kernels count as using ``registers`` per thread (the launch bounds' cap), so grids are
+    those of the least occupancy the kernels may have.
     """
 
     import_array = NumpyBackend.import_array
     is_native = NumpyBackend.is_native
+    registers = 64
 
-    def __init__(self, sms: int = 4, kernels: Library | None = None, block_order: int = 1,
-                 packed: bool = False) -> None:
+    def __init__(self, sms: int = 4, kernels: Library | None = None, block_order: int = 1) -> None:
         Backend.__init__(self)
-        self._packed = packed
-        self._library = kernels or library()
-        self._library.set_block_order(block_order)
+        self._library = kernels
+        self._block_order = block_order
+        (kernels or library()).set_block_order(block_order)
         self.xp = np
         self.device = "cpu"
+        self.arch = "emu"
         self._index = 0
         self._cuda_device = contextlib.nullcontext()
         self._sms = sms
-        self._kernels: dict[tuple[str, str], Any] = {}
+        self._init_plans()
         self._guarded: dict[int, tuple[Any, int]] = {}
         self.grids: list[tuple[str, tuple]] = []        # (instantiation, grid) of every launch
+        DeviceArray.recorder = weakref.ref(self)
 
     @property
     def launches(self) -> list[str]:
@@ -209,13 +234,17 @@ class EmuBackend(CupyBackend):
     def _address(a: Any) -> int:
         return a.ctypes.data
 
-    def _kernel(self, dtype_name: str, key: str) -> Any:
-        kernel = self._kernels.get((dtype_name, key))
+    def _resources(self, kernel: Any) -> tuple[int, int]:
+        return self.registers, 64
+
+    def _kernel(self, dtype_name: str, key: str, loads: int) -> Any:
+        kernel = self._kernels.get((dtype_name, key, loads))
         if kernel is None:
-            kernel = self._library.kernel(_kernels.name_expressions(dtype_name)[key], self._check_guards)
-            if self._packed:                    # the production packing, read back by the emulator
-                kernel = _CheckedPackedLaunch(kernel)
-            self._kernels[(dtype_name, key)] = kernel
+            lib = self._library or library(loads)
+            if lib is not (self._library or library()):
+                lib.set_block_order(self._block_order)
+            kernel = lib.kernel(_kernels.name_expressions(dtype_name)[key], self._check_guards)
+            self._kernels[(dtype_name, key, loads)] = kernel
         return kernel
 
     # -- guarded allocations -------------------------------------------------------------
@@ -227,14 +256,14 @@ class EmuBackend(CupyBackend):
 
     def zeros(self, shape: Any, dtype: Any) -> Any:
         arr = self.empty(shape, dtype)
-        arr[...] = 0
+        np.ndarray.fill(arr, 0)                    # a fresh allocation: cupy.zeros, not a launch on x
         return arr
 
     def contiguous(self, x: Any) -> Any:
         if x.flags.c_contiguous:
             return x
         out = self.empty(x.shape, x.dtype)
-        out[...] = x
+        np.copyto(out, x)
         return out
 
     def _check_guards(self, expr: str, grid: tuple) -> None:
@@ -248,29 +277,17 @@ class EmuBackend(CupyBackend):
                 raise EmulatedKernelError(f"{expr} wrote outside a {nbytes}-byte allocation")
 
 
-class _CheckedPackedLaunch(PackedLaunch):
-    """``cusyncbn._launch.PackedLaunch`` into the emulator, arguments checked first."""
-
-    def __init__(self, kernel: Kernel) -> None:
-        super().__init__(kernel.launch_packed, EmuBackend._address)
-        self._kernel = kernel
-
-    def __call__(self, grid: Any, block: Any, args: tuple, shared_mem: int = 0) -> None:
-        self._kernel.check_arguments(args)
-        super().__call__(grid, block, args, shared_mem)
-
-
 def _between_guards(shape: tuple, dtype: Any, shift: int = 0) -> tuple[Any, Any]:
     """(base, array): an array of ``shape`` inside a poisoned byte buffer, GUARD bytes of
     poison on each side (``shift`` more before it, to misalign it)."""
     nbytes = math.prod(shape) * dtype.itemsize
     base = np.full(nbytes + 2 * GUARD + shift, POISON, dtype=np.uint8)
-    return base, base[GUARD + shift:GUARD + shift + nbytes].view(dtype).reshape(shape)
+    return base, base[GUARD + shift:GUARD + shift + nbytes].view(dtype).reshape(shape).view(DeviceArray)
 
 
 def guarded_copy(x: Any, misalign: bool = False) -> Any:
     """``x`` copied between guard zones, 16-byte aligned or (``misalign``) one element off."""
     x = np.asarray(x)
     _, out = _between_guards(x.shape, x.dtype, x.dtype.itemsize if misalign else 0)
-    out[...] = x
+    np.copyto(out, x)
     return out

@@ -308,3 +308,4 @@ extern "C" void emu_set_block_order(unsigned seed) { emu::block_order_seed = see
 
 using std::isfinite;
 using std::sqrt;
+using std::min;

@@ -2,9 +2,9 @@
 
 Runs the real ``CupyBackend`` launch code (through ``EmuBackend``) with every kernel
 launch, allocation and pointer query replaced by a no-op, so what is timed is the
-layer's and the backend's own Python: validation, views, launch configuration; then
-again with the argument packing of the opt-in packed launches (``cusyncbn._launch``). CuPy's launch cost (a few microseconds per kernel, 4 per pass)
-and NCCL's come on top on a GPU; ``python -m cusyncbn.bench`` measures the total.
+layer's and the backend's own Python: validation, views, the cached launch plans. CuPy's
+launch cost (a few microseconds per kernel, 2 per pass) and NCCL's come on top on a GPU;
+``python -m cusyncbn.bench`` measures the total.
 
     python tests/cuda_emu/python_overhead.py
 """
@@ -22,18 +22,8 @@ from cusyncbn import _backend  # noqa: E402
 
 
 def main(calls: int = 20000) -> None:
-    for packed in (False, True):
-        measure(calls, packed)
-
-
-def measure(calls: int, packed: bool) -> None:
-    from cusyncbn._launch import PackedLaunch
     backend = cuda_emu.EmuBackend(sms=132)
-    if packed:                                    # + the argument packing of CUSYNCBN_PACKED_LAUNCH=1
-        launch = PackedLaunch(lambda grid, block, shared_mem, params: None, lambda a: 0)
-        backend._kernel = lambda dtype_name, key: launch
-    else:
-        backend._kernel = lambda dtype_name, key: (lambda grid, block, args, shared_mem=0: None)
+    backend._kernel = lambda dtype_name, key, loads: (lambda grid, block, args, shared_mem=0: None)
     backend._address = lambda a: 0
     backend.empty = lambda shape, dtype: np.empty(shape, dtype)
     _backend._backends["cpu"] = backend
@@ -61,7 +51,7 @@ def measure(calls: int, packed: bool) -> None:
     forward = per_call(forward_no_grad)
     bn.eval()
     evaluation = per_call(forward_no_grad)
-    print(f"{'packed launches' if packed else 'no-op launches':16s}: training forward+backward {both:.1f} us, "
+    print(f"no-op launches: training forward+backward {both:.1f} us, "
           f"forward (no_grad) {forward:.1f} us, eval forward {evaluation:.1f} us")
 
 

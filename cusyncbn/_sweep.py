@@ -1,0 +1,185 @@
+"""Autotuning of the kernels' launch configurations: measure, keep the best, ship the table.
+
+On a GPU, ``run_sweep()`` takes every benchmark shape, dtype and layout, and for each pass
+(moments, normalize, backward, dx) each configuration of ``sweep_grid`` in turn: it first
+checks a full training forward+backward launched that way against the float64 reference,
+then times the pass alone with CUDA events (median), and writes the fastest configuration
+per pass into the table ``_kernels/tuning.json`` under this GPU's key (compute capability
+and SM count), merged with what is there. ``CupyBackend`` consults that table before its
+heuristic.
+
+    python -c "from cusyncbn._sweep import run_sweep; run_sweep()"
+
+The same code runs on the CPU with the kernel emulator and a stand-in timer (the tests
+check every configuration of the grid for correctness that way).
+"""
+from __future__ import annotations
+
+import itertools
+import statistics
+from typing import Any, Callable, Iterable
+
+import numpy as np
+
+from . import _kernels, _tuning
+from ._tuning import LaunchConfig
+
+TOL = {"float16": 3e-2, "bfloat16": 1e-1, "float32": 1e-4, "float64": 1e-9}
+
+
+def sweep_grid(layout: str) -> list[LaunchConfig]:
+    """The configurations tried per pass: block size, channel-last lanes, waves of blocks,
+    vector width cap (0: the widest, 4: at most 4 elements) and loads in flight."""
+    threads = (128, 256, 512) if layout == "cs" else (256, 512)
+    lanes = (0,) if layout == "cs" else (0, 16)
+    return [LaunchConfig(threads=t, lanes=l, waves=w, vec=v, loads=n)
+            for t, l, w, v, n in itertools.product(threads, lanes, (1.0, 2.0), (0, 4), (2, 4))]
+
+
+def layer_error(bn: Any, x: Any, dy: Any, to_host: Callable[[Any], Any], data_format: str) -> float:
+    """Largest error of y and dx of one training step of ``bn`` against the float64 reference,
+    relative to the tolerance of ``x``'s dtype (<= 1: correct)."""
+    from ._backend import dtype_name
+    y = bn(x)
+    dx = bn.backward(dy)
+    xh, dyh = to_host(x), to_host(dy)
+    axes = (0,) + tuple(range(1, xh.ndim - 1)) if data_format.endswith("C") else (0,) + tuple(range(2, xh.ndim))
+    shape = [1] * xh.ndim
+    shape[xh.ndim - 1 if data_format.endswith("C") else 1] = -1
+    mean = xh.mean(axis=axes).reshape(shape)
+    invstd = 1 / np.sqrt(xh.var(axis=axes).reshape(shape) + bn._epsilon)
+    xhat = (xh - mean) * invstd
+    w = to_host(bn.weight.data).reshape(shape)
+    b = to_host(bn.bias.data).reshape(shape)
+    y_ref = xhat * w + b
+    dx_ref = w * invstd * (dyh - dyh.mean(axis=axes).reshape(shape) - xhat * (dyh * xhat).mean(axis=axes).reshape(shape))
+    tol = TOL[dtype_name(x.dtype)]
+    err = max(np.max(np.abs(to_host(y) - y_ref) / (tol * (1 + np.abs(y_ref)))),
+              np.max(np.abs(to_host(dx) - dx_ref) / (tol * (1 + np.abs(dx_ref)))))
+    return float(err)
+
+
+def _pass_call(backend: Any, kind: str, bn: Any, x: Any, dy: Any) -> Callable[[], None]:
+    """A call of pass ``kind`` alone, with the state a training step leaves (for timing)."""
+    from ._backend import Stats, backward_payload_size, forward_payload_size
+    x3 = bn._view3(x, bn._channel_last)
+    dy3 = bn._view3(dy, bn._channel_last)
+    c = x3.shape[1]
+    stats = Stats(backend.empty((4 * c + 2,), np.float64 if x.dtype == np.float64 else np.float32),
+                  backend.zeros((forward_payload_size(c),), np.float64), c)
+    rm, rv = bn._mean, bn._variance
+    backend.local_moments(x3, rm, 0, stats.payload)
+    y3 = backend.empty(x3.shape, x3.dtype)
+    backend.normalize_batch(x3, stats.payload, 0, 1, rm, None, 0.9, 1e-5, False, None, None, stats, y3)
+    bbuf = backend.zeros((backward_payload_size(c),), np.float64)
+    dx3 = backend.empty(x3.shape, x3.dtype)
+    count = stats.payload[2 * c:2 * c + 1]
+    return {
+        "moments": lambda: backend.local_moments(x3, rm, 0, stats.payload),
+        "normalize": lambda: backend.normalize_batch(x3, stats.payload, 0, 1, rm, None, 0.9, 1e-5, False, None,
+                                                     None, stats, y3),
+        "backward": lambda: backend.backward_reduce(dy3, x3, stats, None, None, 0, bbuf),
+        "dx": lambda: backend.backward_input(dy3, x3, stats, bbuf, count, 0, 1, dx3),
+    }[kind]
+
+
+def cuda_timer(reps: int = 20) -> Callable[[Callable[[], None]], float]:
+    """Median milliseconds of a call over ``reps`` runs, with CUDA events on the current stream."""
+    import cupy
+
+    def measure(fn: Callable[[], None]) -> float:
+        fn()
+        times = []
+        for _ in range(reps):
+            start, end = cupy.cuda.Event(), cupy.cuda.Event()
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(cupy.cuda.get_elapsed_time(start, end))
+        return statistics.median(times)
+
+    return measure
+
+
+def sweep_case(backend: Any, shape: tuple, dtype_name: str, data_format: str, make: Callable[..., Any],
+               to_host: Callable[[Any], Any], timer: Callable[[Callable[[], None]], float],
+               grid: Iterable[LaunchConfig] | None = None, kinds: Iterable[str] = _kernels.PASSES,
+               log: Callable[[str], None] = lambda line: None) -> dict[str, dict]:
+    """Best configuration per pass for one (shape, dtype, layout): ``{shape_key: config dict}``.
+
+    ``make(shape, dtype_name, seed)`` builds an input on ``backend``'s device. Every
+    configuration is checked (a full training step launched with it, against the float64
+    reference) before it is timed; wrong ones are reported through ``log`` and skipped."""
+    import cusyncbn
+    from ._backend import dtype_name as name_of
+    channel_last = data_format.endswith("C")
+    c = shape[-1] if channel_last else shape[1]
+    x, dy = make(shape, dtype_name, 0), make(shape, dtype_name, 1)
+    pdtype = "float64" if dtype_name == "float64" else "float32"
+
+    def layer() -> Any:
+        return cusyncbn.SyncBatchNorm(c, data_format=data_format, dtype=pdtype, device=backend.device,
+                                      comm=cusyncbn.SingleProcessComm())
+
+    x3_shape = tuple(layer()._view3(x, channel_last).shape)
+    layout = "cl" if x3_shape[2] == 1 else "cs"
+    best: dict[str, dict] = {}
+    for kind in kinds:
+        results = []
+        for config in (sweep_grid(layout) if grid is None else grid):
+            backend.set_launch_config(kind, layout, config)
+            bn = layer()
+            error = layer_error(bn, x, dy, to_host, data_format)
+            if not error <= 1:
+                log(f"{kind} {shape} {dtype_name} {data_format} {config}: WRONG (error {error:.2f} x tolerance)")
+                continue
+            ms = timer(_pass_call(backend, kind, bn, x, dy))
+            results.append((ms, config))
+            log(f"{kind} {shape} {dtype_name} {data_format} {config}: {ms:.4f} ms")
+        backend.set_launch_config(kind, layout, None)
+        if results:
+            best[_tuning.shape_key(kind, layout, name_of(x.dtype), x3_shape)] = min(results, key=lambda r: r[0])[1].as_dict()
+    return best
+
+
+def run_sweep(shapes: Iterable[tuple] | None = None, dtypes: Iterable[str] | None = None,
+              layouts: Iterable[str] | None = None, reps: int = 20, path: str = _tuning.TABLE_PATH,
+              device: int | None = None, log: Callable[[str], None] = print) -> dict:
+    """Measure the best configuration of every pass for every benchmark case on this GPU and
+    write them into the table at ``path`` (merged with its other entries). Returns the table.
+
+    Args:
+        shapes, dtypes, layouts: the cases; default ``cusyncbn.bench``'s SHAPES, DTYPES, LAYOUTS.
+        reps: timed runs per configuration (median).
+        device: the CUDA device (default: the current one).
+    """
+    import cupy
+
+    from . import bench
+    from ._backend import get_backend
+    index = cupy.cuda.Device().id if device is None else device
+    backend = get_backend(f"gpu:{index}")
+    timer = cuda_timer(reps)
+
+    def make(shape: tuple, dtype_name: str, seed: int) -> Any:
+        with cupy.cuda.Device(index):
+            x = cupy.random.default_rng(seed).standard_normal(shape, dtype=cupy.float32) * 2 + 3
+            if dtype_name == "bfloat16":
+                import ml_dtypes
+                return x.astype(ml_dtypes.bfloat16)
+            return x.astype(dtype_name)
+
+    def to_host(a: Any) -> Any:
+        return cupy.asnumpy(a.astype(cupy.float64))
+
+    table = _tuning.load_table(path)
+    entries = table.setdefault(backend.arch, {})
+    for shape in shapes or bench.SHAPES:
+        for dtype_name in dtypes or bench.DTYPES:
+            for data_format in layouts or bench.LAYOUTS:
+                full = shape if data_format == "NCHW" else (shape[0],) + tuple(shape[2:]) + (shape[1],)
+                entries.update(sweep_case(backend, full, dtype_name, data_format, make, to_host, timer, log=log))
+                _tuning.save_table(table, path)
+    log(f"wrote {len(entries)} entries for {backend.arch} to {path}")
+    return table

@@ -1,0 +1,162 @@
+"""Launch configurations of the CUDA kernels: a heuristic, a table measured per GPU, overrides.
+
+A ``LaunchConfig`` says how one pass (``moments``, ``normalize``, ``backward``, ``dx``) is
+launched: block size, channel-last lanes, how many waves of blocks, a cap on the vector
+width and the loads in flight. ``CupyBackend`` takes, in order, an override set with
+``set_launch_config``, the entry of the shipped table ``_kernels/tuning.json`` for this GPU
+(compute capability and SM count) and this exact (pass, layout, dtype, shape), or the
+heuristic below. ``cusyncbn._sweep.run_sweep`` measures the table on a GPU.
+
+The grid heuristic fills the GPU with exactly one wave of resident blocks: every SM holds
+as many blocks as its registers, threads and shared memory allow, and every block
+grid-strides over its share. More blocks than that only add split partials to merge (and,
+in the elementwise passes, coefficient set-ups); fewer leave SMs idle.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, NamedTuple
+
+TABLE_PATH = os.path.join(os.path.dirname(__file__), "_kernels", "tuning.json")
+MAX_GRID_Y = 65535
+MAX_DYNAMIC_SHARED = 48 * 1024       # without the opt-in attribute
+COALESCED_BYTES = 128                # a warp's row segment: lanes * vector bytes at least this
+
+
+class LaunchConfig(NamedTuple):
+    threads: int = 0        # threads per block; 0: 256 channel-second, 512 channel-last
+    lanes: int = 0          # channel-last: threads along channels (power of two <= 32); 0: heuristic
+    waves: float = 1.0      # blocks = waves x resident blocks per SM x SMs (bounded by the work)
+    vec: int = 0            # cap on elements per vector; 0: the widest the data allows
+    loads: int = 4          # 16-byte loads in flight per array and thread (compile-time)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self._asdict())
+
+
+DEFAULT = LaunchConfig()
+
+
+class SMLimits(NamedTuple):
+    """Per-SM limits of the occupancy calculation (sm_90: H100 / H200)."""
+    registers: int = 65536
+    threads: int = 2048
+    blocks: int = 32
+    shared: int = 228 * 1024
+    register_unit: int = 256        # registers are allocated per warp in units of this
+    reserved_shared: int = 1024     # per block, by the system
+
+
+SM90 = SMLimits()
+
+
+def resident_blocks(registers: int, threads: int, shared: int, limits: SMLimits = SM90) -> int:
+    """Blocks of ``threads`` threads using ``registers`` per thread and ``shared`` bytes of
+    shared memory (static and dynamic, without the system's reserve) that fit on one SM."""
+    warps = -(-threads // 32)
+    unit = limits.register_unit
+    per_warp = -(-max(registers, 1) * 32 // unit) * unit
+    by_registers = (limits.registers // per_warp) // warps
+    by_threads = limits.threads // (warps * 32)
+    by_shared = limits.shared // (shared + limits.reserved_shared)
+    return max(0, min(by_registers, by_threads, by_shared, limits.blocks))
+
+
+def occupancy(registers: int, threads: int, shared: int, limits: SMLimits = SM90) -> float:
+    """Theoretical occupancy: resident warps over the SM's maximum."""
+    return resident_blocks(registers, threads, shared, limits) * threads / limits.threads
+
+
+def lanes_for(channels: int, vec: int, itemsize: int) -> int:
+    """Channel-last threads along channels: enough for a warp's row segments to be whole
+    128-byte lines, no more than the channels need."""
+    lanes = 1
+    while lanes < 32 and lanes * vec * itemsize < COALESCED_BYTES and lanes * vec < channels:
+        lanes *= 2
+    return lanes
+
+
+def block_shape(layout: str, config: LaunchConfig, channels: int, vec: int, itemsize: int) -> tuple[int, int]:
+    """(lanes, threads) of a launch: 1-D blocks channel-second, (lanes, rows) channel-last."""
+    threads = config.threads or (512 if layout == "cl" else 256)
+    if layout == "cs":
+        return 1, threads
+    lanes = config.lanes or lanes_for(channels, vec, itemsize)
+    return min(lanes, 32, threads), threads
+
+
+def shared_bytes(kind: str, layout: str, threads: int, lanes: int, vec: int) -> int:
+    """Dynamic shared memory: the reductions' block-sum scratch and tile (doubles), the
+    elementwise passes' per-channel coefficients (4 per channel)."""
+    channels = lanes * vec if layout == "cl" else 1
+    if kind in ("moments", "backward"):
+        items = channels * 2
+        return 8 * (max((threads // 32) * items, threads) + items)
+    return 8 * 4 * channels
+
+
+def grid(layout: str, shape3: tuple[int, int, int], vec: int, threads: int, lanes: int,
+         slots: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Grid and block of a pass over ``shape3`` = (A, C, B) with ``slots`` blocks wanted.
+
+    Channel-second: (splits, channels) grids of 1-D blocks, each block a slice of one
+    channel. Channel-last: (channel tiles, splits) grids of (lanes, rows) blocks. Splits are
+    bounded so that every thread has at least one vector."""
+    a, c, b = shape3
+    if a * b == 0:
+        return (1, 1), ((threads, 1) if layout == "cs" else (lanes, threads // lanes))
+    if layout == "cs":
+        useful = -(-(a * b // vec) // threads)
+        splits = max(1, min(round(slots / c), useful, MAX_GRID_Y))
+        return (splits, min(c, MAX_GRID_Y)), (threads, 1)
+    rows = threads // lanes
+    tiles = -(-c // (lanes * vec))
+    useful = -(-a // rows)
+    splits = max(1, min(round(slots / tiles), useful, MAX_GRID_Y))
+    return (tiles, splits), (lanes, rows)
+
+
+# ---- the measured table -----------------------------------------------------------------------
+
+def arch_key(compute_capability: str, sms: int) -> str:
+    return f"sm_{compute_capability}/{sms}"
+
+
+def shape_key(kind: str, layout: str, dtype_name: str, shape3: tuple[int, int, int]) -> str:
+    return f"{kind}/{layout}/{dtype_name}/{'x'.join(map(str, shape3))}"
+
+
+_tables: dict[str, dict] = {}
+
+
+def load_table(path: str = TABLE_PATH) -> dict:
+    """The table at ``path`` (``{arch_key: {shape_key: config dict}}``), read once; {} if absent."""
+    table = _tables.get(path)
+    if table is None:
+        try:
+            with open(path, encoding="utf-8") as f:
+                table = json.load(f)
+        except FileNotFoundError:
+            table = {}
+        _tables[path] = table
+    return table
+
+
+def lookup(arch: str, kind: str, layout: str, dtype_name: str, shape3: tuple[int, int, int],
+           table: dict | None = None) -> LaunchConfig | None:
+    """The measured configuration for this GPU and exact pass, or None (use the heuristic)."""
+    entry = (load_table() if table is None else table).get(arch, {}).get(shape_key(kind, layout, dtype_name, shape3))
+    if entry is None:
+        return None
+    return LaunchConfig(**{k: v for k, v in entry.items() if k in LaunchConfig._fields})
+
+
+def save_table(table: dict, path: str = TABLE_PATH) -> None:
+    """Write ``table`` (atomically: temporary file, then rename) and forget the cached copy."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(table, f, indent=1, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+    _tables.pop(path, None)

@@ -1,0 +1,153 @@
+"""The host side of the GPU backend: launch plans, grid sizes, the tuning table, the sweep.
+
+Runs ``CupyBackend``'s real planning code (through the emulated backend, tests/cuda_emu).
+"""
+import json
+
+import numpy as np
+import pytest
+
+import cuda_emu
+import cusyncbn
+from cusyncbn import _backend, _kernels, _sweep, _tuning
+from cusyncbn._tuning import LaunchConfig
+from cusyncbn.bench import DTYPES, LAYOUTS, SHAPES        # stdlib-only imports at module level
+from layer_check import check_layer
+from test_kernels_emulated import to_device, to_host
+
+SMS = 132                                                  # an H100 / H200
+
+
+def _x3(shape, layout):
+    """(A, C, B) of a benchmark (N, C, H, W) shape in ``layout``."""
+    n, c, h, w = shape
+    return (n, c, h * w) if layout == "NCHW" else (n * h * w, c, 1)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_every_benchmark_launch_fills_the_gpu(shape, dtype, layout):
+    """Every pass of every benchmark case launches at least one full wave: blocks >= 132 SMs x
+    the blocks an SM holds at the kernels' register cap (64 per thread, the least occupancy
+    the launch bounds allow), or, where the input has fewer vectors than that many threads,
+    every block has work. A full wave keeps every SM at its theoretical occupancy for the
+    whole pass (the blocks grid-stride); more waves only add split partials to merge, so there
+    are more only where every block holds a whole channel (C > one wave, channel-second)."""
+    backend = cuda_emu.EmuBackend(sms=SMS)
+    a, c, b = x3 = _x3(shape, layout)
+    for kind in _kernels.PASSES:
+        plan = backend._make_plan(kind, x3, dtype, "" if kind == "dx" else "float32", 0)
+        blocks = plan.grid[0] * plan.grid[1]
+        threads = plan.block[0] * plan.block[1]
+        assert plan.vec == 16 // _kernels.ITEMSIZE[dtype] or (b if layout == "NCHW" else c) % plan.vec == 0
+        wave = SMS * _tuning.resident_blocks(backend.registers, threads, plan.shared + 64)
+        vectors = a * c * b // plan.vec
+        assert blocks >= 0.9 * wave or blocks * threads >= vectors, (kind, x3, plan.grid, plan.block, wave)
+        splits = plan.grid[0] if layout == "NCHW" else plan.grid[1]
+        assert blocks <= 2 * wave or splits == 1, (kind, x3, plan.grid, wave)   # more only as channels
+
+
+def test_plans_are_cached_and_follow_alignment(monkeypatch):
+    backend = cuda_emu.EmuBackend(sms=8)
+    monkeypatch.setitem(_backend._backends, "cpu", backend)
+    made = []
+    make = backend._make_plan
+    backend._make_plan = lambda *a: made.append(a[:2]) or make(*a)
+    bn = cusyncbn.SyncBatchNorm(8)
+    x = to_device(np.random.default_rng(0).normal(size=(4, 8, 4, 4)), "float32")
+    for _ in range(3):
+        bn.backward(bn(x))
+    assert [k for k, _ in made] == ["moments", "normalize", "backward", "dx"]       # once each
+    bn(to_device(np.asarray(x), "float32", misalign=True))                         # a new alignment class
+    assert [k for k, _ in made[4:]] == ["moments", "normalize"]
+    assert {p.vec for p in backend._plans.values()} == {4, 1}
+
+
+def test_table_lookup_override_and_fallback(tmp_path, monkeypatch):
+    backend = cuda_emu.EmuBackend(sms=8)
+    monkeypatch.setitem(_backend._backends, "cpu", backend)
+    key = _tuning.shape_key("moments", "cs", "float32", (4, 8, 16))
+    backend.table = {"emu": {key: {"threads": 128, "waves": 2.0, "loads": 2, "future_field": 1}},
+                     "sm_90/132": {key: {"threads": 512}}}
+    assert backend.launch_config("moments", "cs", "float32", (4, 8, 16)) == LaunchConfig(threads=128, waves=2.0,
+                                                                                         loads=2)
+    assert backend.launch_config("moments", "cs", "float32", (4, 8, 17)) == _tuning.DEFAULT     # unknown shape
+    assert backend.launch_config("normalize", "cs", "float32", (4, 8, 16)) == _tuning.DEFAULT   # other pass
+    backend.set_launch_config("moments", "cs", LaunchConfig(threads=512))
+    assert backend.launch_config("moments", "cs", "float32", (4, 8, 16)).threads == 512         # override first
+    backend.set_launch_config("moments", "cs", None)
+    bn = cusyncbn.SyncBatchNorm(8)
+    bn(to_device(np.random.default_rng(0).normal(size=(4, 8, 4, 4)), "float32"))
+    plan = next(p for k, p in backend._plans.items() if k[0] == "moments")
+    assert plan.block == (128, 1) and "loads" not in str(plan)
+    assert backend._kernels and all(k[2] == (2 if "moments" in k[1] else 4) for k in backend._kernels)
+    with pytest.raises(ValueError, match="unknown pass"):
+        backend.set_launch_config("finalize", "cs", LaunchConfig())
+    for bad in (LaunchConfig(threads=1024), LaunchConfig(threads=100), LaunchConfig(lanes=12), LaunchConfig(loads=0)):
+        with pytest.raises(ValueError, match="multiple of 32"):
+            backend.set_launch_config("dx", "cl", bad)
+    # the file format: written atomically, read back, unknown GPUs fall back
+    path = str(tmp_path / "tuning.json")
+    _tuning.save_table(backend.table, path)
+    assert _tuning.lookup("emu", "moments", "cs", "float32", (4, 8, 16), _tuning.load_table(path)).threads == 128
+    assert _tuning.lookup("sm_80/108", "moments", "cs", "float32", (4, 8, 16), _tuning.load_table(path)) is None
+    assert _tuning.load_table(str(tmp_path / "missing.json")) == {}
+    json.loads(open(_tuning.TABLE_PATH).read())                                     # the shipped table parses
+
+
+def test_occupancy_calculation():
+    assert _tuning.resident_blocks(64, 256, 2000) == 4          # 64 registers: 50%
+    assert _tuning.occupancy(64, 512, 17000) == 0.5
+    assert _tuning.occupancy(76, 256, 2000) == 0.375            # the old moments_cs<float, float, 4>
+    assert _tuning.occupancy(110, 512, 9000) == 0.25            # the old moments_cl<bf16_t, float, 8>
+    assert _tuning.occupancy(32, 256, 0) == 1.0
+
+
+@pytest.mark.parametrize("data_format,shape", [("NCHW", (6, 5, 9, 8)), ("NHWC", (5, 7, 3, 24)), ("NC", (70, 9))])
+def test_every_sweep_configuration_is_correct(monkeypatch, data_format, shape):
+    """Every configuration of the sweep grid, applied to all four passes at once, gives a
+    correct layer (checked against the float64 reference, as the sweep checks before timing)."""
+    backend = cuda_emu.EmuBackend(sms=132)
+    monkeypatch.setitem(_backend._backends, "cpu", backend)
+    layout = "cl" if data_format != "NCHW" else "cs"
+    grid = _sweep.sweep_grid(layout)
+    assert len(set(grid)) == len(grid) >= 16
+    for config in grid:
+        for kind in _kernels.PASSES:
+            backend.set_launch_config(kind, layout, config)
+        check_layer(data_format, shape, "float16", to_device, to_host, device="cpu")
+        check_layer(data_format, shape, "float32", to_device, to_host, device="cpu")
+    used = {(k[1], k[2]) for k in backend._kernels}
+    assert {loads for _, loads in used} == {2, 4}
+
+
+def test_sweep_writes_the_fastest_correct_configuration(monkeypatch, tmp_path):
+    """sweep_case on the emulator with a stand-in timer: a wrong configuration is skipped
+    (never timed), the fastest correct one is kept per pass under the layer's (A, C, B)."""
+    backend = cuda_emu.EmuBackend(sms=132)
+    monkeypatch.setitem(_backend._backends, "cpu", backend)
+    grid = [LaunchConfig(threads=256), LaunchConfig(threads=128), LaunchConfig(threads=512)]
+    cost = {256: 3.0, 128: 1.0, 512: 2.0}
+    timed = []
+
+    def timer(fn):
+        config = next(iter(backend._overrides.values()))
+        timed.append(config.threads)
+        fn()
+        return cost[config.threads]
+
+    real_error = _sweep.layer_error
+    monkeypatch.setattr(_sweep, "layer_error", lambda bn, *a: 99.0 if backend._overrides[next(iter(
+        backend._overrides))].threads == 128 else real_error(bn, *a))
+
+    def make(shape, dtype, seed):
+        return to_device(np.random.default_rng(seed).normal(3, 2, size=shape), dtype)
+
+    lines = []
+    best = _sweep.sweep_case(backend, (4, 6, 5, 5), "float32", "NCHW", make, to_host, timer, grid=grid,
+                             log=lines.append)
+    assert set(best) == {_tuning.shape_key(k, "cs", "float32", (4, 6, 25)) for k in _kernels.PASSES}
+    assert all(entry["threads"] == 512 for entry in best.values())                 # 128 was wrong
+    assert 128 not in timed and sum("WRONG" in line for line in lines) == 4
+    assert backend._overrides == {}
