@@ -47,7 +47,7 @@ def layer_error(bn: Any, x: Any, dy: Any, to_host: Callable[[Any], Any], data_fo
     shape = [1] * xh.ndim
     shape[xh.ndim - 1 if data_format.endswith("C") else 1] = -1
     mean = xh.mean(axis=axes).reshape(shape)
-    invstd = 1 / np.sqrt(xh.var(axis=axes).reshape(shape) + bn._epsilon)
+    invstd = 1 / np.sqrt(xh.var(axis=axes).reshape(shape) + bn.epsilon)
     xhat = (xh - mean) * invstd
     w = to_host(bn.weight.data).reshape(shape)
     b = to_host(bn.bias.data).reshape(shape)
@@ -62,12 +62,13 @@ def layer_error(bn: Any, x: Any, dy: Any, to_host: Callable[[Any], Any], data_fo
 def _pass_call(backend: Any, kind: str, bn: Any, x: Any, dy: Any) -> Callable[[], None]:
     """A call of pass ``kind`` alone, with the state a training step leaves (for timing)."""
     from ._backend import Stats, backward_payload_size, forward_payload_size
-    x3 = bn._view3(x, bn._channel_last)
-    dy3 = bn._view3(dy, bn._channel_last)
-    c = x3.shape[1]
+    from ._rules import channel_last, view3
+    last = channel_last(bn.data_format)
+    c = bn.num_features
+    x3, dy3 = view3(x, c, last), view3(dy, c, last)
     stats = Stats(backend.empty((4 * c + 2,), np.float64 if x.dtype == np.float64 else np.float32),
                   backend.zeros((forward_payload_size(c),), np.float64), c)
-    rm, rv = bn._mean, bn._variance
+    rm = bn.running_mean
     backend.local_moments(x3, rm, 0, stats.payload)
     y3 = backend.empty(x3.shape, x3.dtype)
     backend.normalize_batch(x3, stats.payload, 0, 1, rm, None, 0.9, 1e-5, False, None, None, stats, y3)
@@ -122,7 +123,8 @@ def sweep_case(backend: Any, shape: tuple, dtype_name: str, data_format: str, ma
         return cusyncbn.SyncBatchNorm(c, data_format=data_format, dtype=pdtype, device=backend.device,
                                       comm=cusyncbn.SingleProcessComm())
 
-    x3_shape = tuple(layer()._view3(x, channel_last).shape)
+    from ._rules import view3
+    x3_shape = tuple(view3(x, c, channel_last).shape)
     layout = "cl" if x3_shape[2] == 1 else "cs"
     best: dict[str, dict] = {}
     for kind in kinds:

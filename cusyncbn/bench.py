@@ -1,7 +1,7 @@
 """Benchmark: cusyncbn vs PyTorch (cuDNN and its synchronized path) vs naive CuPy, on one GPU.
 
 Run:
-    python -m cusyncbn.bench [--quick] [--out bench_out]
+    python -m cusyncbn.bench [--quick] [--out bench_out] [--profile | --sweep]
     python -m cusyncbn.bench --profile [--quick]     # under ncu: see docs/PERFORMANCE.md
 
 For every shape, dtype and layout it first checks each implementation's y and dx
@@ -276,6 +276,9 @@ def main(argv=None):
     parser.add_argument("--profile", action="store_true",
                         help="time nothing: one warmed-up forward+backward per configuration between "
                              "cudaProfilerStart/Stop, for ncu --profile-from-start off")
+    parser.add_argument("--sweep", action="store_true",
+                        help="tune the kernels' launch configurations on this GPU (each checked against the "
+                             "float64 reference first) and write them to cusyncbn/_kernels/tuning.json")
     args = parser.parse_args(argv)
     try:
         importlib.import_module("cupy")
@@ -287,6 +290,10 @@ def main(argv=None):
     if not usable:
         print("cusyncbn.bench needs a CUDA GPU (torch.cuda.is_available() is False)", file=sys.stderr)
         return 2
+    if args.sweep:
+        from cusyncbn._sweep import run_sweep
+        run_sweep(shapes=QUICK_SHAPES if args.quick else SHAPES, dtypes=DTYPES, layouts=LAYOUTS, reps=args.reps or 20)
+        return 0
     import torch.distributed as dist
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29533")
