@@ -270,7 +270,7 @@ class _BatchNormBase:
                 self._dropped_warned = True
                 warnings.warn(f"{self._name}: more than {self.max_pending} forwards are waiting for a backward; "
                               "the oldest is dropped (it can no longer be back-propagated). Run inference "
-                              "under `with cusyncbn.no_grad():` or call eval() so that forwards keep nothing",
+                              "(also in eval mode) under `with cusyncbn.no_grad():` so that forwards keep nothing",
                               RuntimeWarning, stacklevel=3)
 
     def backward(self, dy: Any, *, output: str | None = None) -> Any:

@@ -97,7 +97,8 @@ def check_grad_output(backend: Backend, dy: Any, shape: tuple, dtype: Any, where
 def check_params(backend: Backend, channels: int, where: str, **arrays: Any) -> dict:
     """The per-channel arrays (running statistics, weight, bias; None allowed) as arrays of
     ``backend``: shape ``(channels,)``, contiguous, one shared float32 / float64 dtype (the
-    kernels are instantiated per parameter dtype)."""
+    kernels are instantiated per parameter dtype). The result maps each role to its array
+    and ``"dtype"`` to that dtype's name (None without any array)."""
     out: dict[str, Any] = {}
     dtypes = set()
     for role, value in arrays.items():
@@ -116,4 +117,5 @@ def check_params(backend: Backend, channels: int, where: str, **arrays: Any) -> 
     if len(dtypes) > 1:
         given = {k: dtype_name(v.dtype) for k, v in out.items() if v is not None}
         raise TypeError(f"{where}: running statistics, weight and bias must share one dtype, got {given}")
+    out["dtype"] = dtypes.pop() if dtypes else None
     return out

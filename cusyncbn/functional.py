@@ -269,7 +269,7 @@ def sync_batch_norm(x: Any, running_mean: Any = None, running_var: Any = None, w
     else:
         backend.normalize_fixed(x3, rm, rv, epsilon, w, b, stats, y3)
     ctx = BatchNormContext(backend, x3, tuple(x.shape), stats, count, comm or SingleProcessComm(), last, where,
-                           debug, _dtype_label(rm, rv, w, b), (w is not None, b is not None))
+                           debug, params["dtype"], (w is not None, b is not None))
     if training and not isinstance(stats.flags, np.ndarray):
         _flags.watch(stats.flags, _report_forward(where, comm, tag, nonfinite))
     return y3.reshape(x.shape), ctx
