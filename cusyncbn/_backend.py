@@ -218,6 +218,15 @@ class Backend:
 _backends: dict[str, Backend] = {}
 
 
+def swap_backend(device: str, backend: Backend | None) -> Backend | None:
+    """Make ``backend`` the one of ``device`` (None: built anew on next use); returns the
+    previous one. For tools that run the real host code on stand-in arrays."""
+    previous = _backends.pop(device, None)
+    if backend is not None:
+        _backends[device] = backend
+    return previous
+
+
 def get_backend(device: str) -> Backend:
     """The backend for ``"cpu"`` or ``"gpu:N"`` (one instance per device)."""
     backend = _backends.get(device)

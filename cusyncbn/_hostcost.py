@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ._backend import Backend, get_backend
+from ._backend import Backend, get_backend, swap_backend
 from ._backend_cupy import CupyBackend
 from ._backend_numpy import NumpyBackend
 
@@ -68,16 +68,12 @@ def _no_op(grid: tuple, block: tuple, args: tuple, shared_mem: int = 0) -> None:
 @contextlib.contextmanager
 def stubbed() -> Any:
     """Within this block, CPU layers run on a :class:`StubBackend`."""
-    from . import _backend
-    previous = _backend._backends.get("cpu")
-    _backend._backends["cpu"] = StubBackend()
+    stub = StubBackend()
+    previous = swap_backend("cpu", stub)
     try:
-        yield _backend._backends["cpu"]
+        yield stub
     finally:
-        if previous is None:
-            _backend._backends.pop("cpu", None)
-        else:
-            _backend._backends["cpu"] = previous
+        swap_backend("cpu", previous)
 
 
 def passes() -> dict[str, Callable[[], None]]:

@@ -8,8 +8,6 @@ writing any.
 """
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 
 from ._backend import get_backend

@@ -89,7 +89,6 @@ def _impls(shape, layout, sync_group):
     """name -> factory(x, dy, w, b) -> (forward(), backward(), y, dx) all on torch tensors."""
     import torch
     import cupy
-    import cusyncbn
     c = shape[1]
 
     def cusyncbn_impl(x, dy, w, b):

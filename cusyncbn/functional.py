@@ -229,7 +229,6 @@ def sync_batch_norm(x: Any, running_mean: Any = None, running_var: Any = None, w
         raise ValueError(f"{where}: nonfinite must be one of {_NONFINITE_MODES}, got {nonfinite!r}")
     backend = get_backend(device) if device is not None else _backend_of(x)
     comm = resolve_comm(comm, backend.device) if (training or debug) else None
-    collective = training and comm.size > 1
     tag = next_tag(comm) if training else 0
 
     def check() -> tuple:

@@ -20,6 +20,7 @@ from mpi4py import MPI
 
 sys.path.insert(0, os.path.dirname(__file__))
 import reference as ref  # noqa: E402
+from comms import CountingComm  # noqa: E402,F401 (paddle_worker uses it too)
 
 import cusyncbn  # noqa: E402
 
@@ -47,17 +48,6 @@ def case(fn):
 
 def host(a):
     return a.get() if hasattr(a, "get") else np.asarray(a)
-
-
-class CountingComm:
-    """Wraps a communicator and counts its all-reduces."""
-
-    def __init__(self, inner):
-        self.inner, self.rank, self.size, self.calls = inner, inner.rank, inner.size, 0
-
-    def allreduce(self, buf):
-        self.calls += 1
-        self.inner.allreduce(buf)
 
 
 def make_comm(mpi_comm):

@@ -10,22 +10,11 @@ import pytest
 
 import cusyncbn
 import reference as ref
+from comms import CountingComm
 from cusyncbn.functional import BatchNormContext, sync_batch_norm, sync_batch_norm_backward
 
 SHAPES = {"NC": (6, 3), "NCL": (4, 3, 5), "NCHW": (3, 3, 4, 2), "NCDHW": (2, 3, 2, 3, 2),
           "NLC": (4, 5, 3), "NHWC": (3, 4, 2, 3), "NDHWC": (2, 2, 3, 2, 3)}
-
-
-class CountingComm:
-    """A one-process communicator that counts its all-reduces."""
-
-    rank, size = 0, 1
-
-    def __init__(self):
-        self.calls = 0
-
-    def allreduce(self, buf):
-        self.calls += 1
 
 
 def params(rng, c=3, dtype="float64"):

@@ -204,7 +204,7 @@ def test_empty_batch_leaves_running_statistics_and_matches_paddle():
     ours = cbp.convert_sync_batchnorm(copy.deepcopy(theirs))
     x = np.zeros((0, 3, 2, 2))
     (y, dx, g), (y_p, dx_p, g_p) = step(ours, x, x), step(theirs, x, x)
-    assert y.shape == dx.shape == y_p.shape == (0, 3, 2, 2)
+    assert y.shape == dx.shape == y_p.shape == dx_p.shape == (0, 3, 2, 2)
     close(g["bias"], g_p["bias"])
     close(ours._mean.numpy(), theirs._mean.numpy()), close(ours._variance.numpy(), theirs._variance.numpy())
 

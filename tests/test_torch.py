@@ -9,6 +9,7 @@ import cusyncbn
 torch = pytest.importorskip("torch")
 import cusyncbn.torch as cbt  # noqa: E402
 from cusyncbn._backend import get_backend  # noqa: E402
+from comms import CountingComm  # noqa: E402
 
 
 def make_model(dim=2, momentum=0.1, affine=True, track=True):
@@ -171,18 +172,8 @@ def test_torch_parity_convert_signature_and_classmethod():
     assert sum(isinstance(m, cbt.SyncBatchNorm) for m in converted.modules()) == 2
 
 
-class _CountingComm:
-    rank, size = 0, 1
-
-    def __init__(self):
-        self.calls = 0
-
-    def allreduce(self, buf):
-        self.calls += 1
-
-
 def test_backward_skips_dx_and_collective_when_input_needs_no_gradient():
-    comm = _CountingComm()
+    comm = CountingComm()
     bn = cbt.SyncBatchNorm(3, comm=comm).double()
     x = torch.randn(6, 3, 4, dtype=torch.float64)              # requires_grad False
     bn(x).square().sum().backward()

@@ -17,7 +17,6 @@ checked for what would fail or corrupt memory on a GPU and go unnoticed on a CPU
 """
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import hashlib
 import math
@@ -31,9 +30,7 @@ from typing import Any
 import numpy as np
 
 from cusyncbn import _kernels
-from cusyncbn._backend import Backend
-from cusyncbn._backend_cupy import CupyBackend
-from cusyncbn._backend_numpy import NumpyBackend
+from cusyncbn._hostcost import StubBackend
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 GUARD = 64                     # bytes on each side of every allocation
@@ -192,8 +189,9 @@ def _record_host_write(what: str, shape: tuple) -> None:
         backend.grids.append((f"<host {what}>", shape))
 
 
-class EmuBackend(CupyBackend):
-    """``CupyBackend`` on NumPy arrays with emulated kernels.
+class EmuBackend(StubBackend):
+    """``CupyBackend`` on NumPy arrays with emulated kernels (the host-cost stand-in of
+    ``cusyncbn._hostcost`` with real kernels).
 
     ``sms`` (the multiprocessor count) sets the grid sizes; ``kernels`` replaces
     syncbn.cu by another build of it (a mutated one, in the negative controls);
@@ -202,22 +200,15 @@ class EmuBackend(CupyBackend):
     those of the least occupancy the kernels may have.
     """
 
-    import_array = NumpyBackend.import_array
-    is_native = NumpyBackend.is_native
     registers = 64
 
     def __init__(self, sms: int = 4, kernels: Library | None = None, block_order: int = 1) -> None:
-        Backend.__init__(self)
+        super().__init__(sms)
+        self.table = None                                # the shipped table, as on a GPU
         self._library = kernels
         self._block_order = block_order
         (kernels or library()).set_block_order(block_order)
-        self.xp = np
-        self.device = "cpu"
         self.arch = "emu"
-        self._index = 0
-        self._cuda_device = contextlib.nullcontext()
-        self._sms = sms
-        self._init_plans()
         self._guarded: dict[int, tuple[Any, int]] = {}
         self.grids: list[tuple[str, tuple]] = []        # (instantiation, grid) of every launch
         DeviceArray.recorder = weakref.ref(self)
@@ -226,13 +217,6 @@ class EmuBackend(CupyBackend):
     def launches(self) -> list[str]:
         """The instantiation of every launch, in order."""
         return [expr for expr, _ in self.grids]
-
-    def stream_key(self) -> int:
-        return 0
-
-    @staticmethod
-    def _address(a: Any) -> int:
-        return a.ctypes.data
 
     def _resources(self, kernel: Any) -> tuple[int, int]:
         return self.registers, 64
