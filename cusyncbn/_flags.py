@@ -18,7 +18,7 @@ from typing import Any, Callable
 import numpy as np
 
 _pending: deque = deque()
-_pinned: list = []               # spare pinned host buffers (2 values each)
+_spare: dict = {}                # (device, dtype) -> spare (event, pinned 2-value buffer) pairs
 
 
 def watch(flags: Any, report: Callable[[Any], None]) -> None:
@@ -28,17 +28,19 @@ def watch(flags: Any, report: Callable[[Any], None]) -> None:
         return
     import cupy
     from cupyx import empty_pinned
+    key = (flags.device.id, flags.dtype)
     with flags.device:
         stream = cupy.cuda.get_current_stream()
         if stream.is_capturing():
             return
-        host = _pinned.pop() if _pinned else empty_pinned((2,), flags.dtype)
-        if host.dtype != flags.dtype:
-            host = empty_pinned((2,), flags.dtype)
+        spare = _spare.get(key)
+        if spare:
+            event, host = spare.pop()
+        else:
+            event, host = cupy.cuda.Event(block=False, disable_timing=True), empty_pinned((2,), flags.dtype)
         flags.get(stream=stream, out=host, blocking=False)
-        event = cupy.cuda.Event(block=False, disable_timing=True)
         event.record(stream)
-    _pending.append((event, host, report))
+    _pending.append((key, event, host, report))
 
 
 def _capturing() -> bool:
@@ -50,13 +52,14 @@ def poll() -> None:
     """Report every queued copy that has completed (in order), without waiting."""
     if not _pending or _capturing():
         return
-    while _pending and _pending[0][0].done:
-        _, host, report = _pending.popleft()
+    while _pending and _pending[0][1].done:
+        key, event, host, report = _pending.popleft()
         try:
             report(host)
         finally:
-            if len(_pinned) < 64:
-                _pinned.append(host)
+            spare = _spare.setdefault(key, [])
+            if len(spare) < 64:                 # events and pinned buffers are reused, not remade
+                spare.append((event, host))
 
 
 def flush() -> None:
@@ -64,5 +67,5 @@ def flush() -> None:
     if not _pending or _capturing():
         return
     while _pending:
-        _pending[0][0].synchronize()
+        _pending[0][1].synchronize()
         poll()

@@ -9,7 +9,10 @@ from cusyncbn import _flags
 
 
 class FakeEvent:
+    made = 0
+
     def __init__(self, block=False, disable_timing=True):
+        FakeEvent.made += 1
         self.done = False
 
     def record(self, stream):
@@ -35,6 +38,7 @@ class FakeDeviceArray:
         self.values = np.asarray(values, np.float32)
         self.dtype = self.values.dtype
         self.device = _Ctx()
+        self.device.id = 0
 
     def get(self, stream, out, blocking):
         assert blocking is False                          # an asynchronous copy, never a sync
@@ -59,6 +63,7 @@ def fake_cupy(monkeypatch):
     monkeypatch.setitem(sys.modules, "cupy", cupy)
     monkeypatch.setitem(sys.modules, "cupyx", cupyx)
     monkeypatch.setattr(_flags, "_pending", type(_flags._pending)())
+    monkeypatch.setattr(_flags, "_spare", {})
     return stream
 
 
@@ -79,6 +84,9 @@ def test_device_flags_are_reported_by_a_later_call_without_waiting(fake_cupy):
     assert seen == [1.0]                                  # in order, only what has landed
     _flags.flush()
     assert seen == [1.0, 3.0] and not _flags._pending
+    made = FakeEvent.made
+    _flags.watch(FakeDeviceArray([0.0, 0.0]), seen.append)
+    assert FakeEvent.made == made                          # a landed copy's event and buffer are reused
 
 
 def test_nothing_is_queued_or_queried_while_capturing(fake_cupy):
