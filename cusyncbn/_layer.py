@@ -241,11 +241,10 @@ class _BatchNormBase:
         if not self._sync:
             self._check_ndim(x)
         batch = self._batch_stats()
-        # Batch statistics update the running ones in training only; eval with
-        # use_global_stats=False normalizes with the batch and leaves them alone.
-        running = (self._mean, self._variance) if (self.training or not batch) else (None, None)
+        # As Paddle: batch statistics always move the running ones, also in eval mode with
+        # use_global_stats=False.
         y, ctx = sync_batch_norm(
-            x, *running, _data(self.weight), _data(self.bias), training=batch, momentum=self._momentum,
+            x, self._mean, self._variance, _data(self.weight), _data(self.bias), training=batch, momentum=self._momentum,
             epsilon=self._epsilon, data_format=self._data_format, comm=self.comm,
             unbiased_running_var=self._unbiased, nonfinite=self._nonfinite, debug=self._debug and self._sync,
             num_features=self._num_features, device=self._device, name=self._name)

@@ -245,6 +245,20 @@ def test_use_global_stats():
     np.testing.assert_allclose(bn(x), x / np.sqrt(1 + 1e-5), rtol=1e-6)
 
 
+def test_use_global_stats_false_in_eval_uses_and_updates_batch_statistics():
+    """Paddle's rule: use_global_stats=False normalizes with the batch statistics and moves
+    the running ones, in eval mode too (checked against paddle.nn.BatchNorm2D itself in
+    tests/test_paddle.py for cusyncbn.paddle)."""
+    bn = cusyncbn.BatchNorm1D(3, use_global_stats=False, device="cpu", data_format="NC", momentum=0.6).eval()
+    x = np.random.default_rng(9).normal(2.0, 3.0, size=(7, 3))
+    y = bn(x.astype("float32"))
+    y_ref, mean, var = ref.forward(x, 1.0, 0.0, 1e-5, "NC")
+    rm, rv = ref.update_running(np.zeros(3), np.ones(3), mean, var, 7, 0.6)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(bn.running_mean, rm, rtol=1e-5)
+    np.testing.assert_allclose(bn.running_var, rv, rtol=1e-5)
+
+
 def test_import_is_lazy():
     code = ("import sys, cusyncbn; heavy = [m for m in ('mpi4py', 'cupy', 'torch', 'jax') if m in sys.modules];"
             "print(heavy)")
