@@ -70,6 +70,7 @@ without a host synchronization, later).
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 from typing import Any
 
@@ -131,10 +132,18 @@ class Backend:
 
     device: str
     xp: Any
+    #: Largest number of rows A and of positions B (see the (A, C, B) view) a pass takes
+    #: (None: no limit); the CUDA kernels walk them with 32-bit indices.
+    max_extent: int | None = None
 
     def __init__(self) -> None:
         self._scratch: dict[tuple, Any] = {}
         self._spare: dict[tuple, list[Stats]] = {}
+
+    def scope(self) -> Any:
+        """Context in which array creation and arithmetic land on this backend's device
+        (CuPy allocates results on the *current* device, not the operands')."""
+        return contextlib.nullcontext()
 
     def stream_key(self) -> Any:
         """Work queued under different keys may run concurrently (CUDA streams); one key on the CPU."""

@@ -38,6 +38,8 @@ class _Plan:
 
 class CupyBackend(Backend):
     max_grid_y = _tuning.MAX_GRID_Y     # CUDA's limit; channel-second kernels loop over more channels
+    # 32-bit row / position indices, with room for one grid stride past the end.
+    max_extent = (1 << 31) - (1 << 25)
 
     def __init__(self, index: int) -> None:
         import cupy
@@ -104,6 +106,19 @@ class CupyBackend(Backend):
                     raise TypeError(f"{what}: bfloat16 on the GPU needs CuPy >= 14 with ml_dtypes installed "
                                     f"(pip install 'cusyncbn[cuda12]' brings both); CuPy said: {exc}") from exc
                 raise TypeError(f"{what}: cannot import a {type(x).__name__} through DLPack: {exc}") from exc
+
+    def scope(self) -> Any:
+        return self._cuda_device
+
+    def give_back(self, stats: Stats) -> None:
+        # Statistics used inside a CUDA graph capture belong to the graph (its replays write
+        # them): never hand them to eager calls.
+        if not self.capturing():
+            super().give_back(stats)
+
+    def capturing(self) -> bool:
+        """Whether the current stream of this device is being captured into a CUDA graph."""
+        return self.xp.cuda.get_current_stream(self._index).is_capturing()
 
     def zeros(self, shape: Any, dtype: Any) -> Any:
         with self._cuda_device:

@@ -142,7 +142,7 @@ def load_checkpoint(layers: Any, path: str | os.PathLike, strict: bool = True, *
                                  allow_nonfinite, source=path)
               for name, layer in named.items()}
     for name, layer in named.items():                   # written only once every layer fits
-        _state.write(layer.state_dict(), staged[name])
+        _state.write(layer.state_dict(), staged[name], layer.device)
 
 
 _NPY_MAGIC = b"\x93NUMPY"

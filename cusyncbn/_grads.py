@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
+from ._backend import get_backend
 from ._comm import resolve_comm
 from ._params import Parameter
 
@@ -40,14 +41,15 @@ def allreduce_gradients(params: Iterable[Any], comm: Any = None, op: str = "sum"
     xp = _array_module(arrays[0])
     device = "cpu" if xp.__name__ == "numpy" else f"gpu:{arrays[0].device.id}"
     comm = resolve_comm(comm, device)
-    flat = xp.concatenate([a.reshape(-1).astype(xp.float64) for a in arrays])
-    comm.allreduce(flat)
-    if op == "mean":
-        flat /= comm.size
-    offset = 0
-    for a in arrays:
-        a[...] = flat[offset:offset + a.size].reshape(a.shape).astype(a.dtype)
-        offset += a.size
+    with get_backend(device).scope():                  # results on the gradients' device
+        flat = xp.concatenate([a.reshape(-1).astype(xp.float64) for a in arrays])
+        comm.allreduce(flat)
+        if op == "mean":
+            flat /= comm.size
+        offset = 0
+        for a in arrays:
+            a[...] = flat[offset:offset + a.size].reshape(a.shape).astype(a.dtype)
+            offset += a.size
 
 
 def _array_module(a: Any) -> Any:

@@ -49,6 +49,9 @@ class StubBackend(CupyBackend):
     def stream_key(self) -> int:
         return 0
 
+    def capturing(self) -> bool:
+        return False
+
     @staticmethod
     def _address(a: Any) -> int:
         return a.ctypes.data

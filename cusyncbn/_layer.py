@@ -102,8 +102,9 @@ class _BatchNormBase:
         self.weight = self._make_param(weight_attr, "weight", 1.0)
         self.bias = self._make_param(bias_attr, "bias", 0.0)
         backend = get_backend(self._device)
-        self._mean = backend.zeros((self._num_features,), self._dtype)
-        self._variance = backend.zeros((self._num_features,), self._dtype) + 1.0
+        with backend.scope():
+            self._mean = backend.xp.zeros((self._num_features,), self._dtype)
+            self._variance = backend.xp.ones((self._num_features,), self._dtype)
         self._pending: list[BatchNormContext] = []
         self._dropped_warned = False
 
@@ -118,14 +119,15 @@ class _BatchNormBase:
         backend = get_backend(self._device)
         shape = (self._num_features,)
         init = default if attr.initializer is None else attr.initializer
-        if callable(init):
-            data = backend.import_array(init(shape, self._dtype), f"{role} initializer result")
-            if tuple(data.shape) != shape:
-                raise ValueError(f"{type(self).__name__}: {role} initializer returned shape {tuple(data.shape)}, "
-                                 f"expected {shape}")
-            data = backend.xp.array(data, dtype=self._dtype, copy=True)
-        else:
-            data = backend.zeros(shape, self._dtype) + float(init)
+        with backend.scope():
+            if callable(init):
+                data = backend.import_array(init(shape, self._dtype), f"{role} initializer result")
+                if tuple(data.shape) != shape:
+                    raise ValueError(f"{type(self).__name__}: {role} initializer returned shape "
+                                     f"{tuple(data.shape)}, expected {shape}")
+                data = backend.xp.array(data, dtype=self._dtype, copy=True)
+            else:
+                data = backend.xp.full(shape, float(init), self._dtype)
         return Parameter(data, attr.name or f"{self._name}.{role}", trainable=attr.trainable,
                          learning_rate=attr.learning_rate)
 
@@ -209,7 +211,8 @@ class _BatchNormBase:
                 (unless ``allow_nonfinite``).
         """
         targets = self.state_dict()
-        _state.write(targets, _state.stage(targets, state, strict, self._device, self._name, allow_nonfinite))
+        _state.write(targets, _state.stage(targets, state, strict, self._device, self._name, allow_nonfinite),
+                     self._device)
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(num_features={self._num_features}, momentum={self._momentum}, "

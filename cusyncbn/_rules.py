@@ -79,6 +79,13 @@ def check_input(backend: Backend, x: Any, channels: int | None, last: bool, ndim
     if channels is not None and x.shape[axis] != channels:
         raise ValueError(f"{where}: x has {x.shape[axis]} channels on axis {axis} "
                          f"(data_format {data_format!r}, shape {tuple(x.shape)}), expected num_features={channels}")
+    limit = backend.max_extent
+    if limit is not None and x.size:
+        rows_positions = view3(x, x.shape[axis], last).shape
+        if max(rows_positions[0], rows_positions[2]) > limit:
+            raise ValueError(f"{where}: x of shape {tuple(x.shape)} has {rows_positions[0]} rows and "
+                             f"{rows_positions[2]} positions per channel; the {backend.device} kernels take "
+                             f"at most {limit} of each (split the batch)")
     return backend.contiguous(x)
 
 
@@ -90,7 +97,8 @@ def check_grad_output(backend: Backend, dy: Any, shape: tuple, dtype: Any, where
     if tuple(dy.shape) != shape:
         raise ValueError(f"{where}: dy has shape {tuple(dy.shape)}, expected {shape} (the forward's input)")
     if dy.dtype != dtype:
-        dy = dy.astype(dtype)
+        with backend.scope():
+            dy = dy.astype(dtype)
     return backend.contiguous(dy)
 
 

@@ -35,7 +35,11 @@ def stage(targets: dict, state: dict, strict: bool, device: str, where: str, all
     staged = {}
     for key, value in state.items():
         # Checkpoints usually come from the host: copying them to the layer's device is the point.
-        arr = value if backend.is_native(value) else backend.xp.asarray(to_host(value))
+        if backend.is_native(value):
+            arr = value
+        else:
+            with backend.scope():
+                arr = backend.xp.asarray(to_host(value))
         expected = tuple(targets[key].shape)
         if tuple(arr.shape) != expected:
             raise ValueError(f"{where}: {source}[{key!r}] has shape {tuple(arr.shape)}, expected shape {expected}")
@@ -48,7 +52,8 @@ def stage(targets: dict, state: dict, strict: bool, device: str, where: str, all
     return staged
 
 
-def write(targets: dict, staged: dict) -> None:
+def write(targets: dict, staged: dict, device: str) -> None:
     """Copy the staged arrays into the live ones, in place, cast to their dtype."""
-    for key, arr in staged.items():
-        targets[key][...] = arr.astype(targets[key].dtype)
+    with get_backend(device).scope():
+        for key, arr in staged.items():
+            targets[key][...] = arr.astype(targets[key].dtype)

@@ -41,7 +41,7 @@ from ._dlpack import device_of
 from ._rules import check_bool, check_epsilon, check_grad_output, check_input, check_momentum, check_params, \
     channel_last, view3
 
-__all__ = ["BatchNormContext", "sync_batch_norm", "sync_batch_norm_backward"]
+__all__ = ["BatchNormContext", "flush_reports", "sync_batch_norm", "sync_batch_norm_backward"]
 
 _NDIMS = (2, 3, 4, 5)
 _NONFINITE_MODES = ("warn", "raise")
@@ -107,6 +107,21 @@ class BatchNormContext:
         state = "consumed" if self._done else "pending"
         return (f"BatchNormContext(shape={self._shape}, device={self.device!r}, "
                 f"batch_stats={self.batch_stats}, {state})")
+
+
+def flush_reports() -> None:
+    """Report now what earlier passes found (non-finite statistics, ranks out of step).
+
+    On the GPU each pass's findings reach the host asynchronously and are reported by a
+    later call into cusyncbn; this waits for all of them (a host synchronization) and
+    reports them at once, e.g. at the end of an epoch or before a checkpoint. On the CPU
+    everything is reported by the pass itself and this does nothing.
+
+    Raises:
+        RuntimeError: a pass found the ranks' collectives out of step.
+        FloatingPointError: non-finite statistics in a layer with ``nonfinite='raise'``.
+    """
+    _flags.flush()
 
 
 def _backend_of(x: Any) -> Backend:

@@ -23,6 +23,7 @@ import reference as ref  # noqa: E402
 from comms import CountingComm  # noqa: E402,F401 (paddle_worker uses it too)
 
 import cusyncbn  # noqa: E402
+from cusyncbn.functional import flush_reports  # noqa: E402
 
 WORLD = MPI.COMM_WORLD
 DEVICE = sys.argv[2] if len(sys.argv) > 2 else "cpu"      # cpu, gpu, or emu: the CUDA kernels emulated
@@ -402,7 +403,9 @@ def skipped_batch_is_detected_on_every_rank():
             bn(xp.zeros((4, 5)))                         # wrong channel count: raises here only
         except ValueError:
             pass                                          # ... and this rank skips the batch
-    expect_raise(errors, "step after the skipped batch", lambda: bn(x), RuntimeError, ["out of step"])
+    # (on the GPU the finding reaches the host asynchronously: flush_reports waits for it)
+    expect_raise(errors, "step after the skipped batch", lambda: (bn(x), flush_reports()), RuntimeError,
+                 ["out of step"])
     if not np.array_equal(host(bn.running_mean), before):
         errors.append("running statistics changed by a desynchronized step")
     return errors
@@ -420,6 +423,7 @@ def nonfinite_statistics_leave_running_stats_and_warn():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         bn(xp.asarray(x))
+        flush_reports()
     rm, rv = host(bn.running_mean), host(bn.running_var)
     if not any("not finite" in str(w.message) and "nf" in str(w.message) for w in caught):
         errors.append(f"no warning naming the layer: {[str(w.message) for w in caught]}")
@@ -430,7 +434,8 @@ def nonfinite_statistics_leave_running_stats_and_warn():
     if rm[0] == 0.0:
         errors.append("finite channels were not updated")
     strict = cusyncbn.SyncBatchNorm(3, comm=comm, device=LAYER_DEVICE, data_format="NC", nonfinite="raise")
-    expect_raise(errors, "nonfinite='raise'", lambda: strict(xp.asarray(x)), FloatingPointError, ["not finite"])
+    expect_raise(errors, "nonfinite='raise'", lambda: (strict(xp.asarray(x)), flush_reports()), FloatingPointError,
+                 ["not finite"])
     return errors
 
 

@@ -226,3 +226,22 @@ def test_private_access_check_can_fail(tmp_path):
     text = "def f(layer):\n    return layer._backend\n"
     assert PRIVATE.findall(text) == [("layer", "_backend")]
     assert re.search(DEFINES.format("_backend"), text, re.M) is None
+
+
+def test_inputs_beyond_the_kernels_index_range_are_refused_before_any_collective():
+    from cusyncbn import _hostcost
+    comm = CountingComm()
+    with _hostcost.stubbed() as stub:                    # the CUDA backend's host code
+        stub.max_extent = 10
+        with pytest.raises(ValueError, match="at most 10"):
+            sync_batch_norm(np.ones((11, 3), np.float32), data_format="NC", comm=comm)
+        with pytest.raises(ValueError, match="at most 10"):
+            sync_batch_norm(np.ones((2, 3, 11), np.float32), data_format="NCL", comm=comm)
+        assert comm.calls == 0
+        sync_batch_norm(np.ones((10, 3), np.float32), data_format="NC", comm=comm)
+        assert comm.calls == 1
+
+
+def test_flush_reports_is_a_no_op_on_the_cpu():
+    from cusyncbn.functional import flush_reports
+    assert flush_reports() is None

@@ -9,6 +9,7 @@ import pytest
 
 import cusyncbn
 import reference as ref
+from cusyncbn._backend import get_backend
 from layer_check import SHAPES, TOL, check_layer
 from test_mpi import CASES, GPU_CASES, run_ranks
 
@@ -144,7 +145,7 @@ def test_dlpack_torch_cuda_zero_copy_and_stream_order():
         dx = bn.backward(dy)
     side.synchronize()
     assert isinstance(y, torch.Tensor) and y.is_cuda and isinstance(dx, torch.Tensor) and dx.is_cuda
-    assert bn._backend.import_array(x, "x").data.ptr == x.data_ptr()       # zero-copy
+    assert get_backend(bn.device).import_array(x, "x").data.ptr == x.data_ptr()       # zero-copy
     x_host, dy_host = x.cpu().numpy(), dy.cpu().numpy()
     y_ref = ref.forward(x_host, 1, 0, 1e-5, "NCHW")[0]
     np.testing.assert_allclose(y.cpu().numpy(), y_ref, rtol=1e-4, atol=1e-4)

@@ -201,7 +201,7 @@ def test_catches_divergent_barrier():
 
 MUTATIONS = {
     "M2 without the shift correction": ("double m2 = s2 - s1 * d1;", "double m2 = s2;"),
-    "last-block ticket never reset": ("if (last) *ticket = 0;", ""),
+    "last-block ticket never reset": ("__threadfence(); *ticket = 0;", "__threadfence();"),
     "dx without the mean-of-dy term": ("cf[1] = (S)(buf[c] / n);", "cf[1] = 0;"),
     "split partials summed from one split only": ("for (int q = j; q < splits; q += J)", "for (int q = j; q < 1; q += J)"),
 }

@@ -313,7 +313,9 @@ __device__ bool arrive_last(unsigned* ticket, unsigned count) {
     __syncthreads();                                   // ... for every thread of the block
     if (thread_rank() == 0) {
         last = atomicAdd(ticket, 1u) == count - 1;
-        if (last) *ticket = 0;
+        // The last block acquires the others' partials: fence after seeing the final count
+        // (the PTX memory model's acquire side of the writers' fence + atomic).
+        if (last) { __threadfence(); *ticket = 0; }
     }
     __syncthreads();
     return last;
