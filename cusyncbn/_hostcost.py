@@ -52,6 +52,10 @@ class StubBackend(CupyBackend):
     def capturing(self) -> bool:
         return False
 
+    def empty(self, shape: Any, dtype: Any) -> Any:
+        # Zeros: the no-op kernels never write the statistics' flags, which must read "nothing found".
+        return np.zeros(shape, dtype)
+
     @staticmethod
     def _address(a: Any) -> int:
         return a.ctypes.data
