@@ -1,6 +1,6 @@
 """The array work of batch normalization, behind one small interface.
 
-The layer (``_layer.py``) owns the protocol: what is computed, in which order, and
+The functional core (``functional.py``) owns the protocol: what is computed, in which order, and
 where the collectives go. A backend owns the arrays: it turns inputs into its own
 arrays and runs the few fused steps below. ``NumpyBackend`` does them with NumPy
 on the CPU; ``CupyBackend`` launches the CUDA kernels in ``_kernels/syncbn.cu``.

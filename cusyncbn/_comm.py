@@ -78,7 +78,7 @@ class MPIComm:
 
     Example:
         >>> from mpi4py import MPI            # doctest: +SKIP
-        >>> comm = cusyncbn.MPIComm(MPI.COMM_WORLD.Split(MPI.COMM_WORLD.rank // 2))
+        >>> comm = cusyncbn.MPIComm(MPI.COMM_WORLD.Split(MPI.COMM_WORLD.rank // 2))  # doctest: +SKIP
     """
 
     def __init__(self, mpi_comm: Any = None) -> None:

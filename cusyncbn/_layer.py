@@ -17,7 +17,7 @@ import numpy as np
 from . import _abort as abort_hooks, _debug, _state
 from ._backend import get_backend
 from ._convert import walk
-from ._comm import Communicator, SingleProcessComm, next_tag, resolve_comm
+from ._comm import Communicator, SingleProcessComm, launched_size, next_tag, resolve_comm
 from ._device import _parse as resolve_device, get_device
 from ._dlpack import framework_of, to_framework
 from ._grad_mode import recording
@@ -96,8 +96,11 @@ class _BatchNormBase:
             self._comm = SingleProcessComm()
         elif comm is not None:
             self._comm = resolve_comm(comm, self._device)
-        else:
-            abort_hooks.install()          # a rank failing before the first collective ends the job too
+        elif launched_size() > 1:
+            # A rank failing before the first collective must end the job too: start MPI
+            # (the default communicator would at the first forward) and install the hooks.
+            from mpi4py import MPI  # noqa: F401
+            abort_hooks.install()
         self.training = True
         self.weight = self._make_param(weight_attr, "weight", 1.0)
         self.bias = self._make_param(bias_attr, "bias", 0.0)
@@ -357,8 +360,10 @@ class SyncBatchNorm(_BatchNormBase):
             (FloatingPointError). On a GPU this is reported by a later call (no host sync).
 
     Raises:
-        ValueError: bad num_features, momentum, epsilon or data_format.
-        TypeError: bad weight_attr / bias_attr, dtype, comm or a non-boolean flag.
+        ValueError: bad num_features, data_format, output or nonfinite; momentum outside
+            [0, 1]; a negative or non-finite epsilon.
+        TypeError: a non-numeric momentum or epsilon (``momentum=None`` included), bad
+            weight_attr / bias_attr, dtype, comm or a non-boolean flag.
 
     Example:
         >>> import numpy as np, cusyncbn
@@ -399,6 +404,7 @@ class SyncBatchNorm(_BatchNormBase):
             containers are changed in place, tuples rebuilt).
 
         Example:
+            >>> import cusyncbn
             >>> model = {"bn": cusyncbn.BatchNorm2D(8, device="cpu")}
             >>> model = cusyncbn.SyncBatchNorm.convert_sync_batchnorm(model)
             >>> type(model["bn"]).__name__

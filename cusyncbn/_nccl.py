@@ -35,7 +35,7 @@ class NCCLComm:
 
     Example:
         >>> comm = cusyncbn.NCCLComm()                       # doctest: +SKIP
-        >>> bn = cusyncbn.SyncBatchNorm(64, comm=comm)
+        >>> bn = cusyncbn.SyncBatchNorm(64, comm=comm)  # doctest: +SKIP
     """
 
     def __init__(self, mpi_comm: Any = None, device: int | None = None) -> None:

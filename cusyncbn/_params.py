@@ -40,7 +40,8 @@ class Parameter:
         grad: the accumulated gradient, same shape and dtype, or None before the
             first backward / after ``clear_gradient()``.
         trainable: whether backward computes a gradient for it.
-        name: its name, used as its key in ``state_dict()``.
+        name: its name (default ``"<layer name>.weight"`` / ``".bias"``); the layer's
+            ``state_dict()`` keys are ``weight`` / ``bias``.
         learning_rate: multiplier from :class:`ParamAttr`.
     """
 

@@ -212,7 +212,8 @@ def sync_batch_norm(x: Any, running_mean: Any = None, running_var: Any = None, w
             left unchanged either way. On a GPU this is reported by a later call.
         debug: before the collective, check with one extra small all-reduce that every rank
             makes the same collective and passed validation, so that an error on one rank
-            is raised on every rank instead of leaving the others waiting.
+            is raised on every rank instead of leaving the others waiting; with debug an
+            eval forward makes this check too (it reads the result on the host).
         num_features: the expected channel count (None: any).
         device: 'cpu' or 'gpu:N' where ``x`` must live (None: wherever it lives).
         name: used in messages.
@@ -310,7 +311,8 @@ def sync_batch_norm_backward(ctx: BatchNormContext, dy: Any, *, input_grad: bool
         input_grad: compute ``dx``. False makes no collective (every rank must agree).
         weight_grad, bias_grad: compute this rank's share of ``dweight`` / ``dbias``.
         weight_grad_out, bias_grad_out: arrays to **add** the shares into (e.g. a
-            parameter's ``.grad``) instead of allocating new ones.
+            parameter's ``.grad``) instead of allocating new ones; used whatever
+            ``weight_grad`` / ``bias_grad`` say.
         retain: keep ``ctx`` for another backward (as ``retain_graph`` in autograd
             frameworks); by default it is released.
 

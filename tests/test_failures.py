@@ -71,6 +71,8 @@ FAILURES = {
     "exception": ["Traceback", "RuntimeError: fails on purpose", "cusyncbn: rank 1 of 2 raised RuntimeError"],
     "exit": ["cusyncbn: rank 1 of 2 exits with status 3", "MPI_Abort(3)"],
     "bad_input": ["Traceback", "ValueError", "5", "cusyncbn: rank 1 of 2 raised ValueError"],
+    "before_first": ["Traceback", "fails on purpose before its first collective",
+                     "cusyncbn: rank 1 of 2 raised RuntimeError"],
     "channels": ["RuntimeError: cusyncbn: the ranks passed all-reduce buffers of different lengths",
                  "11 values (like a forward of 4 channels) on rank 0",
                  "13 values (like a forward of 5 channels) on rank 1", "num_features"],

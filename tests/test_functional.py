@@ -245,3 +245,12 @@ def test_inputs_beyond_the_kernels_index_range_are_refused_before_any_collective
 def test_flush_reports_is_a_no_op_on_the_cpu():
     from cusyncbn.functional import flush_reports
     assert flush_reports() is None
+
+
+@pytest.mark.parametrize("module", ["cusyncbn.functional", "cusyncbn._layer", "cusyncbn._comm", "cusyncbn._params",
+                                    "cusyncbn._nccl"])
+def test_docstring_examples_run(module):
+    import doctest
+    import importlib
+    result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
+    assert result.failed == 0

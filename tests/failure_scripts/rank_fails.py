@@ -16,6 +16,8 @@ CASE says, and the others go on to the next forward, whose all-reduce waits for 
   nccl_lengths  passes 13 values to NCCLComm.allreduce, the others 11
   opted_out     calls set_abort_on_failure(False) and raises, the others do not wait
   normal        catches two sys.exit(1) and ends with status 0
+  before_first  builds its layer, then raises before any collective (the script imports no
+                mpi4py itself: building the layer must be enough)
 Every rank that gets to the end prints "rank R: done (hooks installed: ...)".
 """
 import os
@@ -70,7 +72,17 @@ def fake_cupy_buffer(size):
     return SimpleNamespace(dtype=np.dtype(np.float64), size=size, data=SimpleNamespace(ptr=0))
 
 
+def fail_before_first_collective():
+    bn = cusyncbn.SyncBatchNorm(4, data_format="NCL")
+    if os.environ.get("PMI_RANK", os.environ.get("OMPI_COMM_WORLD_RANK")) == "1":
+        raise RuntimeError("fails on purpose before its first collective")
+    step(bn, 4)
+    return 0
+
+
 def main():
+    if CASE == "before_first":
+        return fail_before_first_collective()
     from mpi4py import MPI
     world = MPI.COMM_WORLD
     rank, failing = world.rank, world.rank == world.size - 1
