@@ -293,8 +293,8 @@ class _BatchNormBase:
             self._no_pending()
         ctx = self._pending[-1]
         dx, _, _ = sync_batch_norm_backward(
-            ctx, dy, weight_grad_out=self._grad_slot(self.weight, ctx),
-            bias_grad_out=self._grad_slot(self.bias, ctx), weight_grad=False, bias_grad=False)
+            ctx, dy, weight_grad_out=self._grad_slot(self.weight), bias_grad_out=self._grad_slot(self.bias),
+            weight_grad=False, bias_grad=False)
         self._pending.pop()
         return self._hand_back(dx, framework, output)
 
@@ -306,7 +306,7 @@ class _BatchNormBase:
             _debug.agree(self.comm, get_backend(self._device).xp, self._name, row, error)
         raise error
 
-    def _grad_slot(self, param: Parameter | None, ctx: BatchNormContext) -> Any:
+    def _grad_slot(self, param: Parameter | None) -> Any:
         if param is None or not param.trainable:
             return None
         if param.grad is None:

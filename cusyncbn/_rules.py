@@ -29,12 +29,16 @@ def channel_last(data_format: str) -> bool:
         raise ValueError(f"data_format must be one of {list(FORMATS)}, got {data_format!r}") from None
 
 
+def shape3(shape: tuple, channels: int, last: bool) -> tuple[int, int, int]:
+    """``(A, C, B)`` of an input of ``shape``: ``(N, C, prod(spatial))`` or ``(N * prod(spatial), C, 1)``."""
+    if last or len(shape) == 2:
+        return math.prod(shape[:-1]), channels, 1
+    return shape[0], channels, math.prod(shape[2:])
+
+
 def view3(x: Any, channels: int, last: bool) -> Any:
-    """``x`` viewed as ``(A, C, B)``: ``(N, C, prod(spatial))`` or ``(N * prod(spatial), C, 1)``."""
-    shape = tuple(x.shape)
-    if last or x.ndim == 2:
-        return x.reshape(math.prod(shape[:-1]), channels, 1)
-    return x.reshape(shape[0], channels, math.prod(shape[2:]))
+    """``x`` viewed as ``(A, C, B)`` (see :func:`shape3`)."""
+    return x.reshape(shape3(tuple(x.shape), channels, last))
 
 
 def check_momentum(momentum: Any, where: str) -> float:
@@ -81,10 +85,10 @@ def check_input(backend: Backend, x: Any, channels: int | None, last: bool, ndim
                          f"(data_format {data_format!r}, shape {tuple(x.shape)}), expected num_features={channels}")
     limit = backend.max_extent
     if limit is not None and x.size:
-        rows_positions = view3(x, x.shape[axis], last).shape
-        if max(rows_positions[0], rows_positions[2]) > limit:
-            raise ValueError(f"{where}: x of shape {tuple(x.shape)} has {rows_positions[0]} rows and "
-                             f"{rows_positions[2]} positions per channel; the {backend.device} kernels take "
+        rows, _, positions = shape3(tuple(x.shape), x.shape[axis], last)
+        if max(rows, positions) > limit:
+            raise ValueError(f"{where}: x of shape {tuple(x.shape)} has {rows} rows and "
+                             f"{positions} positions per channel; the {backend.device} kernels take "
                              f"at most {limit} of each (split the batch)")
     return backend.contiguous(x)
 

@@ -137,8 +137,8 @@ def sweep_case(backend: Any, shape: tuple, dtype_name: str, data_format: str, ma
         return cusyncbn.SyncBatchNorm(c, data_format=data_format, dtype=pdtype, device=backend.device,
                                       comm=cusyncbn.SingleProcessComm())
 
-    from ._rules import view3
-    x3_shape = tuple(view3(x, c, channel_last).shape)
+    from ._rules import shape3
+    x3_shape = shape3(tuple(x.shape), c, channel_last)
     layout = "cl" if x3_shape[2] == 1 else "cs"
     ref = reference(layer(), x, dy, to_host, data_format)
     best: dict[str, dict] = {}

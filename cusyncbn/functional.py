@@ -279,14 +279,12 @@ def sync_batch_norm(x: Any, running_mean: Any = None, running_var: Any = None, w
         comm.allreduce(buf)
         backend.normalize_batch(x3, buf, tag, comm.size, rm, rv, momentum, epsilon, unbiased, w, b, stats, y3)
         count = buf[2 * c:2 * c + 1]
-        if isinstance(stats.flags, np.ndarray):            # host: report at once, on every rank
-            _report_forward(where, comm, tag, nonfinite)(stats.flags)
+        # Host flags are reported at once, on every rank; device flags by a later call.
+        _flags.watch(stats.flags, _report_forward(where, comm, tag, nonfinite))
     else:
         backend.normalize_fixed(x3, rm, rv, epsilon, w, b, stats, y3)
     ctx = BatchNormContext(backend, x3, tuple(x.shape), stats, count, comm or SingleProcessComm(), last, where,
                            debug, params["dtype"], (w is not None, b is not None))
-    if training and not isinstance(stats.flags, np.ndarray):
-        _flags.watch(stats.flags, _report_forward(where, comm, tag, nonfinite))
     return y3.reshape(x.shape), ctx
 
 
@@ -365,11 +363,7 @@ def sync_batch_norm_backward(ctx: BatchNormContext, dy: Any, *, input_grad: bool
                                tag, comm.size, dx3)
         dx = dx3.reshape(ctx._shape)
         if collective:
-            report = _backward_report(where, comm, tag)
-            if isinstance(stats.flags, np.ndarray):
-                report(stats.flags)
-            else:
-                _flags.watch(stats.flags, report)
+            _flags.watch(stats.flags, _backward_report(where, comm, tag))
     if not check_bool(retain, "retain", where):
         ctx.release()
     return dx, wg, bg
