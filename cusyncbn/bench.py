@@ -278,7 +278,13 @@ def main(argv=None):
     parser.add_argument("--sweep", action="store_true",
                         help="tune the kernels' launch configurations on this GPU (each checked against the "
                              "float64 reference first) and write them to cusyncbn/_kernels/tuning.json")
+    parser.add_argument("--model", action="store_true",
+                        help="run only the whole-model benchmark: a ResNet-50 training step, plain vs converted "
+                             "by cusyncbn.torch.convert_sync_batchnorm (needs torchvision); writes model.md")
     args = parser.parse_args(argv)
+    if args.model:
+        from cusyncbn._bench_model import main as model_main
+        return model_main(out=args.out, reps=args.reps, quick=args.quick)
     try:
         importlib.import_module("cupy")
         import torch
