@@ -136,9 +136,29 @@ class Backend:
     #: (None: no limit); the CUDA kernels walk them with 32-bit indices.
     max_extent: int | None = None
 
+    #: Whether calls on this backend are planned per signature (``_planned``): the GPU backend.
+    plans = False
+    #: The device index that must be current for planned launches (GPU backends).
+    index = 0
+    #: The array types a planned call takes as they are (others take the full path).
+    array_types: tuple = ()
+
     def __init__(self) -> None:
         self._scratch: dict[tuple, Any] = {}
         self._spare: dict[tuple, list[Stats]] = {}
+        # Allocation on the planned path, where the device is known to be current.
+        self.allocate = self.empty
+        self.allocate_zeros = self.zeros
+
+    def report_ring(self) -> Any:
+        """The ``_flags.ReportRing`` the kernels publish their flag bits to; None when the
+        flags are read from ``stats.flags`` at once (the CPU)."""
+        return None
+
+    @staticmethod
+    def address_of(a: Any) -> int:
+        """The address of array ``a``'s first element."""
+        return a.ctypes.data
 
     def scope(self) -> Any:
         """Context in which array creation and arithmetic land on this backend's device
@@ -225,6 +245,9 @@ class Backend:
 
 
 _backends: dict[str, Backend] = {}
+#: The backends built so far, by device (read-only for other modules: the planned path looks
+#: its backend up here without a call).
+backends = _backends
 
 
 def swap_backend(device: str, backend: Backend | None) -> Backend | None:

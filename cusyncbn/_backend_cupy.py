@@ -11,32 +11,47 @@ alignment class and stream (``_plan``), from ``_tuning``.
 from __future__ import annotations
 
 import threading
+from functools import partial
+from operator import attrgetter
 from typing import Any
 
 import numpy as np
 
-from . import _kernels, _tuning
+from . import _flags, _kernels, _tuning
 from ._backend import Backend, Stats, dtype_name as _name_of
 from ._dlpack import device_of
+from ._launch import Arguments
 from ._tuning import LaunchConfig
 
 
 class _Plan:
     """Everything about one launch that does not change between calls: the kernel, grid,
-    block, shared memory, the shape arguments and the workspaces (see ``CupyBackend._plan``)."""
+    block, shared memory, the shape arguments and the workspaces (see ``CupyBackend._plan``),
+    and the packed arguments (:class:`~cusyncbn._launch.Arguments`) with those filled in."""
 
-    __slots__ = ("kernel", "grid", "block", "shared", "dims", "work", "vec")
+    __slots__ = ("kernel", "grid", "block", "shared", "dims", "work", "vec", "kind", "fixed", "args")
 
     def __init__(self, kernel: Any, grid: tuple, block: tuple, shared: int, dims: tuple, work: tuple,
-                 vec: int) -> None:
+                 vec: int, kind: str, fixed: dict) -> None:
         self.kernel, self.grid, self.block, self.shared = kernel, grid, block, shared
-        self.dims, self.work, self.vec = dims, work, vec
+        self.dims, self.work, self.vec, self.kind = dims, work, vec, kind
+        self.fixed = fixed                 # parameter name -> value for what the plan fixes
+        self.args = self.arguments()       # the pack the full path rewrites on each launch
 
-    def launch(self, args: tuple) -> None:
-        self.kernel(self.grid, self.block, args, shared_mem=self.shared)
+    def arguments(self) -> Arguments:
+        """A new argument pack of this launch with the shape and workspaces filled in."""
+        args = Arguments(_kernels.PARAMS[self.kind])
+        args.update(self.fixed)
+        return args
+
+
+_WORK = {"moments": ("part", "ticket", "shift"), "normalize": ("shift",), "backward": ("part", "ticket"), "dx": ()}
+# Kernel scalar kinds -> the NumPy scalar type RawKernel.__call__ must get (it passes each by size).
+_SCALARS = {"i": np.int32, "d": np.float64, "Q": np.uint64}
 
 
 class CupyBackend(Backend):
+    plans = True
     max_grid_y = _tuning.MAX_GRID_Y     # CUDA's limit; channel-second kernels loop over more channels
     # 32-bit row / position indices, with room for one grid stride past the end.
     max_extent = (1 << 31) - (1 << 25)
@@ -46,8 +61,15 @@ class CupyBackend(Backend):
         super().__init__()
         self.xp = cupy
         self.device = f"gpu:{index}"
-        self._index = index
+        self._index = self.index = index
         self._cuda_device = cupy.cuda.Device(index)
+        # What a planned call asks per call, as C functions (no Python frame): the current
+        # device, the current stream of this device, an array's address.
+        self.current_device = cupy.cuda.runtime.getDevice
+        self.current_stream = partial(cupy.cuda.get_current_stream, index)
+        self.pointer = attrgetter("data.ptr")
+        self.array_types = (cupy.ndarray,)
+        self.allocate, self.allocate_zeros = cupy.empty, cupy.zeros
         with self._cuda_device:
             self._sms = self._cuda_device.attributes["MultiProcessorCount"]
             self.arch = _tuning.arch_key(self._cuda_device.compute_capability, self._sms)
@@ -59,6 +81,7 @@ class CupyBackend(Backend):
         self._plans: dict[tuple, _Plan] = {}
         self._shifts: dict[tuple, Any] = {}
         self._overrides: dict[tuple[str, str], LaunchConfig] = {}
+        self._ring: Any = None
         self.table: dict | None = None            # None: the shipped table (_tuning.load_table)
 
     def set_launch_config(self, kind: str, layout: str, config: LaunchConfig | None) -> None:
@@ -159,6 +182,14 @@ class CupyBackend(Backend):
     def _address(a: Any) -> int:
         return a.data.ptr
 
+    def address_of(self, a: Any) -> int:
+        return self._address(a)
+
+    def launch_plan(self, kind: str, x3: Any, arrays: tuple, pname: str) -> _Plan:
+        """The launch plan of pass ``kind`` over ``x3`` (see ``_plan``), under this device."""
+        with self._cuda_device:
+            return self._plan(kind, x3, arrays, pname)
+
     def launch_config(self, kind: str, layout: str, dtype_name: str, shape3: tuple[int, int, int]) -> LaunchConfig:
         """The configuration a pass runs with: override, else measured table, else heuristic."""
         config = self._overrides.get((kind, layout))
@@ -204,8 +235,9 @@ class CupyBackend(Backend):
                     self.scratch("tickets", grid[0] if layout == "cl" else c, np.uint32, zeroed=True))
         if kind in ("moments", "normalize"):
             work += (self._shift(c),)
-        dims = (np.int32(a), np.int32(c), np.int32(b))
-        return _Plan(kernel, grid, block, shared, dims, work, vec)
+        fixed = {"A": a, "C": c, "B": b, **{name: self._address(buf) for name, buf in zip(_WORK[kind], work)}}
+        return _Plan(kernel, tuple(grid) + (1,) * (3 - len(grid)), tuple(block) + (1,) * (3 - len(block)), shared,
+                     (np.int32(a), np.int32(c), np.int32(b)), work, vec, kind, fixed)
 
     def _shift(self, channels: int) -> Any:
         """The per-channel shift K the moments kernel hands to the normalize kernel (one per
@@ -224,39 +256,102 @@ class CupyBackend(Backend):
                 return _name_of(arr.dtype)
         return "float32"
 
+    # -- launching ------------------------------------------------------------------------------
+    #: "packed" (the default): each launch goes to the driver (``cuLaunchKernel``) with the
+    #: plan's pre-packed arguments, rewritten in place; "call": ``RawKernel.__call__`` with a
+    #: tuple of CuPy arrays and NumPy scalars (CuPy's documented path, kept as the fallback).
+    launch_mode = "packed"
+
+    def _run(self, plan: _Plan, values: dict) -> None:
+        """Launch ``plan`` with the per-call ``values`` (parameter name -> array, None, or
+        number) on the current stream."""
+        if self.launch_mode == "call":
+            merged = {**plan.fixed, **values}
+            args = tuple(self._call_argument(merged[name], kind, plan.work, name)
+                         for name, kind in _kernels.PARAMS[plan.kind])
+            plan.kernel(plan.grid, plan.block, args, shared_mem=plan.shared)
+            return
+        args = plan.args
+        args.update(plan.fixed)
+        for name, value in values.items():
+            args.set(name, self._address(value) if hasattr(value, "dtype") and value.ndim else value)
+        self.packed_launcher(plan, args, self.stream_key())()
+
+    def _call_argument(self, value: Any, kind: str, work: tuple, name: str) -> Any:
+        if kind in _SCALARS:
+            return _SCALARS[kind](value)
+        if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+            # A plan-fixed address (workspace) or a raw slot address: the array it came from.
+            for buf in work:
+                if self._address(buf) == value:
+                    return buf
+            return self._raw_pointer(value)
+        return value
+
+    def _raw_pointer(self, address: int) -> Any:
+        from cupy.cuda.function import CPointer
+        return CPointer(address)
+
+    def packed_launcher(self, plan: _Plan, args: Arguments, stream: int) -> Any:
+        """A callable of no arguments that launches ``plan`` with ``args`` on ``stream`` (the
+        driver copies the arguments when it queues the launch)."""
+        driver = self.xp.cuda.driver
+        grid, block = plan.grid, plan.block
+        return partial(driver.launchKernel, self._function_pointer(plan.kernel), grid[0], grid[1], grid[2],
+                       block[0], block[1], block[2], plan.shared, stream, args.address, 0)
+
+    def _function_pointer(self, kernel: Any) -> int:
+        with self._cuda_device:
+            return kernel.kernel.ptr
+
+    def report_ring(self) -> Any:
+        """This device's ring of report slots (pinned host memory the kernels write; see _flags)."""
+        ring = self._ring
+        if ring is None:
+            from cupyx import empty_pinned
+            host = empty_pinned((1024,), np.uint64)
+            host[...] = 0
+            device = self._cuda_device
+            ring = self._ring = _flags.ReportRing(host, host.ctypes.data, device.synchronize)
+        return ring
+
     # -- the steps of _backend.Backend: one kernel each ---------------------------------------
     def local_moments(self, x3: Any, running_mean: Any, tag: int, buf: Any) -> None:
         with self._cuda_device:
             plan = self._plan("moments", x3, (x3,), self._param_name(running_mean))
-            plan.launch((x3, *plan.dims, running_mean, np.float64(tag), *plan.work, buf))
+            self._run(plan, {"x": x3, "running_mean": running_mean, "tag": tag, "buf": buf})
 
     def normalize_batch(self, x3: Any, buf: Any, tag: int, ranks: int, running_mean: Any, running_var: Any,
                         momentum: float, eps: float, unbiased: bool, weight: Any, bias: Any, stats: Stats,
-                        y3: Any) -> None:
+                        y3: Any, report: int = 0, seq: int = 0) -> None:
         with self._cuda_device:
             plan = self._plan("normalize", x3, (x3, y3), self._param_name(running_mean, running_var, weight, bias))
-            plan.launch((x3, y3, *plan.dims, buf, *plan.work, np.float64(tag), np.float64(ranks), running_mean,
-                         running_var, np.float64(momentum), np.float64(eps), np.int32(bool(unbiased)), weight, bias,
-                         stats.data))
+            self._run(plan, {"x": x3, "y": y3, "buf": buf, "tag": tag, "ranks": ranks, "running_mean": running_mean,
+                             "running_var": running_var, "momentum": momentum, "eps": eps,
+                             "unbiased": int(bool(unbiased)), "weight": weight, "bias": bias, "stats": stats.data,
+                             "report": report, "seq": seq})
 
     def normalize_fixed(self, x3: Any, running_mean: Any, running_var: Any, eps: float, weight: Any, bias: Any,
                         stats: Stats, y3: Any) -> None:
         with self._cuda_device:
             plan = self._plan("normalize", x3, (x3, y3), self._param_name(running_mean, running_var, weight, bias))
-            plan.launch((x3, y3, *plan.dims, None, None, np.float64(0), np.float64(1), running_mean, running_var,
-                         np.float64(0), np.float64(eps), np.int32(0), weight, bias, stats.data))
+            self._run(plan, {"x": x3, "y": y3, "buf": None, "shift": None, "tag": 0.0, "ranks": 1.0,
+                             "running_mean": running_mean, "running_var": running_var, "momentum": 0.0, "eps": eps,
+                             "unbiased": 0, "weight": weight, "bias": bias, "stats": stats.data, "report": 0,
+                             "seq": 0})
 
     def backward_reduce(self, dy3: Any, x3: Any, stats: Stats, weight_grad: Any, bias_grad: Any,
                         tag: int, buf: Any) -> None:
         with self._cuda_device:
             plan = self._plan("backward", x3, (dy3, x3), self._param_name(weight_grad, bias_grad))
-            part, ticket = plan.work
-            plan.launch((dy3, x3, *plan.dims, stats.data, np.float64(tag), part, ticket, weight_grad, bias_grad, buf))
+            self._run(plan, {"dy": dy3, "x": x3, "stats": stats.data, "tag": tag, "weight_grad": weight_grad,
+                             "bias_grad": bias_grad, "buf": buf})
 
     def backward_input(self, dy3: Any, x3: Any, stats: Stats, buf: Any, count: Any, tag: int, ranks: int,
-                       dx3: Any) -> None:
+                       dx3: Any, report: int = 0, seq: int = 0) -> None:
         fixed = count is None                           # eval statistics: no batch terms, x unread
         with self._cuda_device:
             plan = self._plan("dx", x3, (dy3, x3, dx3), "")
-            plan.launch((dy3, x3, dx3, *plan.dims, stats.data, None if fixed else buf, None if fixed else count,
-                         np.float64(tag), np.float64(ranks)))
+            self._run(plan, {"dy": dy3, "x": x3, "dx": dx3, "stats": stats.data, "buf": None if fixed else buf,
+                             "count": None if fixed else count, "tag": tag, "ranks": ranks, "report": report,
+                             "seq": seq})

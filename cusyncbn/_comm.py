@@ -11,6 +11,7 @@ mpi4py is imported only when an MPI communicator is actually built.
 from __future__ import annotations
 
 import os
+from functools import partial
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -165,6 +166,18 @@ def _allreduce_failure(comm: Any, count: int, exc: Any) -> str:
 # Collective tags (see _backend.py): one counter per communicator object.
 _TAG_LIMIT = 1 << 20
 _tags: dict[int, list] = {}
+
+
+def prepared_allreduce(comm: Any, buf: Any, stream: int) -> Any:
+    """A callable of no arguments that all-reduces ``buf`` over ``comm`` on ``stream``:
+    the communicator's own ``prepare_allreduce(buf, stream)`` where it has one (NCCL: the
+    call with every argument bound), else ``comm.allreduce(buf)``; None for one process."""
+    if comm is None or comm.size == 1 and isinstance(comm, SingleProcessComm):
+        return None
+    prepare = getattr(comm, "prepare_allreduce", None)
+    if prepare is not None:
+        return prepare(buf, stream)
+    return partial(comm.allreduce, buf)
 
 
 def next_tag(comm: Any) -> int:

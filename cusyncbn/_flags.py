@@ -1,14 +1,21 @@
-"""Reporting what the passes found (``stats.flags``: non-finite statistics, ranks out of step).
+"""Reporting what the passes found (non-finite statistics, ranks out of step).
 
-On the CPU the flags are read as soon as a pass has written them. On the GPU reading
-them at once would synchronize the host with the device on every call; instead each
-pass queues an asynchronous copy of its two flags into pinned host memory behind its
-kernels, and the next call into cusyncbn (any layer, any pass) reports every copy that
-has landed, without waiting for those that have not. :func:`flush` waits for all.
+On the CPU the flags are read as soon as a pass has written them (:func:`watch`). On the
+GPU reading them at once would synchronize the host with the device on every call, and
+even an asynchronous copy costs a copy and an event per pass. Instead each pass that
+reports is handed a slot of a :class:`ReportRing`, 64-bit words of pinned host memory
+that the device addresses directly (under unified addressing, memory from
+``cudaHostAlloc`` is mapped into the device's address space at the same address), and a
+sequence number ``seq``. The kernel that computes the pass's flag bits stores
+``(seq << 2) | bits`` into its slot with one system-scope store; the host reads the slot
+at a later call into cusyncbn (any layer, any pass) with no CUDA call at all, and knows
+the value is final when it carries ``seq``. :func:`flush` synchronizes and reports every
+pass still pending.
 
-Nothing is queued or queried while the current stream is being captured into a CUDA
-graph (an event query is illegal then): the kernels still leave the running statistics
-unchanged, but a graph's replays report nothing.
+Nothing is claimed while the current stream is being captured into a CUDA graph: the
+kernels still leave the running statistics unchanged on a bad step, but a graph's
+replays report nothing (a replay would rewrite a slot with the sequence number of the
+capture).
 """
 from __future__ import annotations
 
@@ -17,55 +24,98 @@ from typing import Any, Callable
 
 import numpy as np
 
-_pending: deque = deque()
-_spare: dict = {}                # (device, dtype) -> spare (event, pinned 2-value buffer) pairs
+SEQ_BITS = 62                       # (seq << 2) | bits fits 64 bits
+#: Passes claimed and not yet reported: (ring, index, seq, report), in claim order. Read it
+#: (truthiness) to skip :func:`poll` when empty; change it only through this module.
+queue: deque = deque()
+_pending = queue
+_seq = 0
 
 
-def watch(flags: Any, report: Callable[[Any], None]) -> None:
-    """Call ``report(host_flags)`` once the device has written ``flags`` (2 values)."""
-    if isinstance(flags, np.ndarray):
-        report(flags)
-        return
-    import cupy
-    from cupyx import empty_pinned
-    key = (flags.device.id, flags.dtype)
-    with flags.device:
-        stream = cupy.cuda.get_current_stream()
-        if stream.is_capturing():
-            return
-        spare = _spare.get(key)
-        if spare:
-            event, host = spare.pop()
-        else:
-            event, host = cupy.cuda.Event(block=False, disable_timing=True), empty_pinned((2,), flags.dtype)
-        flags.get(stream=stream, out=host, blocking=False)
-        event.record(stream)
-    _pending.append((key, event, host, report))
+def watch(flags: Any, report: Callable[[int], None]) -> None:
+    """Report host flags (a NumPy array of one value) at once: ``report(int(flags[0]))``."""
+    report(int(flags[0]))
 
 
-def _capturing() -> bool:
-    import cupy
-    return cupy.cuda.get_current_stream().is_capturing()
+class ReportRing:
+    """``size`` 64-bit report slots in host memory the device can write.
+
+    Args:
+        host: a NumPy ``uint64`` array of the slots (pinned, mapped memory on a GPU).
+        address: the slots' device address (the host address under unified addressing).
+        synchronize: waits until every kernel queued on the ring's device has run.
+    """
+
+    __slots__ = ("host", "address", "size", "synchronize", "busy", "cursor")
+
+    def __init__(self, host: Any, address: int, synchronize: Callable[[], None]) -> None:
+        self.host, self.address, self.size, self.synchronize = host, int(address), int(host.size), synchronize
+        self.busy = 0               # slots claimed and not yet reported: the window before cursor
+        self.cursor = 0             # the next slot to claim
+
+
+def claim(ring: ReportRing, report: Callable[[int], None]) -> tuple[int, int]:
+    """A slot of ``ring`` for one pass: ``(slot address, seq)`` to hand to its kernel;
+    ``report(bits)`` is called by the first :func:`poll` that finds the slot written.
+
+    When every slot of the ring is still pending (a queue of ``ring.size`` unreported
+    passes), the device is synchronized first: the one case that waits.
+    """
+    global _seq
+    if ring.busy >= ring.size:
+        ring.synchronize()
+        poll()
+        if ring.busy >= ring.size:                       # kernels that never ran (a captured graph)
+            _drop(ring)
+    _seq = (_seq + 1) & ((1 << SEQ_BITS) - 1)
+    index = ring.cursor
+    ring.cursor = (index + 1) % ring.size
+    ring.busy += 1
+    _pending.append((ring, index, _seq, report))
+    return ring.address + 8 * index, _seq
 
 
 def poll() -> None:
-    """Report every queued copy that has completed (in order), without waiting."""
-    if not _pending or _capturing():
-        return
-    while _pending and _pending[0][1].done:
-        key, event, host, report = _pending.popleft()
-        try:
-            report(host)
-        finally:
-            spare = _spare.setdefault(key, [])
-            if len(spare) < 64:                 # events and pinned buffers are reused, not remade
-                spare.append((event, host))
+    """Report, in order, every pending pass whose slot has been written; never waits."""
+    while _pending:
+        ring, index, seq, report = _pending[0]
+        if int(ring.host[index]) >> 2 != seq:
+            return
+        _pending.popleft()
+        ring.busy -= 1
+        report(int(ring.host[index]) & 3)
+
+
+def pending() -> bool:
+    """Whether some pass has not been reported yet."""
+    return bool(_pending)
 
 
 def flush() -> None:
-    """Wait for every queued copy and report it."""
-    if not _pending or _capturing():
+    """Wait for every pending pass (a device synchronization per ring) and report it;
+    passes whose kernels never ran (captured into a graph) are dropped."""
+    if not _pending:
         return
+    for ring in {id(entry[0]): entry[0] for entry in _pending}.values():
+        ring.synchronize()
     while _pending:
-        _pending[0][1].synchronize()
-        poll()
+        ring, index, seq, report = _pending.popleft()
+        ring.busy -= 1
+        if int(ring.host[index]) >> 2 == seq:
+            report(int(ring.host[index]) & 3)
+
+
+def _drop(ring: ReportRing) -> None:
+    """Forget the pending passes of ``ring`` that will never be written."""
+    kept = [entry for entry in _pending if entry[0] is not ring]
+    ring.busy = 0
+    ring.cursor = 0
+    _pending.clear()
+    _pending.extend(kept)
+
+
+def host_ring(size: int = 1024) -> ReportRing:
+    """A ring in ordinary host memory, for backends whose kernels run on the host (tests,
+    the emulator)."""
+    host = np.zeros(size, np.uint64)
+    return ReportRing(host, host.ctypes.data, lambda: None)

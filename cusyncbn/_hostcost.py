@@ -18,10 +18,12 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
+from operator import attrgetter
 from typing import Any, Callable
 
 import numpy as np
 
+from . import _flags
 from ._backend import Backend, get_backend, swap_backend
 from ._backend_cupy import CupyBackend
 from ._backend_numpy import NumpyBackend
@@ -35,19 +37,35 @@ class StubBackend(CupyBackend):
     import_array = NumpyBackend.import_array
     is_native = NumpyBackend.is_native
 
+    array_types: tuple = (np.ndarray,)
+
     def __init__(self, sms: int = 132) -> None:
         Backend.__init__(self)
         self.xp = np
         self.device = "cpu"
         self.arch = "stub"
-        self._index = 0
+        self._index = self.index = 0
         self._cuda_device = contextlib.nullcontext()
         self._sms = sms
         self._init_plans()
         self.table = {}
+        self.current_device = _device_zero
+        self.current_stream = _default_stream
+        self.pointer = attrgetter("ctypes.data")
 
     def stream_key(self) -> int:
         return 0
+
+    def report_ring(self) -> Any:
+        if self._ring is None:
+            self._ring = _flags.host_ring()
+        return self._ring
+
+    def address_of(self, a: Any) -> int:
+        return a.ctypes.data
+
+    def packed_launcher(self, plan: Any, args: Any, stream: int) -> Any:
+        return _no_op_packed
 
     def capturing(self) -> bool:
         return False
@@ -70,6 +88,31 @@ class StubBackend(CupyBackend):
 
 def _no_op(grid: tuple, block: tuple, args: tuple, shared_mem: int = 0) -> None:
     return None
+
+
+def _no_op_packed() -> None:
+    return None
+
+
+class _DefaultStream:
+    """The stand-in's one stream: CUDA's default stream, never capturing."""
+
+    ptr = 0
+
+    @staticmethod
+    def is_capturing() -> bool:
+        return False
+
+
+_STREAM = _DefaultStream()
+
+
+def _default_stream() -> _DefaultStream:
+    return _STREAM
+
+
+def _device_zero() -> int:
+    return 0
 
 
 @contextlib.contextmanager

@@ -77,6 +77,17 @@ class NCCLComm:
         self._comm.allReduce(buf.data.ptr, buf.data.ptr, buf.size, self._nccl.NCCL_FLOAT64,
                              self._nccl.NCCL_SUM, stream)
 
+    def prepare_allreduce(self, buf: Any, stream: int) -> Any:
+        """The all-reduce of ``buf`` on ``stream`` as a callable of no arguments: NCCL's call
+        with every argument bound (a planned pass makes it with no Python frame). The
+        checks of :meth:`allreduce` (dtype, the length agreed across ranks) are made here."""
+        from functools import partial
+        if buf.dtype.itemsize != 8 or buf.dtype.kind != "f":
+            raise TypeError(f"NCCLComm.allreduce takes float64 buffers, got {buf.dtype}")
+        agree_on_length(self.mpi_comm, self._lengths, buf.size)
+        return partial(self._comm.allReduce, buf.data.ptr, buf.data.ptr, buf.size, self._nccl.NCCL_FLOAT64,
+                       self._nccl.NCCL_SUM, stream)
+
     def abort(self) -> None:
         """Abort the NCCL communicator (``ncclCommAbort``): operations in flight end, and it
         cannot be used again. Done before ``MPI_Abort`` when a rank fails (see cusyncbn._abort)."""

@@ -34,16 +34,18 @@ from typing import Any
 
 import numpy as np
 
-from . import _debug, _flags
-from ._backend import DESYNC, NONFINITE, Backend, Stats, backward_payload_size, dtype_name, get_backend
+from . import _debug, _flags, _planned
+from ._backend import DESYNC, NONFINITE, Backend, Stats, backends, backward_payload_size, dtype_name, get_backend
 from ._comm import Communicator, SingleProcessComm, next_tag, peek_tag, resolve_comm
 from ._dlpack import device_of
 from ._rules import check_bool, check_epsilon, check_grad_output, check_input, check_momentum, check_params, \
-    channel_last, view3
+    channel_last, shape3, view3
 
 __all__ = ["BatchNormContext", "flush_reports", "sync_batch_norm", "sync_batch_norm_backward"]
 
 _NDIMS = (2, 3, 4, 5)
+_thread = _planned.thread_id
+_pending = _flags.queue
 _NONFINITE_MODES = ("warn", "raise")
 
 
@@ -53,13 +55,14 @@ class BatchNormContext:
     :meth:`release`, when no backward will come)."""
 
     __slots__ = ("_backend", "_x3", "_shape", "_stats", "_count", "_comm", "_last", "_where", "_debug",
-                 "_pdtype", "_done", "_affine")
+                 "_pdtype", "_done", "_affine", "_shape3", "_plan", "_entry")
 
-    def __init__(self, backend: Backend, x3: Any, shape: tuple, stats: Stats, count: Any, comm: Communicator,
-                 last: bool, where: str, debug: bool, pdtype: str | None, affine: tuple[bool, bool]) -> None:
-        self._backend, self._x3, self._shape, self._stats, self._count = backend, x3, shape, stats, count
+    def __init__(self, backend: Backend, x: Any, shape: tuple, shape3: tuple, stats: Stats, count: Any,
+                 comm: Communicator, last: bool, where: str, debug: bool, pdtype: str | None,
+                 affine: tuple[bool, bool], plan: Any = None, entry: Any = None) -> None:
+        self._backend, self._x3, self._shape, self._stats, self._count = backend, x, shape, stats, count
         self._comm, self._last, self._where, self._debug, self._pdtype = comm, last, where, debug, pdtype
-        self._affine = affine
+        self._affine, self._shape3, self._plan, self._entry = affine, shape3, plan, entry
         self._done = False
 
     @property
@@ -100,7 +103,10 @@ class BatchNormContext:
         """Free what the forward kept, without a backward. Idempotent."""
         if not self._done:
             self._done = True
-            self._backend.give_back(self._stats)
+            if self._entry is not None:
+                self._plan.recycle(self._entry)
+            else:
+                self._backend.give_back(self._stats)
             self._x3 = None
 
     def __repr__(self) -> str:
@@ -157,8 +163,7 @@ _warned: set = set()
 
 
 def _report_forward(where: str, comm: Communicator, tag: int, nonfinite: str) -> Any:
-    def report(flags: Any) -> None:
-        bits = int(flags[0])
+    def report(bits: int) -> None:
         if bits & DESYNC:
             raise RuntimeError(_desync_message(where, "forward", comm, tag))
         if bits & NONFINITE:
@@ -190,7 +195,8 @@ def sync_batch_norm(x: Any, running_mean: Any = None, running_var: Any = None, w
                     bias: Any = None, *, training: bool = True, momentum: float = 0.9, epsilon: float = 1e-5,
                     data_format: str = "NCHW", comm: Any = None, unbiased_running_var: bool = False,
                     nonfinite: str = "warn", debug: bool = False, num_features: int | None = None,
-                    device: str | None = None, name: str | None = None) -> tuple[Any, BatchNormContext]:
+                    device: str | None = None, name: str | None = None, out: Any = None
+                    ) -> tuple[Any, BatchNormContext]:
     """Batch-normalize ``x`` over the global batch of ``comm``: one all-reduce in training.
 
     Args:
@@ -215,11 +221,15 @@ def sync_batch_norm(x: Any, running_mean: Any = None, running_var: Any = None, w
             is raised on every rank instead of leaving the others waiting; with debug an
             eval forward makes this check too (it reads the result on the host).
         num_features: the expected channel count (None: any).
-        device: 'cpu' or 'gpu:N' where ``x`` must live (None: wherever it lives).
+        device: 'cpu' or 'gpu:N' where ``x`` must live (None: wherever it lives). On a GPU,
+            giving it lets repeated calls take their planned path (``cusyncbn._planned``).
         name: used in messages.
+        out: where to write ``y`` (an array of the backend, shape and dtype of ``x``,
+            C-contiguous); None: a new array. Framework adapters pass their own tensors.
 
     Returns:
-        ``(y, ctx)``: ``y`` with the shape and dtype of ``x``; ``ctx`` for the backward.
+        ``(y, ctx)``: ``y`` with the shape and dtype of ``x`` (``out`` when given); ``ctx``
+        for the backward.
 
     Raises:
         TypeError / ValueError: bad input, arrays or options (before any collective).
@@ -235,7 +245,45 @@ def sync_batch_norm(x: Any, running_mean: Any = None, running_var: Any = None, w
         [0.0, 0.0]
         >>> dx, dw, db = sync_batch_norm_backward(ctx, np.ones_like(y))
     """
-    _flags.poll()
+    if _pending:
+        _flags.poll()
+    backend = backends.get(device) if device is not None and debug is False else None
+    planned = backend is not None and backend.plans and type(x) in backend.array_types
+    if planned:
+        # The planned path (see _planned): the signature, then only what depends on the data.
+        stream = backend.current_stream()
+        key = (type(x), x.shape, x.strides, x.dtype, training, momentum, epsilon, data_format, id(comm),
+               unbiased_running_var, nonfinite, num_features, device, name, id(running_mean), id(running_var),
+               id(weight), id(bias), None if out is None else (type(out), out.shape, out.strides, out.dtype),
+               _thread(), stream.ptr)
+        plan = _planned.FORWARD.get(key)
+        if plan is not None and backend.current_device() == backend.index and not stream.is_capturing():
+            pointer = backend.pointer
+            xp = pointer(x)
+            if xp & 15 == plan.x_align:
+                y = backend.allocate(plan.x_shape, plan.x_dtype) if out is None else out
+                yp = pointer(y)
+                if yp & 15 == plan.y_align:
+                    entry = plan.free.pop() if plan.free else plan.entry()
+                    n_args = entry.normalize_args
+                    n_args.cells[plan.nx] = xp
+                    n_args.cells[plan.ny] = yp
+                    count = None
+                    if plan.training:
+                        tag = next_tag(plan.comm)
+                        m_args = entry.moments_args
+                        m_args.cells[plan.mx] = xp
+                        m_args.doubles[plan.mtag] = n_args.doubles[plan.ntag] = tag
+                        entry.moments()
+                        if entry.allreduce is not None:
+                            entry.allreduce()
+                        n_args.cells[plan.nreport], n_args.cells[plan.nseq] = _flags.claim(
+                            plan.ring, _report_forward(plan.where, plan.comm, tag, plan.nonfinite))
+                        count = entry.count
+                    entry.normalize()
+                    return y, BatchNormContext(backend, x, plan.x_shape, plan.x3_shape, entry.stats, count,
+                                               plan.comm_or_self, plan.last, plan.where, False, plan.pdtype,
+                                               plan.affine, plan, entry)
     where = name or "sync_batch_norm"
     last = channel_last(data_format)
     training = check_bool(training, "training", where)
@@ -243,6 +291,7 @@ def sync_batch_norm(x: Any, running_mean: Any = None, running_var: Any = None, w
     unbiased = check_bool(unbiased_running_var, "unbiased_running_var", where)
     if nonfinite not in _NONFINITE_MODES:
         raise ValueError(f"{where}: nonfinite must be one of {_NONFINITE_MODES}, got {nonfinite!r}")
+    given = x
     backend = get_backend(device) if device is not None else _backend_of(x)
     comm = resolve_comm(comm, backend.device) if (training or debug) else None
     tag = next_tag(comm) if training else 0
@@ -258,6 +307,8 @@ def sync_batch_norm(x: Any, running_mean: Any = None, running_var: Any = None, w
             raise ValueError(f"{where}: eval (training=False) needs running_mean and running_var")
         if (params["running_mean"] is None) != (params["running_var"] is None):
             raise ValueError(f"{where}: give both running_mean and running_var, or neither")
+        if out is not None:
+            _check_out(backend, out, xa, "out", where)
         return xa, params, momentum_, epsilon_
 
     vote = None
@@ -271,21 +322,48 @@ def sync_batch_norm(x: Any, running_mean: Any = None, running_var: Any = None, w
     x3 = view3(x, c, last)
     stats = backend.take_stats(c, np.float64 if x.dtype == np.float64 else np.float32)
     rm, rv, w, b = params["running_mean"], params["running_var"], params["weight"], params["bias"]
-    y3 = backend.empty(x3.shape, x.dtype)
+    y3 = backend.empty(x3.shape, x.dtype) if out is None else view3(out, c, last)
+    ring = backend.report_ring()
+    capturing = ring is not None and backend.capturing()
     count = None
     if training:
         buf = stats.payload
         backend.local_moments(x3, rm, tag, buf)
         comm.allreduce(buf)
-        backend.normalize_batch(x3, buf, tag, comm.size, rm, rv, momentum, epsilon, unbiased, w, b, stats, y3)
+        report = _report_forward(where, comm, tag, nonfinite)
+        if ring is None:                       # host flags: reported at once, on every rank
+            backend.normalize_batch(x3, buf, tag, comm.size, rm, rv, momentum, epsilon, unbiased, w, b, stats, y3)
+            _flags.watch(stats.flags, report)
+        else:                                  # device flags: a report slot, read by a later call
+            slot, seq = (0, 0) if capturing else _flags.claim(ring, report)
+            backend.normalize_batch(x3, buf, tag, comm.size, rm, rv, momentum, epsilon, unbiased, w, b, stats, y3,
+                                    report=slot, seq=seq)
         count = buf[2 * c:2 * c + 1]
-        # Host flags are reported at once, on every rank; device flags by a later call.
-        _flags.watch(stats.flags, _report_forward(where, comm, tag, nonfinite))
     else:
         backend.normalize_fixed(x3, rm, rv, epsilon, w, b, stats, y3)
-    ctx = BatchNormContext(backend, x3, tuple(x.shape), stats, count, comm or SingleProcessComm(), last, where,
-                           debug, params["dtype"], (w is not None, b is not None))
-    return y3.reshape(x.shape), ctx
+    plan = None
+    if planned and _planned.enabled and x is given and not capturing and (out is None or backend.is_native(out)):
+        plan = _planned.ForwardPlan(
+            backend, comm, training, tuple(x.shape), x3.shape, x.dtype, stats.data.dtype, x3, y3, params,
+            momentum, epsilon, unbiased, where, last, params["dtype"], (w is not None, b is not None), nonfinite)
+        _planned.remember(key, plan)
+    ctx = BatchNormContext(backend, x3, tuple(x.shape), x3.shape, stats, count, comm or SingleProcessComm(), last,
+                           where, debug, params["dtype"], (w is not None, b is not None), plan)
+    return (y3.reshape(x.shape) if out is None else out), ctx
+
+
+def _check_out(backend: Backend, out: Any, like: Any, what: str, where: str) -> None:
+    """``out`` must be a C-contiguous array of ``backend`` with ``like``'s shape and dtype."""
+    if not backend.is_native(out):
+        raise TypeError(f"{where}: {what} must be an array of the {backend.device} backend "
+                        f"({type(backend.xp.empty(0)).__module__}), got {type(out).__name__}")
+    if tuple(out.shape) != tuple(like.shape) or out.dtype != like.dtype:
+        raise ValueError(f"{where}: {what} has shape {tuple(out.shape)} and dtype {out.dtype}, expected "
+                         f"{tuple(like.shape)} and {like.dtype}")
+    if not out.flags.c_contiguous:
+        raise ValueError(f"{where}: {what} must be C-contiguous")
+    if out is like:
+        raise ValueError(f"{where}: {what} must not be the input itself")
 
 
 def _dtype_label(*arrays: Any) -> str | None:
@@ -299,7 +377,7 @@ def _dtype_label(*arrays: Any) -> str | None:
 
 def sync_batch_norm_backward(ctx: BatchNormContext, dy: Any, *, input_grad: bool = True, weight_grad: bool = True,
                              bias_grad: bool = True, weight_grad_out: Any = None, bias_grad_out: Any = None,
-                             retain: bool = False) -> tuple[Any, Any, Any]:
+                             retain: bool = False, input_grad_out: Any = None) -> tuple[Any, Any, Any]:
     """Gradients of the forward that made ``ctx``, given ``dy``: one all-reduce when ``dx``
     is wanted after a training forward, none otherwise.
 
@@ -313,6 +391,8 @@ def sync_batch_norm_backward(ctx: BatchNormContext, dy: Any, *, input_grad: bool
             ``weight_grad`` / ``bias_grad`` say.
         retain: keep ``ctx`` for another backward (as ``retain_graph`` in autograd
             frameworks); by default it is released.
+        input_grad_out: where to write ``dx`` (an array of the backend with the input's
+            shape and dtype, C-contiguous); None: a new array.
 
     Returns:
         ``(dx, dweight, dbias)``; each None when not wanted (or, for the parameter
@@ -320,58 +400,124 @@ def sync_batch_norm_backward(ctx: BatchNormContext, dy: Any, *, input_grad: bool
 
     Raises:
         RuntimeError: ``ctx`` was already used; the ranks' collectives are out of step.
-        TypeError / ValueError: ``dy`` does not match the forward's input.
+        TypeError / ValueError: ``dy`` (or an output) does not match the forward's input.
     """
+    if _pending:
+        _flags.poll()
+    plan = ctx._plan if type(ctx) is BatchNormContext else None
+    key = None
+    given = dy
+    if plan is not None and not ctx._done and type(dy) in plan.backend.array_types:
+        backend = plan.backend
+        stream = backend.current_stream()
+        key = (type(dy), dy.shape, dy.strides, dy.dtype, input_grad, weight_grad, bias_grad, retain,
+               None if weight_grad_out is None else (type(weight_grad_out), weight_grad_out.shape,
+                                                     weight_grad_out.strides, weight_grad_out.dtype),
+               None if bias_grad_out is None else (type(bias_grad_out), bias_grad_out.shape, bias_grad_out.strides,
+                                                   bias_grad_out.dtype),
+               None if input_grad_out is None else (type(input_grad_out), input_grad_out.shape,
+                                                    input_grad_out.strides, input_grad_out.dtype),
+               ctx._count is None, _thread(), stream.ptr)
+        bplan = plan.backward.get(key)
+        if bplan is not None and backend.current_device() == backend.index and not stream.is_capturing():
+            pointer = backend.pointer
+            dyp, xp = pointer(dy), pointer(ctx._x3)
+            dx = None
+            dxp = 0
+            if input_grad:
+                dx = backend.allocate(plan.x_shape, plan.x_dtype) if input_grad_out is None else input_grad_out
+                dxp = pointer(dx)
+            if dyp & 15 == bplan.dy_align and xp & 15 == bplan.x_align and dxp & 15 == bplan.dx_align:
+                stats_p = pointer(ctx._stats.data)
+                wg = weight_grad_out if weight_grad_out is not None else \
+                    backend.allocate_zeros(bplan.grad_shape, bplan.pdtype) if bplan.new_wg else None
+                bg = bias_grad_out if bias_grad_out is not None else \
+                    backend.allocate_zeros(bplan.grad_shape, bplan.pdtype) if bplan.new_bg else None
+                tag = next_tag(ctx._comm) if bplan.collective else 0
+                if bplan.reduce is not None:
+                    cells = bplan.reduce_args.cells
+                    cells[bplan.rdy], cells[bplan.rx], cells[bplan.rstats] = dyp, xp, stats_p
+                    cells[bplan.rwg] = 0 if wg is None else pointer(wg)
+                    cells[bplan.rbg] = 0 if bg is None else pointer(bg)
+                    bplan.reduce_args.doubles[bplan.rtag] = tag
+                    bplan.reduce()
+                    if bplan.allreduce is not None:
+                        bplan.allreduce()
+                if input_grad:
+                    cells = bplan.dx_args.cells
+                    cells[bplan.ddy], cells[bplan.dxx], cells[bplan.ddx], cells[bplan.dstats] = dyp, xp, dxp, stats_p
+                    if bplan.collective:
+                        cells[bplan.dcount] = pointer(ctx._count)
+                        bplan.dx_args.doubles[bplan.dtag] = tag
+                        cells[bplan.dreport], cells[bplan.dseq] = _flags.claim(
+                            bplan.ring, _backward_report(ctx._where, ctx._comm, tag))
+                    bplan.dx()
+                if not retain:
+                    ctx.release()
+                return dx, wg, bg
     if not isinstance(ctx, BatchNormContext):
         raise TypeError(f"ctx must be the BatchNormContext returned by sync_batch_norm, got {type(ctx).__name__}")
-    _flags.poll()
     where = ctx._where
     input_grad = check_bool(input_grad, "input_grad", where)
     comm, backend = ctx._comm, ctx._backend
     collective = input_grad and ctx.batch_stats
     tag = next_tag(comm) if collective else 0
+    c = ctx._shape3[1]
 
     def check() -> tuple:
         if ctx._done:
             raise RuntimeError(f"{where}: this forward was already back-propagated (each context takes one "
                                "backward)")
         dya = check_grad_output(backend, dy, ctx._shape, ctx._x3.dtype, where)
-        c = ctx._x3.shape[1]
         pdtype = ctx._pdtype or "float32"
         wg = _grad_slot(backend, weight_grad, weight_grad_out, ctx._affine[0], c, pdtype, "weight_grad_out", where)
         bg = _grad_slot(backend, bias_grad, bias_grad_out, ctx._affine[1], c, pdtype, "bias_grad_out", where)
+        if input_grad and input_grad_out is not None:
+            _check_out(backend, input_grad_out, ctx._x3, "input_grad_out", where)
         return dya, wg, bg
 
     vote = None
     if ctx._debug and collective and comm.size > 1:
         def vote(error: Exception | None) -> None:
-            _debug.agree(comm, backend.xp, where,
-                         _debug.record(tag, True, ctx._x3.shape[1], ctx._pdtype, True), error)
+            _debug.agree(comm, backend.xp, where, _debug.record(tag, True, c, ctx._pdtype, True), error)
     dy, wg, bg = _validated(where, check, vote)
-    c = ctx._x3.shape[1]
     dy3 = view3(dy, c, ctx._last)
-    stats, x3 = ctx._stats, ctx._x3
-    dx = None
-    if collective or wg is not None or bg is not None:
+    stats, x3 = ctx._stats, ctx._x3.reshape(ctx._shape3)
+    dx = dx3 = None
+    buf = None
+    reduce = collective or wg is not None or bg is not None
+    if reduce:
         buf = backend.scratch("backward payload", backward_payload_size(c), np.float64)
         backend.backward_reduce(dy3, x3, stats, wg, bg, tag, buf)
         if collective:
             comm.allreduce(buf)
+    ring = backend.report_ring()
+    capturing = ring is not None and backend.capturing()
     if input_grad:
-        dx3 = backend.empty(x3.shape, x3.dtype)
-        backend.backward_input(dy3, x3, stats, buf if collective else None, ctx._count if collective else None,
-                               tag, comm.size, dx3)
-        dx = dx3.reshape(ctx._shape)
-        if collective:
-            _flags.watch(stats.flags, _backward_report(where, comm, tag))
+        dx3 = backend.empty(x3.shape, x3.dtype) if input_grad_out is None else view3(input_grad_out, c, ctx._last)
+        count = ctx._count if collective else None
+        if not collective:
+            backend.backward_input(dy3, x3, stats, None, None, tag, comm.size, dx3)
+        elif ring is None:
+            backend.backward_input(dy3, x3, stats, buf, count, tag, comm.size, dx3)
+            _flags.watch(stats.flags[1:], _backward_report(where, comm, tag))
+        else:
+            slot, seq = (0, 0) if capturing else _flags.claim(ring, _backward_report(where, comm, tag))
+            backend.backward_input(dy3, x3, stats, buf, count, tag, comm.size, dx3, report=slot, seq=seq)
+        dx = dx3.reshape(ctx._shape) if input_grad_out is None else input_grad_out
+    if key is not None and dy is given and not capturing and (input_grad_out is None or
+                                                              backend.is_native(input_grad_out)):
+        plan.backward[key] = _planned.BackwardPlan(
+            backend, ctx._comm, collective, dy3, x3, dx3, wg, bg, buf, ring, reduce, ctx._pdtype or "float32",
+            new_wg=weight_grad_out is None and wg is not None, new_bg=bias_grad_out is None and bg is not None)
     if not check_bool(retain, "retain", where):
         ctx.release()
     return dx, wg, bg
 
 
 def _backward_report(where: str, comm: Communicator, tag: int) -> Any:
-    def report(flags: Any) -> None:
-        if int(flags[1]) & DESYNC:
+    def report(bits: int) -> None:
+        if bits & DESYNC:
             raise RuntimeError(_desync_message(where, "backward", comm, tag))
     return report
 

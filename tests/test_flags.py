@@ -1,115 +1,87 @@
-"""Deferred reporting of pass flags on the GPU path (cusyncbn._flags), with a stand-in CuPy."""
-import sys
-import types
-
+"""Reporting pass flags through host report slots (cusyncbn._flags): the protocol alone,
+with a ring in ordinary host memory standing in for the pinned one and plain stores
+standing in for the kernels' (the kernels' side runs in tests/test_kernels_emulated.py)."""
 import numpy as np
 import pytest
 
 from cusyncbn import _flags
 
 
-class FakeEvent:
-    made = 0
+class Ring(_flags.ReportRing):
+    """A 4-slot ring in host memory that counts its synchronizations."""
 
-    def __init__(self, block=False, disable_timing=True):
-        FakeEvent.made += 1
-        self.done = False
+    __slots__ = ("synced",)
 
-    def record(self, stream):
-        stream.events.append(self)
-
-    def synchronize(self):
-        self.done = True
-
-
-class FakeStream:
     def __init__(self):
-        self.capturing = False
-        self.events = []
+        host = np.zeros(4, np.uint64)
+        super().__init__(host, host.ctypes.data, self._sync)
+        self.synced = 0
 
-    def is_capturing(self):
-        return self.capturing
-
-
-class FakeDeviceArray:
-    """Just what _flags touches of a CuPy array."""
-
-    def __init__(self, values):
-        self.values = np.asarray(values, np.float32)
-        self.dtype = self.values.dtype
-        self.device = _Ctx()
-        self.device.id = 0
-
-    def get(self, stream, out, blocking):
-        assert blocking is False                          # an asynchronous copy, never a sync
-        out[...] = self.values
-
-
-class _Ctx:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return None
+    def _sync(self):
+        self.synced += 1
 
 
 @pytest.fixture
-def fake_cupy(monkeypatch):
-    stream = FakeStream()
-    cupy = types.ModuleType("cupy")
-    cupy.cuda = types.SimpleNamespace(get_current_stream=lambda *a: stream, Event=FakeEvent)
-    cupyx = types.ModuleType("cupyx")
-    cupyx.empty_pinned = lambda shape, dtype: np.empty(shape, dtype)
-    monkeypatch.setitem(sys.modules, "cupy", cupy)
-    monkeypatch.setitem(sys.modules, "cupyx", cupyx)
-    monkeypatch.setattr(_flags, "_pending", type(_flags._pending)())
-    monkeypatch.setattr(_flags, "_spare", {})
-    return stream
+def ring():
+    _flags.queue.clear()
+    yield Ring()
+    _flags.queue.clear()
+
+
+def publish(ring, address, seq, bits):
+    """What the kernel does: one 64-bit store of (seq << 2) | bits into its slot."""
+    ring.host[(address - ring.address) // 8] = np.uint64((seq << 2) | bits)
 
 
 def test_host_flags_are_reported_at_once():
     seen = []
-    _flags.watch(np.array([2.0, 0.0], np.float32), lambda f: seen.append(f[0]))
-    assert seen == [2.0]
+    _flags.watch(np.array([2.0, 0.0], np.float32), seen.append)
+    assert seen == [2]
 
 
-def test_device_flags_are_reported_by_a_later_call_without_waiting(fake_cupy):
+def test_a_slot_is_reported_by_a_later_poll_once_its_sequence_lands(ring):
     seen = []
-    _flags.watch(FakeDeviceArray([1.0, 0.0]), lambda f: seen.append(float(f[0])))
-    _flags.watch(FakeDeviceArray([3.0, 0.0]), lambda f: seen.append(float(f[0])))
+    a, seq_a = _flags.claim(ring, lambda bits: seen.append(("a", bits)))
+    b, seq_b = _flags.claim(ring, lambda bits: seen.append(("b", bits)))
+    assert a != b and seq_b == seq_a + 1
     _flags.poll()
-    assert seen == []                                     # copies still in flight: nothing waited for
-    fake_cupy.events[0].done = True
+    assert seen == [] and ring.synced == 0               # nothing written yet, nothing waited for
+    ring.host[(a - ring.address) // 8] = np.uint64(((seq_a - 1) << 2) | 3)   # an older pass's value
     _flags.poll()
-    assert seen == [1.0]                                  # in order, only what has landed
+    assert seen == []                                    # not this pass's sequence: not final
+    publish(ring, b, seq_b, 2)
+    _flags.poll()
+    assert seen == []                                    # reported in order: a comes first
+    publish(ring, a, seq_a, 1)
+    _flags.poll()
+    assert seen == [("a", 1), ("b", 2)] and not _flags.pending()
+    assert ring.busy == 0
+
+
+def test_flush_synchronizes_then_reports_and_drops_what_never_ran(ring):
+    seen = []
+    a, seq_a = _flags.claim(ring, seen.append)
+    _, _ = _flags.claim(ring, lambda bits: seen.append(("never", bits)))   # e.g. its kernel was captured
+    publish(ring, a, seq_a, 2)
     _flags.flush()
-    assert seen == [1.0, 3.0] and not _flags._pending
-    made = FakeEvent.made
-    _flags.watch(FakeDeviceArray([0.0, 0.0]), seen.append)
-    assert FakeEvent.made == made                          # a landed copy's event and buffer are reused
+    assert ring.synced == 1 and seen == [2] and not _flags.pending() and ring.busy == 0
 
 
-def test_nothing_is_queued_or_queried_while_capturing(fake_cupy):
+def test_a_full_ring_waits_for_the_device_before_reusing_a_slot(ring):
     seen = []
-    fake_cupy.capturing = True
-    _flags.watch(FakeDeviceArray([1.0, 0.0]), seen.append)
-    assert not _flags._pending and fake_cupy.events == []
-    fake_cupy.capturing = False
-    _flags.watch(FakeDeviceArray([1.0, 0.0]), lambda f: seen.append(1))
-    fake_cupy.events[0].done = True
-    fake_cupy.capturing = True
-    _flags.poll()                                          # an event query is illegal during capture
-    assert seen == []
-    fake_cupy.capturing = False
-    _flags.poll()
-    assert seen == [1]
+    claimed = [_flags.claim(ring, seen.append) for _ in range(ring.size)]
+    assert ring.synced == 0 and len({address for address, _ in claimed}) == ring.size
+    for address, seq in claimed:
+        publish(ring, address, seq, 0)
+    _flags.claim(ring, seen.append)                      # the ring is full: synchronize, report, reuse
+    assert ring.synced == 1 and seen == [0] * ring.size and ring.busy == 1
 
 
-def test_a_report_that_raises_surfaces_in_the_polling_call(fake_cupy):
-    def report(flags):
+def test_a_report_that_raises_surfaces_in_the_polling_call(ring):
+    def report(bits):
         raise RuntimeError("out of step")
-    _flags.watch(FakeDeviceArray([2.0, 0.0]), report)
-    fake_cupy.events[0].done = True
+    address, seq = _flags.claim(ring, report)
+    publish(ring, address, seq, 2)
     with pytest.raises(RuntimeError, match="out of step"):
         _flags.poll()
-    assert not _flags._pending                             # reported once
+    assert not _flags.pending()                          # reported once

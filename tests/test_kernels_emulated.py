@@ -136,7 +136,8 @@ def test_vectors_stay_inside_a_channel(emu):
 def _dx_args(dy, x, dx, stats, shape3):
     """Arguments of dx_cs with fixed statistics (dx = dy * scale)."""
     a, c, b = shape3
-    return (dy, x, dx, np.int32(a), np.int32(c), np.int32(b), stats, None, None, np.float64(0), np.float64(1))
+    return (dy, x, dx, np.int32(a), np.int32(c), np.int32(b), stats, None, None, np.float64(0), np.float64(1), None,
+            np.uint64(0))
 
 
 def test_rejects_wrong_argument_types():
@@ -149,10 +150,10 @@ def test_rejects_wrong_argument_types():
     with pytest.raises(cuda_emu.EmulatedKernelError, match="scalar kind"):
         k((1, 3), (32,), args[:3] + (np.int64(2),) + args[4:])
     with pytest.raises(cuda_emu.EmulatedKernelError, match="scalar kind"):
-        k((1, 3), (32,), args[:-2] + (np.float32(0), args[-1]))
+        k((1, 3), (32,), args[:-4] + (np.float32(0),) + args[-3:])
     with pytest.raises(cuda_emu.EmulatedKernelError, match="points to"):
         k((1, 3), (32,), (dy.astype(np.float64),) + args[1:])
-    with pytest.raises(cuda_emu.EmulatedKernelError, match="takes 11 arguments"):
+    with pytest.raises(cuda_emu.EmulatedKernelError, match="takes 13 arguments"):
         k((1, 3), (32,), args[:-1])
 
 
@@ -232,18 +233,22 @@ def test_training_step_allocates_only_its_outputs(emu):
     y0, dx0 = bn(x).copy(), bn.backward(dy).copy()          # warm-up: the pools fill
     shapes = []
     allocate = emu.empty
-    emu.empty = lambda shape, dtype: shapes.append(tuple(np.atleast_1d(shape))) or allocate(shape, dtype)
+    emu.empty = emu.allocate = lambda shape, dtype: shapes.append(tuple(np.atleast_1d(shape))) or allocate(shape, dtype)
     bn.weight.grad[...] = 0
     bn.bias.grad[...] = 0
     y, dx = bn(x), bn.backward(dy)
-    assert shapes == [(4, 8, 25), (4, 8, 25)]                # y and dx, nothing else
+    assert shapes == [(4, 8, 5, 5), (4, 8, 5, 5)]            # y and dx, nothing else
     np.testing.assert_allclose(y, y0, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(dx, dx0, rtol=1e-6, atol=1e-6)
     with cusyncbn.no_grad():
         bn(x)
+    assert len(shapes) == 3                                   # y
     bn.eval()
-    bn(x)
-    assert len(shapes) == 4
+    with cusyncbn.no_grad():
+        bn(x)                                                 # a new signature: its first call warms up
+        del shapes[:]
+        bn(x)
+    assert shapes == [(4, 8, 5, 5)]                           # y, nothing else
 
 
 # ---- launches per pass, flags ------------------------------------------------------------------

@@ -80,7 +80,7 @@ def test_table_lookup_override_and_fallback(tmp_path, monkeypatch):
     bn = cusyncbn.SyncBatchNorm(8)
     bn(to_device(np.random.default_rng(0).normal(size=(4, 8, 4, 4)), "float32"))
     plan = next(p for k, p in backend._plans.items() if k[0] == "moments")
-    assert plan.block == (128, 1) and "loads" not in str(plan)
+    assert plan.block == (128, 1, 1) and "loads" not in str(plan)
     assert backend._kernels and all(k[2] == (2 if "moments" in k[1] else 4) for k in backend._kernels)
     with pytest.raises(ValueError, match="unknown pass"):
         backend.set_launch_config("finalize", "cs", LaunchConfig())

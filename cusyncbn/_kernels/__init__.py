@@ -25,6 +25,24 @@ MAX_THREADS = 512
 MIN_THREADS_PER_SM = 1024
 LOADS = 4                              # default 16-byte loads in flight per array and thread
 
+# Every kernel's parameters in order, as the *_PARAMS macros of syncbn.cu declare them: the one
+# place that says which value goes into which parameter (host code fills them by name). Kinds:
+# "T*" input dtype, "P*" parameter dtype, "S*" statistics dtype (float; double for double
+# input), "d*" double, "I*" unsigned, "Q*" unsigned long long pointers; "i" int, "d" double,
+# "Q" unsigned long long scalars. Every parameter takes one 8-byte cell (_launch.Arguments).
+PARAMS: dict[str, tuple[tuple[str, str], ...]] = {
+    "moments": (("x", "T*"), ("A", "i"), ("C", "i"), ("B", "i"), ("running_mean", "P*"), ("tag", "d"),
+                ("part", "d*"), ("ticket", "I*"), ("shift", "d*"), ("buf", "d*")),
+    "normalize": (("x", "T*"), ("y", "T*"), ("A", "i"), ("C", "i"), ("B", "i"), ("buf", "d*"), ("shift", "d*"),
+                  ("tag", "d"), ("ranks", "d"), ("running_mean", "P*"), ("running_var", "P*"), ("momentum", "d"),
+                  ("eps", "d"), ("unbiased", "i"), ("weight", "P*"), ("bias", "P*"), ("stats", "S*"),
+                  ("report", "Q*"), ("seq", "Q")),
+    "backward": (("dy", "T*"), ("x", "T*"), ("A", "i"), ("C", "i"), ("B", "i"), ("stats", "S*"), ("tag", "d"),
+                 ("part", "d*"), ("ticket", "I*"), ("weight_grad", "P*"), ("bias_grad", "P*"), ("buf", "d*")),
+    "dx": (("dy", "T*"), ("x", "T*"), ("dx", "T*"), ("A", "i"), ("C", "i"), ("B", "i"), ("stats", "S*"),
+           ("buf", "d*"), ("count", "d*"), ("tag", "d"), ("ranks", "d"), ("report", "Q*"), ("seq", "Q")),
+}
+
 
 def options(loads: int = LOADS) -> tuple[str, ...]:
     """NVRTC (and emulator) options: the language level and the compile-time settings."""

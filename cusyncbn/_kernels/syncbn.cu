@@ -25,6 +25,9 @@
 //   dx:          dx = (dy - buf[c]/N - (x - mean) invstd^2 buf[C+c]/N) * w invstd; block 0
 //                writes flags[1]          (eval: dx = dy * w * invstd)
 //   tags:        the ranks agree when sum t == ranks * t and sum t^2 == ranks * t^2
+//   report:      normalize and dx also publish their flag bits to the host: one 64-bit store of
+//                (seq << 2) | bits into a slot of pinned host memory (mapped: the device writes
+//                it over the bus); the host knows the slot is final when it reads its seq back
 //
 // Reductions are split over the whole GPU: channel-second grids are (splits, C) with every
 // block reducing a slice of one channel; channel-last grids are (channel tiles, splits) with
@@ -56,6 +59,8 @@
 //   tag, ranks       this rank's collective tag and the number of ranks (doubles, exact)
 //   part, ticket     per-split partials (double workspace) and per-channel(-tile) arrival
 //                    counters (unsigned, zero between launches) of the split reductions
+//   report, seq      the pass's host report slot (pinned, mapped; nullptr: none) and its
+//                    sequence number (cusyncbn/_flags.py)
 //
 // Compile-time settings come from the host (cusyncbn/_kernels/__init__.py passes them
 // with -D): CUSYNCBN_MAX_THREADS (the largest block), CUSYNCBN_MIN_THREADS_PER_SM (the
@@ -526,6 +531,14 @@ __device__ __forceinline__ void normalize_coefficients(int c, int C, const doubl
     cf[2] = (S)(bias ? (double)bias[c] : 0.0);
 }
 
+// The host report: one system-scope 64-bit store, (seq << 2) | bits (bits < 4). The host polls
+// the slot without any CUDA call; a value carrying its seq is final.
+__device__ __forceinline__ void publish_report(unsigned long long* report, unsigned long long seq, int bits) {
+    if (report == nullptr) return;
+    __threadfence_system();
+    *(volatile unsigned long long*)report = (seq << 2) | (unsigned long long)bits;
+}
+
 __device__ __forceinline__ bool tags_agree(const double* sums, double tag, double ranks) {
     return sums[0] == ranks * tag && sums[1] == ranks * tag * tag;
 }
@@ -535,7 +548,8 @@ __device__ __forceinline__ bool tags_agree(const double* sums, double tag, doubl
 template <typename S, typename P>
 __device__ void write_stats(int C, const double* buf, const double* shift, double tag, double ranks,
                             P* running_mean, P* running_var, double momentum, double eps, int unbiased,
-                            const P* weight, const P* bias, S* stats) {
+                            const P* weight, const P* bias, S* stats, unsigned long long* report,
+                            unsigned long long seq) {
     __shared__ int nonfinite;
     if (thread_rank() == 0) nonfinite = 0;
     __syncthreads();
@@ -560,18 +574,22 @@ __device__ void write_stats(int C, const double* buf, const double* shift, doubl
         }
     }
     __syncthreads();
-    if (thread_rank() == 0) stats[4 * C] = (S)((nonfinite ? NONFINITE : 0) + (desync ? DESYNC : 0));
+    if (thread_rank() == 0) {
+        const int bits = (nonfinite ? (int)NONFINITE : 0) + (desync ? (int)DESYNC : 0);
+        stats[4 * C] = (S)bits;
+        publish_report(report, seq, bits);
+    }
 }
 
 #define NORMALIZE_PARAMS                                                                                      \
     const T *__restrict__ x, T *__restrict__ y, int A, int C, int B, const double *__restrict__ buf,          \
         const double *__restrict__ shift, double tag, double ranks, P *running_mean, P *running_var,          \
         double momentum, double eps, int unbiased, const P *__restrict__ weight, const P *__restrict__ bias,  \
-        typename Acc<T>::type *__restrict__ stats
+        typename Acc<T>::type *__restrict__ stats, unsigned long long *report, unsigned long long seq
 #define NORMALIZE_STATS_DUTY                                                                                  \
     if (blockIdx.x == 0 && blockIdx.y == 0)                                                                   \
         write_stats(C, buf, shift, tag, ranks, running_mean, running_var, momentum, eps, unbiased, weight, bias, \
-                    stats);
+                    stats, report, seq);
 
 // Channel-second, the grid of moments_cs.
 template <typename T, typename P, int VEC> __global__ void BOUNDS normalize_cs(NORMALIZE_PARAMS) {
@@ -723,17 +741,22 @@ __device__ __forceinline__ void dx_coefficients(int c, int C, const S* stats, co
     cf[3] = stats[2 * C + c];
 }
 
-// Block 0 writes flags[1]: DESYNC when the backward tags disagree (0 with fixed statistics).
+// Block 0 writes flags[1] (and the report): DESYNC when the backward tags disagree (0 with
+// fixed statistics).
 template <typename S>
-__device__ __forceinline__ void write_backward_flag(int C, const double* buf, double tag, double ranks, S* stats) {
-    if (blockIdx.x == 0 && blockIdx.y == 0 && thread_rank() == 0)
-        stats[4 * C + 1] = (S)((buf != nullptr && !tags_agree(buf + 2 * C, tag, ranks)) ? DESYNC : 0);
+__device__ __forceinline__ void write_backward_flag(int C, const double* buf, double tag, double ranks, S* stats,
+                                                    unsigned long long* report, unsigned long long seq) {
+    if (blockIdx.x == 0 && blockIdx.y == 0 && thread_rank() == 0) {
+        const int bits = (buf != nullptr && !tags_agree(buf + 2 * C, tag, ranks)) ? (int)DESYNC : 0;
+        stats[4 * C + 1] = (S)bits;
+        publish_report(report, seq, bits);
+    }
 }
 
 #define DX_PARAMS                                                                                             \
     const T *__restrict__ dy, const T *__restrict__ x, T *__restrict__ dx, int A, int C, int B,               \
         typename Acc<T>::type *__restrict__ stats, const double *__restrict__ buf,                           \
-        const double *__restrict__ count, double tag, double ranks
+        const double *__restrict__ count, double tag, double ranks, unsigned long long *report, unsigned long long seq
 
 // Channel-second, the grid of backward_cs. buf == nullptr: fixed statistics, dx = dy * scale
 // (x is not read).
@@ -741,7 +764,7 @@ template <typename T, int VEC> __global__ void BOUNDS dx_cs(DX_PARAMS) {
     typedef Io<T, VEC> io;
     typedef typename io::S S;
     constexpr int BATCH = io::batch;
-    write_backward_flag(C, buf, tag, ranks, stats);
+    write_backward_flag(C, buf, tag, ranks, stats, report, seq);
     if (A == 0 || B == 0) return;
     const double n = buf != nullptr && count[0] > 1 ? count[0] : 1.0;
     extern __shared__ double sh[];
@@ -778,7 +801,7 @@ template <typename T, int VEC> __global__ void BOUNDS dx_cl(DX_PARAMS) {
     typedef Io<T, VEC> io;
     typedef typename io::S S;
     constexpr int BATCH = io::batch2;
-    write_backward_flag(C, buf, tag, ranks, stats);
+    write_backward_flag(C, buf, tag, ranks, stats, report, seq);
     const double n = buf != nullptr && count[0] > 1 ? count[0] : 1.0;
     extern __shared__ double sh[];
     S* cf = reinterpret_cast<S*>(sh);

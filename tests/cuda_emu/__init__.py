@@ -18,6 +18,7 @@ checked for what would fail or corrupt memory on a GPU and go unnoticed on a CPU
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import math
 import os
@@ -114,8 +115,10 @@ def library(loads: int = _kernels.LOADS) -> Library:
     return lib
 
 
-_DTYPE_KIND = {"float64": "d", "float32": "f", "float16": "h", "bfloat16": "b", "int32": "i", "int64": "q", "uint32": "I"}
-_SCALAR_KIND = {np.int32: ("i", ctypes.c_int32), np.int64: ("q", ctypes.c_int64), np.float64: ("d", ctypes.c_double)}
+_DTYPE_KIND = {"float64": "d", "float32": "f", "float16": "h", "bfloat16": "b", "int32": "i", "int64": "q", "uint32": "I",
+               "uint64": "Q"}
+_SCALAR_KIND = {np.int32: ("i", ctypes.c_int32), np.int64: ("q", ctypes.c_int64), np.float64: ("d", ctypes.c_double),
+                np.uint64: ("Q", ctypes.c_uint64)}
 
 
 class Kernel:
@@ -155,6 +158,29 @@ class Kernel:
         if len(args) != len(self.params):
             raise EmulatedKernelError(f"{self.expr} takes {len(self.params)} arguments, got {len(args)}")
         return [self._argument(n, a, k) for n, (a, k) in enumerate(zip(args, self.params))]
+
+    def check_packed(self, names: tuple, kinds: tuple, dtypes: dict) -> None:
+        """A pre-packed argument list (``_launch.Arguments``: parameter names and kinds of
+        ``_kernels.PARAMS``) against this kernel's parameters; ``dtypes`` maps the kinds'
+        type letters (T, P, S) to NumPy dtype names."""
+        if len(kinds) != len(self.params):
+            raise EmulatedKernelError(f"{self.expr} takes {len(self.params)} arguments, the pack has {len(kinds)}")
+        letters = {"d": "float64", "I": "uint32", "Q": "uint64", **dtypes}
+        for n, (name, kind, param) in enumerate(zip(names, kinds, self.params)):
+            want = ("*" + _DTYPE_KIND[letters[kind[0]]]) if kind.endswith("*") else kind
+            if want != param:
+                raise EmulatedKernelError(f"{self.expr}: argument {n} ({name}) is packed as {kind} ({want}), "
+                                          f"the kernel takes {param}")
+
+    def launch_packed(self, grid: Any, block: Any, shared_mem: int, args: Any) -> None:
+        """Launch with a pre-packed argument list, as cuLaunchKernel would read it."""
+        g = (ctypes.c_uint * 3)(*(tuple(grid) + (1, 1, 1))[:3])
+        b = (ctypes.c_uint * 3)(*(tuple(block) + (1, 1, 1))[:3])
+        error = self._launch(g, b, shared_mem, ctypes.cast(args.address, ctypes.POINTER(ctypes.c_void_p)))
+        if error:
+            raise EmulatedKernelError(f"{self.expr}: {error.decode()}")
+        if self._after is not None:
+            self._after(self.expr, tuple(grid))
 
     def __call__(self, grid: Any, block: Any, args: tuple, shared_mem: int = 0) -> None:
         values = self.check_arguments(args)
@@ -201,6 +227,7 @@ class EmuBackend(StubBackend):
     """
 
     registers = 64
+    array_types = (np.ndarray, DeviceArray)
 
     def __init__(self, sms: int = 4, kernels: Library | None = None, block_order: int = 1) -> None:
         super().__init__(sms)
@@ -230,6 +257,22 @@ class EmuBackend(StubBackend):
             kernel = lib.kernel(_kernels.name_expressions(dtype_name)[key], self._check_guards)
             self._kernels[(dtype_name, key, loads)] = kernel
         return kernel
+
+    def packed_launcher(self, plan: Any, args: Any, stream: int) -> Any:
+        kernel = plan.kernel
+        expr = kernel.expr
+        t = next(name for name, c in _kernels.CTYPES.items() if expr.split("<")[1].split(",")[0].strip(" >") == c)
+        p = "float64" if ", double," in expr else "float32"
+        kernel.check_packed(args.names, args.kinds, {"T": t, "P": p, "S": "float64" if t == "float64" else "float32"})
+        return functools.partial(kernel.launch_packed, plan.grid, plan.block, plan.shared, args)
+
+    def _raw_pointer(self, address: int) -> Any:
+        """A raw slot address (the report ring) as the emulator's pointer argument: the slot."""
+        ring = self.report_ring()
+        if address == 0:
+            return None
+        index = (address - ring.address) // 8
+        return ring.host[index:index + 1]
 
     # -- guarded allocations -------------------------------------------------------------
     def empty(self, shape: Any, dtype: Any) -> Any:

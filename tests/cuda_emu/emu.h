@@ -184,6 +184,7 @@ template <typename T> char kind_of() {
     if (std::is_same<T, double>::value) return 'd';
     if (std::is_same<T, float>::value) return 'f';
     if (std::is_same<T, long long>::value) return 'q';
+    if (std::is_same<T, unsigned long long>::value) return 'Q';
     if (std::is_same<T, int>::value) return 'i';
     if (std::is_same<T, unsigned int>::value) return 'I';
     if (std::is_same<T, unsigned short>::value) return 'H';
@@ -288,6 +289,7 @@ template <typename T> T __shfl_down_sync(unsigned mask, T v, int delta) {
 // Blocks run one after another, so device-wide ordering is trivially satisfied: the
 // last-block pattern (fence, ticket, L2 read) is emulated by plain operations.
 inline void __threadfence() {}
+inline void __threadfence_system() {}
 inline unsigned atomicAdd(unsigned* address, unsigned value) {
     unsigned old = *address;
     *address = old + value;

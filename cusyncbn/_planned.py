@@ -1,0 +1,180 @@
+"""Passes planned per call signature: what a repeated GPU call does on the host.
+
+The first call of :func:`cusyncbn.functional.sync_batch_norm` (or of its backward) with a
+given *signature* takes the full path: every check, with its messages, before any
+collective. When that call succeeded on a GPU backend, it leaves a plan here for its
+signature; a later call with the same signature skips everything that depends only on
+the signature and does what depends on the data: the collective tag, the data pointers
+written into pre-packed kernel arguments (``_launch.Arguments``), the launches, the
+all-reduce, the report slot (``_flags``).
+
+Signature of a forward (the key of :data:`FORWARD`): the input's type, shape, strides
+and dtype; the options (training, momentum, epsilon, data format, unbiased, nonfinite,
+num_features, device, name); the identities of the communicator and of the running
+statistics, weight and bias (the plan holds them, so an identity cannot be reused by
+another array while the plan lives); the output's type, shape, strides and dtype (or
+None); the thread; the current stream. Per call it checks the pointers' alignment class
+(the vector width of the kernels depends on it), that the device is current and that
+the stream is not capturing a CUDA graph; any mismatch takes the full path. Debug mode
+and host (NumPy) arrays always take the full path.
+
+A backward's plan hangs off its forward's plan, keyed by ``dy``'s type, shape, strides
+and dtype, the wanted gradients and the gradient outputs' types/shapes/dtypes (their
+pointers are written per call: a layer's gradient arrays may be replaced between steps).
+"""
+from __future__ import annotations
+
+import threading
+from typing import Any, Callable
+
+from . import _flags
+from ._backend import Stats
+from ._comm import SingleProcessComm, prepared_allreduce
+
+#: Forward plans by signature (see the module docstring); bounded, oldest dropped first.
+FORWARD: dict = {}
+#: False: no new plans are made (every call takes the full path; for comparisons and debugging).
+enabled = True
+MAX_PLANS = 256
+MAX_ENTRIES = 32            # statistics sets a plan keeps for forwards awaiting their backward
+
+
+class Entry:
+    """One forward's statistics and payload, with the argument packs and launches that point
+    at them (the pointers to the input and output are written per call)."""
+
+    __slots__ = ("stats", "moments_args", "normalize_args", "moments", "normalize", "allreduce", "count")
+
+    def __init__(self, stats: Stats, moments_args: Any, normalize_args: Any, moments: Callable,
+                 normalize: Callable, allreduce: Callable | None, count: Any) -> None:
+        self.stats, self.moments_args, self.normalize_args = stats, moments_args, normalize_args
+        self.moments, self.normalize, self.allreduce, self.count = moments, normalize, allreduce, count
+
+
+class ForwardPlan:
+    """The planned forward of one signature, built from a forward that passed the full path
+    (its validated arrays ``x3``, ``y3`` and ``params``). The ``n*`` / ``m*`` attributes are the
+    normalize / moments argument cells written per call."""
+
+    def __init__(self, backend: Any, comm: Any, training: bool, x_shape: tuple, x3_shape: tuple, x_dtype: Any,
+                 stats_dtype: Any, x3: Any, y3: Any, params: dict, momentum: float, epsilon: float,
+                 unbiased: bool, where: str, last: bool, pdtype: str | None, affine: tuple,
+                 nonfinite: str) -> None:
+        self.backend, self.comm, self.training = backend, comm, training
+        self.comm_or_self = comm if comm is not None else SingleProcessComm()
+        self.x_shape, self.x3_shape, self.x_dtype, self.stats_dtype = x_shape, x3_shape, x_dtype, stats_dtype
+        self.where, self.last, self.pdtype, self.affine, self.nonfinite = where, last, pdtype, affine, nonfinite
+        address = backend.address_of
+        self.x_align, self.y_align = address(x3) & 15, address(y3) & 15
+        rm, rv, w, b = params["running_mean"], params["running_var"], params["weight"], params["bias"]
+        self.keep = (rm, rv, w, b)                 # the arrays whose identities are in the key
+        pname = pdtype or "float32"
+        self.stream = backend.current_stream().ptr
+        self._normalize_plan = backend.launch_plan("normalize", x3, (x3, y3), pname)
+        ptr = {name: (None if arr is None else address(arr)) for name, arr in
+               (("running_mean", rm), ("running_var", rv), ("weight", w), ("bias", b))}
+        self._fixed_normalize = {**ptr, "eps": epsilon}
+        self._moments_plan = None
+        self._fixed_moments: dict = {}
+        if training:
+            self._moments_plan = backend.launch_plan("moments", x3, (x3,), pname)
+            self._fixed_moments = {"running_mean": ptr["running_mean"]}
+            self._fixed_normalize.update(ranks=self.comm_or_self.size, momentum=momentum, unbiased=int(unbiased))
+        else:
+            self._fixed_normalize.update(buf=None, shift=None, tag=0.0, ranks=1.0, momentum=0.0, unbiased=0,
+                                         report=None, seq=0)
+        self.ring = backend.report_ring() if training else None
+        self.free: list[Entry] = []
+        self.backward: dict = {}
+        n_index = self._normalize_plan.args.index
+        self.nx, self.ny, self.ntag = n_index["x"], n_index["y"], n_index["tag"]
+        self.nreport, self.nseq = n_index["report"], n_index["seq"]
+        if training:
+            m_index = self._moments_plan.args.index
+            self.mx, self.mtag = m_index["x"], m_index["tag"]
+
+    def entry(self) -> Entry:
+        """A free statistics set, or a new one (two allocations: the statistics and the payload)."""
+        if self.free:
+            return self.free.pop()
+        backend = self.backend
+        c = self.x3_shape[1]
+        stats = backend.take_stats(c, self.stats_dtype)
+        address = backend.address_of
+        n_args = self._normalize_plan.arguments()
+        n_args.update(self._fixed_normalize)
+        n_args.set("stats", address(stats.data))
+        m_args = moments = allreduce = count = None
+        if self.training:
+            buf = stats.payload
+            count = buf[2 * c:2 * c + 1]
+            n_args.set("buf", address(buf))
+            m_args = self._moments_plan.arguments()
+            m_args.update(self._fixed_moments)
+            m_args.set("buf", address(buf))
+            moments = backend.packed_launcher(self._moments_plan, m_args, self.stream)
+            allreduce = prepared_allreduce(self.comm, buf, self.stream)
+        normalize = backend.packed_launcher(self._normalize_plan, n_args, self.stream)
+        return Entry(stats, m_args, n_args, moments, normalize, allreduce, count)
+
+    def recycle(self, entry: Entry) -> None:
+        if len(self.free) < MAX_ENTRIES:
+            self.free.append(entry)
+
+
+class BackwardPlan:
+    """The planned backward of one forward plan and ``dy`` signature, built from a backward
+    that passed the full path: one argument pack per kernel (the data pointers and the tag
+    written per call) and the backward payload. The ``r*`` / ``d*`` attributes are the
+    backward-reduce / dx argument cells written per call."""
+
+    def __init__(self, backend: Any, comm: Any, collective: bool, dy3: Any, x3: Any, dx3: Any, wg: Any, bg: Any,
+                 buf: Any, ring: Any, reduce: bool, pdtype: str, new_wg: bool, new_bg: bool) -> None:
+        self.backend, self.collective, self.pdtype = backend, collective, pdtype
+        self.ring = ring if collective else None
+        self.new_wg, self.new_bg = new_wg, new_bg
+        self.grad_shape = (x3.shape[1],)
+        address = backend.address_of
+        self.dy_align, self.x_align = address(dy3) & 15, address(x3) & 15
+        self.dx_align = 0 if dx3 is None else address(dx3) & 15
+        self.buf = buf
+        stream = backend.current_stream().ptr
+        self.reduce = self.dx = self.allreduce = None
+        if reduce:
+            grads = tuple(g for g in (wg, bg) if g is not None)
+            plan = backend.launch_plan("backward", x3, (dy3, x3), grads[0].dtype.name if grads else "float32")
+            self.reduce_args = plan.arguments()
+            self.reduce_args.set("buf", address(buf))
+            self.reduce = backend.packed_launcher(plan, self.reduce_args, stream)
+            i = self.reduce_args.index
+            self.rdy, self.rx, self.rstats, self.rtag, self.rwg, self.rbg = (
+                i["dy"], i["x"], i["stats"], i["tag"], i["weight_grad"], i["bias_grad"])
+            if collective:
+                self.allreduce = prepared_allreduce(comm, buf, stream)
+        if dx3 is not None:
+            plan = backend.launch_plan("dx", x3, (dy3, x3, dx3), "")
+            self.dx_args = plan.arguments()
+            self.dx_args.update({"buf": address(buf) if collective else None, "ranks": comm.size} if collective
+                                else {"buf": None, "count": None, "tag": 0.0, "ranks": comm.size, "report": None,
+                                      "seq": 0})
+            self.dx = backend.packed_launcher(plan, self.dx_args, stream)
+            i = self.dx_args.index
+            self.ddy, self.dxx, self.ddx, self.dstats, self.dcount, self.dtag = (
+                i["dy"], i["x"], i["dx"], i["stats"], i["count"], i["tag"])
+            self.dreport, self.dseq = i["report"], i["seq"]
+
+
+def remember(key: tuple, plan: ForwardPlan) -> None:
+    if not enabled:
+        return
+    if len(FORWARD) >= MAX_PLANS:
+        FORWARD.pop(next(iter(FORWARD)))
+    FORWARD[key] = plan
+
+
+def clear() -> None:
+    """Forget every plan (the next call of each signature takes the full path)."""
+    FORWARD.clear()
+
+
+thread_id = threading.get_ident
