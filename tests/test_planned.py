@@ -1,0 +1,247 @@
+"""The planned path (cusyncbn._planned) against the full path, on the emulated GPU backend.
+
+The real CupyBackend host code with emulated kernels (tests/cuda_emu): a call whose
+signature has a plan launches pre-packed arguments without validation; anything else
+takes the full path. ``EmuBackend._run`` is what the full path launches through, so
+counting its calls tells which path a call took.
+"""
+import threading
+
+import numpy as np
+import pytest
+
+import cusyncbn
+from cusyncbn import _backend, _planned
+from cusyncbn.functional import flush_reports
+
+import cuda_emu
+
+SHAPES = [("NCHW", (4, 8, 5, 5)), ("NHWC", (3, 4, 4, 8)), ("NC", (6, 8))]
+
+
+@pytest.fixture
+def emu(monkeypatch):
+    backend = cuda_emu.EmuBackend(sms=4)
+    monkeypatch.setitem(_backend._backends, "cpu", backend)
+    backend.full = 0
+    run = backend._run
+
+    def counted(plan, values):
+        backend.full += 1
+        run(plan, values)
+    backend._run = counted
+    _planned.clear()
+    yield backend
+    _planned.clear()
+    flush_reports()
+
+
+def device(a, dtype="float32"):
+    return cuda_emu.guarded_copy(np.asarray(a, dtype=dtype))
+
+
+def steps(bn, xs, dys):
+    out = []
+    for x, dy in zip(xs, dys):
+        y = bn(x).copy()
+        dx = bn.backward(dy).copy()
+        out.append((y, dx))
+    return out, [np.array(a) for a in (bn.weight.grad, bn.bias.grad, bn.running_mean, bn.running_var)]
+
+
+def data(shape, n=3, seed=0, dtype="float32"):
+    rng = np.random.default_rng(seed)
+    xs = [device(rng.normal(2.0, 3.0, size=shape), dtype) for _ in range(n)]
+    dys = [device(rng.normal(size=shape), dtype) for _ in range(n)]
+    return xs, dys
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("data_format,shape", SHAPES)
+def test_planned_results_are_bitwise_those_of_the_full_path(emu, monkeypatch, data_format, shape, dtype):
+    xs, dys = data(shape, dtype=dtype)
+    planned = steps(cusyncbn.SyncBatchNorm(shape[-1] if data_format == "NHWC" else shape[1], data_format=data_format),
+                    xs, dys)
+    assert emu.full == 4, "only the first training step takes the full path"
+    monkeypatch.setattr(_planned, "enabled", False)
+    _planned.clear()
+    emu.full = 0
+    full = steps(cusyncbn.SyncBatchNorm(shape[-1] if data_format == "NHWC" else shape[1], data_format=data_format),
+                 xs, dys)
+    assert emu.full == 4 * len(xs)
+    for (y, dx), (y_full, dx_full) in zip(planned[0], full[0]):
+        np.testing.assert_array_equal(y, y_full)
+        np.testing.assert_array_equal(dx, dx_full)
+    for a, b in zip(planned[1], full[1]):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_the_comparison_can_fail(emu):
+    """Negative control: a planned forward with one pointer cell pointing elsewhere differs."""
+    xs, dys = data((4, 8, 5, 5))
+    bn = cusyncbn.SyncBatchNorm(8)
+    y0 = bn(xs[0]).copy()
+    bn.backward(dys[0])
+    plan = next(iter(_planned.FORWARD.values()))
+    entry = plan.entry()
+    plan.recycle(entry)
+    entry.normalize_args.set("weight", emu.address_of(device(np.full(8, 3.0))))
+    y1 = bn(xs[0]).copy()
+    assert emu.full == 4 and not np.array_equal(y0, y1)
+
+
+def test_a_new_signature_takes_the_full_path_and_gets_its_own_plan(emu):
+    bn = cusyncbn.SyncBatchNorm(8)
+    calls = []
+    for shape in [(4, 8, 5, 5), (4, 8, 5, 5), (2, 8, 5, 5), (2, 8, 5, 5), (4, 8, 5, 5)]:
+        before = emu.full
+        x, dy = data(shape, n=1)
+        bn(x[0])
+        bn.backward(dy[0])
+        calls.append(emu.full - before)
+    assert calls == [4, 0, 4, 0, 0] and len(_planned.FORWARD) == 2
+
+
+def test_each_path_is_taken_as_the_signature_says(emu):
+    bn = cusyncbn.SyncBatchNorm(8)
+    (x, x2), (dy, _) = data((4, 8, 5, 5), n=2)
+
+    def full_launches(fn):
+        before = emu.full
+        fn()
+        return emu.full - before
+
+    def step():
+        bn(x)
+        bn.backward(dy)
+    assert full_launches(step) == 4                       # first call: full path, plans made
+    assert full_launches(step) == 0                       # planned
+    bn.weight.data = device(np.full(8, 2.0))              # a replaced parameter: new identity
+    bn.weight.grad = None
+    assert full_launches(step) == 4
+    assert full_launches(step) == 0
+    bn.eval()
+    with cusyncbn.no_grad():
+        assert full_launches(lambda: bn(x)) == 1          # eval: its own signature
+        assert full_launches(lambda: bn(x)) == 0
+    bn.train()
+    assert full_launches(step) == 0                       # back to the training plan
+    stream = type("Stream", (), {"ptr": 12345, "is_capturing": staticmethod(lambda: False)})()
+    default = emu.current_stream
+    emu.current_stream = lambda: stream
+    assert full_launches(step) == 4                       # another stream
+    assert full_launches(step) == 0
+    stream.is_capturing = lambda: True
+    assert full_launches(step) == 4                       # capturing: never planned
+    emu.current_stream = default
+    worker = threading.Thread(target=lambda: emu.__setattr__("thread_full", full_launches(step)))
+    worker.start()
+    worker.join()
+    assert emu.thread_full == 4                           # another thread: its own plans
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(emu, "current_device", lambda: 1)      # another device current: full path
+        assert full_launches(step) == 4
+    misaligned = cuda_emu.guarded_copy(np.asarray(x), misalign=True)
+    assert full_launches(lambda: (bn(misaligned), bn.backward(dy))) == 4   # another alignment class
+
+
+def test_a_bad_call_after_warm_up_raises_the_same_error_and_changes_nothing(emu):
+    (x,), (dy,) = data((4, 8, 5, 5), n=1)
+    bad = device(np.ones((4, 5, 5, 5)))
+    fresh = cusyncbn.SyncBatchNorm(8)
+    with pytest.raises(ValueError) as expected:
+        fresh(bad)
+    bn = cusyncbn.SyncBatchNorm(8)
+    for _ in range(2):
+        bn(x)
+        bn.backward(dy)
+    state = [np.array(a) for a in (bn.running_mean, bn.running_var, bn.weight.grad, bn.bias.grad)]
+    with pytest.raises(ValueError) as raised:
+        bn(bad)
+    assert str(raised.value) == str(expected.value).replace(fresh.name, bn.name)
+    bn(x)
+    with pytest.raises(ValueError, match="dy has shape"):
+        bn.backward(device(np.ones((2, 8, 5, 5))))
+    with pytest.raises(TypeError, match="floating dtype"):
+        bn.backward(device(np.ones((4, 8, 5, 5)), "int32"))
+    bn.backward(dy)                                       # the pending forward is still there
+    after = [np.array(a) for a in (bn.running_mean, bn.running_var)]
+    assert not np.array_equal(after[0], state[0])         # the good forward moved them, once
+    bn2 = cusyncbn.SyncBatchNorm(8)
+    for _ in range(3):
+        bn2(x)
+        bn2.backward(dy)
+    np.testing.assert_array_equal(after[0], np.array(bn2.running_mean))
+
+
+class TwoRanks:
+    """A 2-rank communicator stand-in: the other rank holds the same batch, and is one
+    collective ahead (its tag is t + 1) while ``out_of_step``, so the payload's tag check
+    must fail then."""
+
+    rank, size = 0, 2
+    out_of_step = False
+
+    def allreduce(self, buf):
+        buf *= 2
+        if self.out_of_step:
+            buf[-2] += 1
+
+
+def test_nonfinite_statistics_are_reported_through_the_slots(emu):
+    (x,), (dy,) = data((4, 8, 5, 5), n=1)
+    bn = cusyncbn.SyncBatchNorm(8, name="the_layer")
+    bn(x)
+    bn.backward(dy)
+    before = np.array(bn.running_mean)
+    nan = np.array(x)
+    nan[0, 3, 0, 0] = np.nan
+    with pytest.warns(RuntimeWarning, match="the_layer: the global batch statistics"):
+        bn(device(nan))                                    # planned; the report lands, the next call reports
+        bn.backward(dy)
+        flush_reports()
+    after = np.array(bn.running_mean)
+    assert after[3] == before[3] and not np.array_equal(np.delete(after, 3), np.delete(before, 3))
+    raising = cusyncbn.SyncBatchNorm(8, nonfinite="raise")
+    raising(x)
+    raising.backward(dy)
+    raising(device(nan))
+    with pytest.raises(FloatingPointError):
+        raising.backward(dy)                               # reported by the next call into cusyncbn
+    raising.backward(dy)
+    flush_reports()
+
+
+def test_ranks_out_of_step_are_reported_through_the_slots(emu):
+    (x,), (dy,) = data((4, 8, 5, 5), n=1)
+    comm = TwoRanks()
+    bn = cusyncbn.SyncBatchNorm(8, comm=comm)
+    bn(x)
+    bn.backward(dy)
+    flush_reports()                                        # in step: nothing to report
+    before = np.array(bn.running_mean)
+    comm.out_of_step = True
+    bn(x)                                                  # planned (same signature)
+    with pytest.raises(RuntimeError, match=r"collective #3 \(forward\)"):
+        bn.backward(dy)                                    # the forward's report arrives here
+    np.testing.assert_array_equal(np.array(bn.running_mean), before)
+    bn.backward(dy)                                        # the forward is still pending
+    with pytest.raises(RuntimeError, match=r"collective #4 \(backward\)"):
+        flush_reports()
+    assert emu.full == 4                                   # all but the first step were planned
+
+
+def test_flush_waits_for_the_device(emu):
+    (x,), (dy,) = data((4, 8, 5, 5), n=1)
+    bn = cusyncbn.SyncBatchNorm(8)
+    bn(x)
+    bn.backward(dy)
+    ring = emu.report_ring()
+    synced = []
+    ring.synchronize = lambda: synced.append(1)
+    nan = np.array(x)
+    nan[0, 0, 0, 0] = np.nan
+    bn(device(nan))
+    with pytest.warns(RuntimeWarning):
+        flush_reports()
+    assert synced == [1]
