@@ -28,10 +28,6 @@ from .functional import BatchNormContext, sync_batch_norm, sync_batch_norm_backw
 _OUTPUTS = ("backend", "input")
 
 
-def _data(param: Parameter | None) -> Any:
-    return None if param is None else param.data
-
-
 def _debug_from_env() -> bool:
     return os.environ.get("CUSYNCBN_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
 
@@ -226,11 +222,6 @@ class _BatchNormBase:
     def __call__(self, x: Any, *, output: str | None = None) -> Any:
         return self.forward(x, output=output)
 
-    def _batch_stats(self) -> bool:
-        if self._use_global_stats is not None:
-            return not self._use_global_stats
-        return self.training
-
     def forward(self, x: Any, *, output: str | None = None) -> Any:
         """Normalize ``x``; in training mode with batch statistics synchronized over ``comm``.
 
@@ -246,11 +237,13 @@ class _BatchNormBase:
         framework = framework_of(x)
         if not self._sync:
             self._check_ndim(x)
-        batch = self._batch_stats()
         # As Paddle: batch statistics always move the running ones, also in eval mode with
-        # use_global_stats=False.
+        # use_global_stats=False. (Written out rather than in helpers: this is the per-call path.)
+        batch = self.training if self._use_global_stats is None else not self._use_global_stats
+        weight, bias = self.weight, self.bias
         y, ctx = sync_batch_norm(
-            x, self._mean, self._variance, _data(self.weight), _data(self.bias), training=batch, momentum=self._momentum,
+            x, self._mean, self._variance, None if weight is None else weight.data, None if bias is None else bias.data,
+            training=batch, momentum=self._momentum,
             epsilon=self._epsilon, data_format=self._data_format, comm=self.comm,
             unbiased_running_var=self._unbiased, nonfinite=self._nonfinite, debug=self._debug and self._sync,
             num_features=self._num_features, device=self._device, name=self._name)
