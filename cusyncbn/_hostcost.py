@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _flags
+from . import _flags, _planned
 from ._backend import Backend, swap_backend
 from ._backend_cupy import CupyBackend
 from ._backend_numpy import NumpyBackend
@@ -211,6 +211,10 @@ def ledger(shape: tuple = SHAPE, warm: int = 3) -> dict[str, dict[str, int]]:
                 counts["frames"] = frames
                 out[name] = counts
         finally:
+            # Leave nothing of the stand-in behind: its report slots (never written: its
+            # kernels do not run) and its plans.
+            _flags.flush()
+            _planned.clear()
             swap_backend("gpu:0", previous)
     out["training pass"] = {k: -(-(out["forward"][k] + out["backward"][k]) // 2) for k in out["forward"]}
     return out

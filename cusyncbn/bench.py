@@ -341,6 +341,7 @@ def main(argv=None):
     torch_us = torch_host_us()
     print(f"host overhead of one cusyncbn layer call: {overhead:.1f} us (results right afterwards: {same}); "
           f"torch.nn.functional.batch_norm: {torch_us:.1f} us")
+    print(predicted_line(overhead), flush=True)
     _write(args.out, card, bw, rows, overhead, torch_us)
     return 0
 
@@ -389,6 +390,16 @@ def summary(rows):
         lines.append(f"| {shape} | {dtype} | {layout} | {ff:.0%} | {bf:.0%} | {vs_sync:.1f} | {vs_cudnn:.2f} | "
                      f"{', '.join(misses) or 'met'} |")
     return lines
+
+
+def predicted_line(measured_us):
+    """The measured host time per call beside the one the host-cost ledger predicts from the
+    H200 unit costs (``cusyncbn._hostcost``), so the unit costs can be recalibrated per GPU."""
+    from . import _hostcost
+    counts = _hostcost.ledger()["training pass"]
+    predicted = _hostcost.predicted_us(counts)
+    return (f"host time per call: measured {measured_us:.1f} us, predicted {predicted:.1f} us from the ledger "
+            f"({_hostcost.ledger_line(counts)}); measured/predicted {measured_us / predicted:.2f}")
 
 
 def host_summary(ours_us, torch_us):

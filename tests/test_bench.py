@@ -120,3 +120,9 @@ def test_without_a_gpu_it_says_so(argv, capsys):
         pytest.skip("this machine has a GPU: the benchmark would run")
     assert bench.main(argv) == 2
     assert "needs" in capsys.readouterr().err
+
+
+def test_measured_host_time_is_printed_beside_the_prediction():
+    line = bench.predicted_line(90.0)
+    assert line.startswith("host time per call: measured 90.0 us, predicted ")
+    assert "ledger per training pass: launches 2," in line and "measured/predicted" in line
