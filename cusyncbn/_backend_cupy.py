@@ -288,9 +288,25 @@ class CupyBackend(Backend):
             return self._raw_pointer(value)
         return value
 
-    def _raw_pointer(self, address: int) -> Any:
-        from cupy.cuda.function import CPointer
-        return CPointer(address)
+    @staticmethod
+    def _raw_pointer(address: int) -> Any:
+        # A pointer parameter is 8 bytes: the address passed as an unsigned long long.
+        # (cupy.cuda.function.CPointer(p) would pass the 8 bytes *at* p.)
+        return np.uint64(address)
+
+    def set_launch_mode(self, mode: str) -> None:
+        """"packed" (default): launches through the driver with pre-packed arguments, and
+        repeated calls planned per signature; "call": every launch through
+        ``RawKernel.__call__`` and every call on the full path (CuPy's documented path, kept
+        as a fallback and for comparisons).
+
+        Raises:
+            ValueError: another mode.
+        """
+        if mode not in ("packed", "call"):
+            raise ValueError(f"launch mode must be 'packed' or 'call', got {mode!r}")
+        self.launch_mode = mode
+        self.plans = mode == "packed"
 
     def packed_launcher(self, plan: _Plan, args: Arguments, stream: int) -> Any:
         """A callable of no arguments that launches ``plan`` with ``args`` on ``stream`` (the

@@ -21,3 +21,20 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _no_report_outlives_its_test():
+    """A pass's findings on an (emulated) GPU are reported by a later call into cusyncbn: what
+    a test leaves pending (a negative control's broken kernel, say) is dropped when it ends,
+    so that it cannot surface in the next test. Tests about reports flush them themselves."""
+    yield
+    from cusyncbn import _flags
+    import warnings
+    while _flags.queue:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                _flags.flush()
+            except (RuntimeError, FloatingPointError):
+                pass

@@ -245,3 +245,24 @@ def test_flush_waits_for_the_device(emu):
     with pytest.warns(RuntimeWarning):
         flush_reports()
     assert synced == [1]
+
+
+def test_the_rawkernel_call_fallback_gives_the_same_bits(emu):
+    """``launch_mode="call"``: every launch through ``RawKernel.__call__`` (argument tuples,
+    checked by the emulator against the kernel's parameter types), every call on the full path."""
+    xs, dys = data((4, 8, 5, 5))
+    packed = steps(cusyncbn.SyncBatchNorm(8), xs, dys)
+    emu.set_launch_mode("call")
+    _planned.clear()
+    launches = []
+    emu.packed_launcher = lambda *a: launches.append(a)
+    emu.full = 0
+    called = steps(cusyncbn.SyncBatchNorm(8), xs, dys)
+    assert launches == [] and emu.full == 4 * len(xs)
+    for (y, dx), (y_call, dx_call) in zip(packed[0], called[0]):
+        np.testing.assert_array_equal(y, y_call)
+        np.testing.assert_array_equal(dx, dx_call)
+    for a, b in zip(packed[1], called[1]):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="launch mode"):
+        emu.set_launch_mode("fast")
