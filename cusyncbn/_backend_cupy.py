@@ -69,6 +69,7 @@ class CupyBackend(Backend):
         self.current_stream = partial(cupy.cuda.get_current_stream, index)
         self.pointer = attrgetter("data.ptr")
         self.array_types = (cupy.ndarray,)
+        self.accept_array_type(cupy.ndarray, self.pointer, attrgetter("strides"))
         self.allocate, self.allocate_zeros = cupy.empty, cupy.zeros
         with self._cuda_device:
             self._sms = self._cuda_device.attributes["MultiProcessorCount"]

@@ -54,6 +54,8 @@ class StubBackend(CupyBackend):
         self.current_device = _device_zero
         self.current_stream = _default_stream
         self.pointer = attrgetter("ctypes.data")
+        for cls in self.array_types:
+            self.accept_array_type(cls, self.pointer, attrgetter("strides"))
 
     def stream_key(self) -> int:
         return 0

@@ -46,6 +46,7 @@ __all__ = ["BatchNormContext", "flush_reports", "sync_batch_norm", "sync_batch_n
 _NDIMS = (2, 3, 4, 5)
 _thread = _planned.thread_id
 _pending = _flags.queue
+_NO_ARRAYS: dict = {}
 _NONFINITE_MODES = ("warn", "raise")
 
 
@@ -248,21 +249,22 @@ def sync_batch_norm(x: Any, running_mean: Any = None, running_var: Any = None, w
     if _pending:
         _flags.poll()
     backend = backends.get(device) if device is not None and debug is False else None
-    planned = backend is not None and backend.plans and type(x) in backend.array_types
-    if planned:
+    arrays = backend.arrays if backend is not None and backend.plans else _NO_ARRAYS
+    x_getters = arrays.get(type(x))
+    out_getters = None if out is None else arrays.get(type(out))
+    if x_getters is not None and (out is None or out_getters is not None):
         # The planned path (see _planned): the signature, then only what depends on the data.
         stream = backend.current_stream()
-        key = (type(x), x.shape, x.strides, x.dtype, training, momentum, epsilon, data_format, id(comm),
+        key = (type(x), x.shape, x_getters[1](x), x.dtype, training, momentum, epsilon, data_format, id(comm),
                unbiased_running_var, nonfinite, num_features, device, name, id(running_mean), id(running_var),
-               id(weight), id(bias), None if out is None else (type(out), out.shape, out.strides, out.dtype),
+               id(weight), id(bias), None if out is None else (type(out), out.shape, out_getters[1](out), out.dtype),
                _thread(), stream.ptr)
         plan = _planned.FORWARD.get(key)
         if plan is not None and backend.current_device() == backend.index and not stream.is_capturing():
-            pointer = backend.pointer
-            xp = pointer(x)
+            xp = x_getters[0](x)
             if xp & 15 == plan.x_align:
                 y = backend.allocate(plan.x_shape, plan.x_dtype) if out is None else out
-                yp = pointer(y)
+                yp = backend.pointer(y) if out is None else out_getters[0](out)
                 if yp & 15 == plan.y_align:
                     entry = plan.free.pop() if plan.free else plan.entry()
                     n_args = entry.normalize_args
@@ -307,9 +309,11 @@ def sync_batch_norm(x: Any, running_mean: Any = None, running_var: Any = None, w
             raise ValueError(f"{where}: eval (training=False) needs running_mean and running_var")
         if (params["running_mean"] is None) != (params["running_var"] is None):
             raise ValueError(f"{where}: give both running_mean and running_var, or neither")
+        out_a = None
         if out is not None:
-            _check_out(backend, out, xa, "out", where)
-        return xa, params, momentum_, epsilon_
+            out_a = backend.import_array(out, "out")
+            _check_out(backend, out_a, xa, "out", where)
+        return xa, params, momentum_, epsilon_, out_a
 
     vote = None
     if debug and comm.size > 1:
@@ -317,12 +321,12 @@ def sync_batch_norm(x: Any, running_mean: Any = None, running_var: Any = None, w
             row = _debug.record(tag if training else peek_tag(comm), False, _channels_of(x, last) or 0,
                                 _dtype_label(running_mean, running_var, weight, bias), training)
             _debug.agree(comm, backend.xp, where, row, error)
-    x, params, momentum, epsilon = _validated(where, check, vote)
+    x, params, momentum, epsilon, out_array = _validated(where, check, vote)
     c = _channels_of(x, last)
     x3 = view3(x, c, last)
     stats = backend.take_stats(c, np.float64 if x.dtype == np.float64 else np.float32)
     rm, rv, w, b = params["running_mean"], params["running_var"], params["weight"], params["bias"]
-    y3 = backend.empty(x3.shape, x.dtype) if out is None else view3(out, c, last)
+    y3 = backend.empty(x3.shape, x.dtype) if out is None else view3(out_array, c, last)
     ring = backend.report_ring()
     capturing = ring is not None and backend.capturing()
     count = None
@@ -342,7 +346,8 @@ def sync_batch_norm(x: Any, running_mean: Any = None, running_var: Any = None, w
     else:
         backend.normalize_fixed(x3, rm, rv, epsilon, w, b, stats, y3)
     plan = None
-    if planned and _planned.enabled and x is given and not capturing and (out is None or backend.is_native(out)):
+    if (_planned.enabled and x_getters is not None and not capturing and _aliases(backend, x_getters, given, x)
+            and (type(given) in backend.array_types if out is None else _aliases(backend, out_getters, out, out_array))):
         plan = _planned.ForwardPlan(
             backend, comm, training, tuple(x.shape), x3.shape, x.dtype, stats.data.dtype, x3, y3, params,
             momentum, epsilon, unbiased, where, last, params["dtype"], (w is not None, b is not None), nonfinite)
@@ -352,14 +357,23 @@ def sync_batch_norm(x: Any, running_mean: Any = None, running_var: Any = None, w
     return (y3.reshape(x.shape) if out is None else out), ctx
 
 
-def _check_out(backend: Backend, out: Any, like: Any, what: str, where: str) -> None:
-    """``out`` must be a C-contiguous array of ``backend`` with ``like``'s shape and dtype."""
+def _aliases(backend: Backend, getters: tuple, given: Any, array: Any) -> bool:
+    """Whether the validated ``array`` is ``given`` itself, or a view of exactly its memory
+    (``given`` a type the planned path reads through ``getters``, e.g. a torch tensor)."""
+    return given is array or (getters[0](given) == backend.address_of(array) and
+                              tuple(given.shape) == tuple(array.shape) and bool(array.flags.c_contiguous))
+
+
+def _check_out(backend: Backend, out: Any, like: Any, what: str, where: str, shape: tuple | None = None) -> None:
+    """``out`` (imported) must be a C-contiguous array of ``backend`` with ``like``'s dtype and
+    ``shape`` (default: ``like``'s)."""
+    shape = tuple(like.shape) if shape is None else tuple(shape)
     if not backend.is_native(out):
         raise TypeError(f"{where}: {what} must be an array of the {backend.device} backend "
                         f"({type(backend.xp.empty(0)).__module__}), got {type(out).__name__}")
-    if tuple(out.shape) != tuple(like.shape) or out.dtype != like.dtype:
+    if tuple(out.shape) != shape or out.dtype != like.dtype:
         raise ValueError(f"{where}: {what} has shape {tuple(out.shape)} and dtype {out.dtype}, expected "
-                         f"{tuple(like.shape)} and {like.dtype}")
+                         f"{shape} and {like.dtype}")
     if not out.flags.c_contiguous:
         raise ValueError(f"{where}: {what} must be C-contiguous")
     if out is like:
@@ -407,26 +421,36 @@ def sync_batch_norm_backward(ctx: BatchNormContext, dy: Any, *, input_grad: bool
     plan = ctx._plan if type(ctx) is BatchNormContext else None
     key = None
     given = dy
-    if plan is not None and not ctx._done and type(dy) in plan.backend.array_types:
+    arrays = plan.backend.arrays if plan is not None else _NO_ARRAYS
+    dy_get = arrays.get(type(dy))
+    dx_get = None if input_grad_out is None else arrays.get(type(input_grad_out))
+    wg_get = None if weight_grad_out is None else arrays.get(type(weight_grad_out))
+    bg_get = None if bias_grad_out is None else arrays.get(type(bias_grad_out))
+    if dy_get is not None and not ctx._done and (input_grad_out is None or dx_get is not None) and \
+            (weight_grad_out is None or wg_get is not None) and (bias_grad_out is None or bg_get is not None):
         backend = plan.backend
         stream = backend.current_stream()
-        key = (type(dy), dy.shape, dy.strides, dy.dtype, input_grad, weight_grad, bias_grad, retain,
-               None if weight_grad_out is None else (type(weight_grad_out), weight_grad_out.shape,
-                                                     weight_grad_out.strides, weight_grad_out.dtype),
-               None if bias_grad_out is None else (type(bias_grad_out), bias_grad_out.shape, bias_grad_out.strides,
-                                                   bias_grad_out.dtype),
-               None if input_grad_out is None else (type(input_grad_out), input_grad_out.shape,
-                                                    input_grad_out.strides, input_grad_out.dtype),
+        key = (type(dy), dy.shape, dy_get[1](dy), dy.dtype, input_grad, weight_grad, bias_grad, retain,
+               None if wg_get is None else (type(weight_grad_out), weight_grad_out.shape, wg_get[1](weight_grad_out),
+                                            weight_grad_out.dtype),
+               None if bg_get is None else (type(bias_grad_out), bias_grad_out.shape, bg_get[1](bias_grad_out),
+                                            bias_grad_out.dtype),
+               None if dx_get is None else (type(input_grad_out), input_grad_out.shape, dx_get[1](input_grad_out),
+                                            input_grad_out.dtype),
                ctx._count is None, _thread(), stream.ptr)
         bplan = plan.backward.get(key)
         if bplan is not None and backend.current_device() == backend.index and not stream.is_capturing():
             pointer = backend.pointer
-            dyp, xp = pointer(dy), pointer(ctx._x3)
+            dyp, xp = dy_get[0](dy), arrays[type(ctx._x3)][0](ctx._x3)
             dx = None
             dxp = 0
             if input_grad:
-                dx = backend.allocate(plan.x_shape, plan.x_dtype) if input_grad_out is None else input_grad_out
-                dxp = pointer(dx)
+                if input_grad_out is None:
+                    dx = backend.allocate(plan.x_shape, plan.x_dtype)
+                    dxp = pointer(dx)
+                else:
+                    dx = input_grad_out
+                    dxp = dx_get[0](dx)
             if dyp & 15 == bplan.dy_align and xp & 15 == bplan.x_align and dxp & 15 == bplan.dx_align:
                 stats_p = pointer(ctx._stats.data)
                 wg = weight_grad_out if weight_grad_out is not None else \
@@ -437,8 +461,8 @@ def sync_batch_norm_backward(ctx: BatchNormContext, dy: Any, *, input_grad: bool
                 if bplan.reduce is not None:
                     cells = bplan.reduce_args.cells
                     cells[bplan.rdy], cells[bplan.rx], cells[bplan.rstats] = dyp, xp, stats_p
-                    cells[bplan.rwg] = 0 if wg is None else pointer(wg)
-                    cells[bplan.rbg] = 0 if bg is None else pointer(bg)
+                    cells[bplan.rwg] = 0 if wg is None else pointer(wg) if wg_get is None else wg_get[0](wg)
+                    cells[bplan.rbg] = 0 if bg is None else pointer(bg) if bg_get is None else bg_get[0](bg)
                     bplan.reduce_args.doubles[bplan.rtag] = tag
                     bplan.reduce()
                     if bplan.allreduce is not None:
@@ -463,26 +487,30 @@ def sync_batch_norm_backward(ctx: BatchNormContext, dy: Any, *, input_grad: bool
     collective = input_grad and ctx.batch_stats
     tag = next_tag(comm) if collective else 0
     c = ctx._shape3[1]
+    # The forward's input as this backend's array (a planned forward keeps what it was given).
+    x_array = ctx._x3 if ctx._done or backend.is_native(ctx._x3) else backend.import_array(ctx._x3, "x")
 
     def check() -> tuple:
         if ctx._done:
             raise RuntimeError(f"{where}: this forward was already back-propagated (each context takes one "
                                "backward)")
-        dya = check_grad_output(backend, dy, ctx._shape, ctx._x3.dtype, where)
+        dya = check_grad_output(backend, dy, ctx._shape, x_array.dtype, where)
         pdtype = ctx._pdtype or "float32"
         wg = _grad_slot(backend, weight_grad, weight_grad_out, ctx._affine[0], c, pdtype, "weight_grad_out", where)
         bg = _grad_slot(backend, bias_grad, bias_grad_out, ctx._affine[1], c, pdtype, "bias_grad_out", where)
+        dx_a = None
         if input_grad and input_grad_out is not None:
-            _check_out(backend, input_grad_out, ctx._x3, "input_grad_out", where)
-        return dya, wg, bg
+            dx_a = backend.import_array(input_grad_out, "input_grad_out")
+            _check_out(backend, dx_a, x_array, "input_grad_out", where, ctx._shape)
+        return dya, wg, bg, dx_a
 
     vote = None
     if ctx._debug and collective and comm.size > 1:
         def vote(error: Exception | None) -> None:
             _debug.agree(comm, backend.xp, where, _debug.record(tag, True, c, ctx._pdtype, True), error)
-    dy, wg, bg = _validated(where, check, vote)
+    dy, wg, bg, dx_array = _validated(where, check, vote)
     dy3 = view3(dy, c, ctx._last)
-    stats, x3 = ctx._stats, ctx._x3.reshape(ctx._shape3)
+    stats, x3 = ctx._stats, x_array.reshape(ctx._shape3)
     dx = dx3 = None
     buf = None
     reduce = collective or wg is not None or bg is not None
@@ -494,7 +522,7 @@ def sync_batch_norm_backward(ctx: BatchNormContext, dy: Any, *, input_grad: bool
     ring = backend.report_ring()
     capturing = ring is not None and backend.capturing()
     if input_grad:
-        dx3 = backend.empty(x3.shape, x3.dtype) if input_grad_out is None else view3(input_grad_out, c, ctx._last)
+        dx3 = backend.empty(x3.shape, x3.dtype) if input_grad_out is None else view3(dx_array, c, ctx._last)
         count = ctx._count if collective else None
         if not collective:
             backend.backward_input(dy3, x3, stats, None, None, tag, comm.size, dx3)
@@ -505,14 +533,18 @@ def sync_batch_norm_backward(ctx: BatchNormContext, dy: Any, *, input_grad: bool
             slot, seq = (0, 0) if capturing else _flags.claim(ring, _backward_report(where, comm, tag))
             backend.backward_input(dy3, x3, stats, buf, count, tag, comm.size, dx3, report=slot, seq=seq)
         dx = dx3.reshape(ctx._shape) if input_grad_out is None else input_grad_out
-    if key is not None and dy is given and not capturing and (input_grad_out is None or
-                                                              backend.is_native(input_grad_out)):
+    if key is not None and not capturing and _aliases(backend, dy_get, given, dy) and (not input_grad or (
+            type(given) in backend.array_types if input_grad_out is None
+            else _aliases(backend, dx_get, input_grad_out, dx_array))) and \
+            (wg is None or wg_get is None or _aliases(backend, wg_get, weight_grad_out, wg)) and \
+            (bg is None or bg_get is None or _aliases(backend, bg_get, bias_grad_out, bg)):
         plan.backward[key] = _planned.BackwardPlan(
             backend, ctx._comm, collective, dy3, x3, dx3, wg, bg, buf, ring, reduce, ctx._pdtype or "float32",
             new_wg=weight_grad_out is None and wg is not None, new_bg=bias_grad_out is None and bg is not None)
     if not check_bool(retain, "retain", where):
         ctx.release()
-    return dx, wg, bg
+    return (dx, weight_grad_out if weight_grad_out is not None else wg,
+            bias_grad_out if bias_grad_out is not None else bg)
 
 
 def _backward_report(where: str, comm: Communicator, tag: int) -> Any:

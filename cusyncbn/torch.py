@@ -14,10 +14,12 @@ Example (``mpiexec -n 2 python train.py``)::
 from __future__ import annotations
 
 import contextlib
+from operator import methodcaller
 from typing import Any
 
 import torch
 
+from ._backend import get_backend
 from ._comm import SingleProcessComm, resolve_comm
 from .functional import sync_batch_norm, sync_batch_norm_backward
 
@@ -89,25 +91,41 @@ class _Function(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, weight: Any, bias: Any, module: "SyncBatchNorm", training: bool,
                 momentum: float, data_format: str) -> torch.Tensor:
         device = _device_name(x)
+        comm = module._comm_for(device)
+        x = x.detach()
+        # On a GPU the outputs come from torch's allocator and are written in place (no CuPy
+        # allocation, no DLPack export per call); repeated calls take the planned path.
+        out = torch.empty_like(x) if x.is_cuda else None
+        ctx.params = (weight, bias)
         with _on_torch_stream(x):
             y, ctx.core = sync_batch_norm(
-                x.detach(), module._array("running_mean", device), module._array("running_var", device),
+                x, module._array("running_mean", device), module._array("running_var", device),
                 module._array("weight", device), module._array("bias", device), training=training,
-                momentum=momentum, epsilon=float(module.eps), data_format=data_format,
-                comm=module._comm_for(device), unbiased_running_var=True, device=device,
-                name=type(module).__name__)
-            return torch.from_dlpack(y)
+                momentum=momentum, epsilon=float(module.eps), data_format=data_format, comm=comm,
+                unbiased_running_var=True, device=device, name=type(module).__name__, out=out)
+        return out if out is not None else torch.from_dlpack(y)
 
     @staticmethod
     def backward(ctx: Any, dy: torch.Tensor) -> tuple:
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        weight, bias = ctx.params
+        dy = dy.detach().contiguous()
+        outs: dict = {}
+        if dy.is_cuda:
+            if need_x:
+                outs["input_grad_out"] = torch.empty_like(dy)
+            if need_w and weight is not None:
+                outs["weight_grad_out"] = torch.zeros_like(weight, memory_format=torch.contiguous_format)
+            if need_b and bias is not None:
+                outs["bias_grad_out"] = torch.zeros_like(bias, memory_format=torch.contiguous_format)
         with _on_torch_stream(dy):
             # dy has the shape of the forward's (possibly channel-last permuted) input; the
             # permutes around this function are differentiated by autograd itself.
-            dx, dw, db = sync_batch_norm_backward(ctx.core, dy.detach().contiguous(), input_grad=need_x,
-                                                  weight_grad=need_w, bias_grad=need_b)
-            grads = tuple(None if g is None else torch.from_dlpack(g) for g in (dx, dw, db))
-        ctx.core = None
+            grads = sync_batch_norm_backward(ctx.core, dy, input_grad=need_x, weight_grad=need_w, bias_grad=need_b,
+                                             **outs)
+            grads = tuple(None if g is None else g if isinstance(g, torch.Tensor) else torch.from_dlpack(g)
+                          for g in grads)
+        ctx.core = ctx.params = None
         return grads + (None, None, None, None)
 
 
@@ -186,6 +204,10 @@ class SyncBatchNorm(torch.nn.Module):
     def _comm_for(self, device: str) -> Any:
         comm = self._comms.get(device)
         if comm is None:
+            if device != "cpu":
+                # Planned calls may then take this module's CUDA tensors as they are (the calls
+                # run on torch's current stream: see _on_torch_stream).
+                get_backend(device).accept_array_type(torch.Tensor, methodcaller("data_ptr"), methodcaller("stride"))
             if not self.sync:
                 comm = SingleProcessComm()
             elif self.process_group is not None:

@@ -266,3 +266,65 @@ def test_the_rawkernel_call_fallback_gives_the_same_bits(emu):
         np.testing.assert_array_equal(a, b)
     with pytest.raises(ValueError, match="launch mode"):
         emu.set_launch_mode("fast")
+
+
+def test_foreign_tensors_and_outputs_take_the_planned_path_as_they_are(emu):
+    """What the torch adapter does on a GPU, on the emulator with torch CPU tensors: inputs and
+    caller-provided outputs of an accepted type are read through their own address getter (no
+    DLPack exchange on a planned call); results bitwise those of the backend's own arrays."""
+    torch = pytest.importorskip("torch")
+    from operator import methodcaller
+    from cusyncbn.functional import sync_batch_norm, sync_batch_norm_backward
+    emu.accept_array_type(torch.Tensor, methodcaller("data_ptr"), methodcaller("stride"))
+    xs, dys = data((4, 8, 5, 5))
+
+    def run(as_tensor):
+        rm, rv, w, b = device(np.zeros(8)), device(np.ones(8)), device(np.linspace(0.5, 2, 8)), device(np.ones(8))
+        results = []
+        for x, dy in zip(xs, dys):
+            if as_tensor:
+                x, dy = torch.from_numpy(np.array(x)), torch.from_numpy(np.array(dy))
+                outs = {"input_grad_out": torch.empty_like(dy), "weight_grad_out": torch.zeros(8),
+                        "bias_grad_out": torch.zeros(8)}
+                y_out = torch.empty_like(x)
+            else:
+                outs, y_out = {}, None
+            y, ctx = sync_batch_norm(x, rm, rv, w, b, device="cpu", name="bn", out=y_out)
+            assert y_out is None or y is y_out
+            dx, dw, db = sync_batch_norm_backward(ctx, dy, **outs)
+            assert not as_tensor or (dx is outs["input_grad_out"] and dw is outs["weight_grad_out"])
+            results.append([np.array(a.numpy() if hasattr(a, "numpy") else a) for a in (y, dx, dw, db)])
+        return results, [np.array(a) for a in (rm, rv)]
+
+    native = run(False)
+    emu.full = 0
+    tensors = run(True)
+    assert emu.full == 4                                  # the first step only
+    for got, want in zip(tensors[0] + [tensors[1]], native[0] + [native[1]]):
+        for a, b in zip(got, want):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_caller_provided_outputs_are_checked_before_any_collective(emu):
+    from cusyncbn.functional import sync_batch_norm, sync_batch_norm_backward
+    (x,), (dy,) = data((4, 8, 5, 5), n=1)
+    comm = TwoRanks()
+    calls = []
+    reduce = comm.allreduce
+    comm.allreduce = lambda buf: calls.append(buf.size) or reduce(buf)
+    for out, error, match in [(device(np.zeros((4, 8, 5))), ValueError, "out has shape"),
+                              (device(np.zeros((4, 8, 5, 5)), "float64"), ValueError, "dtype float64"),
+                              (device(np.zeros((4, 5, 5, 8))).transpose(0, 3, 1, 2), ValueError, "C-contiguous"),
+                              (x, ValueError, "not be the input")]:
+        with pytest.raises(error, match=match):
+            sync_batch_norm(x, comm=comm, device="cpu", out=out)
+    assert calls == []
+    out = device(np.zeros((4, 8, 5, 5)))
+    y, ctx = sync_batch_norm(x, comm=comm, device="cpu", out=out)
+    assert y is out and calls == [19]
+    with pytest.raises(ValueError, match="input_grad_out has shape"):
+        sync_batch_norm_backward(ctx, dy, input_grad_out=device(np.zeros((4, 8, 25))))
+    assert calls == [19]
+    dx_out = device(np.zeros((4, 8, 5, 5)))
+    dx, _, _ = sync_batch_norm_backward(ctx, dy, input_grad_out=dx_out)
+    assert dx is dx_out and calls == [19, 18]
