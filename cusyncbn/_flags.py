@@ -19,6 +19,7 @@ capture).
 """
 from __future__ import annotations
 
+import threading
 from collections import deque
 from typing import Any, Callable
 
@@ -30,6 +31,7 @@ SEQ_BITS = 62                       # (seq << 2) | bits fits 64 bits
 queue: deque = deque()
 _pending = queue
 _seq = 0
+_lock = threading.Lock()
 
 
 def watch(flags: Any, report: Callable[[int], None]) -> None:
@@ -67,23 +69,28 @@ def claim(ring: ReportRing, report: Callable[[int], None]) -> tuple[int, int]:
         poll()
         if ring.busy >= ring.size:                       # kernels that never ran (a captured graph)
             _drop(ring)
-    _seq = (_seq + 1) & ((1 << SEQ_BITS) - 1)
-    index = ring.cursor
-    ring.cursor = (index + 1) % ring.size
-    ring.busy += 1
-    _pending.append((ring, index, _seq, report))
-    return ring.address + 8 * index, _seq
+    with _lock:                                          # threads may claim concurrently
+        _seq = seq = (_seq + 1) & ((1 << SEQ_BITS) - 1)
+        index = ring.cursor
+        ring.cursor = (index + 1) % ring.size
+        ring.busy += 1
+        _pending.append((ring, index, seq, report))
+    return ring.address + 8 * index, seq
 
 
 def poll() -> None:
     """Report, in order, every pending pass whose slot has been written; never waits."""
     while _pending:
-        ring, index, seq, report = _pending[0]
-        if int(ring.host[index]) >> 2 != seq:
-            return
-        _pending.popleft()
-        ring.busy -= 1
-        report(int(ring.host[index]) & 3)
+        with _lock:
+            if not _pending:
+                return
+            ring, index, seq, report = _pending[0]
+            value = int(ring.host[index])
+            if value >> 2 != seq:
+                return
+            _pending.popleft()
+            ring.busy -= 1
+        report(value & 3)
 
 
 def pending() -> bool:

@@ -35,7 +35,7 @@ from ._comm import SingleProcessComm, prepared_allreduce
 FORWARD: dict = {}
 #: False: no new plans are made (every call takes the full path; for comparisons and debugging).
 enabled = True
-MAX_PLANS = 256
+MAX_PLANS = 1024        # a plan holds its parameter arrays alive (their ids are in its key)
 MAX_ENTRIES = 32            # statistics sets a plan keeps for forwards awaiting their backward
 
 
