@@ -149,17 +149,17 @@ class Backend:
         # Allocation on the planned path, where the device is known to be current.
         self.allocate = self.empty
         self.allocate_zeros = self.zeros
-        #: Array types a planned call reads as they are: type -> (address getter, strides
-        #: getter), both C-level callables (no Python frame); see :meth:`accept_array_type`.
+        #: Array types a planned call reads as they are: type -> (address getter, layout
+        #: getter), C-level callables where possible (no Python frame); see :meth:`accept_array_type`.
         self.arrays: dict[type, tuple] = {}
 
-    def accept_array_type(self, cls: type, pointer: Any, strides: Any) -> None:
+    def accept_array_type(self, cls: type, pointer: Any, layout: Any) -> None:
         """Let planned calls take arrays of type ``cls`` (e.g. ``torch.Tensor``) as they are,
-        reading their address with ``pointer(a)`` (an int) and their strides with
-        ``strides(a)`` (any hashable). Only for a caller that runs on the stream the arrays'
+        reading their address with ``pointer(a)`` (an int) and their layout with ``layout(a)``
+        (any hashable holding the strides and, on a GPU, the device index). Only for a caller that runs on the stream the arrays'
         producer uses (a planned call makes no DLPack exchange, so it adds no stream order):
         the torch adapter does, making torch's current stream CuPy's."""
-        self.arrays[cls] = (pointer, strides)
+        self.arrays[cls] = (pointer, layout)
 
     def report_ring(self) -> Any:
         """The ``_flags.ReportRing`` the kernels publish their flag bits to; None when the

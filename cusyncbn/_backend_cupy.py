@@ -10,6 +10,7 @@ alignment class and stream (``_plan``), from ``_tuning``.
 """
 from __future__ import annotations
 
+import ctypes
 import threading
 from functools import partial
 from operator import attrgetter
@@ -69,12 +70,15 @@ class CupyBackend(Backend):
         self.current_stream = partial(cupy.cuda.get_current_stream, index)
         self.pointer = attrgetter("data.ptr")
         self.array_types = (cupy.ndarray,)
-        self.accept_array_type(cupy.ndarray, self.pointer, attrgetter("strides"))
+        # The layout a signature keys on includes the array's device: an array of another GPU
+        # must take the full path (which refuses it), not launch here with its pointer.
+        self.accept_array_type(cupy.ndarray, self.pointer, attrgetter("strides", "data.device_id"))
         self.allocate, self.allocate_zeros = cupy.empty, cupy.zeros
         with self._cuda_device:
             self._sms = self._cuda_device.attributes["MultiProcessorCount"]
             self.arch = _tuning.arch_key(self._cuda_device.compute_capability, self._sms)
         self._init_plans()
+        self._ring = self._make_ring()
 
     def _init_plans(self) -> None:
         self._modules: dict[tuple[str, int], Any] = {}
@@ -82,7 +86,6 @@ class CupyBackend(Backend):
         self._plans: dict[tuple, _Plan] = {}
         self._shifts: dict[tuple, Any] = {}
         self._overrides: dict[tuple[str, str], LaunchConfig] = {}
-        self._ring: Any = None
         self.table: dict | None = None            # None: the shipped table (_tuning.load_table)
 
     def set_launch_config(self, kind: str, layout: str, config: LaunchConfig | None) -> None:
@@ -314,23 +317,39 @@ class CupyBackend(Backend):
         driver copies the arguments when it queues the launch)."""
         driver = self.xp.cuda.driver
         grid, block = plan.grid, plan.block
-        return partial(driver.launchKernel, self._function_pointer(plan.kernel), grid[0], grid[1], grid[2],
-                       block[0], block[1], block[2], plan.shared, stream, args.address, 0)
+        launch = partial(driver.launchKernel, self._function_pointer(plan.kernel), grid[0], grid[1], grid[2],
+                         block[0], block[1], block[2], plan.shared, stream, args.address, 0)
+        launch.packed = args                   # the cells its address points at live as long as it does
+        return launch
 
     def _function_pointer(self, kernel: Any) -> int:
         with self._cuda_device:
             return kernel.kernel.ptr
 
     def report_ring(self) -> Any:
-        """This device's ring of report slots (pinned host memory the kernels write; see _flags)."""
-        ring = self._ring
-        if ring is None:
-            from cupyx import empty_pinned
-            host = empty_pinned((1024,), np.uint64)
-            host[...] = 0
-            device = self._cuda_device
-            ring = self._ring = _flags.ReportRing(host, host.ctypes.data, device.synchronize)
-        return ring
+        """This device's ring of report slots (see ``_flags``), made with the backend (so that a
+        first call inside a CUDA graph capture allocates nothing)."""
+        return self._ring
+
+    def _make_ring(self, size: int = 1024) -> Any:
+        """Report slots in pinned host memory mapped into the device's address space
+        (``cudaHostAlloc`` with ``cudaHostAllocPortable | cudaHostAllocMapped``; the kernels get
+        the device address ``cudaPointerGetAttributes`` gives, the host address under unified
+        addressing), zeroed."""
+        runtime = self.xp.cuda.runtime
+        with self._cuda_device:
+            try:
+                flags = getattr(runtime, "hostAllocPortable", 1) | getattr(runtime, "hostAllocMapped", 2)
+                host_address = runtime.hostAlloc(8 * size, flags)
+                device_address = runtime.pointerGetAttributes(host_address).devicePointer
+                host = np.ctypeslib.as_array((ctypes.c_uint64 * size).from_address(host_address))
+            except AttributeError:                     # a CuPy without these bindings
+                from cupyx import empty_pinned
+                host = empty_pinned((size,), np.uint64)
+                device_address = host.ctypes.data
+        host[...] = 0
+        # Kept for the life of the process (8 bytes per slot per device), as the backend is.
+        return _flags.ReportRing(host, device_address, self._cuda_device.synchronize)
 
     # -- the steps of _backend.Backend: one kernel each ---------------------------------------
     def local_moments(self, x3: Any, running_mean: Any, tag: int, buf: Any) -> None:

@@ -61,20 +61,20 @@ def claim(ring: ReportRing, report: Callable[[int], None]) -> tuple[int, int]:
     ``report(bits)`` is called by the first :func:`poll` that finds the slot written.
 
     When every slot of the ring is still pending (a queue of ``ring.size`` unreported
-    passes), the device is synchronized first: the one case that waits.
+    passes), the ring's device is synchronized first, the one case that waits: what landed
+    is kept for the next poll and the slots are free again. Nothing is reported here (a
+    claim sits in the middle of a pass).
     """
     global _seq
     if ring.busy >= ring.size:
         ring.synchronize()
-        poll()
-        if ring.busy >= ring.size:                       # kernels that never ran (a captured graph)
-            _drop(ring)
+        _settle(ring)
     with _lock:                                          # threads may claim concurrently
         _seq = seq = (_seq + 1) & ((1 << SEQ_BITS) - 1)
         index = ring.cursor
         ring.cursor = (index + 1) % ring.size
         ring.busy += 1
-        _pending.append((ring, index, seq, report))
+        _pending.append([ring, index, seq, report, None])
     return ring.address + 8 * index, seq
 
 
@@ -84,12 +84,13 @@ def poll() -> None:
         with _lock:
             if not _pending:
                 return
-            ring, index, seq, report = _pending[0]
-            value = int(ring.host[index])
+            ring, index, seq, report, landed = _pending[0]
+            value = int(ring.host[index]) if landed is None else landed
             if value >> 2 != seq:
                 return
             _pending.popleft()
-            ring.busy -= 1
+            if landed is None:
+                ring.busy -= 1
         report(value & 3)
 
 
@@ -106,19 +107,34 @@ def flush() -> None:
     for ring in {id(entry[0]): entry[0] for entry in _pending}.values():
         ring.synchronize()
     while _pending:
-        ring, index, seq, report = _pending.popleft()
-        ring.busy -= 1
-        if int(ring.host[index]) >> 2 == seq:
-            report(int(ring.host[index]) & 3)
+        with _lock:
+            if not _pending:
+                return
+            ring, index, seq, report, landed = _pending.popleft()
+            value = int(ring.host[index]) if landed is None else landed
+            if landed is None:
+                ring.busy -= 1
+        if value >> 2 == seq:
+            report(value & 3)
 
 
-def _drop(ring: ReportRing) -> None:
-    """Forget the pending passes of ``ring`` that will never be written."""
-    kept = [entry for entry in _pending if entry[0] is not ring]
-    ring.busy = 0
-    ring.cursor = 0
-    _pending.clear()
-    _pending.extend(kept)
+def _settle(ring: ReportRing) -> None:
+    """After a synchronization of ``ring``'s device: keep the values that landed in their
+    entries (reported in order by the next poll), drop the passes that never ran, and free
+    every slot of the ring."""
+    with _lock:
+        kept = []
+        for entry in _pending:
+            if entry[0] is ring and entry[4] is None:
+                value = int(ring.host[entry[1]])
+                if value >> 2 != entry[2]:
+                    continue                             # never ran (e.g. captured into a graph)
+                entry[4] = value
+            kept.append(entry)
+        _pending.clear()
+        _pending.extend(kept)
+        ring.busy = 0
+        ring.cursor = 0
 
 
 def host_ring(size: int = 1024) -> ReportRing:

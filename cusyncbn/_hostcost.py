@@ -50,6 +50,7 @@ class StubBackend(CupyBackend):
         self._cuda_device = contextlib.nullcontext()
         self._sms = sms
         self._init_plans()
+        self._ring = self._make_ring()
         self.table = {}
         self.current_device = _device_zero
         self.current_stream = _default_stream
@@ -60,10 +61,8 @@ class StubBackend(CupyBackend):
     def stream_key(self) -> int:
         return 0
 
-    def report_ring(self) -> Any:
-        if self._ring is None:
-            self._ring = _flags.host_ring()
-        return self._ring
+    def _make_ring(self, size: int = 1024) -> Any:
+        return _flags.host_ring(size)
 
     def address_of(self, a: Any) -> int:
         return a.ctypes.data

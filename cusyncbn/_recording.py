@@ -1016,6 +1016,27 @@ def empty_pinned(shape: Any, dtype: Any = float, order: str = "C") -> np.ndarray
     return np.asfortranarray(a) if order == "F" else a
 
 
+_HOST_ALLOCATIONS: dict[int, np.ndarray] = {}
+
+
+def _host_alloc(size: int, flags: int) -> int:
+    """``cudaHostAlloc``: pinned host memory (counted as ``pinned``); mapped at the same address."""
+    _w().ledger.pinned += 1
+    buf = np.full(max(int(size), 1), 0xFF, np.uint8)
+    _HOST_ALLOCATIONS[buf.ctypes.data] = buf
+    return buf.ctypes.data
+
+
+def _free_host(ptr: int) -> None:
+    _HOST_ALLOCATIONS.pop(int(ptr), None)
+
+
+def _pointer_attributes(ptr: int) -> Any:
+    """``cudaPointerGetAttributes`` of pinned host memory: under unified addressing the device
+    pointer is the host pointer."""
+    return types.SimpleNamespace(device=_get_device(), devicePointer=int(ptr), hostPointer=int(ptr), type=1)
+
+
 def zeros_pinned(shape: Any, dtype: Any = float, order: str = "C") -> np.ndarray:
     a = empty_pinned(shape, dtype, order)
     a.fill(0)
@@ -1086,6 +1107,8 @@ def _modules() -> dict[str, types.ModuleType]:
                       deviceSynchronize=_device_synchronize, getDeviceCount=_device_count,
                       getDeviceProperties=_device_properties, streamIsCapturing=_stream_is_capturing,
                       CUDARuntimeError=CUDARuntimeError, is_hip=False, streamLegacy=_LEGACY_STREAM,
+                      hostAlloc=_host_alloc, freeHost=_free_host, pointerGetAttributes=_pointer_attributes,
+                      hostAllocPortable=1, hostAllocMapped=2,
                       streamPerThread=_PER_THREAD_STREAM)
     driver = _module("cupy.cuda.driver", launchKernel=_launch_kernel, CUDADriverError=CUDADriverError)
     nccl = _module("cupy.cuda.nccl", available=True, get_unique_id=_get_unique_id,

@@ -29,6 +29,8 @@ array must live there too. Results are NumPy or CuPy arrays.
 """
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 from typing import Any
 
@@ -103,12 +105,22 @@ class BatchNormContext:
     def release(self) -> None:
         """Free what the forward kept, without a backward. Idempotent."""
         if not self._done:
-            self._done = True
             if self._entry is not None:
-                self._plan.recycle(self._entry)
-            else:
-                self._backend.give_back(self._stats)
+                stream = self._backend.current_stream()
+                self._finish(stream.ptr == self._plan.stream and not stream.is_capturing())
+                return
+            self._done = True
+            self._backend.give_back(self._stats)
             self._x3 = None
+
+    def _finish(self, reuse: bool) -> None:
+        """Release a planned forward's statistics set: back to its plan when ``reuse`` (released
+        on the stream that wrote it, outside graph capture, so later work on that stream is
+        ordered after its readers), else left to the allocator."""
+        self._done = True
+        if reuse:
+            self._plan.recycle(self._entry)
+        self._x3 = None
 
     def __repr__(self) -> str:
         state = "consumed" if self._done else "pending"
@@ -174,8 +186,20 @@ def _report_forward(where: str, comm: Communicator, tag: int, nonfinite: str) ->
                 raise FloatingPointError(message)
             if where not in _warned:
                 _warned.add(where)
-                warnings.warn(message + " (reported once per layer)", RuntimeWarning, stacklevel=4)
+                warnings.warn(message + " (reported once per layer)", RuntimeWarning, stacklevel=_caller_level())
     return report
+
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _caller_level() -> int:
+    """The ``stacklevel`` of the first frame outside cusyncbn (reports arrive from whichever
+    later call polls, at varying depths): the user's line, not the library's."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _desync_message(where: str, what: str, comm: Communicator, tag: int) -> str:
@@ -347,7 +371,9 @@ def sync_batch_norm(x: Any, running_mean: Any = None, running_var: Any = None, w
         backend.normalize_fixed(x3, rm, rv, epsilon, w, b, stats, y3)
     plan = None
     if (_planned.enabled and x_getters is not None and not capturing and _aliases(backend, x_getters, given, x)
-            and (type(given) in backend.array_types if out is None else _aliases(backend, out_getters, out, out_array))):
+            and (type(given) in backend.array_types if out is None else _aliases(backend, out_getters, out, out_array))
+            # the key holds the given per-channel arrays' identities, the plan the validated ones
+            and rm is running_mean and rv is running_var and w is weight and b is bias):
         plan = _planned.ForwardPlan(
             backend, comm, training, tuple(x.shape), x3.shape, x.dtype, stats.data.dtype, x3, y3, params,
             momentum, epsilon, unbiased, where, last, params["dtype"], (w is not None, b is not None), nonfinite)
@@ -477,7 +503,7 @@ def sync_batch_norm_backward(ctx: BatchNormContext, dy: Any, *, input_grad: bool
                             bplan.ring, _backward_report(ctx._where, ctx._comm, tag))
                     bplan.dx()
                 if not retain:
-                    ctx.release()
+                    ctx._finish(stream.ptr == plan.stream)        # not capturing: checked above
                 return dx, wg, bg
     if not isinstance(ctx, BatchNormContext):
         raise TypeError(f"ctx must be the BatchNormContext returned by sync_batch_norm, got {type(ctx).__name__}")

@@ -61,6 +61,11 @@ def _device_name(t: torch.Tensor) -> str:
     raise ValueError(f"cusyncbn.torch supports CPU and CUDA tensors, got a tensor on {t.device}")
 
 
+def _layout(t: torch.Tensor) -> tuple:
+    """What a planned call keys a tensor's layout on: its strides and CUDA device index."""
+    return t.stride(), t.get_device()
+
+
 _cupy_streams: dict[tuple[int, int], Any] = {}
 
 
@@ -207,7 +212,7 @@ class SyncBatchNorm(torch.nn.Module):
             if device != "cpu":
                 # Planned calls may then take this module's CUDA tensors as they are (the calls
                 # run on torch's current stream: see _on_torch_stream).
-                get_backend(device).accept_array_type(torch.Tensor, methodcaller("data_ptr"), methodcaller("stride"))
+                get_backend(device).accept_array_type(torch.Tensor, methodcaller("data_ptr"), _layout)
             if not self.sync:
                 comm = SingleProcessComm()
             elif self.process_group is not None:

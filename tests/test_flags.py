@@ -71,10 +71,26 @@ def test_a_full_ring_waits_for_the_device_before_reusing_a_slot(ring):
     seen = []
     claimed = [_flags.claim(ring, seen.append) for _ in range(ring.size)]
     assert ring.synced == 0 and len({address for address, _ in claimed}) == ring.size
-    for address, seq in claimed:
-        publish(ring, address, seq, 0)
-    _flags.claim(ring, seen.append)                      # the ring is full: synchronize, report, reuse
-    assert ring.synced == 1 and seen == [0] * ring.size and ring.busy == 1
+    for address, seq in claimed[1:]:
+        publish(ring, address, seq, 2)                    # the first pass never ran (captured)
+    _flags.claim(ring, seen.append)                      # the ring is full: synchronize, free the slots
+    assert ring.synced == 1 and seen == [] and ring.busy == 1          # nothing reported mid-pass
+    _flags.poll()
+    assert seen == [2] * (ring.size - 1)                 # what landed, in order, by the next poll
+
+
+def test_landed_reports_survive_a_full_ring_behind_another_rings_pending_pass(ring):
+    """One process driving two GPUs: ring B's unwritten pass heads the queue when ring A fills."""
+    other = Ring()
+    seen = []
+    _flags.claim(other, lambda bits: seen.append(("b", bits)))
+    for _ in range(ring.size):
+        address, seq = _flags.claim(ring, lambda bits: seen.append(("a", bits)))
+        publish(ring, address, seq, 2)
+    _flags.claim(ring, lambda bits: seen.append(("a", bits)))
+    assert seen == []
+    _flags.flush()
+    assert seen == [("a", 2)] * ring.size                # B's pass never ran; none of A's is lost
 
 
 def test_a_report_that_raises_surfaces_in_the_polling_call(ring):

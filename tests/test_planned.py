@@ -328,3 +328,37 @@ def test_caller_provided_outputs_are_checked_before_any_collective(emu):
     dx_out = device(np.zeros((4, 8, 5, 5)))
     dx, _, _ = sync_batch_norm_backward(ctx, dy, input_grad_out=dx_out)
     assert dx is dx_out and calls == [19, 18]
+
+
+def test_a_nonfinite_warning_points_at_the_users_line(emu):
+    (x,), (dy,) = data((4, 8, 5, 5), n=1)
+    bn = cusyncbn.SyncBatchNorm(8)
+    bn(x)
+    bn.backward(dy)
+    nan = np.array(x)
+    nan[0, 0, 0, 0] = np.nan
+    bn(device(nan))
+    with pytest.warns(RuntimeWarning) as caught:
+        bn.backward(dy)                                    # the report arrives here
+    assert caught[0].filename == __file__
+
+
+def test_a_planned_forward_released_on_another_stream_is_not_reused(emu):
+    (x,), (dy,) = data((4, 8, 5, 5), n=1)
+    bn = cusyncbn.SyncBatchNorm(8)
+    for _ in range(2):
+        bn(x)
+        bn.backward(dy)
+    plan = next(iter(_planned.FORWARD.values()))
+    assert len(plan.free) == 1                             # the second step's set, back after its backward
+    bn(x)                                                  # planned: takes it
+    assert len(plan.free) == 0
+    side = type("Stream", (), {"ptr": 777, "is_capturing": staticmethod(lambda: False)})()
+    default = emu.current_stream
+    emu.current_stream = lambda: side
+    bn.backward(dy)                                        # on another stream: full path, not recycled
+    emu.current_stream = default
+    assert len(plan.free) == 0
+    bn(x)
+    bn.backward(dy)                                        # planned, on the plan's stream: recycled
+    assert len(plan.free) == 1
