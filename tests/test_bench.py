@@ -126,3 +126,16 @@ def test_measured_host_time_is_printed_beside_the_prediction():
     line = bench.predicted_line(90.0)
     assert line.startswith("host time per call: measured 90.0 us, predicted ")
     assert "ledger per training pass: launches 2," in line and "measured/predicted" in line
+
+
+def test_host_targets_on_synthetic_numbers():
+    lines = bench.host_targets({"call": 20.0, "F.batch_norm": 25.0, "eval": 15.0, "module": 60.0,
+                                "nn.BatchNorm2d": 40.0}).splitlines()
+    assert "ratio 0.80 (met: target <= 1.0)" in lines[0]
+    assert lines[1] == ("Host time, eval forward: 15.0 us, torch.nn.functional.batch_norm 25.0 us: ratio 0.60 "
+                        "(missed: target <= 0.5)")
+    assert lines[2] == ("Host time, cusyncbn.torch module call: 60.0 us, torch.nn.BatchNorm2d 40.0 us: ratio 1.50 "
+                        "(missed: target <= 1.3)")
+    met = bench.host_targets({"call": 20.0, "F.batch_norm": 25.0, "eval": 12.5, "module": 52.0,
+                              "nn.BatchNorm2d": 40.0})
+    assert "ratio 0.50 (met: target <= 0.5)" in met and "ratio 1.30 (met: target <= 1.3)" in met

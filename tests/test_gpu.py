@@ -189,3 +189,41 @@ def test_torch_module_on_a_side_stream_and_in_a_cuda_graph(torch_float32):
     with torch.no_grad():
         expected = base[1](base[0](static_x))                     # training mode: batch statistics
     torch.testing.assert_close(static_y, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_planned_calls_match_the_rawkernel_path_and_report_through_mapped_slots():
+    """The planned path on the hardware: pre-packed cuLaunchKernel launches give the bits of
+    RawKernel.__call__ launches; a NaN's report reaches the host through the mapped slot."""
+    import cupy
+    from cusyncbn import _planned
+    from cusyncbn.functional import flush_reports
+    backend = get_backend(f"gpu:{cupy.cuda.Device().id}")
+    rng = np.random.default_rng(7)
+    xs = [cupy.asarray(rng.normal(1.0, 2.0, size=(6, 12, 7, 5)).astype("float32")) for _ in range(3)]
+    dys = [cupy.asarray(rng.normal(size=(6, 12, 7, 5)).astype("float32")) for _ in range(3)]
+
+    def steps():
+        bn = cusyncbn.SyncBatchNorm(12, device=backend.device)
+        out = [(bn(x).get(), bn.backward(dy).get()) for x, dy in zip(xs, dys)]
+        return out, [a.get() for a in (bn.weight.grad, bn.bias.grad, bn.running_mean, bn.running_var)]
+
+    planned = steps()
+    backend.set_launch_mode("call")
+    try:
+        _planned.clear()
+        called = steps()
+    finally:
+        backend.set_launch_mode("packed")
+    for (y, dx), (y2, dx2) in zip(planned[0], called[0]):
+        np.testing.assert_array_equal(y, y2)
+        np.testing.assert_array_equal(dx, dx2)
+    for a, b in zip(planned[1], called[1]):
+        np.testing.assert_array_equal(a, b)
+    bn = cusyncbn.SyncBatchNorm(12, device=backend.device, name="nan_layer")
+    for _ in range(2):
+        bn.backward(bn(xs[0]))
+    bad = xs[0].copy()
+    bad[0, 3, 0, 0] = cupy.nan
+    bn.backward(bn(bad))                                     # planned: its report goes to a slot
+    with pytest.warns(RuntimeWarning, match="nan_layer"):
+        flush_reports()
