@@ -279,9 +279,9 @@ def sync_batch_norm(x: Any, running_mean: Any = None, running_var: Any = None, w
     if x_getters is not None and (out is None or out_getters is not None):
         # The planned path (see _planned): the signature, then only what depends on the data.
         stream = backend.current_stream()
-        key = (type(x), x.shape, x_getters[1](x), x.dtype, training, momentum, epsilon, data_format, id(comm),
+        key = (type(x), tuple(x.shape), x_getters[1](x), x.dtype, training, momentum, epsilon, data_format, id(comm),
                unbiased_running_var, nonfinite, num_features, device, name, id(running_mean), id(running_var),
-               id(weight), id(bias), None if out is None else (type(out), out.shape, out_getters[1](out), out.dtype),
+               id(weight), id(bias), None if out is None else (type(out), tuple(out.shape), out_getters[1](out), out.dtype),
                _thread(), stream.ptr)
         plan = _planned.FORWARD.get(key)
         if plan is not None and backend.current_device() == backend.index and not stream.is_capturing():
@@ -456,12 +456,12 @@ def sync_batch_norm_backward(ctx: BatchNormContext, dy: Any, *, input_grad: bool
             (weight_grad_out is None or wg_get is not None) and (bias_grad_out is None or bg_get is not None):
         backend = plan.backend
         stream = backend.current_stream()
-        key = (type(dy), dy.shape, dy_get[1](dy), dy.dtype, input_grad, weight_grad, bias_grad, retain,
-               None if wg_get is None else (type(weight_grad_out), weight_grad_out.shape, wg_get[1](weight_grad_out),
+        key = (type(dy), tuple(dy.shape), dy_get[1](dy), dy.dtype, input_grad, weight_grad, bias_grad, retain,
+               None if wg_get is None else (type(weight_grad_out), tuple(weight_grad_out.shape), wg_get[1](weight_grad_out),
                                             weight_grad_out.dtype),
-               None if bg_get is None else (type(bias_grad_out), bias_grad_out.shape, bg_get[1](bias_grad_out),
+               None if bg_get is None else (type(bias_grad_out), tuple(bias_grad_out.shape), bg_get[1](bias_grad_out),
                                             bias_grad_out.dtype),
-               None if dx_get is None else (type(input_grad_out), input_grad_out.shape, dx_get[1](input_grad_out),
+               None if dx_get is None else (type(input_grad_out), tuple(input_grad_out.shape), dx_get[1](input_grad_out),
                                             input_grad_out.dtype),
                ctx._count is None, _thread(), stream.ptr)
         bplan = plan.backward.get(key)

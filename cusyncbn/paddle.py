@@ -30,6 +30,7 @@ import copy
 import functools
 import warnings
 from contextlib import nullcontext
+from operator import methodcaller
 from typing import Any, Iterable
 
 import numpy as np
@@ -39,6 +40,7 @@ from paddle.autograd import PyLayer
 from ._dlpack import device_of
 from ._grads import allreduce_gradients as _allreduce_arrays
 from ._rules import FORMATS
+from ._backend import get_backend
 from .functional import sync_batch_norm, sync_batch_norm_backward
 
 __all__ = ["SyncBatchNorm", "allreduce_gradients", "convert_sync_batchnorm"]
@@ -76,6 +78,14 @@ def _array(t: Any, device: str) -> Any:
     return cupy.from_dlpack(data)
 
 
+_data_ptr = methodcaller("data_ptr")
+
+
+def _layout(t: Any) -> tuple:
+    """What a planned call keys a Paddle tensor's layout on: strides and GPU index."""
+    return tuple(t.strides), t.place.gpu_device_id()
+
+
 class _Function(PyLayer):
     """One call of the functional core per pass; ``dx`` and the backward all-reduce only
     when the input needs a gradient."""
@@ -84,17 +94,34 @@ class _Function(PyLayer):
     def forward(ctx: Any, x: Any, weight: Any, bias: Any, layer: "SyncBatchNorm") -> Any:
         y, ctx.core = layer._core_forward(x)
         ctx.needs = (not x.stop_gradient, not weight.stop_gradient, not bias.stop_gradient)
+        ctx.params = (weight, bias)
         return y
 
     @staticmethod
     def backward(ctx: Any, dy: Any) -> tuple:
         need_x, need_w, need_b = ctx.needs
         core, ctx.core = ctx.core, None
+        weight, bias = ctx.params
+        ctx.params = None
         device = core.device
         with _on_paddle_stream(device):
-            grads = sync_batch_norm_backward(core, _array(dy, device), input_grad=need_x, weight_grad=need_w,
-                                             bias_grad=need_b)
-            return tuple(None if g is None else paddle.from_dlpack(g) for g in grads)
+            if device == "cpu":
+                grads = sync_batch_norm_backward(core, _array(dy, device), input_grad=need_x, weight_grad=need_w,
+                                                 bias_grad=need_b)
+            else:
+                # Outputs from Paddle's allocator, written in place: no CuPy allocation and no
+                # DLPack export per call; repeated calls take the planned path.
+                outs = {}
+                if need_x:
+                    outs["input_grad_out"] = paddle.empty_like(dy)
+                if need_w:
+                    outs["weight_grad_out"] = paddle.zeros_like(weight)
+                if need_b:
+                    outs["bias_grad_out"] = paddle.zeros_like(bias)
+                grads = sync_batch_norm_backward(core, dy.detach(), input_grad=need_x, weight_grad=need_w,
+                                                 bias_grad=need_b, **outs)
+            return tuple(None if g is None else g if isinstance(g, paddle.Tensor) else paddle.from_dlpack(g)
+                         for g in grads)
 
 
 class SyncBatchNorm(paddle.nn.SyncBatchNorm):
@@ -164,13 +191,32 @@ class SyncBatchNorm(paddle.nn.SyncBatchNorm):
         # Paddle's kernel: batch statistics unless use_global_stats (or eval with it unset);
         # batch statistics always update the running ones, in eval too.
         batch = self.training if self._use_global_stats is None else not self._use_global_stats
+        gpu = device != "cpu"
+        if gpu:
+            # Planned calls may then take Paddle tensors as they are (on Paddle's current stream).
+            get_backend(device).accept_array_type(paddle.Tensor, _data_ptr, _layout)
+        out = paddle.empty_like(x) if gpu else None
         with _on_paddle_stream(device):
             y, ctx = sync_batch_norm(
-                _array(x, device), _array(self._mean, device), _array(self._variance, device),
-                _array(self.weight, device), _array(self.bias, device), training=batch,
-                momentum=self._momentum, epsilon=self._epsilon, data_format=self._data_format, comm=self._comm,
-                num_features=self._num_features, device=device, name=self._name or self.full_name())
-            return paddle.from_dlpack(y), ctx
+                x.detach() if gpu else _array(x, device), self._param_array("_mean", device),
+                self._param_array("_variance", device), self._param_array("weight", device),
+                self._param_array("bias", device), training=batch, momentum=self._momentum, epsilon=self._epsilon,
+                data_format=self._data_format, comm=self._comm, num_features=self._num_features, device=device,
+                name=self._name or self.full_name(), out=out)
+            return (out if gpu else paddle.from_dlpack(y)), ctx
+
+    def _param_array(self, attr: str, device: str) -> Any:
+        """The NumPy / CuPy array sharing the memory of this layer's tensor ``attr``, imported
+        once and reused while the tensor (and its memory) stays the same: a planned call keys
+        on the arrays' identities."""
+        t = getattr(self, attr)
+        cache = self.__dict__.setdefault("_cusyncbn_arrays", {})
+        cached = cache.get(attr)
+        if cached is not None and cached[0] is t and cached[1] == t.data_ptr() and cached[2] == device:
+            return cached[3]
+        array = _array(t, device)
+        cache[attr] = (t, t.data_ptr(), device, array)
+        return array
 
     def forward(self, x: Any) -> Any:
         if not paddle.in_dynamic_mode():

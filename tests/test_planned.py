@@ -268,14 +268,28 @@ def test_the_rawkernel_call_fallback_gives_the_same_bits(emu):
         emu.set_launch_mode("fast")
 
 
-def test_foreign_tensors_and_outputs_take_the_planned_path_as_they_are(emu):
-    """What the torch adapter does on a GPU, on the emulator with torch CPU tensors: inputs and
-    caller-provided outputs of an accepted type are read through their own address getter (no
-    DLPack exchange on a planned call); results bitwise those of the backend's own arrays."""
+def _torch_kit():
     torch = pytest.importorskip("torch")
     from operator import methodcaller
+    return (methodcaller("data_ptr"), methodcaller("stride"), torch.Tensor,
+            lambda a: torch.from_numpy(np.array(a)), torch.empty_like, lambda n: torch.zeros(n), lambda t: t.numpy())
+
+
+def _paddle_kit():
+    paddle = pytest.importorskip("paddle")
+    from cusyncbn import paddle as cbp
+    return (cbp._data_ptr, cbp._layout, paddle.Tensor, lambda a: paddle.to_tensor(np.array(a)), paddle.empty_like,
+            lambda n: paddle.zeros([n]), lambda t: t.numpy())
+
+
+@pytest.mark.parametrize("kit", [_torch_kit, _paddle_kit], ids=["torch", "paddle"])
+def test_foreign_tensors_and_outputs_take_the_planned_path_as_they_are(emu, kit):
+    """What the torch and Paddle adapters do on a GPU, on the emulator with CPU tensors: inputs
+    and caller-provided outputs of an accepted type are read through their own address getter
+    (no DLPack exchange on a planned call); results bitwise those of the backend's own arrays."""
+    pointer, layout, cls, tensor, empty_like, zeros, to_numpy = kit()
     from cusyncbn.functional import sync_batch_norm, sync_batch_norm_backward
-    emu.accept_array_type(torch.Tensor, methodcaller("data_ptr"), methodcaller("stride"))
+    emu.accept_array_type(cls, pointer, layout)
     xs, dys = data((4, 8, 5, 5))
 
     def run(as_tensor):
@@ -283,17 +297,16 @@ def test_foreign_tensors_and_outputs_take_the_planned_path_as_they_are(emu):
         results = []
         for x, dy in zip(xs, dys):
             if as_tensor:
-                x, dy = torch.from_numpy(np.array(x)), torch.from_numpy(np.array(dy))
-                outs = {"input_grad_out": torch.empty_like(dy), "weight_grad_out": torch.zeros(8),
-                        "bias_grad_out": torch.zeros(8)}
-                y_out = torch.empty_like(x)
+                x, dy = tensor(x), tensor(dy)
+                outs = {"input_grad_out": empty_like(dy), "weight_grad_out": zeros(8), "bias_grad_out": zeros(8)}
+                y_out = empty_like(x)
             else:
                 outs, y_out = {}, None
             y, ctx = sync_batch_norm(x, rm, rv, w, b, device="cpu", name="bn", out=y_out)
             assert y_out is None or y is y_out
             dx, dw, db = sync_batch_norm_backward(ctx, dy, **outs)
             assert not as_tensor or (dx is outs["input_grad_out"] and dw is outs["weight_grad_out"])
-            results.append([np.array(a.numpy() if hasattr(a, "numpy") else a) for a in (y, dx, dw, db)])
+            results.append([np.array(to_numpy(a) if isinstance(a, cls) else a) for a in (y, dx, dw, db)])
         return results, [np.array(a) for a in (rm, rv)]
 
     native = run(False)
