@@ -13,6 +13,7 @@ from ._grads import allreduce_gradients
 from ._grad_mode import no_grad
 from ._layer import BatchNorm1D, BatchNorm2D, BatchNorm3D, SyncBatchNorm
 from ._params import ParamAttr, Parameter
+from ._watchdog import set_collective_timeout
 from . import functional
 
 __version__ = "0.1.0"
@@ -30,5 +31,5 @@ __all__ = [
     "BatchNorm1D", "BatchNorm2D", "BatchNorm3D", "Communicator", "MPIComm", "NCCLComm",
     "ParamAttr", "Parameter", "SingleProcessComm", "SyncBatchNorm", "allreduce_gradients",
     "device_of", "export_state_dict", "functional", "get_device", "load_checkpoint", "load_state_dict", "no_grad",
-    "save_checkpoint", "set_abort_on_failure", "set_device", "__version__",
+    "save_checkpoint", "set_abort_on_failure", "set_collective_timeout", "set_device", "__version__",
 ]

@@ -169,6 +169,15 @@ def _exit(status: Any = None) -> None:
         raise SystemExit(exc.code) from None
 
 
+def end_job(status: int, what: str) -> bool:
+    """End every rank as a failing rank does (note, NCCL aborted, ``MPI_Abort(status)``), if
+    failures end the job and MPI runs; False (and nothing done) otherwise."""
+    if not _active():
+        return False
+    _abort(status, what)
+    return True
+
+
 def _abort(status: int, what: str) -> None:
     """Print a note, flush, abort NCCL communicators, then ``MPI_Abort`` every rank."""
     mpi = _mpi()

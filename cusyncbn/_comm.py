@@ -16,7 +16,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from . import _abort
+from . import _abort, _watchdog
 
 # Environment variables that MPI launchers (Hydra/MPICH, Open MPI, PMIx, Slurm,
 # MVAPICH) set in every process they start; read without initialising MPI.
@@ -68,21 +68,31 @@ class MPIComm:
     :func:`agree_on_length`). Building one in a job of several MPI processes makes a
     failing rank end the job (see :func:`cusyncbn.set_abort_on_failure`).
 
+    Every all-reduce is watched (``cusyncbn._watchdog``): a rank waiting in one that another
+    rank will never join (it finished its script after fewer collectives) ends the job at
+    once with a message naming both; one that does not complete within the timeout ends
+    it after a stall report at half the timeout.
+
     Args:
         mpi_comm: an ``mpi4py.MPI.Comm`` (intra-communicator), e.g. ``MPI.COMM_WORLD``
             or ``MPI.COMM_WORLD.Split(rank // 2)``. Default: ``MPI.COMM_WORLD``.
+        timeout: seconds a collective may take (None: :func:`cusyncbn.set_collective_timeout`,
+            else ``CUSYNCBN_TIMEOUT``, else 600).
 
     Raises:
         TypeError: ``mpi_comm`` is not an mpi4py intra-communicator.
+        ValueError: ``timeout`` is not a number of seconds > 0.
         RuntimeError (from ``allreduce``): the ranks passed buffers of different lengths,
             or MPI failed; the message says what this rank passed.
+        TimeoutError (from ``allreduce``): a stuck collective, when failures are left to the
+            program (``set_abort_on_failure(False)``); otherwise the job ends.
 
     Example:
         >>> from mpi4py import MPI            # doctest: +SKIP
         >>> comm = cusyncbn.MPIComm(MPI.COMM_WORLD.Split(MPI.COMM_WORLD.rank // 2))  # doctest: +SKIP
     """
 
-    def __init__(self, mpi_comm: Any = None) -> None:
+    def __init__(self, mpi_comm: Any = None, *, timeout: float | None = None) -> None:
         from mpi4py import MPI
         if mpi_comm is None:
             mpi_comm = MPI.COMM_WORLD
@@ -92,14 +102,18 @@ class MPIComm:
         self.mpi_comm = mpi_comm
         self.rank = mpi_comm.Get_rank()
         self.size = mpi_comm.Get_size()
+        self.timeout = None if timeout is None else _watchdog.check_timeout(timeout, "MPIComm")
         self._lengths: set[int] = set()
+        # The side channel of early-exit notices (a collective Dup, as building this is).
+        self.watch = _watchdog.Watch(mpi_comm, partial(peek_tag, self), repr(self)) if self.size > 1 else None
         _abort.install()
 
     def allreduce(self, buf: Any) -> None:
         host = buf if isinstance(buf, np.ndarray) else buf.get()
         try:
-            agree_on_length(self.mpi_comm, self._lengths, host.size)
-            self.mpi_comm.Allreduce(self._mpi.IN_PLACE, host, op=self._mpi.SUM)
+            agree_on_length(self.mpi_comm, self._lengths, host.size, self)
+            request = self.mpi_comm.Iallreduce(self._mpi.IN_PLACE, host, op=self._mpi.SUM)
+            _watchdog.wait(request, self.watch, self, self.timeout)
         except self._mpi.Exception as exc:
             raise RuntimeError(_allreduce_failure(self, host.size, exc)) from exc
         if host is not buf:
@@ -109,7 +123,7 @@ class MPIComm:
         return f"MPIComm(rank={self.rank}, size={self.size})"
 
 
-def agree_on_length(mpi_comm: Any, agreed: set, count: int) -> None:
+def agree_on_length(mpi_comm: Any, agreed: set, count: int, comm: Any = None) -> None:
     """Before the first all-reduce of ``count`` values over ``mpi_comm``, check that every
     rank passes ``count`` values.
 
@@ -123,12 +137,17 @@ def agree_on_length(mpi_comm: Any, agreed: set, count: int) -> None:
 
     Raises:
         RuntimeError: on every rank, naming each rank's length, when they differ.
+
+    ``comm`` (the cusyncbn communicator, with its ``watch`` and ``timeout``) has the check
+    watched as its all-reduces are.
     """
     if count in agreed:
         return
     from mpi4py import MPI
     ends = np.array([count, -count], dtype=np.int64)
-    mpi_comm.Allreduce(MPI.IN_PLACE, ends, op=MPI.MIN)
+    request = mpi_comm.Iallreduce(MPI.IN_PLACE, ends, op=MPI.MIN)
+    _watchdog.wait(request, getattr(comm, "watch", None), comm if comm is not None else mpi_comm,
+                   getattr(comm, "timeout", None))
     if ends[0] == -ends[1]:
         agreed.add(count)
         return

@@ -20,6 +20,7 @@ capture).
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
 from typing import Any, Callable
 
@@ -32,6 +33,7 @@ queue: deque = deque()
 _pending = queue
 _seq = 0
 _lock = threading.Lock()
+_now = time.monotonic
 
 
 def watch(flags: Any, report: Callable[[int], None]) -> None:
@@ -56,9 +58,10 @@ class ReportRing:
         self.cursor = 0             # the next slot to claim
 
 
-def claim(ring: ReportRing, report: Callable[[int], None]) -> tuple[int, int]:
+def claim(ring: ReportRing, report: Callable[[int], None], info: tuple | None = None) -> tuple[int, int]:
     """A slot of ``ring`` for one pass: ``(slot address, seq)`` to hand to its kernel;
     ``report(bits)`` is called by the first :func:`poll` that finds the slot written.
+    ``info``, ``(layer name, pass, communicator, tag)``, is for the watchdog (``_watchdog``).
 
     When every slot of the ring is still pending (a queue of ``ring.size`` unreported
     passes), the ring's device is synchronized first, the one case that waits: what landed
@@ -74,7 +77,7 @@ def claim(ring: ReportRing, report: Callable[[int], None]) -> tuple[int, int]:
         index = ring.cursor
         ring.cursor = (index + 1) % ring.size
         ring.busy += 1
-        _pending.append([ring, index, seq, report, None])
+        _pending.append([ring, index, seq, report, None, info, _now()])
     return ring.address + 8 * index, seq
 
 
@@ -84,7 +87,7 @@ def poll() -> None:
         with _lock:
             if not _pending:
                 return
-            ring, index, seq, report, landed = _pending[0]
+            ring, index, seq, report, landed = _pending[0][:5]
             value = int(ring.host[index]) if landed is None else landed
             if value >> 2 != seq:
                 return
@@ -99,6 +102,25 @@ def pending() -> bool:
     return bool(_pending)
 
 
+class PendingPass:
+    """A read-only view of one pending pass (for the watchdog thread)."""
+
+    __slots__ = ("ring", "index", "seq", "landed", "info", "claimed")
+
+    def __init__(self, entry: list) -> None:
+        self.ring, self.index, self.seq, _, self.landed, self.info, self.claimed = entry
+
+    def written(self) -> bool:
+        """Whether its kernel has published its report (the pass got past its all-reduce)."""
+        return self.landed is not None or int(self.ring.host[self.index]) >> 2 == self.seq
+
+
+def pending_entries() -> list[PendingPass]:
+    """The pending passes, oldest first (a snapshot, safe from any thread)."""
+    with _lock:
+        return [PendingPass(entry) for entry in _pending]
+
+
 def flush() -> None:
     """Wait for every pending pass (a device synchronization per ring) and report it;
     passes whose kernels never ran (captured into a graph) are dropped."""
@@ -110,7 +132,7 @@ def flush() -> None:
         with _lock:
             if not _pending:
                 return
-            ring, index, seq, report, landed = _pending.popleft()
+            ring, index, seq, report, landed = _pending.popleft()[:5]
             value = int(ring.host[index]) if landed is None else landed
             if landed is None:
                 ring.busy -= 1

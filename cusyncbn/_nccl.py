@@ -9,10 +9,11 @@ from __future__ import annotations
 import os
 import socket
 import warnings
+from functools import partial
 from typing import Any
 
-from . import _abort
-from ._comm import MPIComm, agree_on_length
+from . import _abort, _watchdog
+from ._comm import MPIComm, agree_on_length, peek_tag
 
 
 class NCCLComm:
@@ -22,6 +23,14 @@ class NCCLComm:
         mpi_comm: the mpi4py communicator whose processes form the group (default
             ``MPI.COMM_WORLD``; a ``Split`` gives group-wise sync).
         device: CUDA device index of this rank (default: the current CuPy device).
+        timeout: seconds a pass's all-reduce may take (None: :func:`cusyncbn.set_collective_timeout`,
+            else ``CUSYNCBN_TIMEOUT``, else 600).
+
+    The host never waits in an NCCL all-reduce; a watchdog thread (``cusyncbn._watchdog``)
+    watches each pass's completion instead: a pass stuck behind a collective that another
+    rank will never join (it finished its script after fewer collectives) ends the job at
+    once, one that does not complete within the timeout ends it after a stall report at
+    half the timeout (this communicator is aborted first, which unblocks the kernel).
 
     The first all-reduce of each buffer length checks over MPI, on the host, that every
     rank passes that length (NCCL would hang or read past the shorter buffer); later ones
@@ -38,13 +47,14 @@ class NCCLComm:
         >>> bn = cusyncbn.SyncBatchNorm(64, comm=comm)  # doctest: +SKIP
     """
 
-    def __init__(self, mpi_comm: Any = None, device: int | None = None) -> None:
+    def __init__(self, mpi_comm: Any = None, device: int | None = None, *, timeout: float | None = None) -> None:
         import cupy
         from mpi4py import MPI
         mpi_comm = MPI.COMM_WORLD if mpi_comm is None else mpi_comm
         self.mpi_comm = mpi_comm
         self.rank = mpi_comm.Get_rank()
         self.size = mpi_comm.Get_size()
+        self.timeout = None if timeout is None else _watchdog.check_timeout(timeout, "NCCLComm")
         self.device = cupy.cuda.Device().id if device is None else int(device)
         problem = _nccl_problem(self.device)
         # Same host (or NCCL_HOSTID) and same GPU on two ranks: NCCL would refuse.
@@ -65,12 +75,15 @@ class NCCLComm:
             self._comm = nccl.NcclCommunicator(self.size, uid, self.rank)
         self._cupy = cupy
         self._lengths: set[int] = set()
+        self.watch = _watchdog.Watch(mpi_comm, partial(peek_tag, self), repr(self)) if self.size > 1 else None
         _abort.install(nccl_comm=self)
+        if self.size > 1:
+            _watchdog.watch_gpu_passes()
 
     def allreduce(self, buf: Any) -> None:
         if buf.dtype.itemsize != 8 or buf.dtype.kind != "f":
             raise TypeError(f"NCCLComm.allreduce takes float64 buffers, got {buf.dtype}")
-        agree_on_length(self.mpi_comm, self._lengths, buf.size)     # first use of a length only: host MPI
+        agree_on_length(self.mpi_comm, self._lengths, buf.size, self)     # first use of a length only: host MPI
         # The current stream of this communicator's device (where the layer's kernels run),
         # whichever device is current in the calling thread.
         stream = self._cupy.cuda.get_current_stream(self.device).ptr
@@ -81,10 +94,9 @@ class NCCLComm:
         """The all-reduce of ``buf`` on ``stream`` as a callable of no arguments: NCCL's call
         with every argument bound (a planned pass makes it with no Python frame). The
         checks of :meth:`allreduce` (dtype, the length agreed across ranks) are made here."""
-        from functools import partial
         if buf.dtype.itemsize != 8 or buf.dtype.kind != "f":
             raise TypeError(f"NCCLComm.allreduce takes float64 buffers, got {buf.dtype}")
-        agree_on_length(self.mpi_comm, self._lengths, buf.size)
+        agree_on_length(self.mpi_comm, self._lengths, buf.size, self)
         return partial(self._comm.allReduce, buf.data.ptr, buf.data.ptr, buf.size, self._nccl.NCCL_FLOAT64,
                        self._nccl.NCCL_SUM, stream)
 

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _debug, _flags, _planned
+from . import _debug, _flags, _planned, _watchdog
 from ._backend import DESYNC, NONFINITE, Backend, Stats, backends, backward_payload_size, dtype_name, get_backend
 from ._comm import Communicator, SingleProcessComm, next_tag, peek_tag, resolve_comm
 from ._dlpack import device_of
@@ -49,6 +49,7 @@ _NDIMS = (2, 3, 4, 5)
 _thread = _planned.thread_id
 _pending = _flags.queue
 _NO_ARRAYS: dict = {}
+_note = _watchdog.current          # what the next collective is, for the watchdog's messages
 _NONFINITE_MODES = ("warn", "raise")
 
 
@@ -302,9 +303,11 @@ def sync_batch_norm(x: Any, running_mean: Any = None, running_var: Any = None, w
                         m_args.doubles[plan.mtag] = n_args.doubles[plan.ntag] = tag
                         entry.moments()
                         if entry.allreduce is not None:
+                            _note.collective = (plan.where, "forward", tag)
                             entry.allreduce()
                         n_args.cells[plan.nreport], n_args.cells[plan.nseq] = _flags.claim(
-                            plan.ring, _report_forward(plan.where, plan.comm, tag, plan.nonfinite))
+                            plan.ring, _report_forward(plan.where, plan.comm, tag, plan.nonfinite),
+                            (plan.where, "forward", plan.comm, tag))
                         count = entry.count
                     entry.normalize()
                     return y, BatchNormContext(backend, x, plan.x_shape, plan.x3_shape, entry.stats, count,
@@ -357,13 +360,14 @@ def sync_batch_norm(x: Any, running_mean: Any = None, running_var: Any = None, w
     if training:
         buf = stats.payload
         backend.local_moments(x3, rm, tag, buf)
+        _note.collective = (where, "forward", tag)
         comm.allreduce(buf)
         report = _report_forward(where, comm, tag, nonfinite)
         if ring is None:                       # host flags: reported at once, on every rank
             backend.normalize_batch(x3, buf, tag, comm.size, rm, rv, momentum, epsilon, unbiased, w, b, stats, y3)
             _flags.watch(stats.flags, report)
         else:                                  # device flags: a report slot, read by a later call
-            slot, seq = (0, 0) if capturing else _flags.claim(ring, report)
+            slot, seq = (0, 0) if capturing else _flags.claim(ring, report, (where, "forward", comm, tag))
             backend.normalize_batch(x3, buf, tag, comm.size, rm, rv, momentum, epsilon, unbiased, w, b, stats, y3,
                                     report=slot, seq=seq)
         count = buf[2 * c:2 * c + 1]
@@ -492,6 +496,7 @@ def sync_batch_norm_backward(ctx: BatchNormContext, dy: Any, *, input_grad: bool
                     bplan.reduce_args.doubles[bplan.rtag] = tag
                     bplan.reduce()
                     if bplan.allreduce is not None:
+                        _note.collective = (ctx._where, "backward", tag)
                         bplan.allreduce()
                 if input_grad:
                     cells = bplan.dx_args.cells
@@ -500,7 +505,8 @@ def sync_batch_norm_backward(ctx: BatchNormContext, dy: Any, *, input_grad: bool
                         cells[bplan.dcount] = pointer(ctx._count)
                         bplan.dx_args.doubles[bplan.dtag] = tag
                         cells[bplan.dreport], cells[bplan.dseq] = _flags.claim(
-                            bplan.ring, _backward_report(ctx._where, ctx._comm, tag))
+                            bplan.ring, _backward_report(ctx._where, ctx._comm, tag),
+                            (ctx._where, "backward", ctx._comm, tag))
                     bplan.dx()
                 if not retain:
                     ctx._finish(stream.ptr == plan.stream)        # not capturing: checked above
@@ -544,6 +550,7 @@ def sync_batch_norm_backward(ctx: BatchNormContext, dy: Any, *, input_grad: bool
         buf = backend.scratch("backward payload", backward_payload_size(c), np.float64)
         backend.backward_reduce(dy3, x3, stats, wg, bg, tag, buf)
         if collective:
+            _note.collective = (where, "backward", tag)
             comm.allreduce(buf)
     ring = backend.report_ring()
     capturing = ring is not None and backend.capturing()
@@ -556,7 +563,8 @@ def sync_batch_norm_backward(ctx: BatchNormContext, dy: Any, *, input_grad: bool
             backend.backward_input(dy3, x3, stats, buf, count, tag, comm.size, dx3)
             _flags.watch(stats.flags[1:], _backward_report(where, comm, tag))
         else:
-            slot, seq = (0, 0) if capturing else _flags.claim(ring, _backward_report(where, comm, tag))
+            slot, seq = (0, 0) if capturing else _flags.claim(ring, _backward_report(where, comm, tag),
+                                                               (where, "backward", comm, tag))
             backend.backward_input(dy3, x3, stats, buf, count, tag, comm.size, dx3, report=slot, seq=seq)
         dx = dx3.reshape(ctx._shape) if input_grad_out is None else input_grad_out
     if key is not None and not capturing and _aliases(backend, dy_get, given, dy) and (not input_grad or (

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from . import _watchdog
 from ._backend import get_backend
 from ._comm import SingleProcessComm, resolve_comm
 from .functional import sync_batch_norm, sync_batch_norm_backward
@@ -29,21 +30,32 @@ __all__ = ["SyncBatchNorm", "TorchDistComm", "convert_sync_batchnorm"]
 class TorchDistComm:
     """A cusyncbn communicator over a ``torch.distributed`` process group.
 
+    On CPU tensors (gloo) each all-reduce is watched as ``MPIComm``'s are: a stall report at
+    half the timeout, the end of the job at the timeout (``cusyncbn._watchdog``); on CUDA
+    tensors PyTorch's NCCL watchdog applies (``init_process_group(timeout=...)``).
+
     Args:
         group: the process group (default: the world group).
+        timeout: seconds an all-reduce may take (None: :func:`cusyncbn.set_collective_timeout`,
+            else ``CUSYNCBN_TIMEOUT``, else 600).
     """
 
-    def __init__(self, group: Any = None) -> None:
+    def __init__(self, group: Any = None, *, timeout: float | None = None) -> None:
         import torch.distributed as dist
         if not dist.is_initialized():
             raise RuntimeError("TorchDistComm needs torch.distributed.init_process_group() first")
         self._dist, self.group = dist, group
+        self.timeout = None if timeout is None else _watchdog.check_timeout(timeout, "TorchDistComm")
         self.rank = dist.get_rank(group)
         self.size = dist.get_world_size(group)
 
     def allreduce(self, buf: Any) -> None:
         tensor = torch.from_dlpack(buf)
-        self._dist.all_reduce(tensor, group=self.group)
+        if tensor.is_cuda:                   # NCCL: PyTorch's own watchdog (init_process_group(timeout=))
+            self._dist.all_reduce(tensor, group=self.group)
+            return
+        work = self._dist.all_reduce(tensor, group=self.group, async_op=True)
+        _watchdog.wait(_WorkRequest(work), None, self, self.timeout)
 
     def __repr__(self) -> str:
         return f"TorchDistComm(rank={self.rank}, size={self.size})"
@@ -59,6 +71,18 @@ def _device_name(t: torch.Tensor) -> str:
     if t.device.type == "cpu":
         return "cpu"
     raise ValueError(f"cusyncbn.torch supports CPU and CUDA tensors, got a tensor on {t.device}")
+
+
+class _WorkRequest:
+    """A ``torch.distributed`` work handle seen as an MPI request (``Test``) by the watchdog."""
+
+    __slots__ = ("_work",)
+
+    def __init__(self, work: Any) -> None:
+        self._work = work
+
+    def Test(self) -> bool:  # noqa: N802 (MPI's name)
+        return bool(self._work.is_completed())
 
 
 def _layout(t: torch.Tensor) -> tuple:

@@ -25,14 +25,14 @@ ENDS_WITHIN_S = 30
 RUNNERS = {"python": [], "python -m mpi4py": ["-m", "mpi4py"]}
 
 
-def launch(case, runner="python", ranks=2, env=()):
-    """Run the script's ``case``; returns (stdout + stderr, exit status, seconds)."""
+def launch(case, runner="python", ranks=2, env=(), script=SCRIPT):
+    """Run ``script``'s ``case``; returns (stdout + stderr, exit status, seconds)."""
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("CUSYNCBN_")}, **dict(env),
            "PYTHONPATH": os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")])}
     launcher = [mpiexec(), "-n", str(ranks)] if ranks else []
     start = time.monotonic()
     # A session of its own: on a hang, the launcher and every rank are killed together.
-    proc = subprocess.Popen([*launcher, sys.executable, *RUNNERS[runner], SCRIPT, case], env=env,
+    proc = subprocess.Popen([*launcher, sys.executable, *RUNNERS[runner], script, case], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         output, _ = proc.communicate(timeout=TIMEOUT_S)

@@ -227,3 +227,19 @@ def test_planned_calls_match_the_rawkernel_path_and_report_through_mapped_slots(
     bn.backward(bn(bad))                                     # planned: its report goes to a slot
     with pytest.warns(RuntimeWarning, match="nan_layer"):
         flush_reports()
+
+
+@pytest.mark.parametrize("case", ["skip_step", "stuck"])
+def test_a_stuck_nccl_collective_ends_the_job(case):
+    """The watchdog on NCCL (2 ranks sharing the GPU): a rank one step short ends the job at
+    once through its early-exit notice, a rank stuck in user code at the timeout (5 s)."""
+    import os
+    from test_failures import HERE, launch
+    script = os.path.join(HERE, "failure_scripts", "stuck_rank.py")
+    output, status, seconds = launch(f"{case}:gpu", "python", 2, (("CUSYNCBN_TIMEOUT", "5"),), script)
+    assert status != 0 and seconds < 5 + 15, (status, seconds, output[-3000:])
+    if case == "skip_step":
+        assert "rank 1 finished after collective 10" in output and "collective 11 (bn3, forward)" in output, output
+    else:
+        assert "has waited 2." in output and "did not complete within the timeout of 5 s" in output, output
+        assert "collective 5 (bn3, forward)" in output, output

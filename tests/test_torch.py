@@ -199,3 +199,27 @@ def test_parameter_views_are_imported_once():
     assert bn._views["weight"][2] is not views["weight"]
     torch.testing.assert_close(y.std(dim=0, unbiased=False), torch.full((3,), 2.0, dtype=torch.float64),
                                rtol=1e-4, atol=1e-4)
+
+
+def test_torch_dist_comm_on_gloo_is_watched(tmp_path):
+    """TorchDistComm over a CPU (gloo) group: all-reduces through the watched wait, in a
+    process of its own (torch.distributed state stays out of pytest's)."""
+    import subprocess
+    import sys
+    script = tmp_path / "gloo.py"
+    script.write_text(
+        "import numpy as np, torch.distributed as dist, cusyncbn\n"
+        "from cusyncbn import _watchdog\n"
+        "from cusyncbn.torch import TorchDistComm\n"
+        f"dist.init_process_group('gloo', init_method='file://{tmp_path / 'rendezvous'}', rank=0, world_size=1)\n"
+        "waits = []\n"
+        "original = _watchdog.wait\n"
+        "_watchdog.wait = lambda *a, **k: waits.append(1) or original(*a, **k)\n"
+        "comm = TorchDistComm(timeout=30)\n"
+        "bn = cusyncbn.SyncBatchNorm(3, comm=comm, device='cpu', data_format='NC')\n"
+        "x = np.arange(12, dtype=np.float32).reshape(4, 3)\n"
+        "y = bn(x); bn.backward(np.ones_like(y))\n"
+        "print('ok', len(waits), np.allclose(y.mean(axis=0), 0, atol=1e-6))\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["ok", "2", "True"], done.stdout
