@@ -374,19 +374,27 @@ class SyncBatchNorm(_BatchNormBase):
                  weight_attr: Any = None, bias_attr: Any = None, data_format: str = "NCHW",
                  name: str | None = None, *, comm: Any = None, dtype: str = "float32",
                  unbiased_running_var: bool = False, debug: bool | None = None, device: str | None = None,
-                 output: str = "backend", nonfinite: str = "warn") -> None:
-        super().__init__(num_features, momentum, epsilon, weight_attr, bias_attr, data_format, None, name,
-                         comm=comm, dtype=dtype, unbiased_running_var=unbiased_running_var, debug=debug,
+                 output: str = "backend", nonfinite: str = "warn", use_global_stats: bool | None = None) -> None:
+        super().__init__(num_features, momentum, epsilon, weight_attr, bias_attr, data_format, use_global_stats,
+                         name, comm=comm, dtype=dtype, unbiased_running_var=unbiased_running_var, debug=debug,
                          device=device, output=output, nonfinite=nonfinite)
 
     @classmethod
     def convert_sync_batchnorm(cls, layer: Any, *, comm: Any = None) -> Any:
         """Replace every local ``BatchNorm1D/2D/3D`` in ``layer`` by a new ``SyncBatchNorm``.
 
-        Each new layer is built from the old one's attributes (num_features, momentum,
-        epsilon, data_format, name, dtype, device, ...) and takes over its Parameter
-        objects and running-statistics arrays, as Paddle's converter does. The model is
-        walked through its children only (see ``cusyncbn._convert``).
+        Each new layer keeps everything of the layer it replaces: it is built from the old
+        one's settings (num_features, momentum, epsilon, weight/bias attributes, data_format,
+        ``use_global_stats``, name, dtype, device, ``unbiased_running_var``, debug, output,
+        nonfinite) and takes over every instance attribute (its Parameter objects and
+        running-statistics arrays, as Paddle's converter does, train/eval mode, forwards
+        waiting for a backward, attributes set by the user). Only the communicator is new.
+        What a subclass of ``BatchNorm1D/2D/3D`` defines in its class (methods, class
+        attributes) cannot move to a ``SyncBatchNorm``: such a layer is converted with a
+        ``UserWarning`` naming them. Like Paddle's converted layers, the new ones take input
+        of 2 to 5 dimensions. The model is walked through its children only (see
+        ``cusyncbn._convert``); ``SyncBatchNorm`` layers already there are left as they are
+        (with a ``UserWarning`` when ``comm`` is given and theirs is another).
 
         Args:
             layer: the model, or one batch-norm layer.
@@ -398,22 +406,30 @@ class SyncBatchNorm(_BatchNormBase):
 
         Example:
             >>> import cusyncbn
-            >>> model = {"bn": cusyncbn.BatchNorm2D(8, device="cpu")}
+            >>> model = {"bn": cusyncbn.BatchNorm2D(8, device="cpu", use_global_stats=True)}
             >>> model = cusyncbn.SyncBatchNorm.convert_sync_batchnorm(model)
-            >>> type(model["bn"]).__name__
-            'SyncBatchNorm'
+            >>> type(model["bn"]).__name__, model["bn"]._use_global_stats
+            ('SyncBatchNorm', True)
         """
-        def replace(old: _BatchNormBase) -> SyncBatchNorm:
+        from ._convert import carry_state, user_stacklevel, warn_lost_members
+
+        def replace(old: _BatchNormBase) -> Any:
+            if isinstance(old, SyncBatchNorm):
+                if comm is not None and old._comm_arg is not comm:
+                    warnings.warn(f"convert_sync_batchnorm: {old._name} is already a SyncBatchNorm and keeps its "
+                                  "own communicator, not the comm= given", UserWarning, stacklevel=user_stacklevel())
+                return old
             new = cls(old._num_features, old._momentum, old._epsilon, old._weight_attr, old._bias_attr,
                       old._data_format, old._name, comm=comm, dtype=old._dtype.name,
                       unbiased_running_var=old._unbiased, debug=old._debug, device=old._device, output=old._output,
-                      nonfinite=old._nonfinite)
-            new.weight, new.bias = old.weight, old.bias
-            new._mean, new._variance = old._mean, old._variance
-            new.training = old.training
+                      nonfinite=old._nonfinite, use_global_stats=old._use_global_stats)
+            base = next(k for k in (BatchNorm1D, BatchNorm2D, BatchNorm3D, _BatchNormBase) if isinstance(old, k))
+            warn_lost_members(old, base, "convert_sync_batchnorm", old._name, f"cusyncbn.{base.__name__}",
+                              f"cusyncbn.{cls.__name__}")
+            carry_state(old, new, skip=("_comm", "_comm_arg"))
             return new
 
-        return walk(layer, replace, lambda obj: isinstance(obj, _BatchNormBase) and not isinstance(obj, SyncBatchNorm))
+        return walk(layer, replace, lambda obj: isinstance(obj, _BatchNormBase))
 
 
 class BatchNorm1D(_BatchNormBase):

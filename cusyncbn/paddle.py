@@ -36,7 +36,11 @@ from typing import Any, Iterable
 import numpy as np
 import paddle
 from paddle.autograd import PyLayer
+from paddle import _legacy_C_ops
+from paddle.base import dygraph_utils
+from paddle.base.framework import EagerParamBase
 
+from ._convert import carry_state, user_stacklevel, warn_lost_members
 from ._dlpack import device_of
 from ._grads import allreduce_gradients as _allreduce_arrays
 from ._rules import FORMATS
@@ -86,13 +90,31 @@ def _layout(t: Any) -> tuple:
     return tuple(t.strides), t.place.gpu_device_id()
 
 
+@functools.lru_cache(maxsize=1)
+def _cupy_takes_bfloat16() -> bool:
+    """Whether CuPy imports bfloat16 arrays (CuPy >= 14 with ml_dtypes): then bfloat16 GPU
+    tensors go to the kernels as they are, else through a float32 copy."""
+    try:
+        import cupy
+        import ml_dtypes  # noqa: F401
+    except ImportError:
+        return False
+    return int(cupy.__version__.split(".")[0]) >= 14
+
+
+class _UnsupportedDtype(TypeError, RuntimeError):
+    """An input dtype that no batch norm takes (integers, bool, complex): cusyncbn's
+    ``TypeError``, and also the ``RuntimeError`` Paddle raises there (no kernel registered
+    for that dtype), so that code written against either catches it."""
+
+
 class _Function(PyLayer):
     """One call of the functional core per pass; ``dx`` and the backward all-reduce only
     when the input needs a gradient."""
 
     @staticmethod
     def forward(ctx: Any, x: Any, weight: Any, bias: Any, layer: "SyncBatchNorm") -> Any:
-        y, ctx.core = layer._core_forward(x)
+        y, ctx.core, ctx.wide = layer._core_forward(x)
         ctx.needs = (not x.stop_gradient, not weight.stop_gradient, not bias.stop_gradient)
         ctx.params = (weight, bias)
         return y
@@ -104,6 +126,9 @@ class _Function(PyLayer):
         weight, bias = ctx.params
         ctx.params = None
         device = core.device
+        wide = ctx.wide                 # the input's dtype when the core ran on a float32 copy
+        if wide is not None and dy.dtype != paddle.float32:
+            dy = dy.astype("float32")
         with _on_paddle_stream(device):
             if device == "cpu":
                 grads = sync_batch_norm_backward(core, _array(dy, device), input_grad=need_x, weight_grad=need_w,
@@ -120,8 +145,9 @@ class _Function(PyLayer):
                     outs["bias_grad_out"] = paddle.zeros_like(bias)
                 grads = sync_batch_norm_backward(core, dy.detach(), input_grad=need_x, weight_grad=need_w,
                                                  bias_grad=need_b, **outs)
-            return tuple(None if g is None else g if isinstance(g, paddle.Tensor) else paddle.from_dlpack(g)
-                         for g in grads)
+            dx, dw, db = (None if g is None else g if isinstance(g, paddle.Tensor) else paddle.from_dlpack(g)
+                          for g in grads)
+            return (dx if wide is None or dx is None else dx.astype(wide)), dw, db
 
 
 class SyncBatchNorm(paddle.nn.SyncBatchNorm):
@@ -186,24 +212,37 @@ class SyncBatchNorm(paddle.nn.SyncBatchNorm):
         return text + ", backend=cusyncbn"
 
     def _core_forward(self, x: Any) -> tuple:
-        """``(y, ctx)``: one call of the functional core on Paddle tensors."""
+        """``(y, ctx, wide)``: one call of the functional core on Paddle tensors; ``wide`` is
+        the input's dtype when the core ran on a float32 copy of it (bfloat16 on the CPU, where
+        NumPy has no bfloat16, or on a GPU whose CuPy imports none), else None."""
         device = device_of(x)
         # Paddle's kernel: batch statistics unless use_global_stats (or eval with it unset);
         # batch statistics always update the running ones, in eval too.
         batch = self.training if self._use_global_stats is None else not self._use_global_stats
         gpu = device != "cpu"
+        wide = None
+        if x.dtype == paddle.bfloat16 and not (gpu and _cupy_takes_bfloat16()):
+            # As Paddle's bfloat16 kernel: statistics and arithmetic in float32, y rounded to
+            # bfloat16 (the float32 copy is exact; the cast back rounds to nearest even).
+            wide, x = x.dtype, x.detach().astype("float32")
         if gpu:
             # Planned calls may then take Paddle tensors as they are (on Paddle's current stream).
             get_backend(device).accept_array_type(paddle.Tensor, _data_ptr, _layout)
         out = paddle.empty_like(x) if gpu else None
         with _on_paddle_stream(device):
-            y, ctx = sync_batch_norm(
-                x.detach() if gpu else _array(x, device), self._param_array("_mean", device),
-                self._param_array("_variance", device), self._param_array("weight", device),
-                self._param_array("bias", device), training=batch, momentum=self._momentum, epsilon=self._epsilon,
-                data_format=self._data_format, comm=self._comm, num_features=self._num_features, device=device,
-                name=self._name or self.full_name(), out=out)
-            return (out if gpu else paddle.from_dlpack(y)), ctx
+            try:
+                y, ctx = sync_batch_norm(
+                    x.detach() if gpu else _array(x, device), self._param_array("_mean", device),
+                    self._param_array("_variance", device), self._param_array("weight", device),
+                    self._param_array("bias", device), training=batch, momentum=self._momentum,
+                    epsilon=self._epsilon, data_format=self._data_format, comm=self._comm,
+                    num_features=self._num_features, device=device, name=self._name or self.full_name(), out=out)
+            except TypeError as exc:
+                if not x.is_floating_point():
+                    raise _UnsupportedDtype(str(exc)) from None
+                raise
+        y = out if gpu else paddle.from_dlpack(y)
+        return (y if wide is None else y.astype(wide)), ctx, wide
 
     def _param_array(self, attr: str, device: str) -> Any:
         """The NumPy / CuPy array sharing the memory of this layer's tensor ``attr``, imported
@@ -228,9 +267,10 @@ class SyncBatchNorm(paddle.nn.SyncBatchNorm):
                                              and self.bias.stop_gradient):
             y = _Function.apply(x, self.weight, self.bias, self)
         else:
-            y, ctx = self._core_forward(x)
+            y, ctx, _ = self._core_forward(x)
             ctx.release()                     # nothing will be back-propagated
-        return y if self._act is None else getattr(paddle.nn.functional, self._act)(y)
+        # paddle.nn.BatchNorm's act=, applied as Paddle applies it.
+        return y if self._act is None else dygraph_utils._append_activation_in_dygraph(y, act=self._act)
 
     @classmethod
     def convert_sync_batchnorm(cls, layer: Any, *, comm: Any = None) -> Any:
@@ -251,36 +291,54 @@ def _unnamed(attr: Any) -> Any:
     return attr
 
 
+# What the new layer keeps of its own: its identity (full name, helper) and the containers
+# of its parameters and sublayers (the old layer's are added to them one by one). Every
+# other instance attribute of the old layer moves over (see cusyncbn._convert.carry_state).
+_OWN = ("_full_name", "_helper", "_op_recorder", "_parameters", "_sub_layers", "_comm", "_cusyncbn_arrays")
+_TENSORS = ("weight", "bias", "_mean", "_variance")
+
+
 def _replacement(old: Any, comm: Any) -> SyncBatchNorm:
-    if isinstance(old, paddle.nn.BatchNorm):
+    base = next(k for k in _CONVERTED if isinstance(old, k))
+    if base is paddle.nn.BatchNorm:
         weight_attr, data_format, act = old._param_attr, old._data_layout, old._act
         # Paddle's kernel: running statistics when use_global_stats, else in eval unless
         # trainable_statistics; batch statistics otherwise.
         use_global = True if old._use_global_stats else (False if old._trainable_statistics else None)
         name = None
-        if act is not None and not hasattr(paddle.nn.functional, act):
-            raise ValueError(f"convert_sync_batchnorm: {old.full_name()} has act={act!r}, which is not a function "
-                             "of paddle.nn.functional; apply the activation as its own layer")
+        if act is not None and not hasattr(_legacy_C_ops, act):
+            raise ValueError(f"convert_sync_batchnorm: {old.full_name()} has act={act!r}, which Paddle has no "
+                             "operator for; apply the activation as its own layer")
     else:
         weight_attr, data_format, act = old._weight_attr, old._data_format, None
         use_global, name = old._use_global_stats, old._name
     new = SyncBatchNorm(int(old._mean.shape[0]), old._momentum, old._epsilon, _unnamed(weight_attr),
                         _unnamed(old._bias_attr), data_format, None, comm=comm, use_global_stats=use_global)
+    warn_lost_members(old, base, "convert_sync_batchnorm", old.full_name(), f"paddle.nn.{base.__name__}",
+                      "cusyncbn.paddle.SyncBatchNorm")
+    # Train/eval mode, dtype, hooks (the same dicts: their handles keep working), buffers,
+    # attributes set by the user or by a subclass's __init__, ...
+    carry_state(old, new, skip=_OWN + _TENSORS, share=[key for key in vars(old) if "hook" in key])
     # Set after construction: a name also names the running statistics (taken over below).
-    new._name, new._weight_attr, new._bias_attr = name, weight_attr, old._bias_attr
+    new._name, new._weight_attr, new._bias_attr, new._data_format = name, weight_attr, old._bias_attr, data_format
+    new._use_global_stats, new._act = use_global, act
     with paddle.no_grad():
         for attr in ("weight", "bias"):
             param = getattr(old, attr)
             if param is not None:
                 setattr(new, attr, param)
-            elif getattr(new, attr).dtype != old._mean.dtype:     # frozen ones / zeros in the stats' dtype
-                frozen = new.create_parameter([new._num_features], dtype=old._mean.dtype, default_initializer=
-                                              paddle.nn.initializer.Constant(1.0 if attr == "weight" else 0.0))
-                frozen.stop_gradient = True
-                setattr(new, attr, frozen)
+                continue
+            frozen = getattr(new, attr)          # frozen ones / zeros, as in the stats' dtype and place
+            if frozen.dtype != old._mean.dtype or frozen.place != old._mean.place:
+                value = paddle.full_like(old._mean, 1.0 if attr == "weight" else 0.0)
+                setattr(new, attr, EagerParamBase.from_tensor(value, trainable=False, name=frozen.name))
         new._mean, new._variance = old._mean, old._variance
-    new._act = act
-    new.training = old.training         # not train() / eval(): they also switch Paddle's global tracer mode
+        for key, param in old._parameters.items():       # parameters added to the old layer
+            if key not in _TENSORS and param is not None:
+                new.add_parameter(key, param)
+    for key, sublayer in old._sub_layers.items():
+        if sublayer is not None:
+            new.add_sublayer(key, sublayer)
     return new
 
 
@@ -288,12 +346,23 @@ def convert_sync_batchnorm(layer: Any, *, comm: Any = None) -> Any:
     """Replace every ``paddle.nn.BatchNorm1D/2D/3D``, ``paddle.nn.BatchNorm`` and
     ``paddle.nn.SyncBatchNorm`` in ``layer`` by :class:`SyncBatchNorm`.
 
-    The new layers take over the old ones' parameters and running statistics (the same
-    tensors, as Paddle's converter does), momentum, epsilon, data format, name,
-    ``use_global_stats`` (and ``act`` of ``paddle.nn.BatchNorm``) and train/eval mode. The
-    model is walked through its sublayers as Paddle's converter walks ``named_children()``,
-    except that a layer registered under several names (or parents) is converted once and
-    replaced under every name (``named_children()`` yields it only once).
+    A new layer keeps everything of the one it replaces: its parameters and running
+    statistics (the same tensors, as Paddle's converter does: dtype, place, trainability and
+    optimizer attributes come with them), momentum, epsilon, data format, name, weight and
+    bias attributes, ``use_global_stats`` (for ``paddle.nn.BatchNorm``: ``use_global_stats``
+    and ``trainable_statistics`` as the mode they select, and ``act``), train/eval mode, and
+    every other instance attribute: forward pre/post and state-dict hooks (their handles
+    keep working), buffers, parameters and sublayers added to it, attributes set by the
+    user. Paddle's own converter keeps only some of these. What a *subclass* defines in its
+    class (e.g. its own ``forward``) cannot move to a :class:`SyncBatchNorm`: such a layer is
+    converted with a ``UserWarning`` naming those members. As with Paddle's converter, the
+    new layers take input of 2 to 5 dimensions whatever layer they replace. Layers that are
+    already :class:`SyncBatchNorm` stay as they are (with a ``UserWarning`` when ``comm`` is
+    given and theirs is another).
+
+    The model is walked through its sublayers as Paddle's converter walks
+    ``named_children()``, except that a layer registered under several names (or parents)
+    is converted once and replaced under every name (``named_children()`` yields it only once).
 
     Args:
         layer: the model, or one batch-norm layer.
@@ -315,7 +384,14 @@ def convert_sync_batchnorm(layer: Any, *, comm: Any = None) -> Any:
 def _convert(layer: Any, comm: Any, memo: dict) -> Any:
     if id(layer) in memo:
         return memo[id(layer)]
-    if isinstance(layer, _CONVERTED) and not isinstance(layer, SyncBatchNorm):
+    if isinstance(layer, SyncBatchNorm):
+        if comm is not None and layer._comm is not comm:
+            warnings.warn(f"convert_sync_batchnorm: {layer.full_name()} is already a cusyncbn.paddle.SyncBatchNorm "
+                          "and keeps its own communicator, not the comm= given", UserWarning,
+                          stacklevel=user_stacklevel())
+        memo[id(layer)] = layer
+        return layer
+    if isinstance(layer, _CONVERTED):
         memo[id(layer)] = new = _replacement(layer, comm)
         return new
     memo[id(layer)] = layer
