@@ -19,7 +19,9 @@ def allreduce_gradients(params: Iterable[Any], comm: Any = None, op: str = "sum"
 
     Args:
         params: :class:`Parameter` objects (those whose ``grad`` is None are skipped) or
-            plain arrays, all on one device (NumPy or CuPy).
+            plain arrays, all on one device (NumPy or CuPy); or torch tensors, e.g. a torch
+            model's ``parameters()``, whose ``.grad`` are reduced (see
+            :func:`cusyncbn.torch.allreduce_gradients`).
         comm: as for :class:`SyncBatchNorm` (None: the default communicator).
         op: ``"sum"`` or ``"mean"`` (divides by the communicator's size).
 
@@ -31,6 +33,11 @@ def allreduce_gradients(params: Iterable[Any], comm: Any = None, op: str = "sum"
     """
     if op not in ("sum", "mean"):
         raise ValueError(f"op must be 'sum' or 'mean', got {op!r}")
+    params = list(params)
+    if any(_is_torch_tensor(p) for p in params):
+        from .torch import allreduce_gradients as torch_allreduce      # torch is imported already
+        torch_allreduce(params, comm, op)
+        return
     arrays = []
     for p in params:
         g = p.grad if isinstance(p, Parameter) else p
@@ -50,6 +57,10 @@ def allreduce_gradients(params: Iterable[Any], comm: Any = None, op: str = "sum"
         for a in arrays:
             a[...] = flat[offset:offset + a.size].reshape(a.shape).astype(a.dtype)
             offset += a.size
+
+
+def _is_torch_tensor(p: Any) -> bool:
+    return type(p).__module__.split(".")[0] == "torch" and hasattr(p, "requires_grad")
 
 
 def _array_module(a: Any) -> Any:

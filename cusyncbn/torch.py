@@ -14,8 +14,11 @@ Example (``mpiexec -n 2 python train.py``)::
 from __future__ import annotations
 
 import contextlib
+import inspect
+import itertools
+import warnings
 from operator import methodcaller
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 
@@ -24,7 +27,8 @@ from ._backend import get_backend
 from ._comm import SingleProcessComm, resolve_comm
 from .functional import sync_batch_norm, sync_batch_norm_backward
 
-__all__ = ["SyncBatchNorm", "TorchDistComm", "convert_sync_batchnorm"]
+__all__ = ["InputChannelsError", "InputDtypeError", "SyncBatchNorm", "TorchDistComm", "allreduce_gradients",
+           "convert_sync_batchnorm"]
 
 
 class TorchDistComm:
@@ -117,22 +121,11 @@ class _Function(torch.autograd.Function):
     the input needs a gradient."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: Any, bias: Any, module: "SyncBatchNorm", training: bool,
-                momentum: float, data_format: str) -> torch.Tensor:
-        device = _device_name(x)
-        comm = module._comm_for(device)
-        x = x.detach()
-        # On a GPU the outputs come from torch's allocator and are written in place (no CuPy
-        # allocation, no DLPack export per call); repeated calls take the planned path.
-        out = torch.empty_like(x) if x.is_cuda else None
+    def forward(ctx: Any, x: torch.Tensor, weight: Any, bias: Any, module: "SyncBatchNorm", args: tuple
+                ) -> torch.Tensor:
+        y, ctx.core = module._core(x.detach(), args)
         ctx.params = (weight, bias)
-        with _on_torch_stream(x):
-            y, ctx.core = sync_batch_norm(
-                x, module._array("running_mean", device), module._array("running_var", device),
-                module._array("weight", device), module._array("bias", device), training=training,
-                momentum=momentum, epsilon=float(module.eps), data_format=data_format, comm=comm,
-                unbiased_running_var=True, device=device, name=type(module).__name__, out=out)
-        return out if out is not None else torch.from_dlpack(y)
+        return y
 
     @staticmethod
     def backward(ctx: Any, dy: torch.Tensor) -> tuple:
@@ -155,12 +148,18 @@ class _Function(torch.autograd.Function):
             grads = tuple(None if g is None else g if isinstance(g, torch.Tensor) else torch.from_dlpack(g)
                           for g in grads)
         ctx.core = ctx.params = None
-        return grads + (None, None, None, None)
+        return grads + (None, None)
 
 
 # (input rank, channels last) -> data format of the functional core.
 _FORMATS = {(2, False): "NC", (3, False): "NCL", (4, False): "NCHW", (5, False): "NCDHW",
             (4, True): "NHWC", (5, True): "NDHWC"}
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+_PARAM_DTYPES = (torch.float32, torch.float64)
+_PER_CHANNEL = ("running_mean", "running_var", "weight", "bias")
+_LOCAL = SingleProcessComm()                       # the no-sync passes' communicator (one id: plans key on it)
+_HAS_BIAS_ARG = "bias" in inspect.signature(torch.nn.SyncBatchNorm.__init__).parameters    # torch >= 2.6
+_serials = itertools.count(1)
 
 
 def _is_channels_last(x: torch.Tensor) -> bool:
@@ -179,106 +178,304 @@ def _from_channel_last(x: torch.Tensor) -> torch.Tensor:
     return x.permute(0, x.dim() - 1, *range(1, x.dim() - 1))
 
 
-class SyncBatchNorm(torch.nn.Module):
-    """Drop-in for ``torch.nn.SyncBatchNorm`` (and ``BatchNorm1d/2d/3d``) backed by cusyncbn.
+class InputChannelsError(RuntimeError, ValueError):
+    """An input whose channel count is not the module's ``num_features``: a ``RuntimeError``
+    as torch raises for it, and a ``ValueError`` as cusyncbn's checks raise."""
 
-    Same constructor and numerics as torch's: ``momentum`` in torch's convention
-    (``running = (1 - momentum) * running + momentum * batch``), ``momentum=None`` for a
-    cumulative average, unbiased running variance, ``num_batches_tracked``,
-    ``affine`` and ``track_running_stats``. Input of 2 to 5 dimensions, channel second
-    (``channels_last`` tensors are handled without a copy).
+
+class InputDtypeError(NotImplementedError, TypeError):
+    """A non-floating input: a ``NotImplementedError`` as torch raises for it, and a
+    ``TypeError`` as cusyncbn's checks raise."""
+
+
+def _verify_batch_size(size: torch.Size) -> None:
+    """``torch.nn.functional.batch_norm``'s check, with its message."""
+    values = size[0]
+    for extent in size[2:]:
+        values *= extent
+    if values == 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {size}")
+
+
+_dist_comms: dict[str, TorchDistComm] = {}
+
+
+def _dist_world(device: str) -> TorchDistComm | None:
+    """A communicator over torch.distributed's world group when it is initialised with more
+    than one process (``torchrun``): where ``torch.nn.SyncBatchNorm`` syncs by default."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    comm = _dist_comms.get(device)
+    if comm is None:
+        if dist.get_world_size() <= 1:
+            return None
+        comm = _dist_comms[device] = TorchDistComm()
+    return comm
+
+
+def _default_comm(comm: Any, device: str) -> tuple[Any, bool]:
+    """``(communicator, provisional)`` for a ``comm=`` argument: None means every MPI rank
+    when launched by MPI, else torch.distributed's world when it is initialised (as torch's
+    module), else this process alone (provisional: torch.distributed may start later)."""
+    resolved = resolve_comm(comm, device)
+    if comm is None and resolved.size == 1:
+        world = _dist_world(device)
+        if world is not None:
+            return world, False
+        return resolved, True
+    return resolved, False
+
+
+def _import(t: torch.Tensor, device: str) -> Any:
+    """The NumPy / CuPy array sharing ``t``'s memory."""
+    data = t.detach()
+    if device == "cpu":
+        return data.numpy()
+    import cupy
+    return cupy.from_dlpack(data)
+
+
+class SyncBatchNorm(torch.nn.SyncBatchNorm):
+    """``torch.nn.SyncBatchNorm`` (and ``BatchNorm1d/2d/3d``) computed and synced by cusyncbn.
+
+    A subclass of ``torch.nn.SyncBatchNorm``: same constructor, parameters, buffers,
+    state-dict keys and versions, hooks and ``isinstance`` checks (``_BatchNorm``), and its
+    forward makes torch's decisions, reading the attributes at call time: training
+    normalizes with the batch statistics (synced over the communicator), updates the
+    running ones when ``track_running_stats`` (torch's momentum convention, unbiased
+    running variance, ``momentum=None`` for a cumulative average over
+    ``num_batches_tracked``); eval uses the running statistics, or, when the module keeps
+    none, this rank's own batch, with no collective either way. It differs from torch only
+    where cusyncbn is exact: uneven and empty per-rank batches give the statistics of the
+    whole batch; a global batch of one value per channel raises on every rank; a failing
+    call changes no state (torch's has already counted it in ``num_batches_tracked``).
+
+    Input of 2 or more dimensions, channel second (``channels_last`` tensors without a
+    copy), float16 / bfloat16 / float32 / float64 (16-bit inputs are computed in float32 on
+    the CPU, as torch does); parameters and buffers float32 or float64 (16-bit ones are
+    computed in float32 copies, written back).
 
     Args:
-        num_features, eps, momentum, affine, track_running_stats, device, dtype: as torch.
-        process_group: a torch.distributed group to sync over (optional).
-        comm: a cusyncbn communicator or mpi4py communicator (default: all MPI ranks
-            when launched by MPI, else none).
-        sync: False makes it a local batch norm (torch's BatchNorm*d).
+        num_features, eps, momentum, affine, track_running_stats, process_group, device,
+            dtype, bias: as torch's (``bias`` needs torch >= 2.6 there; here any torch).
+        comm: a cusyncbn or mpi4py communicator. Default: all MPI ranks when launched by
+            MPI, else torch.distributed's world when it is initialised, else none.
+            ``process_group`` (a torch.distributed group) takes precedence.
+        sync: False makes it a local batch norm (torch's ``BatchNorm*d``).
+
+    Raises (at forward, before any state change or collective):
+        ValueError: fewer than 2 dimensions, no channels, a (global) batch of one value
+            per channel in training (torch's message), ``eps`` out of range.
+        InputChannelsError: channel count not ``num_features`` (a RuntimeError, as torch's).
+        InputDtypeError: a non-floating input (a NotImplementedError, as torch's).
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
                  track_running_stats: bool = True, process_group: Any = None, device: Any = None,
-                 dtype: Any = None, *, comm: Any = None, sync: bool = True) -> None:
-        super().__init__()
-        factory = {"device": device, "dtype": dtype}
-        self.num_features = num_features
-        self.eps = eps
-        self.momentum = momentum
-        self.affine = affine
-        self.track_running_stats = track_running_stats
-        self.process_group = process_group
-        self.sync = sync
-        if affine:
-            self.weight = torch.nn.Parameter(torch.ones(num_features, **factory))
-            self.bias = torch.nn.Parameter(torch.zeros(num_features, **factory))
-        else:
-            self.register_parameter("weight", None)
+                 dtype: Any = None, *, bias: bool = True, comm: Any = None, sync: bool = True) -> None:
+        extra = {"bias": bias} if _HAS_BIAS_ARG else {}
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, process_group, device, dtype,
+                         **extra)
+        if not bias and not _HAS_BIAS_ARG and affine:
             self.register_parameter("bias", None)
-        if track_running_stats:
-            self.register_buffer("running_mean", torch.zeros(num_features, **factory))
-            self.register_buffer("running_var", torch.ones(num_features, **factory))
-            self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
-        else:
-            self.register_buffer("running_mean", None)
-            self.register_buffer("running_var", None)
-            self.register_buffer("num_batches_tracked", None)
+        self.sync = sync
         self._comm_arg = comm
-        self._comms: dict[str, Any] = {}
+        self._comms: dict[str, tuple] = {}
         self._views: dict[str, tuple] = {}
+        self._cusyncbn_label: str | None = None
+        self._cusyncbn_serial = next(_serials)
+        self._cusyncbn_name = self._make_name()
+
+    # -- naming, pickling ----------------------------------------------------------------
+
+    def _make_name(self) -> str:
+        """This module's name in messages and its key for once-per-layer warnings:
+        ``SyncBatchNorm#<serial>``, plus its path in the model when the converter made it."""
+        label = f" ({self._cusyncbn_label})" if self._cusyncbn_label else ""
+        return f"SyncBatchNorm#{self._cusyncbn_serial}{label}"
+
+    def _set_label(self, label: str | None) -> None:
+        self._cusyncbn_label = label or None
+        self._cusyncbn_name = self._make_name()
+
+    def __getstate__(self) -> dict:
+        # Caches of imported arrays and communicators are this process's: never pickled
+        # (torch.save) or deep-copied into another module.
+        state = dict(self.__dict__)
+        state["_comms"], state["_views"] = {}, {}
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._cusyncbn_serial = next(_serials)             # a copy is another module: warns for itself
+        self._cusyncbn_name = self._make_name()
 
     def extra_repr(self) -> str:
-        return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
-                f"track_running_stats={self.track_running_stats}, backend=cusyncbn")
+        return super().extra_repr() + ", backend=cusyncbn"
 
-    def _comm_for(self, device: str) -> Any:
-        comm = self._comms.get(device)
-        if comm is None:
-            if device != "cpu":
-                # Planned calls may then take this module's CUDA tensors as they are (the calls
-                # run on torch's current stream: see _on_torch_stream).
-                get_backend(device).accept_array_type(torch.Tensor, methodcaller("data_ptr"), _layout)
-            if not self.sync:
-                comm = SingleProcessComm()
-            elif self.process_group is not None:
-                comm = TorchDistComm(self.process_group)
-            else:
-                comm = resolve_comm(self._comm_arg, device)
-            self._comms[device] = comm
+    # -- communicator and per-channel arrays ---------------------------------------------
+
+    def _sync_comm(self, device: str) -> Any:
+        """The communicator a training forward syncs over, read from ``sync``,
+        ``process_group`` and ``comm`` as they are now."""
+        group, arg, sync = self.process_group, self._comm_arg, self.sync
+        cached = self._comms.get(device)
+        if cached is not None and cached[0] is group and cached[1] is arg and cached[2] == sync and not cached[4]:
+            return cached[3]
+        if device != "cpu":
+            # Planned calls may then take this module's CUDA tensors as they are (the calls
+            # run on torch's current stream: see _on_torch_stream).
+            get_backend(device).accept_array_type(torch.Tensor, methodcaller("data_ptr"), _layout)
+        provisional = False
+        if not sync:
+            comm = _LOCAL
+        elif group is not None:
+            comm = TorchDistComm(group)
+        else:
+            comm, provisional = _default_comm(arg, device)
+        self._comms[device] = (group, arg, sync, comm, provisional)
         return comm
 
     def _array(self, attr: str, device: str) -> Any:
         """The NumPy / CuPy array sharing the memory of this module's tensor ``attr`` (None
-        when it has none), imported through DLPack once and reused while the tensor is the same."""
+        when it has none), imported through DLPack once and reused while the tensor is the
+        same: planned calls key on the arrays' identities."""
         t = getattr(self, attr)
         if t is None:
             return None
         cached = self._views.get(attr)
         if cached is not None and cached[0] is t and cached[1] == t.data_ptr():
             return cached[2]
-        data = t.detach()
-        if device == "cpu":
-            array = data.numpy()
-        else:
-            import cupy
-            array = cupy.from_dlpack(data)
+        array = _import(t, device)
         self._views[attr] = (t, t.data_ptr(), array)
         return array
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() not in (2, 3, 4, 5):
-            raise ValueError(f"expected 2D to 5D input (got {x.dim()}D input)")
-        momentum = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats:
-            self.num_batches_tracked.add_(1)
+    # -- forward ---------------------------------------------------------------------------
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        """torch's ``SyncBatchNorm.forward`` on cusyncbn (see the class docstring)."""
+        self._check_input_dim(input)
+        self._check_non_zero_input_channels(input)
+        if not input.is_floating_point():
+            raise InputDtypeError(f"{self._cusyncbn_name}: input has dtype {input.dtype}; batch norm takes float16, "
+                                  "bfloat16, float32 or float64 input")
+        device = _device_name(input)
+        training = self.training
+        # As torch: the running statistics are passed when they are used (eval) or updated
+        # (training and tracked); batch statistics in training, and in eval when there are none.
+        if training and not self.track_running_stats:
+            running_mean = running_var = None
+        else:
+            running_mean, running_var = self.running_mean, self.running_var
+        bn_training = training or (self.running_mean is None and self.running_var is None)
+        weight, bias = self.weight, self.bias
+        channels = input.shape[1]
+        if channels != self.num_features and not (weight is None and bias is None and running_mean is None
+                                                  and running_var is None):
+            raise InputChannelsError(
+                f"{self._cusyncbn_name}: input of shape {tuple(input.shape)} has {channels} channels (dimension 1), "
+                f"expected num_features={self.num_features}")
+        eps = self.eps
+        if bn_training and eps <= 0.0:
+            raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+        if eps < 0.0:
+            raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+        comm = self._sync_comm(device)
+        # As torch: sync only a training forward, and only over more than one process.
+        sync = bn_training and training and comm.size > 1
+        if not sync:
+            comm = _LOCAL
+            if bn_training:
+                _verify_batch_size(input.shape)
+        factor = 0.0 if self.momentum is None else self.momentum
+        tracked = None
+        if training and self.track_running_stats:
+            tracked = self.num_batches_tracked
+            if tracked is None:
+                raise AssertionError("num_batches_tracked must not be None")
+            tracked.add_(1)
             if self.momentum is None:                    # cumulative moving average
-                momentum = 1.0 / float(self.num_batches_tracked)
-        # As torch: batch statistics in training, and in eval when no running ones are kept.
-        training = self.training or self.running_mean is None
-        channel_last = _is_channels_last(x)
-        xin = _to_channel_last(x) if channel_last else x.contiguous()
-        data_format = _FORMATS[(x.dim(), channel_last)]
-        y = _Function.apply(xin, self.weight, self.bias, self, training, 1.0 - momentum, data_format)
-        return _from_channel_last(y) if channel_last else y
+                factor = 1.0 / tracked.item()
+        # Only a global count can tell a batch of one value per channel over several ranks:
+        # checked after the collective (every rank sees the same count) when this rank
+        # holds at most one value per channel, the running statistics kept to restore.
+        one = sync and input.numel() // channels <= 1
+        saved = None
+        try:
+            if one and running_mean is not None and running_var is not None:
+                saved = (running_mean.clone(), running_var.clone())
+            return self._run(input, weight, bias, running_mean, running_var, bn_training, 1.0 - factor, comm,
+                             device, one)
+        except BaseException:
+            if tracked is not None:
+                tracked.sub_(1)
+            if saved is not None:
+                running_mean.copy_(saved[0])
+                running_var.copy_(saved[1])
+            raise
+
+    def _run(self, input: torch.Tensor, weight: Any, bias: Any, running_mean: Any, running_var: Any,
+             training: bool, momentum: float, comm: Any, device: str, one: bool) -> torch.Tensor:
+        x = input
+        low = None
+        if device == "cpu" and x.dtype in _LOW_PRECISION:
+            # NumPy has no bfloat16, and torch's CPU kernels compute 16-bit input in float32.
+            low, x = x.dtype, x.float()
+        shape = x.shape
+        if _is_channels_last(x):
+            xin, data_format, back = _to_channel_last(x), _FORMATS[(x.dim(), True)], _from_channel_last
+        elif x.dim() > 5:
+            xin, data_format, back = x.contiguous().view(shape[0], shape[1], -1), "NCL", None
+        else:
+            xin, data_format, back = x.contiguous(), _FORMATS[(x.dim(), False)], None
+        tensors = (running_mean, running_var, weight, bias)
+        copies = None
+        if all(t is None or t.dtype in _PARAM_DTYPES for t in tensors):
+            arrays = tuple(None if t is None else self._array(name, device) for name, t in zip(_PER_CHANNEL, tensors))
+            plan_device = device
+        else:
+            # 16-bit parameters or buffers: float32 copies (the parameters' through autograd,
+            # so their gradients come back in their dtype); no planned path for these.
+            copies = tuple(None if t is None else t.float() for t in tensors)
+            weight, bias = copies[2:]
+            arrays = tuple(None if t is None else _import(t, device) for t in copies)
+            plan_device = None
+        args = (arrays, training, momentum, data_format, comm, plan_device, one, input.shape)
+        if torch.is_grad_enabled() and (xin.requires_grad or (weight is not None and weight.requires_grad)
+                                        or (bias is not None and bias.requires_grad)):
+            y = _Function.apply(xin, weight, bias, self, args)
+        else:
+            y, core = self._core(xin.detach(), args)
+            core.release()                           # nothing will be back-propagated
+        if copies is not None:
+            for t, f in zip((running_mean, running_var), copies[:2]):
+                if t is not None and f is not t:
+                    t.copy_(f)
+        if back is not None:
+            y = back(y)
+        elif y.shape != shape:
+            y = y.view(shape)
+        return y if low is None else y.to(low)
+
+    def _core(self, x: torch.Tensor, args: tuple) -> tuple:
+        """``(y, ctx)``: one call of the functional core."""
+        arrays, training, momentum, data_format, comm, plan_device, one, size = args
+        # On a GPU the outputs come from torch's allocator and are written in place (no CuPy
+        # allocation, no DLPack export per call); repeated calls take the planned path.
+        out = torch.empty_like(x) if x.is_cuda else None
+        with _on_torch_stream(x):
+            y, core = sync_batch_norm(
+                x, *arrays, training=training, momentum=momentum, epsilon=float(self.eps), data_format=data_format,
+                comm=comm, unbiased_running_var=True, device=plan_device, name=self._cusyncbn_name, out=out)
+        if one:
+            count = getattr(core, "_count", None)
+            if count is not None and float(count[0]) == 1.0:
+                core.release()
+                raise ValueError(f"Expected more than 1 value per channel when training, got input size {size} "
+                                 f"({self._cusyncbn_name}: one value per channel in the global batch of the "
+                                 f"{comm.size} ranks of {comm!r}; running statistics left unchanged)")
+        return (out if out is not None else torch.from_dlpack(y)), core
 
     @classmethod
     def convert_sync_batchnorm(cls, module: torch.nn.Module, process_group: Any = None, *,
@@ -287,14 +484,32 @@ class SyncBatchNorm(torch.nn.Module):
         return convert_sync_batchnorm(module, process_group, comm=comm)
 
 
+# -- the converter -------------------------------------------------------------------------
+
+_TORCH_BATCH_NORMS = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d, torch.nn.SyncBatchNorm,
+                      torch.nn.modules.batchnorm._BatchNorm)
+_STATE = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+
+
 def convert_sync_batchnorm(module: torch.nn.Module, process_group: Any = None, *, comm: Any = None) -> torch.nn.Module:
-    """Replace every ``torch.nn.BatchNorm*d`` / ``SyncBatchNorm`` in ``module`` by
-    :class:`SyncBatchNorm`, sharing its parameters and buffers (as torch's own convert does).
+    """Replace every batch norm of ``module`` (any ``torch.nn.modules.batchnorm._BatchNorm``:
+    ``BatchNorm1d/2d/3d``, torch's ``SyncBatchNorm``) by :class:`SyncBatchNorm`.
+
+    As torch's own converter: the new module takes over the old one's parameters and buffers
+    (the same tensors: device, dtype, ``requires_grad`` and optimizer state stay), ``eps``,
+    ``momentum`` (None too), ``affine``, ``bias``, ``track_running_stats``, training mode,
+    ``qconfig`` and children. Beyond it, nothing is dropped: every other attribute set on
+    the old module, its hooks (forward, pre-forward, backward, state-dict; the handles keep
+    working), non-persistent buffers and, without ``process_group`` / ``comm`` arguments,
+    the ``process_group`` of a torch ``SyncBatchNorm``; a module shared under several
+    names or parents is converted once and replaced everywhere. What cannot be carried
+    over is said: a subclass's own methods (a warning), parametrizations and lazy modules
+    not yet initialised (a ``ValueError``).
 
     Args:
         module: the model (or a single batch-norm module).
-        comm: communicator for the new layers (see :class:`SyncBatchNorm`).
-        process_group: a torch.distributed group to sync over instead.
+        process_group: a torch.distributed group to sync over (see :class:`SyncBatchNorm`).
+        comm: communicator of the new modules (see :class:`SyncBatchNorm`).
 
     Returns:
         The converted module (a new object when ``module`` itself is a batch norm).
@@ -302,21 +517,136 @@ def convert_sync_batchnorm(module: torch.nn.Module, process_group: Any = None, *
     Example:
         >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8))
         >>> model = convert_sync_batchnorm(model)
+        >>> isinstance(model[1], torch.nn.SyncBatchNorm), type(model[1]).__module__
+        (True, 'cusyncbn.torch')
     """
-    if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and not isinstance(module, SyncBatchNorm):
-        new = SyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
-                            module.track_running_stats, process_group, comm=comm)
-        if module.affine:
-            with torch.no_grad():
-                new.weight = module.weight
-                new.bias = module.bias
-        new.running_mean = module.running_mean
-        new.running_var = module.running_var
-        new.num_batches_tracked = module.num_batches_tracked
-        new.train(module.training)
-        return new
-    for name, child in module.named_children():
-        new_child = convert_sync_batchnorm(child, process_group, comm=comm)
-        if new_child is not child:
-            module.add_module(name, new_child)
-    return module
+    return _convert(module, process_group, comm, {}, "")
+
+
+def _convert(module: torch.nn.Module, group: Any, comm: Any, memo: dict, path: str) -> torch.nn.Module:
+    if id(module) in memo:
+        return memo[id(module)]
+    if isinstance(module, SyncBatchNorm):
+        memo[id(module)] = module
+        if module._cusyncbn_label is None and path:
+            module._set_label(path)
+        return module
+    out = module
+    if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+        out = _replacement(module, group, comm, path)
+    memo[id(module)] = out
+    for name, child in list(module._modules.items()):     # every name: shared children too
+        if child is None:
+            continue
+        new = _convert(child, group, comm, memo, f"{path}.{name}" if path else name)
+        if out is not module or new is not child:
+            out.add_module(name, new)
+    return out
+
+
+def _replacement(old: torch.nn.modules.batchnorm._BatchNorm, group: Any, comm: Any, path: str) -> SyncBatchNorm:
+    where = f"convert_sync_batchnorm: {path or 'the module'} ({type(old).__name__})"
+    from torch.nn.utils import parametrize
+    if parametrize.is_parametrized(old):
+        raise ValueError(f"{where} has parametrizations ({', '.join(old.parametrizations)}), which cannot be carried "
+                         "over: convert before parametrizing, or remove them first "
+                         "(torch.nn.utils.parametrize.remove_parametrizations)")
+    if isinstance(old, torch.nn.modules.lazy.LazyModuleMixin) and old.has_uninitialized_params():
+        raise ValueError(f"{where} is a lazy module not yet initialised (num_features unknown): run one forward "
+                         "before converting")
+    own = _own_methods(type(old))
+    if own:
+        warnings.warn(f"{where} is a subclass of torch's batch norm with its own {', '.join(own)}, which "
+                      "cusyncbn.torch.SyncBatchNorm does not carry over: it computes torch.nn.SyncBatchNorm's "
+                      "forward", UserWarning, stacklevel=3)
+    old_group = getattr(old, "process_group", None)
+    if group is None and old_group is not None:
+        if comm is None:
+            group = old_group
+        else:
+            warnings.warn(f"{where} synced over process_group={old_group!r}; the converter's comm={comm!r} takes "
+                          "its place", UserWarning, stacklevel=3)
+    new = SyncBatchNorm(old.num_features, old.eps, old.momentum, old.affine, old.track_running_stats, group,
+                        device="meta", bias=old.bias is not None, comm=comm)
+    fresh = set(new.__dict__)
+    for name in _STATE:
+        setattr(new, name, getattr(old, name))
+    new._non_persistent_buffers_set = set(old._non_persistent_buffers_set)
+    new.training = old.training
+    hooks = [k for k, v in old.__dict__.items() if "hooks" in k and isinstance(v, dict)]
+    if any(old.__dict__[k] for k in hooks):
+        # The same dicts: the hooks run on the new module and their handles still remove them.
+        for key in hooks:
+            table = new.__dict__[key] = old.__dict__[key]
+            for hook_id, hook in list(table.items()):
+                if getattr(hook, "with_module", False) and hook.module() is old:
+                    table[hook_id] = type(hook)(hook.hook, new)        # bound to the module: rebind
+        new._is_full_backward_hook = old._is_full_backward_hook
+    for key, value in old.__dict__.items():                 # qconfig, and whatever else was set on it
+        if key not in fresh:
+            new.__dict__[key] = value
+    new._set_label(path)
+    return new
+
+
+def _own_methods(cls: type) -> list[str]:
+    """Methods a batch-norm subclass defines itself (between it and torch's classes)."""
+    names: list[str] = []
+    for klass in cls.__mro__:
+        if klass in _TORCH_BATCH_NORMS or klass.__module__.startswith("torch."):
+            break
+        names += [k for k, v in vars(klass).items() if callable(v) and k not in ("__init__",) and k not in names]
+    return names
+
+
+def allreduce_gradients(parameters: Iterable[Any], comm: Any = None, op: str = "sum") -> None:
+    """Sum (or average) the ``.grad`` of torch parameters over ranks, in place, in one collective.
+
+    The data-parallel step for a model trained under ``mpirun`` without
+    ``torch.distributed``: after ``loss.backward()``, every parameter's gradient (the
+    SyncBatchNorm modules' shares included) becomes the full gradient on every rank.
+    ``cusyncbn.allreduce_gradients`` comes here when given torch tensors.
+
+    Args:
+        parameters: torch parameters, e.g. ``model.parameters()`` (a tensor that requires a
+            gradient, or a ``Parameter``, stands for its ``.grad``; those without one are
+            skipped; any other tensor is reduced itself). All on one device; every rank
+            must pass the same ones.
+        comm: as for :class:`SyncBatchNorm`.
+        op: ``"sum"`` (each rank's loss is its part of a global sum) or ``"mean"``.
+
+    Raises:
+        ValueError: unknown ``op``; tensors on several devices.
+        TypeError: something not a torch tensor; a sparse gradient.
+
+    Example:
+        >>> loss.backward(); cbt.allreduce_gradients(model.parameters()); opt.step()   # doctest: +SKIP
+    """
+    if op not in ("sum", "mean"):
+        raise ValueError(f"op must be 'sum' or 'mean', got {op!r}")
+    grads = []
+    for p in parameters:
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"cusyncbn.torch.allreduce_gradients: expected torch tensors, got {type(p).__name__}")
+        g = p.grad if (p.requires_grad or isinstance(p, torch.nn.Parameter)) else p
+        if g is None:
+            continue
+        if g.layout != torch.strided:
+            raise TypeError(f"cusyncbn.torch.allreduce_gradients: a {g.layout} gradient cannot be reduced in place")
+        grads.append(g)
+    if not grads:
+        return
+    if len({g.device for g in grads}) > 1:
+        raise ValueError(f"cusyncbn.torch.allreduce_gradients: tensors on several devices "
+                         f"{sorted({str(g.device) for g in grads})}")
+    device = _device_name(grads[0])
+    comm, _ = _default_comm(comm, device)
+    with torch.no_grad(), _on_torch_stream(grads[0]):
+        flat = torch.cat([g.detach().reshape(-1).to(torch.float64) for g in grads])
+        comm.allreduce(_import(flat, device))
+        if op == "mean":
+            flat /= comm.size
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view(g.shape))
+            offset += g.numel()
