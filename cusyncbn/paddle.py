@@ -29,6 +29,7 @@ from __future__ import annotations
 import copy
 import functools
 import warnings
+import weakref
 from contextlib import nullcontext
 from operator import methodcaller
 from typing import Any, Iterable
@@ -83,6 +84,7 @@ def _array(t: Any, device: str) -> Any:
 
 
 _data_ptr = methodcaller("data_ptr")
+_LABELS: "weakref.WeakValueDictionary[str, Any]" = weakref.WeakValueDictionary()    # see SyncBatchNorm._where
 
 
 def _layout(t: Any) -> tuple:
@@ -221,10 +223,17 @@ class SyncBatchNorm(paddle.nn.SyncBatchNorm):
         batch = self.training if self._use_global_stats is None else not self._use_global_stats
         gpu = device != "cpu"
         wide = None
-        if x.dtype == paddle.bfloat16 and not (gpu and _cupy_takes_bfloat16()):
-            # As Paddle's bfloat16 kernel: statistics and arithmetic in float32, y rounded to
-            # bfloat16 (the float32 copy is exact; the cast back rounds to nearest even).
-            wide, x = x.dtype, x.detach().astype("float32")
+        dtype = x.dtype
+        if dtype != self._mean.dtype:
+            if dtype == paddle.bfloat16:
+                if not (gpu and _cupy_takes_bfloat16()):
+                    # As Paddle's bfloat16 kernel: statistics and arithmetic in float32, y rounded
+                    # to bfloat16 (the float32 copy is exact; the cast back rounds to nearest even).
+                    wide, x = dtype, x.detach().astype("float32")
+            elif dtype in (paddle.float32, paddle.float64):
+                raise ValueError(f"{self._where()}: x is {dtype} but this layer's parameters and running statistics "
+                                 f"are {self._mean.dtype}; as in Paddle's batch norms, float32 / float64 input must "
+                                 "have their dtype (cast x, or the layer with layer.to(dtype=...))")
         if gpu:
             # Planned calls may then take Paddle tensors as they are (on Paddle's current stream).
             get_backend(device).accept_array_type(paddle.Tensor, _data_ptr, _layout)
@@ -236,13 +245,37 @@ class SyncBatchNorm(paddle.nn.SyncBatchNorm):
                     self._param_array("_variance", device), self._param_array("weight", device),
                     self._param_array("bias", device), training=batch, momentum=self._momentum,
                     epsilon=self._epsilon, data_format=self._data_format, comm=self._comm,
-                    num_features=self._num_features, device=device, name=self._name or self.full_name(), out=out)
+                    num_features=self._num_features, device=device, name=self._where(), out=out)
             except TypeError as exc:
                 if not x.is_floating_point():
                     raise _UnsupportedDtype(str(exc)) from None
                 raise
         y = out if gpu else paddle.from_dlpack(y)
         return (y if wide is None else y.astype(wide)), ctx, wide
+
+    def _where(self) -> str:
+        """This layer's name in messages and its key for once-per-layer warnings: its ``name``,
+        else Paddle's ``full_name()``, made unique among live layers (a deep copy, e.g. an EMA
+        model, keeps both: it becomes ``<name>#2``)."""
+        cached = self.__dict__.get("_cusyncbn_where")
+        if cached is not None and cached[0] == id(self) and cached[1] == self._name:
+            return cached[2]
+        base = self._name or self.full_name()
+        label, copies = base, 1
+        while _LABELS.get(label, self) is not self:
+            copies += 1
+            label = f"{base}#{copies}"
+        _LABELS[label] = self
+        self.__dict__["_cusyncbn_where"] = (id(self), self._name, label)
+        return label
+
+    def __getstate__(self) -> dict:
+        # What this process imported (arrays sharing the tensors' memory) and this layer's
+        # label are its own: a deep copy or a pickle starts without them.
+        state = dict(super().__getstate__())
+        state.pop("_cusyncbn_arrays", None)
+        state.pop("_cusyncbn_where", None)
+        return state
 
     def _param_array(self, attr: str, device: str) -> Any:
         """The NumPy / CuPy array sharing the memory of this layer's tensor ``attr``, imported
