@@ -15,6 +15,7 @@ from comms import CountingComm
 
 paddle = pytest.importorskip("paddle")
 import cusyncbn.paddle as cbp  # noqa: E402
+from test_paddle import on_gpu, randomize  # noqa: E402,F401 (on_gpu: a fixture)
 
 EPS = 1e-5
 MOMENTUM = 0.75                 # exact in float32: Paddle keeps momentum as a float32 attribute
@@ -46,16 +47,6 @@ def within_16bit(got, want, dtype, atol):
     """Whether ``got`` (16-bit results) is ``want`` (float64) rounded to ``dtype``, up to
     float32 arithmetic (``atol``): |got - want| <= half an ulp of ``want`` + atol."""
     return bool(np.all(np.abs(got - want) <= HALF_ULP[dtype] * np.abs(want) + atol))
-
-
-def randomize(bn, seed=0):
-    rng = np.random.default_rng(seed)
-    c = bn._mean.shape[0]
-    for t, values in ((bn.weight, rng.uniform(0.5, 1.5, c)), (bn.bias, rng.normal(size=c)),
-                      (bn._mean, rng.normal(size=c)), (bn._variance, rng.uniform(0.5, 2.0, c))):
-        if t is not None:
-            t.set_value(paddle.to_tensor(values, dtype=t.dtype))
-    return bn
 
 
 def state(layer):
@@ -390,16 +381,6 @@ def test_convert_paddle_batchnorm_act_and_frozen_parameters():
 
 
 # -- GPU: against Paddle's own SyncBatchNorm kernel --------------------------------------
-
-@pytest.fixture
-def on_gpu():
-    if not paddle.is_compiled_with_cuda() or paddle.device.cuda.device_count() == 0:
-        pytest.skip("Paddle is not built with CUDA or sees no GPU")
-    old = paddle.get_device()
-    paddle.set_device("gpu:0")
-    yield
-    paddle.set_device(old)
-
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
