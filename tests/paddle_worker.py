@@ -33,6 +33,7 @@ warnings.filterwarnings("ignore", message="When training, we now always track") 
 WORLD = MPI.COMM_WORLD
 CASES = {}
 MOMENTUM = 0.75            # exact in float32: Paddle keeps momentum as a float32 attribute
+EPS = 1e-5
 
 
 def case(fn):
@@ -124,6 +125,104 @@ def collectives_only_where_needed():
     bn.train()
     bn._use_global_stats = True
     expect("use_global_stats forward + backward", 0, lambda: bn(xg).sum().backward())
+    return errors
+
+
+@case
+def bfloat16_uneven_batches():
+    """bfloat16 input (float32 parameters and statistics, as Paddle's 16-bit kernels) on uneven
+    and empty per-rank batches: y and x.grad are the global reference rounded to bfloat16."""
+    paddle.set_default_dtype("float32")
+    errors = []
+    for split in ("uneven", "empty"):
+        total = 2 * WORLD.size + 3
+        part = my_slice(total, split)
+        rng = np.random.default_rng(21)
+        bn = cbp.SyncBatchNorm(3, momentum=MOMENTUM)
+        rm, rv = np.zeros(3), np.ones(3)
+        for step in range(2):
+            x = paddle.to_tensor(rng.normal(3.0, 2.0, size=(total, 3, 2, 2)).astype("float32")).astype("bfloat16")
+            dy = paddle.to_tensor(rng.normal(size=(total, 3, 2, 2)).astype("float32")).astype("bfloat16")
+            x64, dy64 = (t.astype("float32").numpy().astype(np.float64) for t in (x, dy))
+            xs = x[part].detach()
+            xs.stop_gradient = False
+            y = bn(xs)
+            (y.astype("float32") * dy[part].astype("float32")).sum().backward()
+            y_ref, mean, var = ref.forward(x64, 1.0, 0.0, EPS, "NCHW")
+            dx_ref = ref.backward(x64, dy64, 1.0, EPS, "NCHW")[0]
+            rm, rv = ref.update_running(rm, rv, mean, var, x64.size // 3, MOMENTUM)
+            if y.dtype != paddle.bfloat16 or xs.grad.dtype != paddle.bfloat16:
+                errors.append(f"{split} step {step}: y {y.dtype}, x.grad {xs.grad.dtype}")
+            for what, got, want in (("y", y, y_ref[part]), ("x.grad", xs.grad, dx_ref[part])):
+                got = got.astype("float32").numpy().astype(np.float64)
+                if not np.all(np.abs(got - want) <= 2.0 ** -8 * np.abs(want) + 1e-5):
+                    errors.append(f"{split} step {step} {what}: max abs err {np.max(np.abs(got - want), initial=0):.3g}")
+            for what, got, want in (("running mean", bn._mean, rm), ("running var", bn._variance, rv)):
+                mw.close(errors, f"{split} step {step} {what}", got.numpy(), want, "float32")
+            bn.clear_gradients()
+    return errors
+
+
+@case
+def one_value_in_the_global_batch():
+    """One sample in the whole global batch (on the last rank; the others hold none): as
+    Paddle's SyncBatchNorm kernel, y = bias and the running statistics move on every rank."""
+    paddle.set_default_dtype("float64")
+    bn = cbp.SyncBatchNorm(3, momentum=MOMENTUM, data_format="NC")
+    bias = np.array([0.5, -1.0, 2.0])
+    bn.bias.set_value(paddle.to_tensor(bias))
+    x = np.array([[1.0, -2.0, 30.0]])
+    mine = x if WORLD.rank == WORLD.size - 1 else x[:0]
+    y = bn(paddle.to_tensor(mine))
+    y_ref, mean, var = ref.forward(x, 1.0, bias, EPS, "NC")
+    rm, rv = ref.update_running(np.zeros(3), np.ones(3), mean, var, 1, MOMENTUM)
+    errors = []
+    mw.close(errors, "y", y.numpy(), y_ref[:len(mine)], "float64")
+    mw.close(errors, "running mean", bn._mean.numpy(), rm, "float64")
+    mw.close(errors, "running var", bn._variance.numpy(), rv, "float64")
+    return errors
+
+
+@case
+def eval_on_one_rank_alone():
+    """Validation on rank 0 only: eval makes no collective, so the other ranks do not wait
+    and the next training step still pairs every rank's collectives."""
+    paddle.set_default_dtype("float64")
+    bn = cbp.SyncBatchNorm(3, momentum=MOMENTUM)
+    rng = np.random.default_rng(22)
+    x = rng.normal(size=(2 * WORLD.size, 3, 2, 2))
+    part = my_slice(len(x), "uneven")
+    bn(paddle.to_tensor(x[part]))                       # a training step together
+    errors = []
+    if WORLD.rank == 0:
+        bn.eval()
+        for _ in range(3):
+            y = bn(paddle.to_tensor(x))
+        mw.close(errors, "eval y", y.numpy(), ref.eval_forward(x, 1.0, 0.0, bn._mean.numpy(), bn._variance.numpy(),
+                                                                EPS, "NCHW"), "float64")
+        bn.train()
+    x2 = rng.normal(size=x.shape)
+    y = bn(paddle.to_tensor(x2[part]))                  # together again
+    mw.close(errors, "training y after", y.numpy(), ref.forward(x2, 1.0, 0.0, EPS, "NCHW")[0][part], "float64")
+    return errors
+
+
+@case
+def frozen_converted_layer_makes_no_collective():
+    """A BatchNorm2D with use_global_stats=True converted: every rank normalizes with the
+    running statistics in training, with no all-reduce forward or backward."""
+    paddle.set_default_dtype("float64")
+    comm = mw.CountingComm(cusyncbn.MPIComm(WORLD))
+    bn = cbp.convert_sync_batchnorm(paddle.nn.BatchNorm2D(3, use_global_stats=True), comm=comm)
+    bn._mean.set_value(paddle.to_tensor([1.0, -1.0, 0.5]))
+    x = paddle.to_tensor(np.random.default_rng(23).normal(size=(WORLD.rank + 1, 3, 2, 2)), stop_gradient=False)
+    y = bn(x)
+    y.sum().backward()
+    errors = []
+    mw.close(errors, "y", y.numpy(), ref.eval_forward(x.numpy(), 1.0, 0.0, bn._mean.numpy(), 1.0, EPS, "NCHW"),
+             "float64")
+    if comm.calls:
+        errors.append(f"{comm.calls} all-reduces, expected none")
     return errors
 
 
