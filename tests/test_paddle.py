@@ -372,9 +372,16 @@ def test_multi_rank(case, n):
 
 
 def test_example_paddle_convert():
+    """The example against one process on the whole batch, uneven per-rank batches; its
+    control (local BatchNorm2D per rank) must fail the same comparison."""
     proc = _launch(["examples/paddle_convert.py", "--steps", "10"], 2)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert ": OK" in proc.stdout and "2 rank(s)" in proc.stdout
+    assert ": OK" in proc.stdout and "2 rank(s)" in proc.stdout and "per-rank batch [10, 20]" in proc.stdout
+    # No warning but Paddle's own at import where ccache is missing (any Paddle script's).
+    warned = [line for line in (proc.stdout + proc.stderr).splitlines() if "Warning" in line]
+    assert all("No ccache found" in line for line in warned), warned
+    control = _launch(["examples/paddle_convert.py", "--steps", "3", "--no-convert"], 2)
+    assert control.returncode == 1 and ": MISMATCH" in control.stdout, control.stdout + control.stderr
 
 
 # -- GPU (Paddle built with CUDA, and CuPy) ------------------------------------------------
