@@ -38,7 +38,6 @@ import numpy as np
 import paddle
 from paddle.autograd import PyLayer
 from paddle import _legacy_C_ops
-from paddle.base import dygraph_utils
 from paddle.base.framework import EagerParamBase
 
 from ._convert import carry_state, user_stacklevel, warn_lost_members
@@ -302,8 +301,8 @@ class SyncBatchNorm(paddle.nn.SyncBatchNorm):
         else:
             y, ctx, _ = self._core_forward(x)
             ctx.release()                     # nothing will be back-propagated
-        # paddle.nn.BatchNorm's act=, applied as Paddle applies it.
-        return y if self._act is None else dygraph_utils._append_activation_in_dygraph(y, act=self._act)
+        # paddle.nn.BatchNorm's act=, applied as Paddle's dygraph_utils applies it.
+        return y if self._act is None else getattr(_legacy_C_ops, self._act)(y)
 
     @classmethod
     def convert_sync_batchnorm(cls, layer: Any, *, comm: Any = None) -> Any:
