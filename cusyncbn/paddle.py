@@ -165,6 +165,14 @@ class SyncBatchNorm(paddle.nn.SyncBatchNorm):
     layer follows its input: CPU tensors run on NumPy, GPU tensors on cusyncbn's CUDA
     kernels (CuPy), on Paddle's current stream; parameters must live on the input's device.
 
+    Inputs, as in Paddle's kernels: float32 / float64 in the parameters' dtype; float16 and
+    bfloat16 with float32 parameters and statistics (statistics and arithmetic in float32,
+    ``y`` and ``x.grad`` rounded to the input's dtype), on the CPU too, where Paddle has no
+    16-bit batch-norm kernel (bfloat16 goes through a float32 copy where NumPy or CuPy take
+    none). A global batch of one value per channel gives ``y = bias`` and moves the running
+    statistics, as Paddle's SyncBatchNorm kernel does (its CPU ``BatchNorm*D`` return ``x``).
+    A failing call changes nothing: errors are raised before any collective or write.
+
     Args:
         num_features: number of channels C.
         momentum: of the running statistics (Paddle's convention). Default 0.9.
@@ -181,9 +189,11 @@ class SyncBatchNorm(paddle.nn.SyncBatchNorm):
             running ones, in eval too, as Paddle does), None by mode.
 
     Raises:
-        ValueError: unknown ``data_format``; at forward, an input whose dimensions or
-            channel count do not fit (before any collective).
-        TypeError: at forward, a non-floating input or an unusable ``comm``.
+        ValueError: unknown ``data_format``; at forward (as Paddle's ``ValueError``), an
+            input whose dimensions or channel count do not fit, or float32 / float64 input in
+            another dtype than the parameters.
+        TypeError: at forward, an unusable ``comm``, or a non-floating input (then also a
+            ``RuntimeError``, which Paddle raises there: it has no kernel for that dtype).
 
     Example:
         >>> import paddle, cusyncbn.paddle as cbp
