@@ -12,9 +12,9 @@ the local count is ``n_r = A * B`` and the local statistics are the mean ``m_r``
 the sum of squared deviations ``M2_r`` (computed around ``m_r``: two-pass or
 Welford, never E[x^2] - E[x]^2).
 
-Forward all-reduce payload (float64, length ``2C + 3``), with ``K`` the shift
-(the running mean where it is finite, else 0; identical on every rank) and ``t`` this
-rank's collective tag (see below)::
+Forward all-reduce payload (float64, length ``2C + 3``), with ``K`` the pivot
+(identical on every rank; see "The pivot" below) and ``t`` this rank's collective tag
+(see below)::
 
     buf[c]        = n_r * m_r
     buf[C + c]    = M2_r + n_r * (m_r - K)^2
@@ -23,10 +23,17 @@ rank's collective tag (see below)::
     buf[2C + 2]   = t^2
 
 Summed over ranks this gives ``N = sum n_r``, ``mean = buf[c] / N`` and, by Chan's
-parallel combine written as sums, ``M2 = buf[C + c] - N * (mean - K)^2`` (the
-cancellation is between numbers of size ``(mean - K)^2``, small once the running
-mean tracks the data, and done in float64), ``var = M2 / N`` (biased), ``invstd =
-1 / sqrt(var + eps)``. Running statistics, only when ``N > 0``, the ranks agree (below)
+parallel combine written as sums, ``M2 = buf[C + c] - N * (mean - K)^2``, ``var = M2 / N``
+(biased), ``invstd = 1 / sqrt(var + eps)``.
+
+The pivot. The combine cancels numbers of size ``N (mean - K)^2``: in float64 it keeps
+``var`` to 1e-6 only while ``(mean - K)^2 / var`` stays below about 1e9, so ``K`` must sit
+near the batch mean, on every rank alike. It is the global mean of the previous batch of
+the same running statistics (the *pivot state*: ``normalize_batch`` stores it, from the
+reduced payload, so every rank holds the same value). A call without a pivot state (a
+layer's first training call, or a call without running statistics) makes two
+all-reduces: the first with ``K = 0`` gives the global mean, the second, around that mean
+(``pivot_payload``), gives the payload the normalization uses. Running statistics, only when ``N > 0``, the ranks agree (below)
 and the channel's ``mean`` and ``var`` are finite::
 
     running_mean = running_mean * momentum + mean * (1 - momentum)
@@ -225,16 +232,18 @@ class Backend:
     def contiguous(self, x: Any) -> Any:
         return self.xp.ascontiguousarray(x)
 
-    def local_moments(self, x3: Any, running_mean: Any, tag: int, buf: Any) -> None:
-        """Write this rank's forward payload for ``x3`` into ``buf`` (see above); ``running_mean``
-        (None: not tracked) gives the shift."""
+    def local_moments(self, x3: Any, pivot: Any, tag: int, buf: Any, pivot_payload: Any = None) -> None:
+        """Write this rank's forward payload for ``x3`` into ``buf`` (see above) around the pivot
+        K: the means of the reduced payload ``pivot_payload`` when given, else ``pivot`` (the
+        pivot state, float64, C), else 0."""
         raise NotImplementedError
 
     def normalize_batch(self, x3: Any, buf: Any, tag: int, ranks: int, running_mean: Any, running_var: Any,
                         momentum: float, eps: float, unbiased: bool, weight: Any, bias: Any, stats: Stats,
-                        y3: Any) -> None:
+                        y3: Any, pivot_out: Any = None) -> None:
         """From the reduced forward payload: ``stats`` (flags included), the running update when
-        ``running_var`` is given, and ``y3``, the normalized ``x3``."""
+        ``running_var`` is given, ``y3``, the normalized ``x3``, and the batch's global means
+        into ``pivot_out`` (the next pivot state; where N > 0, the ranks agree and finite)."""
         raise NotImplementedError
 
     def normalize_fixed(self, x3: Any, running_mean: Any, running_var: Any, eps: float, weight: Any, bias: Any,

@@ -352,20 +352,20 @@ class CupyBackend(Backend):
         return _flags.ReportRing(host, device_address, self._cuda_device.synchronize)
 
     # -- the steps of _backend.Backend: one kernel each ---------------------------------------
-    def local_moments(self, x3: Any, running_mean: Any, tag: int, buf: Any) -> None:
+    def local_moments(self, x3: Any, pivot: Any, tag: int, buf: Any, pivot_payload: Any = None) -> None:
         with self._cuda_device:
-            plan = self._plan("moments", x3, (x3,), self._param_name(running_mean))
-            self._run(plan, {"x": x3, "running_mean": running_mean, "tag": tag, "buf": buf})
+            plan = self._plan("moments", x3, (x3,), "float32")      # (the parameter type plays no part)
+            self._run(plan, {"x": x3, "pivot": pivot, "pivot_payload": pivot_payload, "tag": tag, "buf": buf})
 
     def normalize_batch(self, x3: Any, buf: Any, tag: int, ranks: int, running_mean: Any, running_var: Any,
                         momentum: float, eps: float, unbiased: bool, weight: Any, bias: Any, stats: Stats,
-                        y3: Any, report: int = 0, seq: int = 0) -> None:
+                        y3: Any, report: int = 0, seq: int = 0, pivot_out: Any = None) -> None:
         with self._cuda_device:
             plan = self._plan("normalize", x3, (x3, y3), self._param_name(running_mean, running_var, weight, bias))
             self._run(plan, {"x": x3, "y": y3, "buf": buf, "tag": tag, "ranks": ranks, "running_mean": running_mean,
                              "running_var": running_var, "momentum": momentum, "eps": eps,
                              "unbiased": int(bool(unbiased)), "weight": weight, "bias": bias, "stats": stats.data,
-                             "report": report, "seq": seq})
+                             "report": report, "seq": seq, "pivot_out": pivot_out})
 
     def normalize_fixed(self, x3: Any, running_mean: Any, running_var: Any, eps: float, weight: Any, bias: Any,
                         stats: Stats, y3: Any) -> None:
@@ -374,7 +374,7 @@ class CupyBackend(Backend):
             self._run(plan, {"x": x3, "y": y3, "buf": None, "shift": None, "tag": 0.0, "ranks": 1.0,
                              "running_mean": running_mean, "running_var": running_var, "momentum": 0.0, "eps": eps,
                              "unbiased": 0, "weight": weight, "bias": bias, "stats": stats.data, "report": 0,
-                             "seq": 0})
+                             "seq": 0, "pivot_out": None})
 
     def backward_reduce(self, dy3: Any, x3: Any, stats: Stats, weight_grad: Any, bias_grad: Any,
                         tag: int, buf: Any) -> None:

@@ -7,6 +7,7 @@ of rows of ``x3``.
 """
 from __future__ import annotations
 
+import threading
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -33,12 +34,20 @@ def _blocked_channel_sum(x3: Any, term: Callable[[slice], Any]) -> Any:
     return total
 
 
-def _shift(running_mean: Any, channels: int) -> Any:
-    if running_mean is None:
+def _pivot(pivot: Any, pivot_payload: Any, channels: int) -> Any:
+    """The pivot K per channel (see ``_backend.py``): the means of a reduced payload, else the
+    pivot state, else 0; 0 where not finite."""
+    if pivot_payload is not None:
+        n = pivot_payload[2 * channels]
+        with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+            k = pivot_payload[:channels] / n if n > 0 else np.zeros(channels)
+    elif pivot is not None:
+        k = np.array(pivot, dtype=np.float64)
+    else:
         return np.zeros(channels, dtype=np.float64)
-    shift = running_mean.astype(np.float64)
-    shift[~np.isfinite(shift)] = 0.0
-    return shift
+    k = np.asarray(k, dtype=np.float64).copy()
+    k[~np.isfinite(k)] = 0.0
+    return k
 
 
 def _col(v: Any) -> Any:
@@ -49,6 +58,9 @@ class NumpyBackend(Backend):
     device = "cpu"
     xp = np
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._pivots = threading.local()   # .last: the pivot of this thread's latest moments
     def is_native(self, x: Any) -> bool:
         return isinstance(x, np.ndarray)
 
@@ -77,9 +89,10 @@ class NumpyBackend(Backend):
             raise TypeError(message)
         return array
 
-    def local_moments(self, x3: Any, running_mean: Any, tag: int, buf: Any) -> None:
+    def local_moments(self, x3: Any, pivot: Any, tag: int, buf: Any, pivot_payload: Any = None) -> None:
         channels = x3.shape[1]
         n = x3.shape[0] * x3.shape[2]
+        shift = self._pivots.last = _pivot(pivot, pivot_payload, channels)
         buf[2 * channels:] = (n, tag, float(tag) * tag)
         if n == 0:
             buf[:2 * channels] = 0.0
@@ -87,25 +100,26 @@ class NumpyBackend(Backend):
         with np.errstate(invalid="ignore", over="ignore"):     # NaN/Inf input: flagged after the reduce
             mean = _blocked_channel_sum(x3, lambda r: x3[r]) / n
             m2 = _blocked_channel_sum(x3, lambda r: np.square(x3[r].astype(np.float64) - _col(mean)))
-            shift = _shift(running_mean, channels)
             buf[:channels] = n * mean
             buf[channels:2 * channels] = m2 + n * np.square(mean - shift)
 
     def normalize_batch(self, x3: Any, buf: Any, tag: int, ranks: int, running_mean: Any, running_var: Any,
                         momentum: float, eps: float, unbiased: bool, weight: Any, bias: Any, stats: Stats,
-                        y3: Any) -> None:
+                        y3: Any, pivot_out: Any = None) -> None:
         channels = stats.mean.shape[0]
         count = buf[2 * channels]
         desync = not _tags_agree(buf[2 * channels + 1:], tag, ranks)
         with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
             if count > 0:
                 mean = buf[:channels] / count
-                dev = mean - _shift(running_mean, channels)
+                dev = mean - self._pivots.last                 # the pivot local_moments used
                 var = np.maximum((buf[channels:2 * channels] - count * dev * dev) / count, 0.0)
             else:
                 mean = np.zeros(channels)
                 var = np.zeros(channels)
             finite = np.isfinite(mean) & np.isfinite(var)
+            if pivot_out is not None and count > 0 and not desync:
+                pivot_out[finite] = mean[finite]
             self._fill(stats, mean, 1.0 / np.sqrt(var + eps), weight, bias)
             stats.flags[0] = NONFINITE * (not finite.all()) + DESYNC * desync
             if count > 0 and running_mean is not None and running_var is not None and not desync:

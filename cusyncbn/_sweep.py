@@ -83,14 +83,15 @@ def _pass_call(backend: Any, kind: str, bn: Any, x: Any, dy: Any) -> Callable[[]
     stats = Stats(backend.empty((4 * c + 2,), np.float64 if x.dtype == np.float64 else np.float32),
                   backend.zeros((forward_payload_size(c),), np.float64), c)
     rm = bn.running_mean
-    backend.local_moments(x3, rm, 0, stats.payload)
+    pivot = backend.zeros((c,), np.float64)
+    backend.local_moments(x3, pivot, 0, stats.payload)
     y3 = backend.empty(x3.shape, x3.dtype)
     backend.normalize_batch(x3, stats.payload, 0, 1, rm, None, 0.9, 1e-5, False, None, None, stats, y3)
     bbuf = backend.zeros((backward_payload_size(c),), np.float64)
     dx3 = backend.empty(x3.shape, x3.dtype)
     count = stats.payload[2 * c:2 * c + 1]
     return {
-        "moments": lambda: backend.local_moments(x3, rm, 0, stats.payload),
+        "moments": lambda: backend.local_moments(x3, pivot, 0, stats.payload),
         "normalize": lambda: backend.normalize_batch(x3, stats.payload, 0, 1, rm, None, 0.9, 1e-5, False, None,
                                                      None, stats, y3),
         "backward": lambda: backend.backward_reduce(dy3, x3, stats, None, None, 0, bbuf),

@@ -7,7 +7,8 @@ registry, so a case added to one but not the other fails a test instead of never
 # Run on the CPU under mpiexec -n 2 and -n 4 (tests/test_mpi.py) and over NCCL (tests/test_gpu.py).
 CPU_CASES = (
     "sync_matches_global_reference", "dtypes_and_momentum", "default_comm_is_world",
-    "mpi4py_comm_argument_and_groups", "stable_for_large_mean", "unsynced_differs_negative_control",
+    "mpi4py_comm_argument_and_groups", "stable_for_large_mean", "stable_at_any_mean_float64",
+    "unsynced_differs_negative_control",
     "one_collective_per_pass_and_none_in_eval", "eval_matches_running_statistics", "all_ranks_empty",
     "global_count_one_gives_bias", "lifo_forwards", "bad_input_raises_before_any_collective",
     "debug_mode_raises_on_every_rank", "debug_mode_accepts_valid_differences",

@@ -36,8 +36,14 @@ def test_training_pass_matches_reference(data_format):
     rm_ref, rv_ref = ref.update_running(np.zeros(3), np.ones(3), mean, var, x.size // 3, 0.7)
     for got, want in ((y, y_ref), (dx, dx_ref), (dw, dw_ref), (db, db_ref), (rm, rm_ref), (rv, rv_ref)):
         np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10)
-    assert comm.calls == 2                                     # one all-reduce per pass
+    # The first training call of these running statistics: two forward all-reduces (the first
+    # finds the mean the second pivots on), then one per pass.
+    assert comm.calls == 3
     assert ctx.consumed
+    y, ctx = sync_batch_norm(x, rm, rv, w, b, momentum=0.7, data_format=data_format, comm=comm)
+    sync_batch_norm_backward(ctx, dy)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-10, atol=1e-10)
+    assert comm.calls == 5                                     # one all-reduce per pass
 
 
 def test_negative_control_wrong_momentum_convention_is_caught():
@@ -74,16 +80,16 @@ def test_backward_without_input_gradient_makes_no_collective():
     rm, rv, w, b = params(rng)
     comm = CountingComm()
     _, ctx = sync_batch_norm(x, rm, rv, w, b, data_format="NC", comm=comm)
-    assert comm.calls == 1
+    assert comm.calls == 2                                    # a first call: two forward all-reduces
     dx, dw, db = sync_batch_norm_backward(ctx, dy, input_grad=False)
-    assert dx is None and comm.calls == 1                     # no dx, no all-reduce
+    assert dx is None and comm.calls == 2                     # no dx, no all-reduce
     _, dw_ref, db_ref = ref.backward(x, dy, w, 1e-5, "NC")
     np.testing.assert_allclose(dw, dw_ref, rtol=1e-10)
     np.testing.assert_allclose(db, db_ref, rtol=1e-10)
     _, ctx = sync_batch_norm(x, rm, rv, w, b, data_format="NC", comm=comm)
     assert sync_batch_norm_backward(ctx, dy, input_grad=False, weight_grad=False, bias_grad=False) == \
         (None, None, None)
-    assert comm.calls == 2
+    assert comm.calls == 3
 
 
 def test_gradients_accumulate_into_given_arrays_and_affine_none():
@@ -239,7 +245,7 @@ def test_inputs_beyond_the_kernels_index_range_are_refused_before_any_collective
             sync_batch_norm(np.ones((2, 3, 11), np.float32), data_format="NCL", comm=comm)
         assert comm.calls == 0
         sync_batch_norm(np.ones((10, 3), np.float32), data_format="NC", comm=comm)
-        assert comm.calls == 1
+        assert comm.calls == 2                           # no running statistics: two all-reduces
 
 
 def test_flush_reports_is_a_no_op_on_the_cpu():

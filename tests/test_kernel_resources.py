@@ -62,7 +62,7 @@ def test_hot_loops_hold_batches_of_16_byte_loads():
     if kr.tool("nvdisasm") is None:
         pytest.skip("cuobjdump -sass needs nvdisasm (pip install nvidia-cuda-nvdisasm)")
     code = kr.sass("float32")
-    for expr, arrays in (("moments_cs<float, float, 4>", 1), ("backward_cl<float, float, 4>", 2),
+    for expr, arrays in (("moments_cs<float, 4>", 1), ("backward_cl<float, float, 4>", 2),
                          ("normalize_cl<float, float, 4>", 1)):
         _, loads = kr.hot_loop(code[expr])
         assert loads == arrays * _kernels.LOADS, expr

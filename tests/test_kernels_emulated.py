@@ -126,8 +126,8 @@ def test_vectors_stay_inside_a_channel(emu):
     2-wide channel-last passes (a thread's vector holds consecutive channels of one row)."""
     check_layer("NCHW", (8, 4, 1, 3), "float16", to_device, to_host, device="cpu")
     check_layer("NHWC", (4, 3, 5, 6), "float32", to_device, to_host, device="cpu")
-    for expr in ("moments_cs<half_t, float, 1>", "normalize_cs<half_t, float, 1>", "dx_cs<half_t, 1>",
-                 "moments_cl<float, float, 2>", "normalize_cl<float, float, 2>", "dx_cl<float, 2>"):
+    for expr in ("moments_cs<half_t, 1>", "normalize_cs<half_t, float, 1>", "dx_cs<half_t, 1>",
+                 "moments_cl<float, 2>", "normalize_cl<float, float, 2>", "dx_cl<float, 2>"):
         assert expr in emu.launches
 
 
@@ -170,12 +170,12 @@ def test_catches_misaligned_vector_access_and_bad_launches():
         k((1, 70000), (256,), args)
     with pytest.raises(cuda_emu.EmulatedKernelError, match="invalid block"):
         k((1,), (2048,), args)
-    moments = backend._kernel("float32", "moments_cs1_float32", 4)
+    moments = backend._kernel("float32", "moments_cs1", 4)
     part, ticket = backend.zeros((12,), np.float64), backend.zeros((3,), np.uint32)
     shift, buf = backend.zeros((3,), np.float64), backend.zeros((9,), np.float64)
     with pytest.raises(cuda_emu.EmulatedKernelError, match="partial warp"):
-        moments((1, 3), (48,), (x, np.int32(2), np.int32(3), np.int32(8), None, np.float64(0), part, ticket, shift,
-                                buf), shared_mem=8 * 64)
+        moments((1, 3), (48,), (x, np.int32(2), np.int32(3), np.int32(8), None, None, np.float64(0), part, ticket,
+                                shift, buf), shared_mem=8 * 64)
 
 
 def test_catches_writes_outside_an_allocation():
@@ -295,7 +295,9 @@ def _forward_step(backend, x, running, tag, ranks, tamper=None, momentum=0.9):
     np.copyto(rm, running[0])
     np.copyto(rv, running[1])
     stats = Stats(backend.empty((4 * c + 2,), np.float32), backend.empty((2 * c + 3,), np.float64), c)
-    backend.local_moments(x, rm, tag, stats.payload)
+    pivot = backend.zeros((c,), np.float64)
+    np.copyto(pivot, running[0])                      # the pivot state: here the running mean's values
+    backend.local_moments(x, pivot, tag, stats.payload)
     if tamper is not None:
         tamper(stats.payload)
     y = backend.empty(x.shape, x.dtype)

@@ -62,13 +62,13 @@ def test_planned_results_are_bitwise_those_of_the_full_path(emu, monkeypatch, da
     xs, dys = data(shape, dtype=dtype)
     planned = steps(cusyncbn.SyncBatchNorm(shape[-1] if data_format == "NHWC" else shape[1], data_format=data_format),
                     xs, dys)
-    assert emu.full == 4, "only the first training step takes the full path"
+    assert emu.full == 5, "only the first training step takes the full path (two moments: no pivot yet)"
     monkeypatch.setattr(_planned, "enabled", False)
     _planned.clear()
     emu.full = 0
     full = steps(cusyncbn.SyncBatchNorm(shape[-1] if data_format == "NHWC" else shape[1], data_format=data_format),
                  xs, dys)
-    assert emu.full == 4 * len(xs)
+    assert emu.full == 5 + 4 * (len(xs) - 1)
     for (y, dx), (y_full, dx_full) in zip(planned[0], full[0]):
         np.testing.assert_array_equal(y, y_full)
         np.testing.assert_array_equal(dx, dx_full)
@@ -87,7 +87,7 @@ def test_the_comparison_can_fail(emu):
     plan.recycle(entry)
     entry.normalize_args.set("weight", emu.address_of(device(np.full(8, 3.0))))
     y1 = bn(xs[0]).copy()
-    assert emu.full == 4 and not np.array_equal(y0, y1)
+    assert emu.full == 5 and not np.array_equal(y0, y1)
 
 
 def test_a_new_signature_takes_the_full_path_and_gets_its_own_plan(emu):
@@ -99,7 +99,7 @@ def test_a_new_signature_takes_the_full_path_and_gets_its_own_plan(emu):
         bn(x[0])
         bn.backward(dy[0])
         calls.append(emu.full - before)
-    assert calls == [4, 0, 4, 0, 0] and len(_planned.FORWARD) == 2
+    assert calls == [5, 0, 4, 0, 0] and len(_planned.FORWARD) == 2     # 5: the first call finds a pivot
 
 
 def test_each_path_is_taken_as_the_signature_says(emu):
@@ -114,7 +114,7 @@ def test_each_path_is_taken_as_the_signature_says(emu):
     def step():
         bn(x)
         bn.backward(dy)
-    assert full_launches(step) == 4                       # first call: full path, plans made
+    assert full_launches(step) == 5                       # first call: full path (finds a pivot), plans made
     assert full_launches(step) == 0                       # planned
     bn.weight.data = device(np.full(8, 2.0))              # a replaced parameter: new identity
     bn.weight.grad = None
@@ -222,13 +222,13 @@ def test_ranks_out_of_step_are_reported_through_the_slots(emu):
     before = np.array(bn.running_mean)
     comm.out_of_step = True
     bn(x)                                                  # planned (same signature)
-    with pytest.raises(RuntimeError, match=r"collective #3 \(forward\)"):
+    with pytest.raises(RuntimeError, match=r"collective #4 \(forward\)"):
         bn.backward(dy)                                    # the forward's report arrives here
     np.testing.assert_array_equal(np.array(bn.running_mean), before)
     bn.backward(dy)                                        # the forward is still pending
-    with pytest.raises(RuntimeError, match=r"collective #4 \(backward\)"):
+    with pytest.raises(RuntimeError, match=r"collective #5 \(backward\)"):
         flush_reports()
-    assert emu.full == 4                                   # all but the first step were planned
+    assert emu.full == 5                                   # all but the first step were planned
 
 
 def test_flush_waits_for_the_device(emu):
@@ -258,7 +258,7 @@ def test_the_rawkernel_call_fallback_gives_the_same_bits(emu):
     emu.packed_launcher = lambda *a: launches.append(a)
     emu.full = 0
     called = steps(cusyncbn.SyncBatchNorm(8), xs, dys)
-    assert launches == [] and emu.full == 4 * len(xs)
+    assert launches == [] and emu.full == 5 + 4 * (len(xs) - 1)
     for (y, dx), (y_call, dx_call) in zip(packed[0], called[0]):
         np.testing.assert_array_equal(y, y_call)
         np.testing.assert_array_equal(dx, dx_call)
@@ -312,7 +312,7 @@ def test_foreign_tensors_and_outputs_take_the_planned_path_as_they_are(emu, kit)
     native = run(False)
     emu.full = 0
     tensors = run(True)
-    assert emu.full == 4                                  # the first step only
+    assert emu.full == 5                                  # the first step only
     for got, want in zip(tensors[0] + [tensors[1]], native[0] + [native[1]]):
         for a, b in zip(got, want):
             np.testing.assert_array_equal(a, b)
@@ -334,13 +334,13 @@ def test_caller_provided_outputs_are_checked_before_any_collective(emu):
     assert calls == []
     out = device(np.zeros((4, 8, 5, 5)))
     y, ctx = sync_batch_norm(x, comm=comm, device="cpu", out=out)
-    assert y is out and calls == [19]
+    assert y is out and calls == [19, 19]                 # no running statistics: two all-reduces
     with pytest.raises(ValueError, match="input_grad_out has shape"):
         sync_batch_norm_backward(ctx, dy, input_grad_out=device(np.zeros((4, 8, 25))))
-    assert calls == [19]
+    assert calls == [19, 19]
     dx_out = device(np.zeros((4, 8, 5, 5)))
     dx, _, _ = sync_batch_norm_backward(ctx, dy, input_grad_out=dx_out)
-    assert dx is dx_out and calls == [19, 18]
+    assert dx is dx_out and calls == [19, 19, 18]
 
 
 def test_a_nonfinite_warning_points_at_the_users_line(emu):

@@ -35,8 +35,9 @@ def run(case, env):
 def test_a_rank_one_step_short_ends_the_job_at_once_naming_both_collectives(env):
     output, status, seconds = run("skip_step", env)
     assert status != 0 and seconds < 15, (status, seconds, output[-3000:])
-    assert "rank 1 finished after collective 10 of its communicator" in output, output[-3000:]
-    assert "this rank waits in collective 11 (bn3, forward)" in output, output[-3000:]
+    # 6 steps: collectives 1-2 the first forward (it finds the pivot), 3 its backward, then 2 a step.
+    assert "rank 1 finished after collective 11 of its communicator" in output, output[-3000:]
+    assert "this rank waits in collective 12 (bn3, forward)" in output, output[-3000:]
     assert "did not complete within the timeout" not in output         # the notice, not the timeout
     assert "rank 1: done, running mean right: True" in output
 
@@ -46,7 +47,7 @@ def test_a_rank_stuck_in_user_code_ends_the_job_at_the_timeout_after_a_stall_rep
     assert status != 0 and seconds < 5 + 10, (status, seconds, output[-3000:])
     stall = "cusyncbn: rank 0 of 2 has waited 2."
     assert stall in output and "The job ends at 5 s (CUSYNCBN_TIMEOUT)" in output, output[-3000:]
-    assert "collective 5 (bn3, forward)" in output and "did not complete within the timeout of 5 s" in output
+    assert "collective 6 (bn3, forward)" in output and "did not complete within the timeout of 5 s" in output
     assert output.index(stall) < output.index("did not complete within the timeout")
     assert "MPI_Abort(1)" in output
 

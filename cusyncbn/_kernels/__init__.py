@@ -31,12 +31,12 @@ LOADS = 4                              # default 16-byte loads in flight per arr
 # input), "d*" double, "I*" unsigned, "Q*" unsigned long long pointers; "i" int, "d" double,
 # "Q" unsigned long long scalars. Every parameter takes one 8-byte cell (_launch.Arguments).
 PARAMS: dict[str, tuple[tuple[str, str], ...]] = {
-    "moments": (("x", "T*"), ("A", "i"), ("C", "i"), ("B", "i"), ("running_mean", "P*"), ("tag", "d"),
-                ("part", "d*"), ("ticket", "I*"), ("shift", "d*"), ("buf", "d*")),
+    "moments": (("x", "T*"), ("A", "i"), ("C", "i"), ("B", "i"), ("pivot", "d*"), ("pivot_payload", "d*"),
+                ("tag", "d"), ("part", "d*"), ("ticket", "I*"), ("shift", "d*"), ("buf", "d*")),
     "normalize": (("x", "T*"), ("y", "T*"), ("A", "i"), ("C", "i"), ("B", "i"), ("buf", "d*"), ("shift", "d*"),
                   ("tag", "d"), ("ranks", "d"), ("running_mean", "P*"), ("running_var", "P*"), ("momentum", "d"),
                   ("eps", "d"), ("unbiased", "i"), ("weight", "P*"), ("bias", "P*"), ("stats", "S*"),
-                  ("report", "Q*"), ("seq", "Q")),
+                  ("report", "Q*"), ("seq", "Q"), ("pivot_out", "d*")),
     "backward": (("dy", "T*"), ("x", "T*"), ("A", "i"), ("C", "i"), ("B", "i"), ("stats", "S*"), ("tag", "d"),
                  ("part", "d*"), ("ticket", "I*"), ("weight_grad", "P*"), ("bias_grad", "P*"), ("buf", "d*")),
     "dx": (("dy", "T*"), ("x", "T*"), ("dx", "T*"), ("A", "i"), ("C", "i"), ("B", "i"), ("stats", "S*"),
@@ -69,8 +69,11 @@ def stats_ctype(dtype_name: str) -> str:
 
 
 def kernel_key(kind: str, layout: str, vec: int, pname: str) -> str:
-    """The Python-side name of one instantiation (``dx`` has no parameter type)."""
-    return f"{kind}_{layout}{vec}" if kind == "dx" else f"{kind}_{layout}{vec}_{pname}"
+    """The Python-side name of one instantiation (``moments`` and ``dx`` have no parameter type)."""
+    return f"{kind}_{layout}{vec}" if kind in _UNTYPED else f"{kind}_{layout}{vec}_{pname}"
+
+
+_UNTYPED = ("moments", "dx")             # kernels that take no parameter-type array
 
 
 def name_expressions(dtype_name: str) -> dict[str, str]:
@@ -79,8 +82,9 @@ def name_expressions(dtype_name: str) -> dict[str, str]:
     names: dict[str, str] = {}
     for vec in vector_widths(dtype_name):
         for layout in LAYOUTS:
-            for kind in ("moments", "normalize", "backward"):
+            for kind in ("normalize", "backward"):
                 for pname, p in PARAM_CTYPES.items():
                     names[kernel_key(kind, layout, vec, pname)] = f"{kind}_{layout}<{t}, {p}, {vec}>"
-            names[kernel_key("dx", layout, vec, "")] = f"dx_{layout}<{t}, {vec}>"
+            for kind in _UNTYPED:
+                names[kernel_key(kind, layout, vec, "")] = f"{kind}_{layout}<{t}, {vec}>"
     return names

@@ -13,13 +13,14 @@
 //                type, then summed in double in a fixed order) -> mean = k + S1/n,
 //                M2 = S2 - S1^2/n
 //   payload:     buf[c] = n m, buf[C+c] = M2 + n (m - K)^2, buf[2C] = n, buf[2C+1] = t,
-//                buf[2C+2] = t^2   (double; K = running mean when finite, else 0, identical on
-//                every rank and kept in `shift` for the normalize kernel; t the collective tag)
-//                -> summed over ranks by NCCL
+//                buf[2C+2] = t^2   (double; K the pivot, identical on every rank and kept in
+//                `shift` for the normalize kernel: the global mean of the layer's previous batch
+//                (`pivot`), or on a first call the mean a first all-reduce gave (`pivot_payload`);
+//                t the collective tag) -> summed over ranks by NCCL
 //   normalize:   N = buf[2C], mean = buf[c]/N, var = max(buf[C+c]/N - (mean-K)^2, 0),
 //                invstd = rsqrt(var + eps), y = (x - mean) * (invstd * w) + b; block 0 writes
 //                stats, flags[0] and (when N > 0, the tags agree and the channel is finite)
-//                moves the running statistics by momentum
+//                moves the running statistics by momentum and stores mean in `pivot_out`
 //   backward:    buf[c] = sum dy, buf[C+c] = sum dy (x - mean), buf[2C] = t, buf[2C+1] = t^2
 //                weight.grad += buf[C+c] * invstd (local), bias.grad += buf[c] (local)
 //   dx:          dx = (dy - buf[c]/N - (x - mean) invstd^2 buf[C+c]/N) * w invstd; block 0
@@ -54,7 +55,10 @@
 //                    or double for double input)
 //   buf              the all-reduce payload (double): forward 2C + 3, backward 2C + 2;
 //                    nullptr in normalize / dx: fixed (eval) statistics
-//   shift            the shift K per channel (double, C), written by moments for normalize
+//   pivot            the pivot state per channel (double, C; nullptr: 0), read by moments
+//   pivot_payload    a reduced forward payload whose means are the pivots (nullptr: none)
+//   pivot_out        where normalize stores this batch's global means (the next pivot state)
+//   shift            the pivot K per channel (double, C), written by moments for normalize
 //   count            &forward buf[2C], the global count N (dx)
 //   tag, ranks       this rank's collective tag and the number of ranks (doubles, exact)
 //   part, ticket     per-split partials (double workspace) and per-channel(-tile) arrival
@@ -392,11 +396,17 @@ template <int N, int VEC, typename S> __device__ __forceinline__ void own_coeffi
 
 // ---- forward: this rank's payload ------------------------------------------------------
 
-// The shift K of channel c: the running mean where tracked and finite, else 0 (the same
-// on every rank).
-template <typename P> __device__ __forceinline__ double shift_of(const P* running_mean, int c) {
-    if (running_mean == nullptr) return 0;
-    const double k = (double)running_mean[c];
+// The pivot K of channel c, the same on every rank: the reduced mean of a first all-reduce
+// (pivot_payload: a layer's first call, or a call without state), else the caller's pivot
+// state (the global mean of the layer's previous batch), else 0; 0 where not finite.
+__device__ __forceinline__ double pivot_of(const double* pivot, const double* pivot_payload, int c, int C) {
+    double k = 0;
+    if (pivot_payload != nullptr) {
+        const double n = pivot_payload[2 * C];
+        k = n > 0 ? pivot_payload[c] / n : 0;
+    } else if (pivot != nullptr) {
+        k = pivot[c];
+    }
     return isfinite(k) ? k : 0;
 }
 
@@ -406,25 +416,24 @@ __device__ __forceinline__ void write_tags(double* at, double tag) {
 }
 
 // From the sums around the channel's first element k: buf[c] = n m, buf[C+c] = M2 + n (m - K)^2.
-template <typename P>
-__device__ void write_moments(int c, int C, double n, double k, double s1, double s2, const P* running_mean,
-                              double* shift, double* buf) {
+__device__ void write_moments(int c, int C, double n, double k, double s1, double s2, const double* pivot,
+                              const double* pivot_payload, double* shift, double* buf) {
     const double d1 = s1 / n, mean = k + d1;
     double m2 = s2 - s1 * d1;
     m2 = m2 < 0 ? 0 : m2;                              // (NaN stays NaN)
-    const double K = shift_of(running_mean, c), d = mean - K;
+    const double K = pivot_of(pivot, pivot_payload, c, C), d = mean - K;
     buf[c] = n * mean;
     buf[C + c] = m2 + n * d * d;
     shift[c] = K;
 }
 
 // No local input: zeros, n = 0 and the tags (one block).
-template <typename P> __device__ void empty_moments(int C, const P* running_mean, double tag, double* shift,
-                                                    double* buf) {
+__device__ void empty_moments(int C, const double* pivot, const double* pivot_payload, double tag, double* shift,
+                              double* buf) {
     for (int c = thread_rank(); c < C; c += block_threads()) {
         buf[c] = 0;
         buf[C + c] = 0;
-        shift[c] = shift_of(running_mean, c);
+        shift[c] = pivot_of(pivot, pivot_payload, c, C);
     }
     if (thread_rank() == 0) {
         buf[2 * C] = 0;
@@ -435,15 +444,15 @@ template <typename P> __device__ void empty_moments(int C, const P* running_mean
 // Channel-second: grid (splits, min(C, 65535)), 1-D blocks; block (s, c) sums its slice of
 // channel c; ticket[c] finds the last block of the channel.
 #define MOMENTS_PARAMS                                                                                        \
-    const T *__restrict__ x, int A, int C, int B, const P *__restrict__ running_mean, double tag,             \
-        double *__restrict__ part, unsigned *__restrict__ ticket, double *__restrict__ shift,                 \
-        double *__restrict__ buf
+    const T *__restrict__ x, int A, int C, int B, const double *__restrict__ pivot,                          \
+        const double *__restrict__ pivot_payload, double tag, double *__restrict__ part,                      \
+        unsigned *__restrict__ ticket, double *__restrict__ shift, double *__restrict__ buf
 
-template <typename T, typename P, int VEC> __global__ void BOUNDS moments_cs(MOMENTS_PARAMS) {
+template <typename T, int VEC> __global__ void BOUNDS moments_cs(MOMENTS_PARAMS) {
     typedef Io<T, VEC> io;
     typedef typename io::S S;
     constexpr int BATCH = io::batch;
-    if (A == 0 || B == 0) { empty_moments(C, running_mean, tag, shift, buf); return; }
+    if (A == 0 || B == 0) { empty_moments(C, pivot, pivot_payload, tag, shift, buf); return; }
     for (int c = blockIdx.y; c < C; c += gridDim.y) {          // grid.y is at most 65535
         const S k = to_acc(x[(i64)c * B]);
         S s1 = 0, s2 = 0;
@@ -457,7 +466,7 @@ template <typename T, typename P, int VEC> __global__ void BOUNDS moments_cs(MOM
         });
         const S a1[1] = {s1}, a2[1] = {s2};
         finish_sums(a1, a2, 1, c, C, gridDim.x, blockIdx.x, part, ticket + c, [&](int ch, double t1, double t2) {
-            write_moments(ch, C, (double)A * B, (double)k, t1, t2, running_mean, shift, buf);
+            write_moments(ch, C, (double)A * B, (double)k, t1, t2, pivot, pivot_payload, shift, buf);
             if (ch == 0) { buf[2 * C] = (double)A * B; write_tags(buf + 2 * C + 1, tag); }
         });
     }
@@ -467,11 +476,11 @@ template <typename T, typename P, int VEC> __global__ void BOUNDS moments_cs(MOM
 // owns channels c0 .. c0+VEC-1, c0 = (blockIdx.x * LANES + tx) * VEC, and rows
 // a = blockIdx.y * ROWS + ty + k * splits * ROWS; ticket[blockIdx.x] finds the last block of
 // the channel tile.
-template <typename T, typename P, int VEC> __global__ void BOUNDS moments_cl(MOMENTS_PARAMS) {
+template <typename T, int VEC> __global__ void BOUNDS moments_cl(MOMENTS_PARAMS) {
     typedef Io<T, VEC> io;
     typedef typename io::S S;
     constexpr int BATCH = io::batch;
-    if (A == 0) { empty_moments(C, running_mean, tag, shift, buf); return; }
+    if (A == 0) { empty_moments(C, pivot, pivot_payload, tag, shift, buf); return; }
     const int lanes = blockDim.x, tile_c0 = blockIdx.x * lanes * VEC, c0 = tile_c0 + threadIdx.x * VEC;
     S s1[VEC], s2[VEC], k[VEC];
 #pragma unroll
@@ -489,7 +498,8 @@ template <typename T, typename P, int VEC> __global__ void BOUNDS moments_cl(MOM
     }
     finish_sums(s1, s2, lanes, tile_c0, C, gridDim.y, blockIdx.y, part, ticket + blockIdx.x,
                 [&](int c, double t1, double t2) {
-                    write_moments(c, C, (double)A, (double)to_acc(x[c]), t1, t2, running_mean, shift, buf);
+                    write_moments(c, C, (double)A, (double)to_acc(x[c]), t1, t2, pivot, pivot_payload, shift,
+                                  buf);
                     if (c == 0) { buf[2 * C] = (double)A; write_tags(buf + 2 * C + 1, tag); }
                 });
 }
@@ -549,7 +559,7 @@ template <typename S, typename P>
 __device__ void write_stats(int C, const double* buf, const double* shift, double tag, double ranks,
                             P* running_mean, P* running_var, double momentum, double eps, int unbiased,
                             const P* weight, const P* bias, S* stats, unsigned long long* report,
-                            unsigned long long seq) {
+                            unsigned long long seq, double* pivot_out) {
     __shared__ int nonfinite;
     if (thread_rank() == 0) nonfinite = 0;
     __syncthreads();
@@ -567,6 +577,7 @@ __device__ void write_stats(int C, const double* buf, const double* shift, doubl
         stats[3 * C + c] = (S)(bias ? (double)bias[c] : 0.0);
         const bool finite = isfinite(mean) && isfinite(var);
         if (batch && !finite) nonfinite = 1;
+        if (batch && n > 0 && !desync && finite && pivot_out != nullptr) pivot_out[c] = mean;
         if (update && finite) {
             const double v = (unbiased && n > 1) ? var * (n / (n - 1)) : var;
             running_mean[c] = (P)((double)running_mean[c] * momentum + mean * (1.0 - momentum));
@@ -585,11 +596,12 @@ __device__ void write_stats(int C, const double* buf, const double* shift, doubl
     const T *__restrict__ x, T *__restrict__ y, int A, int C, int B, const double *__restrict__ buf,          \
         const double *__restrict__ shift, double tag, double ranks, P *running_mean, P *running_var,          \
         double momentum, double eps, int unbiased, const P *__restrict__ weight, const P *__restrict__ bias,  \
-        typename Acc<T>::type *__restrict__ stats, unsigned long long *report, unsigned long long seq
+        typename Acc<T>::type *__restrict__ stats, unsigned long long *report, unsigned long long seq,        \
+        double *pivot_out
 #define NORMALIZE_STATS_DUTY                                                                                  \
     if (blockIdx.x == 0 && blockIdx.y == 0)                                                                   \
         write_stats(C, buf, shift, tag, ranks, running_mean, running_var, momentum, eps, unbiased, weight, bias, \
-                    stats, report, seq);
+                    stats, report, seq, pivot_out);
 
 // Channel-second, the grid of moments_cs.
 template <typename T, typename P, int VEC> __global__ void BOUNDS normalize_cs(NORMALIZE_PARAMS) {

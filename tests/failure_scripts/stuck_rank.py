@@ -7,8 +7,8 @@ With ":gpu" the layer runs on the GPU over NCCL, the ranks sharing one GPU (each
 its own NCCL_HOSTID, as ../shared/GPU.md describes); the host then never waits in a
 collective, and the watchdog thread is what ends the job.
 
-Every rank trains SyncBatchNorm(4, name="bn3") on the CPU for 6 steps (a forward and a
-backward each: collectives 2k-1 and 2k on the layer's communicator), except:
+Every rank trains SyncBatchNorm(4, name="bn3") on the CPU for 6 steps (collectives 1-2 the
+first forward, which finds its pivot, 3 its backward, then 2k and 2k+1 for step k), except:
   skip_step  the last rank does 5 steps and its script ends normally
   stuck      the last rank sleeps 60 s in user code before step 3
   slow       the last rank sleeps 2 s before each of steps 1-3 (the job must complete)
