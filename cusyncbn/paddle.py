@@ -264,19 +264,21 @@ class SyncBatchNorm(paddle.nn.SyncBatchNorm):
 
     def _where(self) -> str:
         """This layer's name in messages and its key for once-per-layer warnings: its ``name``,
-        else Paddle's ``full_name()``, made unique among live layers (a deep copy, e.g. an EMA
-        model, keeps both: it becomes ``<name>#2``)."""
+        else Paddle's ``full_name()``, with its path in the model when the converter made it
+        (``sync_batch_norm_3 (backbone.1)``), made unique among live layers (a deep copy, e.g.
+        an EMA model, keeps all that: it becomes ``...#2``)."""
         cached = self.__dict__.get("_cusyncbn_where")
-        if cached is not None and cached[0] == id(self) and cached[1] == self._name:
+        label = self.__dict__.get("_cusyncbn_path")
+        if cached is not None and cached[0] == id(self) and cached[1] == self._name and cached[3] == label:
             return cached[2]
-        base = self._name or self.full_name()
-        label, copies = base, 1
-        while _LABELS.get(label, self) is not self:
+        base = (self._name or self.full_name()) + (f" ({label})" if label else "")
+        where, copies = base, 1
+        while _LABELS.get(where, self) is not self:
             copies += 1
-            label = f"{base}#{copies}"
-        _LABELS[label] = self
-        self.__dict__["_cusyncbn_where"] = (id(self), self._name, label)
-        return label
+            where = f"{base}#{copies}"
+        _LABELS[where] = self
+        self.__dict__["_cusyncbn_where"] = (id(self), self._name, where, label)
+        return where
 
     def __getstate__(self) -> dict:
         # What this process imported (arrays sharing the tensors' memory) and this layer's
@@ -423,7 +425,7 @@ def convert_sync_batchnorm(layer: Any, *, comm: Any = None) -> Any:
     return _convert(layer, comm, {})
 
 
-def _convert(layer: Any, comm: Any, memo: dict) -> Any:
+def _convert(layer: Any, comm: Any, memo: dict, path: str = "") -> Any:
     if id(layer) in memo:
         return memo[id(layer)]
     if isinstance(layer, SyncBatchNorm):
@@ -435,11 +437,12 @@ def _convert(layer: Any, comm: Any, memo: dict) -> Any:
         return layer
     if isinstance(layer, _CONVERTED):
         memo[id(layer)] = new = _replacement(layer, comm)
+        new.__dict__["_cusyncbn_path"] = path or None       # its name in the model, for messages
         return new
     memo[id(layer)] = layer
     for name, child in list(layer._sub_layers.items()):      # every name, shared layers included
         if child is not None:
-            new = _convert(child, comm, memo)
+            new = _convert(child, comm, memo, f"{path}.{name}" if path else name)
             if new is not child:
                 layer.add_sublayer(name, new)
     return layer

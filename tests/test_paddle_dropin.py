@@ -250,7 +250,9 @@ def _nan_warnings():
     """Two layers and a deep copy of one fed NaN twice each: the RuntimeWarnings, the layers'
     names, and whether their running means stayed."""
     first = cbp.SyncBatchNorm(3)
-    second = cbp.convert_sync_batchnorm(paddle.nn.BatchNorm2D(3))
+    model = cbp.convert_sync_batchnorm(paddle.nn.Sequential(paddle.nn.Identity(), paddle.nn.LayerList(
+        [paddle.nn.BatchNorm2D(3)])))
+    second = model[1][0]
     first(paddle.ones([2, 3, 1, 1]))
     copied = copy.deepcopy(first)
     nan = paddle.full([2, 3, 1, 1], float("nan"))
@@ -262,14 +264,15 @@ def _nan_warnings():
             for layer in layers:
                 layer(nan)                                   # the user's line
     caught = [w for w in caught if issubclass(w.category, RuntimeWarning)]
-    names = [first.full_name(), second.full_name(), first.full_name() + "#2"]
+    names = [first.full_name(), second.full_name() + " (1.0)", first.full_name() + "#2"]
     kept = all(np.array_equal(layer._mean.numpy(), mean) for layer, mean in zip(layers, means))
     return caught, names, kept
 
 
 def test_nonfinite_warns_once_per_layer_naming_it():
-    """Each layer fed NaN warns once, naming itself (a deep copy, e.g. an EMA model, is
-    another layer: it warns for itself); the running statistics stay."""
+    """Each layer fed NaN warns once, naming itself (a converted one with its path in the model;
+    a deep copy, e.g. an EMA model, is another layer: it warns for itself); the running
+    statistics stay."""
     caught, names, kept = _nan_warnings()
     assert [str(w.message).split(":")[0] for w in caught] == names and kept
 
