@@ -248,8 +248,9 @@ class SyncBatchNorm(torch.nn.SyncBatchNorm):
     ``num_batches_tracked``); eval uses the running statistics, or, when the module keeps
     none, this rank's own batch, with no collective either way. It differs from torch only
     where cusyncbn is exact: uneven and empty per-rank batches give the statistics of the
-    whole batch; a global batch of one value per channel raises on every rank; a failing
-    call changes no state (torch's has already counted it in ``num_batches_tracked``).
+    whole batch; the running variance of a global batch of one value stays finite; a
+    failing call changes no state (torch's has already counted it in
+    ``num_batches_tracked``) and a wrong channel count blames the input.
 
     Input of 2 or more dimensions, channel second (``channels_last`` tensors without a
     copy), float16 / bfloat16 / float32 / float64 (16-bit inputs are computed in float32 on
@@ -265,8 +266,8 @@ class SyncBatchNorm(torch.nn.SyncBatchNorm):
         sync: False makes it a local batch norm (torch's ``BatchNorm*d``).
 
     Raises (at forward, before any state change or collective):
-        ValueError: fewer than 2 dimensions, no channels, a (global) batch of one value
-            per channel in training (torch's message), ``eps`` out of range.
+        ValueError: fewer than 2 dimensions, no channels, one value per channel in a
+            batch normalized without syncing (torch's rule and message), ``eps`` out of range.
         InputChannelsError: channel count not ``num_features`` (a RuntimeError, as torch's).
         InputDtypeError: a non-floating input (a NotImplementedError, as torch's).
     """
@@ -388,6 +389,10 @@ class SyncBatchNorm(torch.nn.SyncBatchNorm):
             comm = _LOCAL
             if bn_training:
                 _verify_batch_size(input.shape)
+        # (torch's sync path checks the batch size only when its world has fewer than 2
+        # processes, that is never: over several ranks a global batch of one value per
+        # channel gives y = bias, as torch's, and a running variance updated with the biased
+        # 0 where torch's turns non-finite.)
         factor = 0.0 if self.momentum is None else self.momentum
         tracked = None
         if training and self.track_running_stats:
@@ -397,26 +402,16 @@ class SyncBatchNorm(torch.nn.SyncBatchNorm):
             tracked.add_(1)
             if self.momentum is None:                    # cumulative moving average
                 factor = 1.0 / tracked.item()
-        # Only a global count can tell a batch of one value per channel over several ranks:
-        # checked after the collective (every rank sees the same count) when this rank
-        # holds at most one value per channel, the running statistics kept to restore.
-        one = sync and input.numel() // channels <= 1
-        saved = None
         try:
-            if one and running_mean is not None and running_var is not None:
-                saved = (running_mean.clone(), running_var.clone())
             return self._run(input, weight, bias, running_mean, running_var, bn_training, 1.0 - factor, comm,
-                             device, one)
+                             device)
         except BaseException:
-            if tracked is not None:
+            if tracked is not None:                  # the functional core changes nothing when it raises
                 tracked.sub_(1)
-            if saved is not None:
-                running_mean.copy_(saved[0])
-                running_var.copy_(saved[1])
             raise
 
     def _run(self, input: torch.Tensor, weight: Any, bias: Any, running_mean: Any, running_var: Any,
-             training: bool, momentum: float, comm: Any, device: str, one: bool) -> torch.Tensor:
+             training: bool, momentum: float, comm: Any, device: str) -> torch.Tensor:
         x = input
         low = None
         if device == "cpu" and x.dtype in _LOW_PRECISION:
@@ -441,7 +436,7 @@ class SyncBatchNorm(torch.nn.SyncBatchNorm):
             weight, bias = copies[2:]
             arrays = tuple(None if t is None else _import(t, device) for t in copies)
             plan_device = None
-        args = (arrays, training, momentum, data_format, comm, plan_device, one, input.shape)
+        args = (arrays, training, momentum, data_format, comm, plan_device)
         if torch.is_grad_enabled() and (xin.requires_grad or (weight is not None and weight.requires_grad)
                                         or (bias is not None and bias.requires_grad)):
             y = _Function.apply(xin, weight, bias, self, args)
@@ -460,7 +455,7 @@ class SyncBatchNorm(torch.nn.SyncBatchNorm):
 
     def _core(self, x: torch.Tensor, args: tuple) -> tuple:
         """``(y, ctx)``: one call of the functional core."""
-        arrays, training, momentum, data_format, comm, plan_device, one, size = args
+        arrays, training, momentum, data_format, comm, plan_device = args
         # On a GPU the outputs come from torch's allocator and are written in place (no CuPy
         # allocation, no DLPack export per call); repeated calls take the planned path.
         out = torch.empty_like(x) if x.is_cuda else None
@@ -468,14 +463,29 @@ class SyncBatchNorm(torch.nn.SyncBatchNorm):
             y, core = sync_batch_norm(
                 x, *arrays, training=training, momentum=momentum, epsilon=float(self.eps), data_format=data_format,
                 comm=comm, unbiased_running_var=True, device=plan_device, name=self._cusyncbn_name, out=out)
-        if one:
-            count = getattr(core, "_count", None)
-            if count is not None and float(count[0]) == 1.0:
-                core.release()
-                raise ValueError(f"Expected more than 1 value per channel when training, got input size {size} "
-                                 f"({self._cusyncbn_name}: one value per channel in the global batch of the "
-                                 f"{comm.size} ranks of {comm!r}; running statistics left unchanged)")
         return (out if out is not None else torch.from_dlpack(y)), core
+
+    def _take_over(self, old: torch.nn.Module) -> None:
+        """Make this new module ``old``'s replacement: its parameters and buffers (the same
+        tensors), buffer persistence, training mode, hooks and every other attribute."""
+        fresh = set(self.__dict__)
+        for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+            setattr(self, name, getattr(old, name))
+        self._non_persistent_buffers_set = set(old._non_persistent_buffers_set)
+        self.training = old.training
+        mine, theirs = self.__dict__, old.__dict__
+        hooks = [key for key, value in theirs.items() if "hooks" in key and isinstance(value, dict)]
+        if any(theirs[key] for key in hooks):
+            # The same dicts: the hooks run on this module and their handles still remove them.
+            for key in hooks:
+                table = mine[key] = theirs[key]
+                for hook_id, hook in list(table.items()):
+                    if getattr(hook, "with_module", False) and hook.module() is old:
+                        table[hook_id] = type(hook)(hook.hook, self)     # bound to the module: rebind
+            self._is_full_backward_hook = old._is_full_backward_hook
+        for key, value in theirs.items():                   # qconfig, and whatever else was set on it
+            if key not in fresh:
+                mine[key] = value
 
     @classmethod
     def convert_sync_batchnorm(cls, module: torch.nn.Module, process_group: Any = None, *,
@@ -488,7 +498,6 @@ class SyncBatchNorm(torch.nn.SyncBatchNorm):
 
 _TORCH_BATCH_NORMS = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d, torch.nn.SyncBatchNorm,
                       torch.nn.modules.batchnorm._BatchNorm)
-_STATE = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
 
 def convert_sync_batchnorm(module: torch.nn.Module, process_group: Any = None, *, comm: Any = None) -> torch.nn.Module:
@@ -520,31 +529,29 @@ def convert_sync_batchnorm(module: torch.nn.Module, process_group: Any = None, *
         >>> isinstance(model[1], torch.nn.SyncBatchNorm), type(model[1]).__module__
         (True, 'cusyncbn.torch')
     """
-    return _convert(module, process_group, comm, {}, "")
-
-
-def _convert(module: torch.nn.Module, group: Any, comm: Any, memo: dict, path: str) -> torch.nn.Module:
-    if id(module) in memo:
-        return memo[id(module)]
-    if isinstance(module, SyncBatchNorm):
-        memo[id(module)] = module
-        if module._cusyncbn_label is None and path:
-            module._set_label(path)
-        return module
-    out = module
-    if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-        out = _replacement(module, group, comm, path)
-    memo[id(module)] = out
-    for name, child in list(module._modules.items()):     # every name: shared children too
-        if child is None:
+    root = module
+    if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and not isinstance(module, SyncBatchNorm):
+        root = _replacement(module, process_group, comm, "")
+    made: dict[int, torch.nn.Module] = {id(module): root}
+    # Every place a module sits, shared ones under each of their names (named_children()
+    # yields a shared child once, and torch's converter leaves its other names unconverted).
+    for path, child in list(root.named_modules(remove_duplicate=False)):
+        if not path or not isinstance(child, torch.nn.modules.batchnorm._BatchNorm):
             continue
-        new = _convert(child, group, comm, memo, f"{path}.{name}" if path else name)
-        if out is not module or new is not child:
-            out.add_module(name, new)
-    return out
+        if isinstance(child, SyncBatchNorm):
+            if child._cusyncbn_label is None:
+                child._set_label(path)
+            continue
+        new = made.get(id(child))
+        if new is None:
+            new = made[id(child)] = _replacement(child, process_group, comm, path)
+        parent, _, name = path.rpartition(".")
+        root.get_submodule(parent).add_module(name, new)
+    return root
 
 
 def _replacement(old: torch.nn.modules.batchnorm._BatchNorm, group: Any, comm: Any, path: str) -> SyncBatchNorm:
+    """The :class:`SyncBatchNorm` taking ``old``'s place (and its children, as they are)."""
     where = f"convert_sync_batchnorm: {path or 'the module'} ({type(old).__name__})"
     from torch.nn.utils import parametrize
     if parametrize.is_parametrized(old):
@@ -568,24 +575,11 @@ def _replacement(old: torch.nn.modules.batchnorm._BatchNorm, group: Any, comm: A
                           "its place", UserWarning, stacklevel=3)
     new = SyncBatchNorm(old.num_features, old.eps, old.momentum, old.affine, old.track_running_stats, group,
                         device="meta", bias=old.bias is not None, comm=comm)
-    fresh = set(new.__dict__)
-    for name in _STATE:
-        setattr(new, name, getattr(old, name))
-    new._non_persistent_buffers_set = set(old._non_persistent_buffers_set)
-    new.training = old.training
-    hooks = [k for k, v in old.__dict__.items() if "hooks" in k and isinstance(v, dict)]
-    if any(old.__dict__[k] for k in hooks):
-        # The same dicts: the hooks run on the new module and their handles still remove them.
-        for key in hooks:
-            table = new.__dict__[key] = old.__dict__[key]
-            for hook_id, hook in list(table.items()):
-                if getattr(hook, "with_module", False) and hook.module() is old:
-                    table[hook_id] = type(hook)(hook.hook, new)        # bound to the module: rebind
-        new._is_full_backward_hook = old._is_full_backward_hook
-    for key, value in old.__dict__.items():                 # qconfig, and whatever else was set on it
-        if key not in fresh:
-            new.__dict__[key] = value
+    new._take_over(old)
     new._set_label(path)
+    for name, child in old.named_modules(remove_duplicate=False):     # as torch's converter: children move over
+        if name and "." not in name:
+            new.add_module(name, child)
     return new
 
 
