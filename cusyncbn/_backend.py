@@ -240,10 +240,12 @@ class Backend:
 
     def normalize_batch(self, x3: Any, buf: Any, tag: int, ranks: int, running_mean: Any, running_var: Any,
                         momentum: float, eps: float, unbiased: bool, weight: Any, bias: Any, stats: Stats,
-                        y3: Any, pivot_out: Any = None) -> None:
+                        y3: Any, pivot_out: Any = None, strict: bool = False) -> None:
         """From the reduced forward payload: ``stats`` (flags included), the running update when
         ``running_var`` is given, ``y3``, the normalized ``x3``, and the batch's global means
-        into ``pivot_out`` (the next pivot state; where N > 0, the ranks agree and finite)."""
+        into ``pivot_out`` (the next pivot state; where N > 0, the ranks agree and finite).
+        The running statistics and the pivot move per finite channel; with ``strict``, not at
+        all when some channel is not finite."""
         raise NotImplementedError
 
     def normalize_fixed(self, x3: Any, running_mean: Any, running_var: Any, eps: float, weight: Any, bias: Any,

@@ -359,13 +359,13 @@ class CupyBackend(Backend):
 
     def normalize_batch(self, x3: Any, buf: Any, tag: int, ranks: int, running_mean: Any, running_var: Any,
                         momentum: float, eps: float, unbiased: bool, weight: Any, bias: Any, stats: Stats,
-                        y3: Any, report: int = 0, seq: int = 0, pivot_out: Any = None) -> None:
+                        y3: Any, report: int = 0, seq: int = 0, pivot_out: Any = None, strict: bool = False) -> None:
         with self._cuda_device:
             plan = self._plan("normalize", x3, (x3, y3), self._param_name(running_mean, running_var, weight, bias))
             self._run(plan, {"x": x3, "y": y3, "buf": buf, "tag": tag, "ranks": ranks, "running_mean": running_mean,
                              "running_var": running_var, "momentum": momentum, "eps": eps,
                              "unbiased": int(bool(unbiased)), "weight": weight, "bias": bias, "stats": stats.data,
-                             "report": report, "seq": seq, "pivot_out": pivot_out})
+                             "report": report, "seq": seq, "pivot_out": pivot_out, "strict": int(bool(strict))})
 
     def normalize_fixed(self, x3: Any, running_mean: Any, running_var: Any, eps: float, weight: Any, bias: Any,
                         stats: Stats, y3: Any) -> None:
@@ -374,7 +374,7 @@ class CupyBackend(Backend):
             self._run(plan, {"x": x3, "y": y3, "buf": None, "shift": None, "tag": 0.0, "ranks": 1.0,
                              "running_mean": running_mean, "running_var": running_var, "momentum": 0.0, "eps": eps,
                              "unbiased": 0, "weight": weight, "bias": bias, "stats": stats.data, "report": 0,
-                             "seq": 0, "pivot_out": None})
+                             "seq": 0, "pivot_out": None, "strict": 0})
 
     def backward_reduce(self, dy3: Any, x3: Any, stats: Stats, weight_grad: Any, bias_grad: Any,
                         tag: int, buf: Any) -> None:

@@ -105,7 +105,7 @@ class NumpyBackend(Backend):
 
     def normalize_batch(self, x3: Any, buf: Any, tag: int, ranks: int, running_mean: Any, running_var: Any,
                         momentum: float, eps: float, unbiased: bool, weight: Any, bias: Any, stats: Stats,
-                        y3: Any, pivot_out: Any = None) -> None:
+                        y3: Any, pivot_out: Any = None, strict: bool = False) -> None:
         channels = stats.mean.shape[0]
         count = buf[2 * channels]
         desync = not _tags_agree(buf[2 * channels + 1:], tag, ranks)
@@ -118,11 +118,12 @@ class NumpyBackend(Backend):
                 mean = np.zeros(channels)
                 var = np.zeros(channels)
             finite = np.isfinite(mean) & np.isfinite(var)
-            if pivot_out is not None and count > 0 and not desync:
+            moves = count > 0 and not desync and not (strict and not finite.all())
+            if pivot_out is not None and moves:
                 pivot_out[finite] = mean[finite]
             self._fill(stats, mean, 1.0 / np.sqrt(var + eps), weight, bias)
             stats.flags[0] = NONFINITE * (not finite.all()) + DESYNC * desync
-            if count > 0 and running_mean is not None and running_var is not None and not desync:
+            if moves and running_mean is not None and running_var is not None:
                 var_run = var * (count / (count - 1)) if (unbiased and count > 1) else var
                 new_mean = running_mean * momentum + mean * (1.0 - momentum)
                 new_var = running_var * momentum + var_run * (1.0 - momentum)
@@ -155,32 +156,34 @@ class NumpyBackend(Backend):
                         tag: int, buf: Any) -> None:
         channels = x3.shape[1]
         mean64 = _col(stats.mean.astype(np.float64))
-        buf[:channels] = _blocked_channel_sum(dy3, lambda r: dy3[r])
-        buf[channels:2 * channels] = _blocked_channel_sum(
-            x3, lambda r: dy3[r].astype(np.float64) * (x3[r].astype(np.float64) - mean64))
-        buf[2 * channels:] = (tag, float(tag) * tag)
-        if weight_grad is not None:
-            weight_grad += (buf[channels:2 * channels] * stats.invstd).astype(weight_grad.dtype)
-        if bias_grad is not None:
-            bias_grad += buf[:channels].astype(bias_grad.dtype)
+        with np.errstate(invalid="ignore", over="ignore"):     # Inf/NaN propagate, as the forward's do
+            buf[:channels] = _blocked_channel_sum(dy3, lambda r: dy3[r])
+            buf[channels:2 * channels] = _blocked_channel_sum(
+                x3, lambda r: dy3[r].astype(np.float64) * (x3[r].astype(np.float64) - mean64))
+            buf[2 * channels:] = (tag, float(tag) * tag)
+            if weight_grad is not None:
+                weight_grad += (buf[channels:2 * channels] * stats.invstd).astype(weight_grad.dtype)
+            if bias_grad is not None:
+                bias_grad += buf[:channels].astype(bias_grad.dtype)
 
     def backward_input(self, dy3: Any, x3: Any, stats: Stats, buf: Any, count: Any, tag: int, ranks: int,
                        dx3: Any) -> None:
         scale = _col(stats.scale)
-        if count is None:
-            stats.flags[1] = 0
+        with np.errstate(invalid="ignore", over="ignore"):     # Inf/NaN propagate, as the forward's do
+            if count is None:
+                stats.flags[1] = 0
+                for rows in _row_blocks(dy3):
+                    dx3[rows] = dy3[rows].astype(scale.dtype) * scale
+                return
+            channels = scale.shape[1]
+            stats.flags[1] = DESYNC * (not _tags_agree(buf[2 * channels:], tag, ranks))
+            n = max(float(count[0]), 1.0)
+            mean_dy = _col((buf[:channels] / n).astype(scale.dtype))
+            proj = _col((buf[channels:2 * channels] / n * stats.invstd.astype(np.float64) ** 2).astype(scale.dtype))
+            mean = _col(stats.mean)
             for rows in _row_blocks(dy3):
-                dx3[rows] = dy3[rows].astype(scale.dtype) * scale
-            return
-        channels = scale.shape[1]
-        stats.flags[1] = DESYNC * (not _tags_agree(buf[2 * channels:], tag, ranks))
-        n = max(float(count[0]), 1.0)
-        mean_dy = _col((buf[:channels] / n).astype(scale.dtype))
-        proj = _col((buf[channels:2 * channels] / n * stats.invstd.astype(np.float64) ** 2).astype(scale.dtype))
-        mean = _col(stats.mean)
-        for rows in _row_blocks(dy3):
-            xmu = x3[rows].astype(scale.dtype) - mean
-            dx3[rows] = (dy3[rows].astype(scale.dtype) - mean_dy - xmu * proj) * scale
+                xmu = x3[rows].astype(scale.dtype) - mean
+                dx3[rows] = (dy3[rows].astype(scale.dtype) - mean_dy - xmu * proj) * scale
 
 
 def _tags_agree(sums: Any, tag: int, ranks: int) -> bool:

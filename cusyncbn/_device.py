@@ -56,7 +56,7 @@ def _parse(device: str) -> str:
     if name in ("gpu", "cuda"):
         count = gpu_count()
         if count == 0:
-            raise RuntimeError("set_device('gpu'): no usable CUDA device (is CuPy installed, "
+            raise RuntimeError(f"device {device!r}: no usable CUDA device (is CuPy installed, "
                                "e.g. pip install 'cusyncbn[cuda12]', and a driver present?)")
         return f"gpu:{node_local_rank() % count}"
     for prefix in ("gpu:", "cuda:"):
@@ -64,7 +64,7 @@ def _parse(device: str) -> str:
             index = int(name[len(prefix):])
             count = gpu_count()
             if index >= count:
-                raise RuntimeError(f"set_device({device!r}): only {count} CUDA device(s) are usable")
+                raise RuntimeError(f"device {device!r}: only {count} CUDA device(s) are usable")
             return f"gpu:{index}"
     raise ValueError(f"device must be 'cpu', 'gpu' or 'gpu:N', got {device!r}")
 

@@ -7,7 +7,8 @@ reports is handed a slot of a :class:`ReportRing`, 64-bit words of pinned host m
 that the device addresses directly (under unified addressing, memory from
 ``cudaHostAlloc`` is mapped into the device's address space at the same address), and a
 sequence number ``seq``. The kernel that computes the pass's flag bits stores
-``(seq << 2) | bits`` into its slot with one system-scope store; the host reads the slot
+``(seq << 24) | (channel + 1) << 2 | bits`` into its slot with one system-scope store
+(``channel``: the first channel whose statistics are not finite, -1 for none); the host reads the slot
 at a later call into cusyncbn (any layer, any pass) with no CUDA call at all, and knows
 the value is final when it carries ``seq``. :func:`flush` synchronizes and reports every
 pass still pending.
@@ -26,7 +27,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-SEQ_BITS = 62                       # (seq << 2) | bits fits 64 bits
+SEQ_BITS = 40                       # (seq << 24) | (channel + 1) << 2 | bits fits 64 bits
+SEQ_SHIFT = 24
 #: Passes claimed and not yet reported: (ring, index, seq, report), in claim order. Read it
 #: (truthiness) to skip :func:`poll` when empty; change it only through this module.
 queue: deque = deque()
@@ -34,10 +36,14 @@ _pending = queue
 _seq = 0
 _lock = threading.Lock()
 _now = time.monotonic
+_CODE = (1 << SEQ_SHIFT) - 1         # what a report gets: bits | (first non-finite channel + 1) << 2
 
 
 def watch(flags: Any, report: Callable[[int], None]) -> None:
-    """Report host flags (a NumPy array of one value) at once: ``report(int(flags[0]))``."""
+    """Report host flags (a NumPy array of one value) at once: ``report(int(flags[0]))``.
+
+    A report gets a code: ``code & 3`` the flag bits, ``(code >> 2) - 1`` the first channel
+    whose statistics are not finite (-1: none, or not known, as here)."""
     report(int(flags[0]))
 
 
@@ -89,12 +95,12 @@ def poll() -> None:
                 return
             ring, index, seq, report, landed = _pending[0][:5]
             value = int(ring.host[index]) if landed is None else landed
-            if value >> 2 != seq:
+            if value >> SEQ_SHIFT != seq:
                 return
             _pending.popleft()
             if landed is None:
                 ring.busy -= 1
-        report(value & 3)
+        report(value & _CODE)
 
 
 def pending() -> bool:
@@ -112,7 +118,7 @@ class PendingPass:
 
     def written(self) -> bool:
         """Whether its kernel has published its report (the pass got past its all-reduce)."""
-        return self.landed is not None or int(self.ring.host[self.index]) >> 2 == self.seq
+        return self.landed is not None or int(self.ring.host[self.index]) >> SEQ_SHIFT == self.seq
 
 
 def pending_entries() -> list[PendingPass]:
@@ -136,8 +142,8 @@ def flush() -> None:
             value = int(ring.host[index]) if landed is None else landed
             if landed is None:
                 ring.busy -= 1
-        if value >> 2 == seq:
-            report(value & 3)
+        if value >> SEQ_SHIFT == seq:
+            report(value & _CODE)
 
 
 def _settle(ring: ReportRing) -> None:
@@ -149,7 +155,7 @@ def _settle(ring: ReportRing) -> None:
         for entry in _pending:
             if entry[0] is ring and entry[4] is None:
                 value = int(ring.host[entry[1]])
-                if value >> 2 != entry[2]:
+                if value >> SEQ_SHIFT != entry[2]:
                     continue                             # never ran (e.g. captured into a graph)
                 entry[4] = value
             kept.append(entry)

@@ -80,10 +80,10 @@ class ForwardPlan:
             self._moments_plan = backend.launch_plan("moments", x3, (x3,), "float32")
             self._fixed_moments = {"pivot": address(pivot), "pivot_payload": None}
             self._fixed_normalize.update(ranks=self.comm_or_self.size, momentum=momentum, unbiased=int(unbiased),
-                                         pivot_out=address(pivot))
+                                         pivot_out=address(pivot), strict=int(nonfinite == "raise"))
         else:
             self._fixed_normalize.update(buf=None, shift=None, tag=0.0, ranks=1.0, momentum=0.0, unbiased=0,
-                                         report=None, seq=0, pivot_out=None)
+                                         report=None, seq=0, pivot_out=None, strict=0)
         self.ring = backend.report_ring() if training else None
         self.free: list[Entry] = []
         self.backward: dict = {}

@@ -19,6 +19,8 @@ FORMATS = {"NC": False, "NCL": False, "NCHW": False, "NCDHW": False,
            "NLC": True, "NHWC": True, "NDHWC": True}
 FLOAT_NAMES = ("float16", "bfloat16", "float32", "float64")
 PARAM_NAMES = ("float32", "float64")
+# Per-channel arrays a pass writes into (the others it only reads).
+UPDATED_IN_PLACE = ("running_mean", "running_var", "weight_grad_out", "bias_grad_out")
 
 
 def channel_last(data_format: str) -> bool:
@@ -65,6 +67,14 @@ def check_bool(value: Any, what: str, where: str) -> bool:
     return bool(value)
 
 
+def _count_words(counts: tuple) -> str:
+    """``(2, 3, 4, 5)`` -> "2 to 5", ``(2, 3)`` -> "2 or 3", ``(4,)`` -> "4"."""
+    counts = tuple(sorted(counts))
+    if len(counts) > 2 and counts == tuple(range(counts[0], counts[-1] + 1)):
+        return f"{counts[0]} to {counts[-1]}"
+    return " or ".join(map(str, counts)) if len(counts) < 3 else ", ".join(map(str, counts[:-1])) + f" or {counts[-1]}"
+
+
 def is_float(dtype: Any) -> bool:
     return dtype.kind == "f" or dtype_name(dtype) == "bfloat16"
 
@@ -77,7 +87,7 @@ def check_input(backend: Backend, x: Any, channels: int | None, last: bool, ndim
     if not is_float(x.dtype):
         raise TypeError(f"{where}: x must have a floating dtype ({', '.join(FLOAT_NAMES)}), got {x.dtype}")
     if x.ndim not in ndims:
-        raise ValueError(f"{where}: x must have {' or '.join(map(str, ndims))} dimensions "
+        raise ValueError(f"{where}: x must have {_count_words(ndims)} dimensions "
                          f"for data_format {data_format!r}, got shape {tuple(x.shape)}")
     axis = x.ndim - 1 if last else 1
     if channels is not None and x.shape[axis] != channels:
@@ -110,13 +120,22 @@ def check_params(backend: Backend, channels: int, where: str, **arrays: Any) -> 
     """The per-channel arrays (running statistics, weight, bias; None allowed) as arrays of
     ``backend``: shape ``(channels,)``, contiguous, one shared float32 / float64 dtype (the
     kernels are instantiated per parameter dtype). The result maps each role to its array
-    and ``"dtype"`` to that dtype's name (None without any array)."""
+    and ``"dtype"`` to that dtype's name (None without any array).
+
+    Raises:
+        TypeError: an array written in place (``UPDATED_IN_PLACE``) given as a list, tuple
+            or scalar; a dtype other than float32/float64, or dtypes that differ.
+        ValueError: a wrong shape; a non-contiguous array."""
     out: dict[str, Any] = {}
     dtypes = set()
     for role, value in arrays.items():
         if value is None:
             out[role] = None
             continue
+        if role in UPDATED_IN_PLACE and not (backend.is_native(value) or hasattr(value, "__dlpack__")):
+            # A list or a scalar would be copied, and the update lost with the copy.
+            raise TypeError(f"{where}: {role} is updated in place, so it must be an array (NumPy, CuPy or a "
+                            f"DLPack producer), got {type(value).__name__}")
         arr = backend.import_array(value, role)
         if tuple(arr.shape) != (channels,):
             raise ValueError(f"{where}: {role} has shape {tuple(arr.shape)}, expected ({channels},)")

@@ -177,13 +177,23 @@ def _validated(where: str, check: Any, vote: Any) -> Any:
 _warned: set = set()
 
 
-def _report_forward(where: str, comm: Communicator, tag: int, nonfinite: str) -> Any:
-    def report(bits: int) -> None:
+def _report_forward(where: str, comm: Communicator, tag: int, nonfinite: str, stats: Stats | None = None) -> Any:
+    """What a forward's report does with its code (``_flags``: bits, and the first non-finite
+    channel from the GPU); ``stats``, on the CPU, names every non-finite channel."""
+    def report(code: int) -> None:
+        bits = code & 3
         if bits & DESYNC:
             raise RuntimeError(_desync_message(where, "forward", comm, tag))
         if bits & NONFINITE:
-            message = (f"{where}: the global batch statistics of some channels are not finite (NaN/Inf in the "
-                       f"input of some rank); their running statistics were left unchanged")
+            if stats is not None:
+                bad = np.flatnonzero(~(np.isfinite(stats.mean) & np.isfinite(stats.invstd))).tolist()
+                channels = f"channel{'s' * (len(bad) > 1)} {', '.join(map(str, bad))}"
+            else:
+                channels = f"channel {(code >> 2) - 1} (the first)"
+            kept = ("the running statistics of every channel were left unchanged" if nonfinite == "raise" else
+                    "their running statistics were left unchanged")
+            message = (f"{where}: the global batch statistics of {channels} are not finite (NaN/Inf in the input "
+                       f"of some rank; reported on rank {comm.rank} of {comm.size}, collective #{tag}); {kept}")
             if nonfinite == "raise":
                 raise FloatingPointError(message)
             if where not in _warned:
@@ -375,15 +385,16 @@ def sync_batch_norm(x: Any, running_mean: Any = None, running_var: Any = None, w
             backend.local_moments(x3, None, tag, buf, pivot_payload=first)
             _note.collective = (where, "forward", tag)
             comm.allreduce(buf)
-        report = _report_forward(where, comm, tag, nonfinite)
+        strict = nonfinite == "raise"
         if ring is None:                       # host flags: reported at once, on every rank
             backend.normalize_batch(x3, buf, tag, comm.size, rm, rv, momentum, epsilon, unbiased, w, b, stats, y3,
-                                    pivot_out=pivot)
-            _flags.watch(stats.flags, report)
+                                    pivot_out=pivot, strict=strict)
+            _flags.watch(stats.flags, _report_forward(where, comm, tag, nonfinite, stats))
         else:                                  # device flags: a report slot, read by a later call
+            report = _report_forward(where, comm, tag, nonfinite)
             slot, seq = (0, 0) if capturing else _flags.claim(ring, report, (where, "forward", comm, tag))
             backend.normalize_batch(x3, buf, tag, comm.size, rm, rv, momentum, epsilon, unbiased, w, b, stats, y3,
-                                    report=slot, seq=seq, pivot_out=pivot)
+                                    report=slot, seq=seq, pivot_out=pivot, strict=strict)
         count = buf[2 * c:2 * c + 1]
     else:
         backend.normalize_fixed(x3, rm, rv, epsilon, w, b, stats, y3)
@@ -620,8 +631,8 @@ def sync_batch_norm_backward(ctx: BatchNormContext, dy: Any, *, input_grad: bool
 
 
 def _backward_report(where: str, comm: Communicator, tag: int) -> Any:
-    def report(bits: int) -> None:
-        if bits & DESYNC:
+    def report(code: int) -> None:
+        if code & DESYNC:
             raise RuntimeError(_desync_message(where, "backward", comm, tag))
     return report
 

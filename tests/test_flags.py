@@ -29,8 +29,8 @@ def ring():
 
 
 def publish(ring, address, seq, bits):
-    """What the kernel does: one 64-bit store of (seq << 2) | bits into its slot."""
-    ring.host[(address - ring.address) // 8] = np.uint64((seq << 2) | bits)
+    """What the kernel does: one 64-bit store of (seq << 24) | (channel + 1) << 2 | bits (no channel)."""
+    ring.host[(address - ring.address) // 8] = np.uint64((seq << 24) | bits)
 
 
 def test_host_flags_are_reported_at_once():
@@ -46,7 +46,7 @@ def test_a_slot_is_reported_by_a_later_poll_once_its_sequence_lands(ring):
     assert a != b and seq_b == seq_a + 1
     _flags.poll()
     assert seen == [] and ring.synced == 0               # nothing written yet, nothing waited for
-    ring.host[(a - ring.address) // 8] = np.uint64(((seq_a - 1) << 2) | 3)   # an older pass's value
+    ring.host[(a - ring.address) // 8] = np.uint64(((seq_a - 1) << 24) | 3)  # an older pass's value
     _flags.poll()
     assert seen == []                                    # not this pass's sequence: not final
     publish(ring, b, seq_b, 2)

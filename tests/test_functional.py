@@ -260,3 +260,16 @@ def test_docstring_examples_run(module):
     import importlib
     result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
     assert result.failed == 0
+
+
+def test_running_statistics_that_cannot_be_updated_in_place_are_refused():
+    """Lists would be copied and the update lost with the copy (issue 17: they were accepted)."""
+    x = np.random.default_rng(9).normal(size=(4, 4))
+    comm = CountingComm()
+    for rm, rv in (([0.0] * 4, [1.0] * 4), (np.zeros(4), (1.0,) * 4)):
+        with pytest.raises(TypeError, match="updated in place, so it must be an array"):
+            sync_batch_norm(x, rm, rv, data_format="NC", comm=comm)
+    assert comm.calls == 0
+    _, ctx = sync_batch_norm(x, np.zeros(4), np.ones(4), [1.0] * 4, [0.0] * 4, data_format="NC", comm=comm)
+    with pytest.raises(TypeError, match="weight_grad_out is updated in place"):     # weight/bias: read only
+        sync_batch_norm_backward(ctx, np.ones_like(x), weight_grad_out=[0.0] * 4)

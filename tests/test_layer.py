@@ -157,7 +157,7 @@ def test_lifo_and_no_grad():
 @pytest.mark.parametrize("make,x,kind,words", [
     (lambda: layer(), np.zeros((2, 4, 3, 3), "float32"), ValueError, "4 channels"),
     (lambda: layer(data_format="NHWC"), np.zeros((2, 3, 3, 4), "float32"), ValueError, "4 channels on axis 3"),
-    (lambda: layer(), np.zeros((3,), "float32"), ValueError, "2 or 3 or 4 or 5 dimensions"),
+    (lambda: layer(), np.zeros((3,), "float32"), ValueError, "must have 2 to 5 dimensions"),
     (lambda: layer(), np.zeros((2, 3, 2, 2), "int64"), TypeError, "floating dtype"),
     (lambda: cusyncbn.BatchNorm2D(3, device="cpu"), np.zeros((2, 3), "float32"), ValueError, "4 dimensions"),
     (lambda: layer(), np.zeros((2, 3), "U1"), TypeError, "floating dtype"),       # an array, of the wrong dtype

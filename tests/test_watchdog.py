@@ -130,7 +130,7 @@ def test_the_gpu_watchdog_reports_a_stalled_pass_then_ends_the_job(ring, timeout
     assert dog.check(claimed + 4.0, 5.0) is None and capsys.readouterr().err == ""    # one report per pass
     message = dog.check(claimed + 6.0, 5.0)
     assert message is not None and "did not complete within the timeout of 5 s" in message
-    ring.host[(address - ring.address) // 8] = np.uint64(seq << 2)                     # the pass got through
+    ring.host[(address - ring.address) // 8] = np.uint64(seq << 24)                     # the pass got through
     assert dog.check(claimed + 60.0, 5.0) is None
 
 

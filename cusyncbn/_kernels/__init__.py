@@ -36,7 +36,7 @@ PARAMS: dict[str, tuple[tuple[str, str], ...]] = {
     "normalize": (("x", "T*"), ("y", "T*"), ("A", "i"), ("C", "i"), ("B", "i"), ("buf", "d*"), ("shift", "d*"),
                   ("tag", "d"), ("ranks", "d"), ("running_mean", "P*"), ("running_var", "P*"), ("momentum", "d"),
                   ("eps", "d"), ("unbiased", "i"), ("weight", "P*"), ("bias", "P*"), ("stats", "S*"),
-                  ("report", "Q*"), ("seq", "Q"), ("pivot_out", "d*")),
+                  ("report", "Q*"), ("seq", "Q"), ("pivot_out", "d*"), ("strict", "i")),
     "backward": (("dy", "T*"), ("x", "T*"), ("A", "i"), ("C", "i"), ("B", "i"), ("stats", "S*"), ("tag", "d"),
                  ("part", "d*"), ("ticket", "I*"), ("weight_grad", "P*"), ("bias_grad", "P*"), ("buf", "d*")),
     "dx": (("dy", "T*"), ("x", "T*"), ("dx", "T*"), ("A", "i"), ("C", "i"), ("B", "i"), ("stats", "S*"),

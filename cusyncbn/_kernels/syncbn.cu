@@ -541,12 +541,15 @@ __device__ __forceinline__ void normalize_coefficients(int c, int C, const doubl
     cf[2] = (S)(bias ? (double)bias[c] : 0.0);
 }
 
-// The host report: one system-scope 64-bit store, (seq << 2) | bits (bits < 4). The host polls
+// The host report: one system-scope 64-bit store, (seq << 24) | ((channel + 1) << 2) | bits
+// (bits < 4; channel the first non-finite channel, -1 for none, below 2^22 - 1). The host polls
 // the slot without any CUDA call; a value carrying its seq is final.
-__device__ __forceinline__ void publish_report(unsigned long long* report, unsigned long long seq, int bits) {
+__device__ __forceinline__ void publish_report(unsigned long long* report, unsigned long long seq, int bits,
+                                               int channel) {
     if (report == nullptr) return;
     __threadfence_system();
-    *(volatile unsigned long long*)report = (seq << 2) | (unsigned long long)bits;
+    const unsigned long long where = (unsigned long long)((channel + 1) & 0x3FFFFF);
+    *(volatile unsigned long long*)report = (seq << 24) | (where << 2) | (unsigned long long)bits;
 }
 
 __device__ __forceinline__ bool tags_agree(const double* sums, double tag, double ranks) {
@@ -559,14 +562,13 @@ template <typename S, typename P>
 __device__ void write_stats(int C, const double* buf, const double* shift, double tag, double ranks,
                             P* running_mean, P* running_var, double momentum, double eps, int unbiased,
                             const P* weight, const P* bias, S* stats, unsigned long long* report,
-                            unsigned long long seq, double* pivot_out) {
-    __shared__ int nonfinite;
-    if (thread_rank() == 0) nonfinite = 0;
+                            unsigned long long seq, double* pivot_out, int strict) {
+    __shared__ int first_nonfinite;                    // the first non-finite channel (C: none)
+    if (thread_rank() == 0) first_nonfinite = C;
     __syncthreads();
     const bool batch = buf != nullptr;
     const double n = batch ? buf[2 * C] : 0;
     const bool desync = batch && !tags_agree(buf + 2 * C + 1, tag, ranks);
-    const bool update = batch && n > 0 && !desync && running_mean != nullptr && running_var != nullptr;
     for (int c = thread_rank(); c < C; c += block_threads()) {
         double mean, var;
         channel_stats(c, C, buf, shift, running_mean, running_var, mean, var);
@@ -575,20 +577,28 @@ __device__ void write_stats(int C, const double* buf, const double* shift, doubl
         stats[C + c] = (S)invstd;
         stats[2 * C + c] = (S)(invstd * (weight ? (double)weight[c] : 1.0));
         stats[3 * C + c] = (S)(bias ? (double)bias[c] : 0.0);
-        const bool finite = isfinite(mean) && isfinite(var);
-        if (batch && !finite) nonfinite = 1;
-        if (batch && n > 0 && !desync && finite && pivot_out != nullptr) pivot_out[c] = mean;
-        if (update && finite) {
+        if (batch && !(isfinite(mean) && isfinite(var))) atomicMin(&first_nonfinite, c);
+    }
+    __syncthreads();
+    // The running statistics and the pivot move per finite channel; with `strict` (nonfinite
+    // = "raise") none moves when any channel is not finite.
+    const bool nonfinite = first_nonfinite < C;
+    const bool update = batch && n > 0 && !desync && !(strict && nonfinite);
+    for (int c = thread_rank(); update && c < C; c += block_threads()) {
+        double mean, var;
+        channel_stats(c, C, buf, shift, running_mean, running_var, mean, var);
+        if (!(isfinite(mean) && isfinite(var))) continue;
+        if (pivot_out != nullptr) pivot_out[c] = mean;
+        if (running_mean != nullptr && running_var != nullptr) {
             const double v = (unbiased && n > 1) ? var * (n / (n - 1)) : var;
             running_mean[c] = (P)((double)running_mean[c] * momentum + mean * (1.0 - momentum));
             running_var[c] = (P)((double)running_var[c] * momentum + v * (1.0 - momentum));
         }
     }
-    __syncthreads();
     if (thread_rank() == 0) {
         const int bits = (nonfinite ? (int)NONFINITE : 0) + (desync ? (int)DESYNC : 0);
         stats[4 * C] = (S)bits;
-        publish_report(report, seq, bits);
+        publish_report(report, seq, bits, nonfinite ? first_nonfinite : -1);
     }
 }
 
@@ -597,11 +607,11 @@ __device__ void write_stats(int C, const double* buf, const double* shift, doubl
         const double *__restrict__ shift, double tag, double ranks, P *running_mean, P *running_var,          \
         double momentum, double eps, int unbiased, const P *__restrict__ weight, const P *__restrict__ bias,  \
         typename Acc<T>::type *__restrict__ stats, unsigned long long *report, unsigned long long seq,        \
-        double *pivot_out
+        double *pivot_out, int strict
 #define NORMALIZE_STATS_DUTY                                                                                  \
     if (blockIdx.x == 0 && blockIdx.y == 0)                                                                   \
         write_stats(C, buf, shift, tag, ranks, running_mean, running_var, momentum, eps, unbiased, weight, bias, \
-                    stats, report, seq, pivot_out);
+                    stats, report, seq, pivot_out, strict);
 
 // Channel-second, the grid of moments_cs.
 template <typename T, typename P, int VEC> __global__ void BOUNDS normalize_cs(NORMALIZE_PARAMS) {
@@ -761,7 +771,7 @@ __device__ __forceinline__ void write_backward_flag(int C, const double* buf, do
     if (blockIdx.x == 0 && blockIdx.y == 0 && thread_rank() == 0) {
         const int bits = (buf != nullptr && !tags_agree(buf + 2 * C, tag, ranks)) ? (int)DESYNC : 0;
         stats[4 * C + 1] = (S)bits;
-        publish_report(report, seq, bits);
+        publish_report(report, seq, bits, -1);
     }
 }
 

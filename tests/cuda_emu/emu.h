@@ -290,6 +290,11 @@ template <typename T> T __shfl_down_sync(unsigned mask, T v, int delta) {
 // last-block pattern (fence, ticket, L2 read) is emulated by plain operations.
 inline void __threadfence() {}
 inline void __threadfence_system() {}
+inline int atomicMin(int* address, int value) {       // fibers never preempt: a plain update is atomic
+    const int old = *address;
+    if (value < old) *address = value;
+    return old;
+}
 inline unsigned atomicAdd(unsigned* address, unsigned value) {
     unsigned old = *address;
     *address = old + value;
