@@ -152,6 +152,11 @@ def test_readme_jax_snippet_runs():
     np.testing.assert_allclose(dx, ref.backward(x, np.cos(x), 1, 1e-5, "NCL")[0], rtol=1e-4, atol=1e-4)
 
 
+def test_readme_functional_snippet_says_it_worked(capsys):
+    exec(readme_block("from cusyncbn.functional import sync_batch_norm, sync_batch_norm_backward"), {})
+    assert capsys.readouterr().out.strip().endswith(": OK")
+
+
 @pytest.mark.parametrize("n", [2, 4])
 def test_train_mpi(n):
     proc = run([mpiexec(), "-n", str(n), sys.executable, "examples/train_mpi.py", "--steps", "20", "--device", "cpu"])
