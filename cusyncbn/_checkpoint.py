@@ -52,6 +52,12 @@ def load_state_dict(layer: Any, state: dict, format: str = "auto", strict: bool 
         if unknown:
             raise KeyError(f"load_state_dict: unexpected PyTorch keys {unknown}")
         state = {_TORCH_TO_OURS[k]: v for k, v in state.items() if k in _TORCH_TO_OURS}
+        # Staged here rather than by set_state_dict, so that messages name the dict's own keys.
+        targets = layer.state_dict()
+        _state.write(targets, _state.stage(targets, state, strict, layer.device, layer.name,
+                                           names={ours: theirs for theirs, ours in _TORCH_TO_OURS.items()}),
+                     layer.device)
+        return
     layer.set_state_dict(state, strict=strict)
 
 

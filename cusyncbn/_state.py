@@ -16,9 +16,10 @@ from ._rules import is_float
 
 
 def stage(targets: dict, state: dict, strict: bool, device: str, where: str, allow_nonfinite: bool = False,
-          source: str = "state") -> dict:
+          source: str = "state", names: dict | None = None) -> dict:
     """Check every entry of ``state`` against ``targets`` (a ``state_dict()``) and return the
-    entries as arrays of ``device``. Nothing is written.
+    entries as arrays of ``device``. Nothing is written. ``names`` maps the layer's keys to
+    the ones the caller's dict used (e.g. PyTorch's), for the messages.
 
     Raises:
         KeyError: an unknown key, or (``strict``) a key of ``targets`` missing.
@@ -26,14 +27,16 @@ def stage(targets: dict, state: dict, strict: bool, device: str, where: str, all
         TypeError: a dtype that is not floating.
     """
     backend = get_backend(device)
-    unknown = sorted(set(state) - set(targets))
-    missing = sorted(set(targets) - set(state))
+    shown = (lambda k: k) if names is None else (lambda k: names.get(k, k))
+    unknown = sorted(map(shown, set(state) - set(targets)))
+    missing = sorted(map(shown, set(targets) - set(state)))
     if unknown:
-        raise KeyError(f"{where}: unexpected keys {unknown} in {source}; the layer has {list(targets)}")
+        raise KeyError(f"{where}: unexpected keys {unknown} in {source}; the layer has {list(map(shown, targets))}")
     if strict and missing:
         raise KeyError(f"{where}: missing keys {missing} in {source} (pass strict=False to load a subset)")
     staged = {}
     for key, value in state.items():
+        label = shown(key)
         # Checkpoints usually come from the host: copying them to the layer's device is the point.
         if backend.is_native(value):
             arr = value
@@ -42,11 +45,12 @@ def stage(targets: dict, state: dict, strict: bool, device: str, where: str, all
                 arr = backend.xp.asarray(to_host(value))
         expected = tuple(targets[key].shape)
         if tuple(arr.shape) != expected:
-            raise ValueError(f"{where}: {source}[{key!r}] has shape {tuple(arr.shape)}, expected shape {expected}")
+            raise ValueError(f"{where}: {source}[{label!r}] has shape {tuple(arr.shape)}, expected shape "
+                             f"{expected}")
         if not is_float(arr.dtype):
-            raise TypeError(f"{where}: {source}[{key!r}] has dtype {arr.dtype}, expected a floating dtype")
+            raise TypeError(f"{where}: {source}[{label!r}] has dtype {arr.dtype}, expected a floating dtype")
         if not allow_nonfinite and not bool(np.isfinite(np.asarray(to_host(arr), dtype=np.float64)).all()):
-            raise ValueError(f"{where}: {source}[{key!r}] holds NaN or Inf (pass allow_nonfinite=True to load "
+            raise ValueError(f"{where}: {source}[{label!r}] holds NaN or Inf (pass allow_nonfinite=True to load "
                              "it anyway)")
         staged[key] = arr
     return staged

@@ -77,3 +77,17 @@ def test_saving_into_a_missing_directory_names_the_path(bn, tmp_path):
     assert f"cannot write {str(path)!r}: no such directory" in str(info.value)
     assert ".tmp" not in str(info.value)
     assert not (tmp_path / "no").exists()
+
+
+def test_a_pytorch_dict_that_does_not_fit_is_named_by_its_own_keys():
+    """Issue 17: the message named the layer's internal key (_mean) for PyTorch's running_mean."""
+    import cusyncbn
+    bn = cusyncbn.SyncBatchNorm(4, device="cpu")
+    state = {"weight": np.ones(4), "bias": np.zeros(4), "running_mean": np.zeros(3), "running_var": np.ones(4)}
+    with pytest.raises(ValueError, match=r"state\['running_mean'\] has shape \(3,\)") as raised:
+        cusyncbn.load_state_dict(bn, state)
+    assert "'_mean'" not in str(raised.value)
+    np.testing.assert_array_equal(bn.running_mean, np.zeros(4))
+    del state["running_var"]
+    with pytest.raises(KeyError, match=r"missing keys \['running_var'\]"):
+        cusyncbn.load_state_dict(bn, {**state, "running_mean": np.zeros(4)})
