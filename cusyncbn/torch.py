@@ -156,7 +156,6 @@ _FORMATS = {(2, False): "NC", (3, False): "NCL", (4, False): "NCHW", (5, False):
             (4, True): "NHWC", (5, True): "NDHWC"}
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _PARAM_DTYPES = (torch.float32, torch.float64)
-_PER_CHANNEL = ("running_mean", "running_var", "weight", "bias")
 _LOCAL = SingleProcessComm()                       # the no-sync passes' communicator (one id: plans key on it)
 _HAS_BIAS_ARG = "bias" in inspect.signature(torch.nn.SyncBatchNorm.__init__).parameters    # torch >= 2.6
 _serials = itertools.count(1)
@@ -186,15 +185,6 @@ class InputChannelsError(RuntimeError, ValueError):
 class InputDtypeError(NotImplementedError, TypeError):
     """A non-floating input: a ``NotImplementedError`` as torch raises for it, and a
     ``TypeError`` as cusyncbn's checks raise."""
-
-
-def _verify_batch_size(size: torch.Size) -> None:
-    """``torch.nn.functional.batch_norm``'s check, with its message."""
-    values = size[0]
-    for extent in size[2:]:
-        values *= extent
-    if values == 1:
-        raise ValueError(f"Expected more than 1 value per channel when training, got input size {size}")
 
 
 _dist_comms: dict[str, TorchDistComm] = {}
@@ -338,13 +328,10 @@ class SyncBatchNorm(torch.nn.SyncBatchNorm):
         self._comms[device] = (group, arg, sync, comm, provisional)
         return comm
 
-    def _array(self, attr: str, device: str) -> Any:
-        """The NumPy / CuPy array sharing the memory of this module's tensor ``attr`` (None
-        when it has none), imported through DLPack once and reused while the tensor is the
-        same: planned calls key on the arrays' identities."""
-        t = getattr(self, attr)
-        if t is None:
-            return None
+    def _array(self, attr: str, t: torch.Tensor, device: str) -> Any:
+        """The NumPy / CuPy array sharing the memory of ``t``, this module's tensor ``attr``,
+        imported through DLPack once and reused while the tensor is the same: planned calls
+        key on the arrays' identities."""
         cached = self._views.get(attr)
         if cached is not None and cached[0] is t and cached[1] == t.data_ptr():
             return cached[2]
@@ -365,11 +352,10 @@ class SyncBatchNorm(torch.nn.SyncBatchNorm):
         training = self.training
         # As torch: the running statistics are passed when they are used (eval) or updated
         # (training and tracked); batch statistics in training, and in eval when there are none.
+        running_mean, running_var = self.running_mean, self.running_var
+        bn_training = training or (running_mean is None and running_var is None)
         if training and not self.track_running_stats:
             running_mean = running_var = None
-        else:
-            running_mean, running_var = self.running_mean, self.running_var
-        bn_training = training or (self.running_mean is None and self.running_var is None)
         weight, bias = self.weight, self.bias
         channels = input.shape[1]
         if channels != self.num_features and not (weight is None and bias is None and running_mean is None
@@ -387,8 +373,9 @@ class SyncBatchNorm(torch.nn.SyncBatchNorm):
         sync = bn_training and training and comm.size > 1
         if not sync:
             comm = _LOCAL
-            if bn_training:
-                _verify_batch_size(input.shape)
+            if bn_training and input.numel() == channels:          # torch's rule: one value per channel
+                raise ValueError(f"Expected more than 1 value per channel when training, got input size "
+                                 f"{input.size()}")
         # (torch's sync path checks the batch size only when its world has fewer than 2
         # processes, that is never: over several ranks a global batch of one value per
         # channel gives y = bias, as torch's, and a running variance updated with the biased
@@ -417,19 +404,26 @@ class SyncBatchNorm(torch.nn.SyncBatchNorm):
         if device == "cpu" and x.dtype in _LOW_PRECISION:
             # NumPy has no bfloat16, and torch's CPU kernels compute 16-bit input in float32.
             low, x = x.dtype, x.float()
-        shape = x.shape
+        ndim = x.dim()
         if _is_channels_last(x):
-            xin, data_format, back = _to_channel_last(x), _FORMATS[(x.dim(), True)], _from_channel_last
-        elif x.dim() > 5:
-            xin, data_format, back = x.contiguous().view(shape[0], shape[1], -1), "NCL", None
+            xin, data_format, back = _to_channel_last(x), _FORMATS[(ndim, True)], _from_channel_last
+        elif ndim > 5:
+            shape = x.shape
+            xin, data_format, back = x.contiguous().view(shape[0], shape[1], -1), "NCL", methodcaller("view", shape)
         else:
-            xin, data_format, back = x.contiguous(), _FORMATS[(x.dim(), False)], None
-        tensors = (running_mean, running_var, weight, bias)
+            xin, data_format, back = x.contiguous(), _FORMATS[(ndim, False)], None
         copies = None
-        if all(t is None or t.dtype in _PARAM_DTYPES for t in tensors):
-            arrays = tuple(None if t is None else self._array(name, device) for name, t in zip(_PER_CHANNEL, tensors))
+        if ((running_mean is None or running_mean.dtype in _PARAM_DTYPES)
+                and (running_var is None or running_var.dtype in _PARAM_DTYPES)
+                and (weight is None or weight.dtype in _PARAM_DTYPES) and (bias is None or bias.dtype in _PARAM_DTYPES)):
+            array = self._array
+            arrays = (None if running_mean is None else array("running_mean", running_mean, device),
+                      None if running_var is None else array("running_var", running_var, device),
+                      None if weight is None else array("weight", weight, device),
+                      None if bias is None else array("bias", bias, device))
             plan_device = device
         else:
+            tensors = (running_mean, running_var, weight, bias)
             # 16-bit parameters or buffers: float32 copies (the parameters' through autograd,
             # so their gradients come back in their dtype); no planned path for these.
             copies = tuple(None if t is None else t.float() for t in tensors)
@@ -449,8 +443,6 @@ class SyncBatchNorm(torch.nn.SyncBatchNorm):
                     t.copy_(f)
         if back is not None:
             y = back(y)
-        elif y.shape != shape:
-            y = y.view(shape)
         return y if low is None else y.to(low)
 
     def _core(self, x: torch.Tensor, args: tuple) -> tuple:
