@@ -415,7 +415,8 @@ class SyncBatchNorm(torch.nn.SyncBatchNorm):
         copies = None
         if ((running_mean is None or running_mean.dtype in _PARAM_DTYPES)
                 and (running_var is None or running_var.dtype in _PARAM_DTYPES)
-                and (weight is None or weight.dtype in _PARAM_DTYPES) and (bias is None or bias.dtype in _PARAM_DTYPES)):
+                and (weight is None or weight.dtype in _PARAM_DTYPES)
+                and (bias is None or bias.dtype in _PARAM_DTYPES)):
             array = self._array
             arrays = (None if running_mean is None else array("running_mean", running_mean, device),
                       None if running_var is None else array("running_var", running_var, device),

@@ -449,10 +449,10 @@ class UnpicklableComm(TwinComm):
 
 
 def test_save_and_deepcopy_after_a_forward():
-    bn = cbt.SyncBatchNorm(3, comm=None).double()
-    bn._comm_arg = None
+    bn = cbt.SyncBatchNorm(3).double()
     bn(torch.randn(4, 3, dtype=torch.float64))
-    bn._comms["cpu"] = (None, None, True, UnpicklableComm(), False)       # a communicator in the cache
+    assert bn._comms and bn._views
+    bn._comms["cpu"] = (None, None, True, UnpicklableComm(), False)       # as an MPIComm: cannot be pickled
     buf = io.BytesIO()
     torch.save(bn, buf)
     loaded = torch.load(io.BytesIO(buf.getvalue()), weights_only=False)
@@ -689,7 +689,8 @@ def run_torch_ranks(n, case):
                           capture_output=True, text=True, timeout=TIMEOUT_S, env=env)
     lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, (
-        f"mpiexec -n {n} {case} exited {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}")
+        f"mpiexec -n {n} {case} exited {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\n"
+        f"stderr:\n{proc.stderr[-4000:]}")
     return json.loads(lines[-1][len("RESULT "):])
 
 
