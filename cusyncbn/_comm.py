@@ -104,16 +104,21 @@ class MPIComm:
         self.size = mpi_comm.Get_size()
         self.timeout = None if timeout is None else _watchdog.check_timeout(timeout, "MPIComm")
         self._lengths: set[int] = set()
+        # All-reduces made through this object: what the early-exit notices count (a wrapper
+        # around this communicator may number the layers' collectives its own way).
+        self.collectives = 0
         # The side channel of early-exit notices (a collective Dup, as building this is).
-        self.watch = _watchdog.Watch(mpi_comm, partial(peek_tag, self), repr(self)) if self.size > 1 else None
+        self.watch = _watchdog.Watch(mpi_comm, partial(getattr, self, "collectives"), repr(self)) \
+            if self.size > 1 else None
         _abort.install()
 
     def allreduce(self, buf: Any) -> None:
         host = buf if isinstance(buf, np.ndarray) else buf.get()
+        self.collectives += 1
         try:
             agree_on_length(self.mpi_comm, self._lengths, host.size, self)
             request = self.mpi_comm.Iallreduce(self._mpi.IN_PLACE, host, op=self._mpi.SUM)
-            _watchdog.wait(request, self.watch, self, self.timeout)
+            _watchdog.wait(request, self.watch, self, self.timeout, self.collectives)
         except self._mpi.Exception as exc:
             raise RuntimeError(_allreduce_failure(self, host.size, exc)) from exc
         if host is not buf:
@@ -147,7 +152,7 @@ def agree_on_length(mpi_comm: Any, agreed: set, count: int, comm: Any = None) ->
     ends = np.array([count, -count], dtype=np.int64)
     request = mpi_comm.Iallreduce(MPI.IN_PLACE, ends, op=MPI.MIN)
     _watchdog.wait(request, getattr(comm, "watch", None), comm if comm is not None else mpi_comm,
-                   getattr(comm, "timeout", None))
+                   getattr(comm, "timeout", None), getattr(comm, "collectives", None))
     if ends[0] == -ends[1]:
         agreed.add(count)
         return

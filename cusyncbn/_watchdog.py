@@ -177,10 +177,12 @@ def _notify_all() -> None:
             pass
 
 
-def wait(request: Any, watch: Watch | None, comm: Any, timeout: float | None = None) -> None:
+def wait(request: Any, watch: Watch | None, comm: Any, timeout: float | None = None,
+         number: int | None = None) -> None:
     """Wait for the MPI ``request`` of one collective of ``comm``: a test loop with a back-off
     up to 5 ms, looking for early-exit notices every 50 ms, a stall report at half the
-    timeout and the end of the job at the timeout."""
+    timeout and the end of the job at the timeout. ``number``: the collective's number on
+    ``comm`` as ``watch``'s notices count them (default: the calling layer's tag)."""
     for _ in range(64):                              # most collectives complete within microseconds
         if request.Test():
             return
@@ -193,14 +195,14 @@ def wait(request: Any, watch: Watch | None, comm: Any, timeout: float | None = N
         if watch is not None and now >= next_notice:
             next_notice = now + NOTICE_EVERY_S
             watch.poll_notices()
-            gone = watch.stranded(_collective()[2])
+            gone = watch.stranded(_collective()[2] if number is None else number)
             if gone is not None:
-                end(early_exit_message(watch, comm, gone, waited))
+                end(early_exit_message(watch, comm, gone, waited, number))
         if not warned and waited >= limit / 2:
             warned = True
-            _stderr(stall_message(watch, comm, waited, limit, final=False))
+            _stderr(stall_message(watch, comm, waited, limit, final=False, number=number))
         if waited >= limit:
-            end(stall_message(watch, comm, waited, limit, final=True))
+            end(stall_message(watch, comm, waited, limit, final=True, number=number))
         time.sleep(delay)
         delay = min(delay * 2, 0.005)
 
@@ -211,10 +213,11 @@ def _where(comm: Any, watch: Watch | None) -> str:
     return f"rank {rank} of {size}"
 
 
-def stall_message(watch: Watch | None, comm: Any, waited: float, limit: float, final: bool) -> str:
+def stall_message(watch: Watch | None, comm: Any, waited: float, limit: float, final: bool,
+                  number: int | None = None) -> str:
     """The stall report (``final=False``, at half the timeout) or the timeout message."""
     name, what, tag = _collective()
-    number = "?" if tag is None else tag
+    number = number if number is not None else "?" if tag is None else tag
     known = watch.elsewhere() if watch is not None else "unknown"
     head = (f"cusyncbn: {_where(comm, watch)} has waited {waited:.1f} s in collective {number} ({name}, {what}) "
             f"on {comm!r}; ranks known to be elsewhere: {known}")
@@ -224,8 +227,10 @@ def stall_message(watch: Watch | None, comm: Any, waited: float, limit: float, f
     return f"{head}. The job ends at {limit:g} s ({ENV}) if it does not complete"
 
 
-def early_exit_message(watch: Watch, comm: Any, gone: tuple[int, int], waited: float) -> str:
+def early_exit_message(watch: Watch, comm: Any, gone: tuple[int, int], waited: float, number: int | None = None
+                       ) -> str:
     name, what, tag = _collective()
+    tag = tag if number is None else number
     rank, last = gone
     return (f"cusyncbn: {_where(comm, watch)}: rank {rank} finished after collective {last} of its communicator "
             f"({comm!r}); this rank waits in collective {tag} ({name}, {what}) since {waited:.1f} s, which can "
