@@ -778,3 +778,9 @@ def test_modes_match_torch_on_cuda():
     ours = cbt.SyncBatchNorm(4, momentum=None).cuda().double()
     assert_same_record([(n, t.cpu()) for n, t in run_sequence(ours, "cuda")],
                        [(n, t.cpu()) for n, t in run_sequence(theirs, "cuda")])
+
+
+def test_docstring_examples_run():
+    import doctest
+    result = doctest.testmod(cbt, optionflags=doctest.ELLIPSIS)
+    assert result.attempted >= 3 and result.failed == 0
