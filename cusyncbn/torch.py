@@ -3,13 +3,17 @@
 Importing this module imports torch (``import cusyncbn`` alone does not). The
 module's autograd runs through cusyncbn's forward/backward on the CPU (NumPy) or
 GPU (CuPy) backend, zero-copy through DLPack, and syncs through a cusyncbn
-communicator: under ``mpirun`` it needs no ``torch.distributed`` set-up; when a
-``process_group`` is given, that torch.distributed group is used instead.
+communicator: under ``mpirun`` over every MPI rank, with no ``torch.distributed``
+set-up; under ``torchrun`` (torch.distributed initialised, no MPI launcher) over
+torch.distributed's world, as torch's module; over ``process_group=`` or ``comm=`` when
+given.
 
 Example (``mpiexec -n 2 python train.py``)::
 
     import cusyncbn.torch as cbt
     model = cbt.convert_sync_batchnorm(model)      # every BatchNorm*d -> cbt.SyncBatchNorm
+    loss.backward()
+    cbt.allreduce_gradients(model.parameters())    # data parallel: the full gradients on every rank
 """
 from __future__ import annotations
 
