@@ -429,9 +429,6 @@ def test_a_copy_warns_for_itself():
     assert len([w for w in caught if issubclass(w.category, RuntimeWarning)]) == 2
 
 
-@pytest.mark.xfail(strict=True, reason="cusyncbn.functional._caller_level stops at the first frame outside "
-                   "cusyncbn, which is torch's (nn.Module.__call__, autograd.Function.apply): it needs to skip "
-                   "torch's frames too (functional.py is not the torch adapter's file)")
 def test_nan_warning_points_at_the_users_line():
     bn = cbt.SyncBatchNorm(2)
     with warnings.catch_warnings(record=True) as caught:
