@@ -277,10 +277,8 @@ def test_nonfinite_warns_once_per_layer_naming_it():
     assert [str(w.message).split(":")[0] for w in caught] == names and kept
 
 
-@pytest.mark.xfail(strict=True, reason="functional._caller_level stops at the first frame outside cusyncbn, which is "
-                                       "Paddle's Layer.__call__ (paddle/nn/layer/layers.py): it should skip the "
-                                       "frameworks' layer-call frames too (issue 17, section 1, shared with torch)")
 def test_nonfinite_warning_points_at_the_users_line():
+    """Not into cusyncbn, nor Paddle's Layer.__call__ between the user and the layer."""
     caught, _, _ = _nan_warnings()
     assert caught and all(w.filename == __file__ for w in caught), [(w.filename, w.lineno) for w in caught]
 
