@@ -68,3 +68,16 @@ def test_the_emulated_gpu_reports_the_first_channel_and_moves_nothing(monkeypatc
     with pytest.warns(RuntimeWarning, match="channel 3 \\(the first\\)"):
         flush_reports()
     assert (np.array(warn.running_mean) != before).tolist() == [True, True, True, False, True]
+
+
+def test_a_backward_with_inf_leaks_no_numpy_warning():
+    """Issue 17 §5: the forward silenced NumPy's RuntimeWarnings for NaN/Inf, the backward did not."""
+    import warnings
+    bn = layer("warn", "bn10")
+    bn(np.random.default_rng(2).normal(size=(4, 5, 3)))
+    dy = np.ones((4, 5, 3))
+    dy[1, 2, 0] = np.inf
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                   # any warning fails the test
+        dx = bn.backward(dy)
+    assert not np.isfinite(dx[:, 2]).all() and np.isfinite(dx[:, [0, 1, 3, 4]]).all()
