@@ -267,8 +267,8 @@ class Backend:
 
 
 _backends: dict[str, Backend] = {}
-#: The backends built so far, by device (read-only for other modules: the planned path looks
-#: its backend up here without a call).
+#: The backends built so far, by device: filled by ``_backend_factory.get_backend`` (the
+#: factory sits above the backends it builds), changed only by :func:`swap_backend` otherwise.
 backends = _backends
 
 
@@ -280,16 +280,3 @@ def swap_backend(device: str, backend: Backend | None) -> Backend | None:
         _backends[device] = backend
     return previous
 
-
-def get_backend(device: str) -> Backend:
-    """The backend for ``"cpu"`` or ``"gpu:N"`` (one instance per device)."""
-    backend = _backends.get(device)
-    if backend is None:
-        if device == "cpu":
-            from ._backend_numpy import NumpyBackend
-            backend = NumpyBackend()
-        else:
-            from ._backend_cupy import CupyBackend
-            backend = CupyBackend(int(device.split(":")[1]))
-        _backends[device] = backend
-    return backend

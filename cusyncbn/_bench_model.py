@@ -271,8 +271,8 @@ def main(out: str = "bench_out", reps: Optional[int] = None, quick: bool = False
         return 0
     import torch
 
-    from cusyncbn.bench import _nccl_comm
-    comm = _nccl_comm()
+    from ._bench_cases import nccl_comm
+    comm = nccl_comm()
     if comm.size != 1:
         print(f"cusyncbn.bench --model: needs a 1-rank communicator, got {comm!r} (run it as one process, "
               "not under mpirun)", file=sys.stderr)

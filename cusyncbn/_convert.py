@@ -19,7 +19,7 @@ import warnings
 from typing import Any, Callable, Iterable
 
 # The stacklevel of the user's line (the first frame outside cusyncbn) for a warning.
-from .functional import _caller_level as user_stacklevel
+from ._stacklevel import user_stacklevel
 
 # What every class body defines: no behaviour of the layer's own.
 _CLASS_HOUSEKEEPING = frozenset({

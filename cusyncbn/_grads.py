@@ -1,10 +1,14 @@
-"""Summing parameter gradients over ranks, for data-parallel training loops."""
+"""Summing parameter gradients over ranks, for data-parallel training loops.
+
+``cusyncbn.allreduce_gradients`` is an entry point of the shell floor, beside ``_layer.py``:
+it reduces arrays and :class:`Parameter` objects itself and hands torch tensors to the torch
+adapter (``cusyncbn.torch``, a shell too), which imports nothing from here."""
 from __future__ import annotations
 
 from typing import Any, Iterable
 
-from ._backend import get_backend
-from ._comm import resolve_comm
+from ._backend_factory import get_backend
+from ._comm_factory import resolve_comm
 from ._params import Parameter
 
 

@@ -15,9 +15,10 @@ from typing import Any
 import numpy as np
 
 from . import _abort as abort_hooks, _debug, _state
-from ._backend import get_backend
+from ._backend_factory import get_backend
 from ._convert import walk
-from ._comm import Communicator, SingleProcessComm, launched_size, next_tag, resolve_comm
+from ._comm import Communicator, SingleProcessComm, launched_size, next_tag
+from ._comm_factory import resolve_comm
 from ._device import _parse as resolve_device, get_device
 from ._dlpack import framework_of, to_framework
 from ._grad_mode import recording
@@ -411,7 +412,8 @@ class SyncBatchNorm(_BatchNormBase):
             >>> type(model["bn"]).__name__, model["bn"]._use_global_stats
             ('SyncBatchNorm', True)
         """
-        from ._convert import carry_state, user_stacklevel, warn_lost_members
+        from ._convert import carry_state, warn_lost_members
+        from ._stacklevel import user_stacklevel
 
         def replace(old: _BatchNormBase) -> Any:
             if isinstance(old, SyncBatchNorm):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._backend import get_backend
+from ._backend_factory import get_backend
 from ._dlpack import to_host
 from ._rules import is_float
 

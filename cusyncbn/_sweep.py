@@ -41,7 +41,8 @@ def reference(bn: Any, x: Any, dy: Any, to_host: Callable[[Any], Any], data_form
     float64 reference, computed once per case on the host and kept on ``x``'s device as
     float32 (checking a configuration is then a few device reductions, not a host pass over
     the whole input)."""
-    from ._backend import dtype_name, get_backend
+    from ._backend import dtype_name
+    from ._backend_factory import get_backend
     xh, dyh = to_host(x), to_host(dy)
     last = data_format.endswith("C")
     axes = (0,) + tuple(range(1, xh.ndim - 1)) if last else (0,) + tuple(range(2, xh.ndim))
@@ -63,7 +64,7 @@ def reference(bn: Any, x: Any, dy: Any, to_host: Callable[[Any], Any], data_form
 def layer_error(bn: Any, x: Any, dy: Any, ref: tuple) -> float:
     """Largest error of y and dx of one training step of ``bn`` against ``ref`` (from
     :func:`reference`), relative to the tolerance of ``x``'s dtype (<= 1: correct)."""
-    from ._backend import get_backend
+    from ._backend_factory import get_backend
     y_ref, dx_ref, tol = ref
     xp = get_backend(bn.device).xp
     y = bn(x)
@@ -168,14 +169,14 @@ def run_sweep(shapes: Iterable[tuple] | None = None, dtypes: Iterable[str] | Non
     write them into the table at ``path`` (merged with its other entries). Returns the table.
 
     Args:
-        shapes, dtypes, layouts: the cases; default ``cusyncbn.bench``'s SHAPES, DTYPES, LAYOUTS.
+        shapes, dtypes, layouts: the cases; default the benchmark's (``_bench_cases``) SHAPES, DTYPES, LAYOUTS.
         reps: timed runs per configuration (median).
         device: the CUDA device (default: the current one).
     """
     import cupy
 
-    from . import bench
-    from ._backend import get_backend
+    from ._backend_factory import get_backend
+    from ._bench_cases import DTYPES, LAYOUTS, SHAPES
     index = cupy.cuda.Device().id if device is None else device
     backend = get_backend(f"gpu:{index}")
     timer = cuda_timer(reps)
@@ -193,9 +194,9 @@ def run_sweep(shapes: Iterable[tuple] | None = None, dtypes: Iterable[str] | Non
 
     table = _tuning.load_table(path)
     entries = table.setdefault(backend.arch, {})
-    for shape in shapes or bench.SHAPES:
-        for dtype_name in dtypes or bench.DTYPES:
-            for data_format in layouts or bench.LAYOUTS:
+    for shape in shapes or SHAPES:
+        for dtype_name in dtypes or DTYPES:
+            for data_format in layouts or LAYOUTS:
                 full = shape if data_format == "NCHW" else (shape[0],) + tuple(shape[2:]) + (shape[1],)
                 entries.update(sweep_case(backend, full, dtype_name, data_format, make, to_host, timer, log=log))
                 _tuning.save_table(table, path)

@@ -29,11 +29,8 @@ import statistics
 import sys
 import time
 
-SHAPES = [(64, 256, 56, 56), (4, 256, 128, 128), (64, 2048, 7, 7), (32, 64, 112, 112), (64, 1024, 14, 14),
-          (2, 512, 32, 32)]
-QUICK_SHAPES = [(64, 256, 56, 56), (64, 2048, 7, 7), (2, 512, 32, 32)]
-DTYPES = ["float32", "float16", "bfloat16"]
-LAYOUTS = ["NCHW", "NHWC"]
+from ._bench_cases import DTYPES, LAYOUTS, QUICK_SHAPES, SHAPES, nccl_comm as _nccl_comm
+
 L2_BYTES = 50 << 20
 TOL = {"float32": 1e-3, "float16": 2e-2, "bfloat16": 1e-1}
 
@@ -164,20 +161,6 @@ def _impls(shape, layout, sync_group):
 
     return {"cusyncbn": cusyncbn_impl, "torch cuDNN (unsynced)": torch_impl(False),
             "torch SyncBN path": torch_impl(True), "naive CuPy": naive_impl}
-
-
-_COMM = {}
-
-
-def _nccl_comm():
-    if "comm" not in _COMM:
-        import cusyncbn
-        try:
-            _COMM["comm"] = cusyncbn.NCCLComm()
-        except Exception as exc:                           # no NCCL: still time the kernels
-            print(f"note: NCCLComm unavailable ({exc}); timing with SingleProcessComm", file=sys.stderr)
-            _COMM["comm"] = cusyncbn.SingleProcessComm()
-    return _COMM["comm"]
 
 
 HOST_SHAPE = (2, 64, 8, 8)       # tiny: the host, not the GPU, bounds a call's time

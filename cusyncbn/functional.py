@@ -29,8 +29,6 @@ array must live there too. Results are NumPy or CuPy arrays.
 """
 from __future__ import annotations
 
-import os
-import sys
 import warnings
 from typing import Any
 
@@ -38,11 +36,14 @@ import numpy as np
 
 from . import _debug, _flags, _planned, _watchdog
 from ._backend import DESYNC, NONFINITE, Backend, Stats, backends, backward_payload_size, dtype_name, \
-    forward_payload_size, get_backend
-from ._comm import Communicator, SingleProcessComm, next_tag, peek_tag, resolve_comm
+    forward_payload_size
+from ._backend_factory import get_backend
+from ._comm import Communicator, SingleProcessComm, next_tag, peek_tag
+from ._comm_factory import resolve_comm
 from ._dlpack import device_of
 from ._rules import check_bool, check_epsilon, check_grad_output, check_input, check_momentum, check_params, \
     channel_last, shape3, view3
+from ._stacklevel import user_stacklevel
 
 __all__ = ["BatchNormContext", "flush_reports", "sync_batch_norm", "sync_batch_norm_backward"]
 
@@ -198,33 +199,8 @@ def _report_forward(where: str, comm: Communicator, tag: int, nonfinite: str, st
                 raise FloatingPointError(message)
             if where not in _warned:
                 _warned.add(where)
-                warnings.warn(message + " (reported once per layer)", RuntimeWarning, stacklevel=_caller_level())
+                warnings.warn(message + " (reported once per layer)", RuntimeWarning, stacklevel=user_stacklevel())
     return report
-
-
-_PACKAGE = os.path.dirname(os.path.abspath(__file__))
-
-
-def _caller_level() -> int:
-    """The ``stacklevel`` of the first frame outside cusyncbn and outside the frameworks whose
-    machinery calls it (torch's module call and autograd, Paddle's layers): reports arrive
-    from whichever later call polls, at varying depths, and should point at the user's line."""
-    skip = (_PACKAGE,) + tuple(_framework_dirs())
-    frame, level = sys._getframe(1), 1
-    while frame is not None and frame.f_code.co_filename.startswith(skip):
-        frame, level = frame.f_back, level + 1
-    return level
-
-
-def _framework_dirs() -> list[str]:
-    """The install directories of the frameworks already imported (torch, paddle)."""
-    dirs = []
-    for name in ("torch", "paddle"):
-        module = sys.modules.get(name)
-        path = getattr(module, "__file__", None)
-        if path:
-            dirs.append(os.path.dirname(os.path.abspath(path)) + os.sep)
-    return dirs
 
 
 def _desync_message(where: str, what: str, comm: Communicator, tag: int) -> str:

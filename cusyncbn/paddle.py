@@ -40,12 +40,13 @@ from paddle.autograd import PyLayer
 from paddle import _legacy_C_ops
 from paddle.base.framework import EagerParamBase
 
-from ._convert import carry_state, user_stacklevel, warn_lost_members
+from ._convert import carry_state, warn_lost_members
 from ._dlpack import device_of
 from ._grads import allreduce_gradients as _allreduce_arrays
 from ._rules import FORMATS
-from ._backend import get_backend
+from ._backend_factory import get_backend
 from .functional import sync_batch_norm, sync_batch_norm_backward
+from ._stacklevel import user_stacklevel
 
 __all__ = ["SyncBatchNorm", "allreduce_gradients", "convert_sync_batchnorm"]
 

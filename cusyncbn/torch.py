@@ -27,8 +27,9 @@ from typing import Any, Iterable
 import torch
 
 from . import _watchdog
-from ._backend import get_backend
-from ._comm import SingleProcessComm, resolve_comm
+from ._backend_factory import get_backend
+from ._comm import SingleProcessComm
+from ._comm_factory import resolve_comm
 from .functional import sync_batch_norm, sync_batch_norm_backward
 
 __all__ = ["InputChannelsError", "InputDtypeError", "SyncBatchNorm", "TorchDistComm", "allreduce_gradients",

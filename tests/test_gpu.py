@@ -9,7 +9,7 @@ import pytest
 
 import cusyncbn
 import reference as ref
-from cusyncbn._backend import get_backend
+from cusyncbn._backend_factory import get_backend
 from layer_check import SHAPES, TOL, check_layer
 from test_mpi import CASES, GPU_CASES, run_ranks
 

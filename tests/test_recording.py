@@ -181,7 +181,7 @@ def test_from_dlpack_of_a_foreign_gpu_buffer_is_a_view(ledger, cupy):
 
 def test_real_backend_imports_foreign_gpu_arrays(gpu_backend):
     import cupy
-    from cusyncbn._backend import get_backend
+    from cusyncbn._backend_factory import get_backend
     backend = get_backend("gpu:0")
     producer = GpuProducer(np.ones((2, 4, 3), np.float32))
     gpu_backend.reset()

@@ -83,7 +83,8 @@ def test_the_functional_core_without_running_statistics_is_stable(to_device):
 def test_the_check_can_fail_a_far_pivot_loses_the_variance(to_device):
     """Negative control: the same combine around K = 0 (the old pivot) is off by far more than 1e-6."""
     from cusyncbn._backend import Stats
-    backend = _backend.get_backend("cpu")
+    from cusyncbn._backend_factory import get_backend
+    backend = get_backend("cpu")
     x = 1e8 + np.random.default_rng(5).normal(size=(6, 2, 3))
     stats = Stats(backend.zeros((10,), np.float64), backend.zeros((7,), np.float64), 2)
     backend.local_moments(to_device(x), None, 1, stats.payload)                 # pivot 0

@@ -8,7 +8,7 @@ import cusyncbn
 
 torch = pytest.importorskip("torch")
 import cusyncbn.torch as cbt  # noqa: E402
-from cusyncbn._backend import get_backend  # noqa: E402
+from cusyncbn._backend_factory import get_backend  # noqa: E402
 from comms import CountingComm  # noqa: E402
 
 
