@@ -30,13 +30,13 @@ class _Plan:
     block, shared memory, the shape arguments and the workspaces (see ``CupyBackend._plan``),
     and the packed arguments (:class:`~cusyncbn._launch.Arguments`) with those filled in."""
 
-    __slots__ = ("kernel", "grid", "block", "shared", "dims", "work", "vec", "kind", "fixed", "args")
+    __slots__ = ("kernel", "grid", "block", "shared", "work", "vec", "kind", "fixed", "args")
 
-    def __init__(self, kernel: Any, grid: tuple, block: tuple, shared: int, dims: tuple, work: tuple,
-                 vec: int, kind: str, fixed: dict) -> None:
+    def __init__(self, kernel: Any, grid: tuple, block: tuple, shared: int, work: tuple, vec: int, kind: str,
+                 fixed: dict) -> None:
         self.kernel, self.grid, self.block, self.shared = kernel, grid, block, shared
-        self.dims, self.work, self.vec, self.kind = dims, work, vec, kind
-        self.fixed = fixed                 # parameter name -> value for what the plan fixes
+        self.work, self.vec, self.kind = work, vec, kind
+        self.fixed = fixed                 # parameter name -> value for what the plan fixes (A, C, B, workspaces)
         self.args = self.arguments()       # the pack the full path rewrites on each launch
 
     def arguments(self) -> Arguments:
@@ -241,7 +241,7 @@ class CupyBackend(Backend):
             work += (self._shift(c),)
         fixed = {"A": a, "C": c, "B": b, **{name: self._address(buf) for name, buf in zip(_WORK[kind], work)}}
         return _Plan(kernel, tuple(grid) + (1,) * (3 - len(grid)), tuple(block) + (1,) * (3 - len(block)), shared,
-                     (np.int32(a), np.int32(c), np.int32(b)), work, vec, kind, fixed)
+                     work, vec, kind, fixed)
 
     def _shift(self, channels: int) -> Any:
         """The per-channel shift K the moments kernel hands to the normalize kernel (one per
