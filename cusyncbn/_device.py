@@ -47,7 +47,23 @@ def node_local_rank() -> int:
         local.Free()
 
 
-def _parse(device: str) -> str:
+def parse_device(device: str) -> str:
+    """The device named by ``device``, resolved: ``"cpu"`` or ``"gpu:N"``.
+
+    Args:
+        device: ``"cpu"``, ``"gpu"`` / ``"cuda"`` (the CUDA device of this process's
+            node-local rank, modulo the device count) or ``"gpu:N"`` / ``"cuda:N"``; case
+            and surrounding spaces are ignored.
+
+    Raises:
+        TypeError: ``device`` is not a string.
+        ValueError: an unknown device string.
+        RuntimeError: a GPU was asked for and none (or not that one) is usable.
+
+    Example:
+        >>> parse_device(" CPU ")
+        'cpu'
+    """
     if not isinstance(device, str):
         raise TypeError(f"device must be a string such as 'cpu', 'gpu' or 'gpu:0', got {type(device).__name__}")
     name = device.strip().lower()
@@ -89,7 +105,7 @@ def set_device(device: str) -> str:
         'cpu'
     """
     global _current
-    resolved = _parse(device)
+    resolved = parse_device(device)
     with _lock:
         _current = resolved
     return resolved
@@ -101,5 +117,5 @@ def get_device() -> str:
     global _current
     with _lock:
         if _current is None:
-            _current = _parse("gpu") if gpu_count() > 0 else "cpu"
+            _current = parse_device("gpu") if gpu_count() > 0 else "cpu"
         return _current

@@ -19,7 +19,7 @@ from ._backend_factory import get_backend
 from ._convert import walk
 from ._comm import Communicator, SingleProcessComm, launched_size, next_tag
 from ._comm_factory import resolve_comm
-from ._device import _parse as resolve_device, get_device
+from ._device import get_device, parse_device
 from ._dlpack import framework_of, to_framework
 from ._grad_mode import recording
 from ._params import ParamAttr, Parameter
@@ -83,7 +83,7 @@ class _BatchNormBase:
         self._unbiased = check_bool(unbiased_running_var, "unbiased_running_var", cls)
         self._debug = _debug_from_env() if debug is None else check_bool(debug, "debug", cls)
         self._output = output
-        self._device = get_device() if device is None else resolve_device(device)
+        self._device = get_device() if device is None else parse_device(device)
         self._comm_arg = comm
         self._comm: Communicator | None = None
         if not self._sync:

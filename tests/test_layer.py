@@ -337,3 +337,23 @@ def test_device_of_names_devices_as_device_does():
     x = np.random.default_rng(8).normal(size=(4, 3)).astype("float32")
     bn = cusyncbn.SyncBatchNorm(3, data_format="NC", device=cusyncbn.device_of(x))
     np.testing.assert_allclose(bn(x), ref.forward(x, 1, 0, 1e-5, "NC")[0], rtol=1e-5, atol=1e-5)
+
+
+def test_parse_device_resolves_every_spelling_and_names_what_it_got(monkeypatch):
+    from cusyncbn import _device
+    assert _device.parse_device(" CPU ") == "cpu"
+    monkeypatch.setattr(_device, "gpu_count", lambda: 2)
+    monkeypatch.setattr(_device, "node_local_rank", lambda: 3)
+    assert [_device.parse_device(d) for d in ("gpu", "cuda", "gpu:1", "CUDA:0")] == ["gpu:1", "gpu:1", "gpu:1",
+                                                                                     "gpu:0"]
+    with pytest.raises(RuntimeError, match=r"device 'gpu:2': only 2 CUDA device\(s\) are usable"):
+        _device.parse_device("gpu:2")
+    with pytest.raises(ValueError, match=r"'cpu', 'gpu' or 'gpu:N', got 'gpu:x'"):
+        _device.parse_device("gpu:x")
+    with pytest.raises(TypeError, match="device must be a string .* got int"):
+        _device.parse_device(0)
+    monkeypatch.setattr(_device, "gpu_count", lambda: 0)
+    with pytest.raises(RuntimeError, match="device 'gpu': no usable CUDA device"):
+        _device.parse_device("gpu")
+    with pytest.raises(RuntimeError, match="no usable CUDA device"):
+        cusyncbn.SyncBatchNorm(3, device="gpu")              # the layer resolves its device with it
