@@ -1,5 +1,6 @@
 """The communicator of a layer or function call: the default one and the wrapping of an
-mpi4py communicator, each built once and shared.
+mpi4py communicator, each built once and shared; and, for a layer that will use the
+default one, starting MPI (with the failure hooks) when the layer is built.
 
 Above the communicators it builds (``_comm.py``: single-process and MPI; ``_nccl.py``:
 NCCL, which falls back to MPI), as cupyx keeps ``_init.py`` above ``_comm.py`` and
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from . import _abort
 from ._comm import Communicator, MPIComm, SingleProcessComm, launched_size, mpi_is_running
 
 
@@ -44,6 +46,23 @@ def default_comm(device: str) -> Communicator:
         comm = nccl_or_fallback(None, device)
     _default_cache[device] = comm
     return comm
+
+
+def start_launched_mpi() -> bool:
+    """Under an MPI launcher with more than one process, start MPI now and install the
+    failure hooks (``cusyncbn._abort``): a rank that fails before its first collective then
+    ends the job too, instead of leaving the others waiting in it. A layer built without
+    ``comm`` calls this; its communicator (:func:`default_comm`) is built at its first
+    forward, which would start MPI only then.
+
+    Returns:
+        Whether MPI was started (False in a single process: nothing is imported).
+    """
+    if launched_size() <= 1:
+        return False
+    from mpi4py import MPI  # noqa: F401  (importing mpi4py.MPI initialises MPI)
+    _abort.install()
+    return True
 
 
 _adopted: dict[tuple[int, str], tuple[Any, Communicator]] = {}

@@ -7,30 +7,24 @@ its backward waits on a short stack (backward takes the most recent one, LIFO).
 from __future__ import annotations
 
 import itertools
-import os
 import warnings
 from collections import OrderedDict
 from typing import Any
 
 import numpy as np
 
-from . import _abort as abort_hooks, _debug, _state
+from . import _debug, _state
 from ._backend_factory import get_backend
 from ._convert import walk
-from ._comm import Communicator, SingleProcessComm, launched_size, next_tag
-from ._comm_factory import resolve_comm
+from ._comm import Communicator, SingleProcessComm, next_tag
+from ._comm_factory import resolve_comm, start_launched_mpi
 from ._device import get_device, parse_device
 from ._dlpack import framework_of, to_framework
 from ._grad_mode import recording
 from ._params import ParamAttr, Parameter
-from ._rules import FORMATS, check_bool, check_epsilon, check_momentum
+from ._options import check_layer_options, check_output
+from ._rules import FORMATS
 from .functional import BatchNormContext, sync_batch_norm, sync_batch_norm_backward
-
-_OUTPUTS = ("backend", "input")
-
-
-def _debug_from_env() -> bool:
-    return os.environ.get("CUSYNCBN_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
 
 
 class _BatchNormBase:
@@ -53,36 +47,24 @@ class _BatchNormBase:
                  debug: bool | None = None, device: str | None = None, output: str = "backend",
                  nonfinite: str = "warn") -> None:
         cls = type(self).__name__
-        if isinstance(num_features, bool) or not isinstance(num_features, (int, np.integer)) or num_features <= 0:
-            raise ValueError(f"{cls}: num_features must be a positive int, got {num_features!r}")
-        data_format = self._default_format if data_format is None else data_format
-        if data_format not in self._formats:
-            raise ValueError(f"{cls}: data_format must be one of {list(self._formats)}, got {data_format!r}")
-        if momentum is None:
-            raise TypeError(f"{cls}: momentum must be a float in [0, 1], got None (Paddle's layers have no "
-                            "cumulative-average mode; cusyncbn.torch.SyncBatchNorm has momentum=None)")
-        if np.dtype(dtype) not in (np.float32, np.float64):
-            raise TypeError(f"{cls}: dtype (of parameters and running statistics) must be float32 or float64, "
-                            f"got {dtype!r}")
-        if output not in _OUTPUTS:
-            raise ValueError(f"{cls}: output must be one of {_OUTPUTS}, got {output!r}")
-        if use_global_stats is not None:
-            check_bool(use_global_stats, "use_global_stats", cls)
-        if nonfinite not in ("warn", "raise"):
-            raise ValueError(f"{cls}: nonfinite must be 'warn' or 'raise', got {nonfinite!r}")
-        self._nonfinite = nonfinite
-        self._num_features = int(num_features)
-        self._momentum = check_momentum(momentum, cls)
-        self._epsilon = check_epsilon(epsilon, cls)
+        options = check_layer_options(
+            cls, self._formats, num_features=num_features, momentum=momentum, epsilon=epsilon,
+            data_format=self._default_format if data_format is None else data_format, dtype=dtype, output=output,
+            use_global_stats=use_global_stats, unbiased_running_var=unbiased_running_var, debug=debug,
+            nonfinite=nonfinite)
+        self._nonfinite = options.nonfinite
+        self._num_features = options.num_features
+        self._momentum = options.momentum
+        self._epsilon = options.epsilon
         self._weight_attr = weight_attr
         self._bias_attr = bias_attr
-        self._data_format = data_format
-        self._use_global_stats = use_global_stats
+        self._data_format = options.data_format
+        self._use_global_stats = options.use_global_stats
         self._name = name if name is not None else f"{self._prefix}_{next(self._counter)}"
-        self._dtype = np.dtype(dtype)
-        self._unbiased = check_bool(unbiased_running_var, "unbiased_running_var", cls)
-        self._debug = _debug_from_env() if debug is None else check_bool(debug, "debug", cls)
-        self._output = output
+        self._dtype = options.dtype
+        self._unbiased = options.unbiased_running_var
+        self._debug = options.debug
+        self._output = options.output
         self._device = get_device() if device is None else parse_device(device)
         self._comm_arg = comm
         self._comm: Communicator | None = None
@@ -93,11 +75,8 @@ class _BatchNormBase:
             self._comm = SingleProcessComm()
         elif comm is not None:
             self._comm = resolve_comm(comm, self._device)
-        elif launched_size() > 1:
-            # A rank failing before the first collective must end the job too: start MPI
-            # (the default communicator would at the first forward) and install the hooks.
-            from mpi4py import MPI  # noqa: F401
-            abort_hooks.install()
+        else:
+            start_launched_mpi()               # a rank failing before the first forward ends the job
         self.training = True
         self.weight = self._make_param(weight_attr, "weight", 1.0)
         self.bias = self._make_param(bias_attr, "bias", 0.0)
@@ -308,9 +287,10 @@ class _BatchNormBase:
         return param.grad
 
     def _hand_back(self, y: Any, framework: str, output: str | None) -> Any:
-        output = self._output if output is None else output
-        if output not in _OUTPUTS:
-            raise ValueError(f"{self._name}: output must be one of {_OUTPUTS}, got {output!r}")
+        if output is None:
+            output = self._output                  # checked when the layer was built
+        else:
+            check_output(output, self._name)
         return to_framework(y, framework) if output == "input" else y
 
 

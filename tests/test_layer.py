@@ -357,3 +357,81 @@ def test_parse_device_resolves_every_spelling_and_names_what_it_got(monkeypatch)
         _device.parse_device("gpu")
     with pytest.raises(RuntimeError, match="no usable CUDA device"):
         cusyncbn.SyncBatchNorm(3, device="gpu")              # the layer resolves its device with it
+
+
+GOOD_OPTIONS = dict(num_features=3, momentum=0.9, epsilon=1e-5, data_format="NC", dtype="float32", output="backend",
+                    use_global_stats=None, unbiased_running_var=False, debug=False, nonfinite="warn")
+
+
+@pytest.mark.parametrize("change,kind,message", [
+    (dict(num_features=True), ValueError, "num_features must be a positive int, got True"),
+    (dict(num_features=3.0), ValueError, "num_features must be a positive int, got 3.0"),
+    (dict(data_format="NHWC"), ValueError, r"data_format must be one of \['NC', 'NCL'\], got 'NHWC'"),
+    (dict(momentum=None), TypeError, "momentum must be a float in \\[0, 1\\], got None \\(Paddle's"),
+    (dict(momentum="0.9"), TypeError, "momentum must be a float in \\[0, 1\\], got '0.9'"),
+    (dict(momentum=-0.1), ValueError, "momentum must be in \\[0, 1\\], got -0.1"),
+    (dict(epsilon=-1.0), ValueError, "epsilon must be a finite float >= 0, got -1.0"),
+    (dict(dtype="float16"), TypeError, "dtype .* must be float32 or float64, got 'float16'"),
+    (dict(output="torch"), ValueError, r"output must be one of \('backend', 'input'\), got 'torch'"),
+    (dict(use_global_stats=1), TypeError, "use_global_stats must be True or False, got 1"),
+    (dict(unbiased_running_var="no"), TypeError, "unbiased_running_var must be True or False, got 'no'"),
+    (dict(debug=0), TypeError, "debug must be True or False, got 0"),
+    (dict(nonfinite="ignore"), ValueError, "nonfinite must be 'warn' or 'raise', got 'ignore'"),
+])
+def test_check_layer_options_names_the_layer_the_option_and_the_value(change, kind, message):
+    from cusyncbn._options import check_layer_options
+    with pytest.raises(kind, match=f"^BatchNorm1D: {message}"):
+        check_layer_options("BatchNorm1D", ("NC", "NCL"), **{**GOOD_OPTIONS, **change})
+
+
+def test_check_layer_options_returns_the_options_as_a_layer_keeps_them(monkeypatch):
+    from cusyncbn._options import LayerOptions, check_layer_options, check_output
+    got = check_layer_options("SyncBatchNorm", ("NC",), **{**GOOD_OPTIONS, "num_features": np.int64(3),
+                                                           "momentum": 1, "epsilon": np.float32(0.5),
+                                                           "dtype": np.float64, "unbiased_running_var": np.bool_(1),
+                                                           "use_global_stats": False})
+    assert got == LayerOptions(3, 1.0, 0.5, "NC", np.dtype("float64"), "backend", False, True, False, "warn")
+    assert [type(v) for v in got[:3]] == [int, float, float] and type(got.unbiased_running_var) is bool
+    for value, expected in (("1", True), (" Yes ", True), ("0", False), ("false", False), ("", False)):
+        monkeypatch.setenv("CUSYNCBN_DEBUG", value)
+        assert check_layer_options("SyncBatchNorm", ("NC",), **{**GOOD_OPTIONS, "debug": None}).debug is expected
+        assert layer(data_format="NC")._debug is expected                   # the layer's default is this one
+    assert check_output("input", "bn") == "input"
+    with pytest.raises(ValueError, match=r"^bn: output must be one of"):
+        check_output(None, "bn")
+    bn = layer(data_format="NC", name="bn7")
+    with pytest.raises(ValueError, match=r"^bn7: output must be one of .* got 'numpy'"):
+        bn(np.ones((2, 3), np.float32), output="numpy")                  # a call's output, checked the same way
+
+
+@pytest.mark.parametrize("module", ["cusyncbn._options", "cusyncbn._device"])
+def test_docstring_examples_of_the_layers_helpers_run(module):
+    import doctest
+    import importlib
+    result = doctest.testmod(importlib.import_module(module))
+    assert result.attempted > 0 and result.failed == 0
+
+
+def test_a_layer_without_comm_starts_mpi_and_the_failure_hooks_when_launched_by_mpi(monkeypatch):
+    """Under ``mpiexec -n 2`` a rank failing between building a layer and its first forward
+    must end the job: building the layer starts MPI and installs the hooks
+    (``_comm_factory.start_launched_mpi``; the job itself: test_failures.py, "before_first")."""
+    import types
+    from cusyncbn import _abort, _comm_factory
+    installed = []
+    fake = types.ModuleType("mpi4py")
+    fake.MPI = types.ModuleType("mpi4py.MPI")
+    monkeypatch.setitem(sys.modules, "mpi4py", fake)
+    monkeypatch.setitem(sys.modules, "mpi4py.MPI", fake.MPI)
+    monkeypatch.setattr(_abort, "install", lambda: installed.append(True))
+    monkeypatch.setattr(_comm_factory, "launched_size", lambda: 1)
+    assert _comm_factory.start_launched_mpi() is False and installed == []
+    layer()
+    assert installed == []                                  # one process: nothing to end
+    monkeypatch.setattr(_comm_factory, "launched_size", lambda: 2)
+    assert _comm_factory.start_launched_mpi() is True and installed == [True]
+    layer()
+    assert installed == [True, True]
+    layer(comm=cusyncbn.SingleProcessComm())                   # a comm given: built (and hooked) by it
+    cusyncbn.BatchNorm2D(3, device="cpu")                      # local layers make no collective
+    assert installed == [True, True]
