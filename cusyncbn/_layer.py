@@ -11,18 +11,17 @@ import warnings
 from collections import OrderedDict
 from typing import Any
 
-import numpy as np
-
-from . import _debug, _state
+from . import _state
 from ._backend_factory import get_backend
 from ._convert import walk
-from ._comm import Communicator, SingleProcessComm, next_tag
+from ._comm import Communicator, SingleProcessComm
 from ._comm_factory import resolve_comm, start_launched_mpi
 from ._device import get_device, parse_device
 from ._dlpack import framework_of, to_framework
 from ._grad_mode import recording
-from ._params import ParamAttr, Parameter
 from ._options import check_layer_options, check_output
+from ._params import ParamAttr, Parameter
+from ._pending import raise_no_pending_forward
 from ._rules import FORMATS
 from .functional import BatchNormContext, sync_batch_norm, sync_batch_norm_backward
 
@@ -263,21 +262,14 @@ class _BatchNormBase:
         """
         framework = framework_of(dy)
         if not self._pending:
-            self._no_pending()
+            raise_no_pending_forward(self._name, self.comm if self._debug and self._sync and self.training else None,
+                                     self._num_features, self._dtype.name, self._device)
         ctx = self._pending[-1]
         dx, _, _ = sync_batch_norm_backward(
             ctx, dy, weight_grad_out=self._grad_slot(self.weight), bias_grad_out=self._grad_slot(self.bias),
             weight_grad=False, bias_grad=False)
         self._pending.pop()
         return self._hand_back(dx, framework, output)
-
-    def _no_pending(self) -> None:
-        error = RuntimeError(f"{self._name}: backward() called with no pending forward (each forward outside "
-                             "cusyncbn.no_grad() can be back-propagated once)")
-        if self._debug and self._sync and self.training and self.comm.size > 1:
-            row = _debug.record(next_tag(self.comm), True, self._num_features, self._dtype.name, True)
-            _debug.agree(self.comm, get_backend(self._device).xp, self._name, row, error)
-        raise error
 
     def _grad_slot(self, param: Parameter | None) -> Any:
         if param is None or not param.trainable:

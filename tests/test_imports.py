@@ -157,7 +157,7 @@ FLOORS = {
                   "_comm_factory", "_device", "_dlpack", "_flags", "_kernels", "_launch", "_nccl", "_params",
                   "_stacklevel", "_tuning", "_watchdog"],
     "rules": ["_convert", "_debug", "_grad_mode", "_options", "_rules", "_state"],
-    "functional core": ["functional", "_planned"],
+    "functional core": ["functional", "_pending", "_planned"],
     "shells": ["", "_bench_cases", "_bench_model", "_checkpoint", "_grads", "_hostcost", "_layer", "_recording",
                "_sweep", "bench", "paddle", "torch"],
 }

@@ -435,3 +435,45 @@ def test_a_layer_without_comm_starts_mpi_and_the_failure_hooks_when_launched_by_
     layer(comm=cusyncbn.SingleProcessComm())                   # a comm given: built (and hooked) by it
     cusyncbn.BatchNorm2D(3, device="cpu")                      # local layers make no collective
     assert installed == [True, True]
+
+
+class _VotingComm:
+    """Rank 0 of 2 whose all-reduces are kept (the other rank adds nothing: a zero row)."""
+
+    rank, size = 0, 2
+
+    def __init__(self):
+        self.buffers = []
+
+    def allreduce(self, buf):
+        self.buffers.append(np.array(buf, copy=True))
+
+
+def test_raise_no_pending_forward_votes_as_a_backward_before_raising():
+    from cusyncbn import _comm
+    from cusyncbn._pending import raise_no_pending_forward
+    message = r"^bn5: backward\(\) called with no pending forward"
+    with pytest.raises(RuntimeError, match=message):
+        raise_no_pending_forward("bn5")                               # no vote
+    comm = _VotingComm()
+    with pytest.raises(RuntimeError, match=message):
+        raise_no_pending_forward("bn5", cusyncbn.SingleProcessComm(), 3, "float32")   # nobody to tell
+    tag = _comm.peek_tag(comm) + 1
+    with pytest.raises(RuntimeError, match=message):
+        raise_no_pending_forward("bn5", comm, 3, "float64")
+    assert len(comm.buffers) == 1
+    # The debug table (``_debug``): failed here, then the row of a training backward of 3
+    # float64 channels on the next collective number; the other rank's row is its own.
+    np.testing.assert_array_equal(comm.buffers[0], [1, tag, 1, 3, 2, 1] + [0] * 6)
+
+
+@pytest.mark.parametrize("debug,training,votes", [(True, True, 1), (True, False, 0), (False, True, 0)])
+def test_a_layers_backward_with_no_pending_forward_votes_only_when_its_next_pass_would(debug, training, votes):
+    comm = _VotingComm()
+    bn = layer(4, comm=comm, debug=debug, data_format="NC", name="bn6")
+    bn.train() if training else bn.eval()
+    with pytest.raises(RuntimeError, match=r"^bn6: backward\(\) called with no pending forward"):
+        bn.backward(np.ones((2, 4), np.float32))
+    assert len(comm.buffers) == votes
+    with pytest.raises(RuntimeError, match="no pending forward"):
+        cusyncbn.BatchNorm1D(4, device="cpu", debug=True).backward(np.ones((2, 4), np.float32))
