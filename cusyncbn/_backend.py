@@ -5,19 +5,54 @@ where the collectives go. A backend owns the arrays: it turns inputs into its ow
 arrays and runs the few fused steps below. ``NumpyBackend`` does them with NumPy
 on the CPU; ``CupyBackend`` launches the CUDA kernels in ``_kernels/syncbn.cu``.
 
-Notation, used by both backends and by the kernels. The input is viewed as
-``x3`` of shape ``(A, C, B)``: channel-second layouts are ``(N, C, prod(spatial))``,
-channel-last layouts ``(N * prod(spatial), C, 1)``. For channel ``c`` on rank ``r``
-the local count is ``n_r = A * B`` and the local statistics are the mean ``m_r`` and
-the sum of squared deviations ``M2_r`` (computed around ``m_r``: two-pass or
-Welford, never E[x^2] - E[x]^2).
+Vocabulary: one word per quantity, the same here, in ``_backend_numpy.py``,
+``_backend_cupy.py``, ``functional.py`` / ``_planned.py`` and ``_kernels/syncbn.cu`` (whose
+kernel parameters, listed in ``_kernels.PARAMS``, carry these names). ``C`` channels; the
+"stats dtype" is float32, or float64 for float64 input::
+
+    name             meaning                                                shape        dtype
+    x3, y3, dy3, dx3 input, output and their gradients viewed as (A, C, B)  (A, C, B)    input
+    A, C, B          rows, channels, elements per (row, channel)            -            int
+    n, N             this rank's count A * B; the global count (sum of n)   -            float64
+    count            the reduced forward payload's count slot (N)           (1,)         float64
+    mean, var        the channel's global mean, biased variance             (C,)         float64
+    invstd           1 / sqrt(var + eps)                                    (C,)         stats
+    scale, offset    the folded affine, y = (x - mean) * scale + offset:    (C,)         stats
+                     scale = invstd * weight, offset = bias
+    m2               M2, a sum of squared deviations from a mean            (C,)         float64
+    pivot            K, what the ranks' sums are combined around (the same  (C,)         float64
+                     on every rank; see "The pivot")
+    pivot_state      the pivot of a layer's next call: its previous batch's (C,)         float64
+                     global mean (``pivot_state_out``: where normalize
+                     stores the next one)
+    pivot_payload    a reduced forward payload whose means are the pivot    (2C + 3,)    float64
+    x0               a kernel's channel's first element x[0, c, 0]: per-    -            accumulator
+                     rank sums s1 = sum(x - x0), s2 = sum((x - x0)^2)
+    sum_dy           sum of dy (this rank's: its bias gradient)             (C,)         float64
+    sum_dy_xmu       sum of dy * (x - mean) (times invstd: weight gradient) (C,)         float64
+    mean_dy          sum_dy / N, global                                     (C,)         stats
+    proj             invstd^2 * sum_dy_xmu / N: dy's projection on xhat,    (C,)         stats
+                     per unit of (x - mean)
+    tag (t), ranks   this rank's collective tag, the number of ranks        -            float64
+    buf              an all-reduce payload (forward 2C + 3, backward 2C + 2 float64 values)
+    stats            a forward's :class:`Stats`
+    eps              epsilon, added to var (the public argument ``epsilon``) -            float64
+
+Notation. The input is viewed as ``x3`` of shape ``(A, C, B)``: channel-second layouts are
+``(N, C, prod(spatial))``, channel-last layouts ``(N * prod(spatial), C, 1)``. For channel
+``c`` on rank ``r`` the local count is ``n_r = A * B`` and the local statistics are the mean
+``m_r`` and ``M2_r``, the sum of squared deviations from ``m_r`` (never E[x^2] - E[x]^2).
+The NumPy backend makes two passes in float64: the mean, then the squared deviations from
+it. The kernels make one pass of sums around the channel's first element ``x0`` (``s1``,
+``s2`` above), then ``m_r = x0 + s1 / n`` and ``M2_r = s2 - s1^2 / n``: around ``x0`` the numbers
+that cancel are of the size of the channel's spread, not of its mean.
 
 Forward all-reduce payload (float64, length ``2C + 3``), with ``K`` the pivot
 (identical on every rank; see "The pivot" below) and ``t`` this rank's collective tag
 (see below)::
 
-    buf[c]        = n_r * m_r
-    buf[C + c]    = M2_r + n_r * (m_r - K)^2
+    buf[c]        = n_r * m_r                   (the sum of x)
+    buf[C + c]    = M2_r + n_r * (m_r - K)^2    (the sum of (x - K)^2)
     buf[2C]       = n_r
     buf[2C + 1]   = t
     buf[2C + 2]   = t^2
@@ -29,8 +64,8 @@ parallel combine written as sums, ``M2 = buf[C + c] - N * (mean - K)^2``, ``var 
 The pivot. The combine cancels numbers of size ``N (mean - K)^2``: in float64 it keeps
 ``var`` to 1e-6 only while ``(mean - K)^2 / var`` stays below about 1e9, so ``K`` must sit
 near the batch mean, on every rank alike. It is the global mean of the previous batch of
-the same running statistics (the *pivot state*: ``normalize_batch`` stores it, from the
-reduced payload, so every rank holds the same value). A call without a pivot state (a
+the same running statistics (the *pivot state*: ``normalize_batch`` stores it into
+``pivot_state_out`` from the reduced payload, so every rank holds the same value). A call without a pivot state (a
 layer's first training call, or a call without running statistics) makes two
 all-reduces: the first with ``K = 0`` gives the global mean, the second, around that mean
 (``pivot_payload``), gives the payload the normalization uses. Running statistics, only when ``N > 0``, the ranks agree (below)
@@ -41,18 +76,19 @@ and the channel's ``mean`` and ``var`` are finite::
 
 with ``var' = var``, or ``var * N / (N - 1)`` when the unbiased option is on and ``N > 1``.
 
-Normalization: ``y = (x - mean) * (invstd * w) + b``.
+Normalization: ``y = (x - mean) * scale + offset`` with ``scale = invstd * w``, ``offset = b``.
 
 Backward all-reduce payload (float64, length ``2C + 2``)::
 
-    buf[c]      = sum dy               (local sum; = this rank's bias gradient)
-    buf[C + c]  = sum dy * (x - mean)  (local; times invstd = this rank's weight gradient)
+    buf[c]      = sum_dy       sum dy            (local: this rank's bias gradient)
+    buf[C + c]  = sum_dy_xmu   sum dy * (x - mean)  (local; times invstd: this rank's weight gradient)
     buf[2C]     = t
     buf[2C + 1] = t^2
 
 and after the all-reduce, with ``xhat = (x - mean) * invstd``::
 
     dx = w * invstd * (dy - buf[c] / N - xhat * invstd * buf[C + c] / N)
+       = (dy - mean_dy - (x - mean) * proj) * scale
 
 which is the exact gradient of the global loss: uneven or empty ranks give the
 same ``dx`` as one process holding the whole batch. In eval mode (fixed statistics)
@@ -109,15 +145,15 @@ def backward_payload_size(channels: int) -> int:
 
 
 class Stats:
-    """Per-call statistics, ``[mean | invstd | invstd * w | b | flags[2]]`` in one array of
+    """Per-call statistics, ``[mean | invstd | scale | offset | flags[2]]`` in one array of
     length 4C + 2.
 
-    ``mean`` and ``invstd`` are what backward needs; ``scale`` and ``shift`` are the folded
-    normalization coefficients; ``flags`` what the passes found (see above). The dtype is
+    ``mean`` and ``invstd`` are what backward needs; ``scale`` (``invstd * w``) and ``offset``
+    (``b``) are the folded affine; ``flags`` what the passes found (see above). The dtype is
     the stats dtype of the input.
     """
 
-    __slots__ = ("data", "payload", "mean", "invstd", "scale", "shift", "flags")
+    __slots__ = ("data", "payload", "mean", "invstd", "scale", "offset", "flags")
 
     def __init__(self, data: Any, payload: Any, channels: int) -> None:
         self.data = data
@@ -125,7 +161,7 @@ class Stats:
         self.mean = data[:channels]
         self.invstd = data[channels:2 * channels]
         self.scale = data[2 * channels:3 * channels]
-        self.shift = data[3 * channels:4 * channels]
+        self.offset = data[3 * channels:4 * channels]
         self.flags = data[4 * channels:]
 
 
@@ -232,18 +268,18 @@ class Backend:
     def contiguous(self, x: Any) -> Any:
         return self.xp.ascontiguousarray(x)
 
-    def local_moments(self, x3: Any, pivot: Any, tag: int, buf: Any, pivot_payload: Any = None) -> None:
+    def local_moments(self, x3: Any, pivot_state: Any, tag: int, buf: Any, pivot_payload: Any = None) -> None:
         """Write this rank's forward payload for ``x3`` into ``buf`` (see above) around the pivot
-        K: the means of the reduced payload ``pivot_payload`` when given, else ``pivot`` (the
-        pivot state, float64, C), else 0."""
+        K: the means of the reduced payload ``pivot_payload`` when given, else ``pivot_state``,
+        else 0."""
         raise NotImplementedError
 
     def normalize_batch(self, x3: Any, buf: Any, tag: int, ranks: int, running_mean: Any, running_var: Any,
                         momentum: float, eps: float, unbiased: bool, weight: Any, bias: Any, stats: Stats,
-                        y3: Any, pivot_out: Any = None, strict: bool = False) -> None:
+                        y3: Any, pivot_state_out: Any = None, strict: bool = False) -> None:
         """From the reduced forward payload: ``stats`` (flags included), the running update when
         ``running_var`` is given, ``y3``, the normalized ``x3``, and the batch's global means
-        into ``pivot_out`` (the next pivot state; where N > 0, the ranks agree and finite).
+        into ``pivot_state_out`` (the next pivot state; where N > 0, the ranks agree and finite).
         The running statistics and the pivot move per finite channel; with ``strict``, not at
         all when some channel is not finite."""
         raise NotImplementedError

@@ -46,7 +46,7 @@ class _Plan:
         return args
 
 
-_WORK = {"moments": ("part", "ticket", "shift"), "normalize": ("shift",), "backward": ("part", "ticket"), "dx": ()}
+_WORK = {"moments": ("part", "ticket", "pivot"), "normalize": ("pivot",), "backward": ("part", "ticket"), "dx": ()}
 # Kernel scalar kinds -> the NumPy scalar type RawKernel.__call__ must get (it passes each by size).
 _SCALARS = {"i": np.int32, "d": np.float64, "Q": np.uint64}
 
@@ -84,7 +84,7 @@ class CupyBackend(Backend):
         self._modules: dict[tuple[str, int], Any] = {}
         self._kernels: dict[tuple[str, str, int], Any] = {}
         self._plans: dict[tuple, _Plan] = {}
-        self._shifts: dict[tuple, Any] = {}
+        self._pivots: dict[tuple, Any] = {}
         self._overrides: dict[tuple[str, str], LaunchConfig] = {}
         self.table: dict | None = None            # None: the shipped table (_tuning.load_table)
 
@@ -238,19 +238,19 @@ class CupyBackend(Backend):
             work = (self.scratch("partials", c * splits * 2 if splits > 1 else 1, np.float64),
                     self.scratch("tickets", grid[0] if layout == "cl" else c, np.uint32, zeroed=True))
         if kind in ("moments", "normalize"):
-            work += (self._shift(c),)
+            work += (self._pivot(c),)
         fixed = {"A": a, "C": c, "B": b, **{name: self._address(buf) for name, buf in zip(_WORK[kind], work)}}
         return _Plan(kernel, tuple(grid) + (1,) * (3 - len(grid)), tuple(block) + (1,) * (3 - len(block)), shared,
                      work, vec, kind, fixed)
 
-    def _shift(self, channels: int) -> Any:
-        """The per-channel shift K the moments kernel hands to the normalize kernel (one per
-        channel count, stream and thread, so that both kernels of a forward see the same one)."""
+    def _pivot(self, channels: int) -> Any:
+        """The pivot K the moments kernel hands to the normalize kernel (one array per channel
+        count, stream and thread, so that both kernels of a forward see the same one)."""
         key = (channels, self.stream_key(), threading.get_ident())
-        shift = self._shifts.get(key)
-        if shift is None:
-            shift = self._shifts[key] = self.empty((channels,), np.float64)
-        return shift
+        pivot = self._pivots.get(key)
+        if pivot is None:
+            pivot = self._pivots[key] = self.empty((channels,), np.float64)
+        return pivot
 
     @staticmethod
     def _param_name(*arrays: Any) -> str:
@@ -352,29 +352,32 @@ class CupyBackend(Backend):
         return _flags.ReportRing(host, device_address, self._cuda_device.synchronize)
 
     # -- the steps of _backend.Backend: one kernel each ---------------------------------------
-    def local_moments(self, x3: Any, pivot: Any, tag: int, buf: Any, pivot_payload: Any = None) -> None:
+    def local_moments(self, x3: Any, pivot_state: Any, tag: int, buf: Any, pivot_payload: Any = None) -> None:
         with self._cuda_device:
             plan = self._plan("moments", x3, (x3,), "float32")      # (the parameter type plays no part)
-            self._run(plan, {"x": x3, "pivot": pivot, "pivot_payload": pivot_payload, "tag": tag, "buf": buf})
+            self._run(plan, {"x": x3, "pivot_state": pivot_state, "pivot_payload": pivot_payload, "tag": tag,
+                             "buf": buf})
 
     def normalize_batch(self, x3: Any, buf: Any, tag: int, ranks: int, running_mean: Any, running_var: Any,
                         momentum: float, eps: float, unbiased: bool, weight: Any, bias: Any, stats: Stats,
-                        y3: Any, report: int = 0, seq: int = 0, pivot_out: Any = None, strict: bool = False) -> None:
+                        y3: Any, report: int = 0, seq: int = 0, pivot_state_out: Any = None,
+                        strict: bool = False) -> None:
         with self._cuda_device:
             plan = self._plan("normalize", x3, (x3, y3), self._param_name(running_mean, running_var, weight, bias))
             self._run(plan, {"x": x3, "y": y3, "buf": buf, "tag": tag, "ranks": ranks, "running_mean": running_mean,
                              "running_var": running_var, "momentum": momentum, "eps": eps,
                              "unbiased": int(bool(unbiased)), "weight": weight, "bias": bias, "stats": stats.data,
-                             "report": report, "seq": seq, "pivot_out": pivot_out, "strict": int(bool(strict))})
+                             "report": report, "seq": seq, "pivot_state_out": pivot_state_out,
+                             "strict": int(bool(strict))})
 
     def normalize_fixed(self, x3: Any, running_mean: Any, running_var: Any, eps: float, weight: Any, bias: Any,
                         stats: Stats, y3: Any) -> None:
         with self._cuda_device:
             plan = self._plan("normalize", x3, (x3, y3), self._param_name(running_mean, running_var, weight, bias))
-            self._run(plan, {"x": x3, "y": y3, "buf": None, "shift": None, "tag": 0.0, "ranks": 1.0,
+            self._run(plan, {"x": x3, "y": y3, "buf": None, "pivot": None, "tag": 0.0, "ranks": 1.0,
                              "running_mean": running_mean, "running_var": running_var, "momentum": 0.0, "eps": eps,
                              "unbiased": 0, "weight": weight, "bias": bias, "stats": stats.data, "report": 0,
-                             "seq": 0, "pivot_out": None, "strict": 0})
+                             "seq": 0, "pivot_state_out": None, "strict": 0})
 
     def backward_reduce(self, dy3: Any, x3: Any, stats: Stats, weight_grad: Any, bias_grad: Any,
                         tag: int, buf: Any) -> None:

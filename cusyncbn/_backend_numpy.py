@@ -34,20 +34,20 @@ def _blocked_channel_sum(x3: Any, term: Callable[[slice], Any]) -> Any:
     return total
 
 
-def _pivot(pivot: Any, pivot_payload: Any, channels: int) -> Any:
+def _pivot_of(pivot_state: Any, pivot_payload: Any, channels: int) -> Any:
     """The pivot K per channel (see ``_backend.py``): the means of a reduced payload, else the
-    pivot state, else 0; 0 where not finite."""
+    pivot state, else 0; 0 where not finite (``pivot_of`` in syncbn.cu)."""
     if pivot_payload is not None:
         n = pivot_payload[2 * channels]
         with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-            k = pivot_payload[:channels] / n if n > 0 else np.zeros(channels)
-    elif pivot is not None:
-        k = np.array(pivot, dtype=np.float64)
+            pivot = pivot_payload[:channels] / n if n > 0 else np.zeros(channels)
+    elif pivot_state is not None:
+        pivot = np.array(pivot_state, dtype=np.float64)
     else:
         return np.zeros(channels, dtype=np.float64)
-    k = np.asarray(k, dtype=np.float64).copy()
-    k[~np.isfinite(k)] = 0.0
-    return k
+    pivot = np.asarray(pivot, dtype=np.float64).copy()
+    pivot[~np.isfinite(pivot)] = 0.0
+    return pivot
 
 
 def _col(v: Any) -> Any:
@@ -61,6 +61,7 @@ class NumpyBackend(Backend):
     def __init__(self) -> None:
         super().__init__()
         self._pivots = threading.local()   # .last: the pivot of this thread's latest moments
+
     def is_native(self, x: Any) -> bool:
         return isinstance(x, np.ndarray)
 
@@ -89,10 +90,10 @@ class NumpyBackend(Backend):
             raise TypeError(message)
         return array
 
-    def local_moments(self, x3: Any, pivot: Any, tag: int, buf: Any, pivot_payload: Any = None) -> None:
+    def local_moments(self, x3: Any, pivot_state: Any, tag: int, buf: Any, pivot_payload: Any = None) -> None:
         channels = x3.shape[1]
         n = x3.shape[0] * x3.shape[2]
-        shift = self._pivots.last = _pivot(pivot, pivot_payload, channels)
+        pivot = self._pivots.last = _pivot_of(pivot_state, pivot_payload, channels)
         buf[2 * channels:] = (n, tag, float(tag) * tag)
         if n == 0:
             buf[:2 * channels] = 0.0
@@ -101,11 +102,11 @@ class NumpyBackend(Backend):
             mean = _blocked_channel_sum(x3, lambda r: x3[r]) / n
             m2 = _blocked_channel_sum(x3, lambda r: np.square(x3[r].astype(np.float64) - _col(mean)))
             buf[:channels] = n * mean
-            buf[channels:2 * channels] = m2 + n * np.square(mean - shift)
+            buf[channels:2 * channels] = m2 + n * np.square(mean - pivot)
 
     def normalize_batch(self, x3: Any, buf: Any, tag: int, ranks: int, running_mean: Any, running_var: Any,
                         momentum: float, eps: float, unbiased: bool, weight: Any, bias: Any, stats: Stats,
-                        y3: Any, pivot_out: Any = None, strict: bool = False) -> None:
+                        y3: Any, pivot_state_out: Any = None, strict: bool = False) -> None:
         channels = stats.mean.shape[0]
         count = buf[2 * channels]
         desync = not _tags_agree(buf[2 * channels + 1:], tag, ranks)
@@ -119,8 +120,8 @@ class NumpyBackend(Backend):
                 var = np.zeros(channels)
             finite = np.isfinite(mean) & np.isfinite(var)
             moves = count > 0 and not desync and not (strict and not finite.all())
-            if pivot_out is not None and moves:
-                pivot_out[finite] = mean[finite]
+            if pivot_state_out is not None and moves:
+                pivot_state_out[finite] = mean[finite]
             self._fill(stats, mean, 1.0 / np.sqrt(var + eps), weight, bias)
             stats.flags[0] = NONFINITE * (not finite.all()) + DESYNC * desync
             if moves and running_mean is not None and running_var is not None:
@@ -143,14 +144,14 @@ class NumpyBackend(Backend):
         stats.mean[...] = mean
         stats.invstd[...] = invstd
         stats.scale[...] = invstd if weight is None else invstd * weight.astype(np.float64)
-        stats.shift[...] = 0.0 if bias is None else bias
+        stats.offset[...] = 0.0 if bias is None else bias
 
     @staticmethod
     def normalize(x3: Any, stats: Stats, y3: Any) -> None:
-        mean, scale, shift = _col(stats.mean), _col(stats.scale), _col(stats.shift)
+        mean, scale, offset = _col(stats.mean), _col(stats.scale), _col(stats.offset)
         with np.errstate(invalid="ignore", over="ignore"):
             for rows in _row_blocks(x3):
-                y3[rows] = (x3[rows].astype(mean.dtype) - mean) * scale + shift
+                y3[rows] = (x3[rows].astype(mean.dtype) - mean) * scale + offset
 
     def backward_reduce(self, dy3: Any, x3: Any, stats: Stats, weight_grad: Any, bias_grad: Any,
                         tag: int, buf: Any) -> None:

@@ -59,7 +59,7 @@ class ForwardPlan:
     def __init__(self, backend: Any, comm: Any, training: bool, x_shape: tuple, x3_shape: tuple, x_dtype: Any,
                  stats_dtype: Any, x3: Any, y3: Any, params: dict, momentum: float, epsilon: float,
                  unbiased: bool, where: str, last: bool, pdtype: str | None, affine: tuple,
-                 nonfinite: str, pivot: Any) -> None:
+                 nonfinite: str, pivot_state: Any) -> None:
         self.backend, self.comm, self.training = backend, comm, training
         self.comm_or_self = comm if comm is not None else SingleProcessComm()
         self.x_shape, self.x3_shape, self.x_dtype, self.stats_dtype = x_shape, x3_shape, x_dtype, stats_dtype
@@ -67,7 +67,7 @@ class ForwardPlan:
         address = backend.address_of
         self.x_align, self.y_align = address(x3) & 15, address(y3) & 15
         rm, rv, w, b = params["running_mean"], params["running_var"], params["weight"], params["bias"]
-        self.keep = (rm, rv, w, b, pivot)          # the arrays whose identities are in the key, the pivot
+        self.keep = (rm, rv, w, b, pivot_state)    # the arrays whose identities are in the key, the pivot state
         pname = pdtype or "float32"
         self.stream = backend.current_stream().ptr
         self._normalize_plan = backend.launch_plan("normalize", x3, (x3, y3), pname)
@@ -78,12 +78,12 @@ class ForwardPlan:
         self._fixed_moments: dict = {}
         if training:                               # (a pivot state exists: one all-reduce per call)
             self._moments_plan = backend.launch_plan("moments", x3, (x3,), "float32")
-            self._fixed_moments = {"pivot": address(pivot), "pivot_payload": None}
+            self._fixed_moments = {"pivot_state": address(pivot_state), "pivot_payload": None}
             self._fixed_normalize.update(ranks=self.comm_or_self.size, momentum=momentum, unbiased=int(unbiased),
-                                         pivot_out=address(pivot), strict=int(nonfinite == "raise"))
+                                         pivot_state_out=address(pivot_state), strict=int(nonfinite == "raise"))
         else:
-            self._fixed_normalize.update(buf=None, shift=None, tag=0.0, ranks=1.0, momentum=0.0, unbiased=0,
-                                         report=None, seq=0, pivot_out=None, strict=0)
+            self._fixed_normalize.update(buf=None, pivot=None, tag=0.0, ranks=1.0, momentum=0.0, unbiased=0,
+                                         report=None, seq=0, pivot_state_out=None, strict=0)
         self.ring = backend.report_ring() if training else None
         self.free: list[Entry] = []
         self.backward: dict = {}

@@ -357,12 +357,12 @@ def sync_batch_norm(x: Any, running_mean: Any = None, running_var: Any = None, w
     ring = backend.report_ring()
     capturing = ring is not None and backend.capturing()
     count = None
-    pivot = None
+    pivot_state = None
     if training:
         buf = stats.payload
-        pivot, known = _pivot_state(backend, rm, c)
+        pivot_state, known = _pivot_state(backend, rm, c)
         if known:                              # one all-reduce around the previous batch's mean
-            backend.local_moments(x3, pivot, tag, buf)
+            backend.local_moments(x3, pivot_state, tag, buf)
             _note.collective = (where, "forward", tag)
             comm.allreduce(buf)
         else:                                  # no pivot yet: a first all-reduce finds the mean
@@ -377,18 +377,18 @@ def sync_batch_norm(x: Any, running_mean: Any = None, running_var: Any = None, w
         strict = nonfinite == "raise"
         if ring is None:                       # host flags: reported at once, on every rank
             backend.normalize_batch(x3, buf, tag, comm.size, rm, rv, momentum, epsilon, unbiased, w, b, stats, y3,
-                                    pivot_out=pivot, strict=strict)
+                                    pivot_state_out=pivot_state, strict=strict)
             _flags.watch(stats.flags, _report_forward(where, comm, tag, nonfinite, stats))
         else:                                  # device flags: a report slot, read by a later call
             report = _report_forward(where, comm, tag, nonfinite)
             slot, seq = (0, 0) if capturing else _flags.claim(ring, report, (where, "forward", comm, tag))
             backend.normalize_batch(x3, buf, tag, comm.size, rm, rv, momentum, epsilon, unbiased, w, b, stats, y3,
-                                    report=slot, seq=seq, pivot_out=pivot, strict=strict)
+                                    report=slot, seq=seq, pivot_state_out=pivot_state, strict=strict)
         count = buf[2 * c:2 * c + 1]
     else:
         backend.normalize_fixed(x3, rm, rv, epsilon, w, b, stats, y3)
     plan = None
-    if (_planned.enabled and x_getters is not None and not capturing and (pivot is not None or not training)
+    if (_planned.enabled and x_getters is not None and not capturing and (pivot_state is not None or not training)
             and _aliases(backend, x_getters, given, x)
             and (type(given) in backend.array_types if out is None else _aliases(backend, out_getters, out, out_array))
             # the key holds the given per-channel arrays' identities, the plan the validated ones
@@ -396,7 +396,7 @@ def sync_batch_norm(x: Any, running_mean: Any = None, running_var: Any = None, w
         plan = _planned.ForwardPlan(
             backend, comm, training, tuple(x.shape), x3.shape, x.dtype, stats.data.dtype, x3, y3, params,
             momentum, epsilon, unbiased, where, last, params["dtype"], (w is not None, b is not None), nonfinite,
-            pivot)
+            pivot_state)
         _planned.remember(key, plan)
     ctx = BatchNormContext(backend, x3, tuple(x.shape), x3.shape, stats, count, comm or SingleProcessComm(), last,
                            where, debug, params["dtype"], (w is not None, b is not None), plan)
@@ -404,25 +404,26 @@ def sync_batch_norm(x: Any, running_mean: Any = None, running_var: Any = None, w
 
 
 #: Pivot states (see ``_backend.py``, "The pivot"), by the identity of the running mean they
-#: go with: ``id -> (running mean, pivot)`` (the running mean held, so that its id stays its own).
-_PIVOTS: dict = {}
-_MAX_PIVOTS = 4096
+#: go with: ``id -> (running mean, pivot state)`` (the running mean held, so that its id stays
+#: its own).
+_PIVOT_STATES: dict = {}
+_MAX_PIVOT_STATES = 4096
 
 
 def _pivot_state(backend: Backend, running_mean: Any, channels: int) -> tuple[Any, bool]:
     """``(pivot state, known)`` for a training forward with ``running_mean``: its float64 pivot
-    array on the backend's device, and whether it holds a previous batch's means (False on
+    state on the backend's device, and whether it holds a previous batch's means (False on
     the first call, and always ``(None, False)`` without running statistics)."""
     if running_mean is None:
         return None, False
-    entry = _PIVOTS.get(id(running_mean))
+    entry = _PIVOT_STATES.get(id(running_mean))
     if entry is not None and entry[0] is running_mean and entry[1].shape[0] == channels:
         return entry[1], True
-    if len(_PIVOTS) >= _MAX_PIVOTS:
-        _PIVOTS.pop(next(iter(_PIVOTS)))
-    pivot = backend.zeros((channels,), np.float64)
-    _PIVOTS[id(running_mean)] = (running_mean, pivot)
-    return pivot, False
+    if len(_PIVOT_STATES) >= _MAX_PIVOT_STATES:
+        _PIVOT_STATES.pop(next(iter(_PIVOT_STATES)))
+    pivot_state = backend.zeros((channels,), np.float64)
+    _PIVOT_STATES[id(running_mean)] = (running_mean, pivot_state)
+    return pivot_state, False
 
 
 def _aliases(backend: Backend, getters: tuple, given: Any, array: Any) -> bool:

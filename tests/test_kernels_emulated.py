@@ -172,10 +172,10 @@ def test_catches_misaligned_vector_access_and_bad_launches():
         k((1,), (2048,), args)
     moments = backend._kernel("float32", "moments_cs1", 4)
     part, ticket = backend.zeros((12,), np.float64), backend.zeros((3,), np.uint32)
-    shift, buf = backend.zeros((3,), np.float64), backend.zeros((9,), np.float64)
+    pivot, buf = backend.zeros((3,), np.float64), backend.zeros((9,), np.float64)
     with pytest.raises(cuda_emu.EmulatedKernelError, match="partial warp"):
         moments((1, 3), (48,), (x, np.int32(2), np.int32(3), np.int32(8), None, None, np.float64(0), part, ticket,
-                                shift, buf), shared_mem=8 * 64)
+                                pivot, buf), shared_mem=8 * 64)
 
 
 def test_catches_writes_outside_an_allocation():
@@ -201,7 +201,7 @@ def test_catches_divergent_barrier():
 
 
 MUTATIONS = {
-    "M2 without the shift correction": ("double m2 = s2 - s1 * d1;", "double m2 = s2;"),
+    "M2 without the s1^2/n term": ("double m2 = s2 - s1 * d1;", "double m2 = s2;"),
     "last-block ticket never reset": ("__threadfence(); *ticket = 0;", "__threadfence();"),
     "dx without the mean-of-dy term": ("cf[1] = (S)(buf[c] / n);", "cf[1] = 0;"),
     "split partials summed from one split only": ("for (int q = j; q < splits; q += J)", "for (int q = j; q < 1; q += J)"),
@@ -295,9 +295,9 @@ def _forward_step(backend, x, running, tag, ranks, tamper=None, momentum=0.9):
     np.copyto(rm, running[0])
     np.copyto(rv, running[1])
     stats = Stats(backend.empty((4 * c + 2,), np.float32), backend.empty((2 * c + 3,), np.float64), c)
-    pivot = backend.zeros((c,), np.float64)
-    np.copyto(pivot, running[0])                      # the pivot state: here the running mean's values
-    backend.local_moments(x, pivot, tag, stats.payload)
+    pivot_state = backend.zeros((c,), np.float64)
+    np.copyto(pivot_state, running[0])                # here the running mean's values
+    backend.local_moments(x, pivot_state, tag, stats.payload)
     if tamper is not None:
         tamper(stats.payload)
     y = backend.empty(x.shape, x.dtype)

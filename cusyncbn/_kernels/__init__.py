@@ -31,12 +31,12 @@ LOADS = 4                              # default 16-byte loads in flight per arr
 # input), "d*" double, "I*" unsigned, "Q*" unsigned long long pointers; "i" int, "d" double,
 # "Q" unsigned long long scalars. Every parameter takes one 8-byte cell (_launch.Arguments).
 PARAMS: dict[str, tuple[tuple[str, str], ...]] = {
-    "moments": (("x", "T*"), ("A", "i"), ("C", "i"), ("B", "i"), ("pivot", "d*"), ("pivot_payload", "d*"),
-                ("tag", "d"), ("part", "d*"), ("ticket", "I*"), ("shift", "d*"), ("buf", "d*")),
-    "normalize": (("x", "T*"), ("y", "T*"), ("A", "i"), ("C", "i"), ("B", "i"), ("buf", "d*"), ("shift", "d*"),
+    "moments": (("x", "T*"), ("A", "i"), ("C", "i"), ("B", "i"), ("pivot_state", "d*"), ("pivot_payload", "d*"),
+                ("tag", "d"), ("part", "d*"), ("ticket", "I*"), ("pivot", "d*"), ("buf", "d*")),
+    "normalize": (("x", "T*"), ("y", "T*"), ("A", "i"), ("C", "i"), ("B", "i"), ("buf", "d*"), ("pivot", "d*"),
                   ("tag", "d"), ("ranks", "d"), ("running_mean", "P*"), ("running_var", "P*"), ("momentum", "d"),
                   ("eps", "d"), ("unbiased", "i"), ("weight", "P*"), ("bias", "P*"), ("stats", "S*"),
-                  ("report", "Q*"), ("seq", "Q"), ("pivot_out", "d*"), ("strict", "i")),
+                  ("report", "Q*"), ("seq", "Q"), ("pivot_state_out", "d*"), ("strict", "i")),
     "backward": (("dy", "T*"), ("x", "T*"), ("A", "i"), ("C", "i"), ("B", "i"), ("stats", "S*"), ("tag", "d"),
                  ("part", "d*"), ("ticket", "I*"), ("weight_grad", "P*"), ("bias_grad", "P*"), ("buf", "d*")),
     "dx": (("dy", "T*"), ("x", "T*"), ("dx", "T*"), ("A", "i"), ("C", "i"), ("B", "i"), ("stats", "S*"),

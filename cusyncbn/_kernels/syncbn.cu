@@ -1,30 +1,32 @@
 // cusyncbn CUDA kernels: per-rank moments, normalization (with the finalize folded in),
 // and the backward reduction and input gradient. Four kernels per training step.
 //
-// The maths (written once; _backend.py states it with the same names)
+// The maths (written once; _backend.py states it with the same names, in its vocabulary table)
 // -------------------------------------------------------------------------
 // The input is viewed as x[A][C][B]: channel-second layouts are (N, C, prod(spatial)),
 // channel-last ones (N * prod(spatial), C, 1). Kernels named *_cs walk one channel's slab
 // (B > 1), kernels named *_cl give each thread fixed channels and walk rows (B == 1).
-// For channel c, with n = A * B and k the channel's first element x[0][c][0] (the shift,
-// loaded once, so that deviations are of the size of the standard deviation):
+// For channel c, with n = A * B and x0 the channel's first element x[0][c][0] (loaded once,
+// so that deviations from it are of the size of the standard deviation):
 //
-//   moments:     S1 = sum(x - k), S2 = sum((x - k)^2)        (per thread in the accumulator
-//                type, then summed in double in a fixed order) -> mean = k + S1/n,
-//                M2 = S2 - S1^2/n
-//   payload:     buf[c] = n m, buf[C+c] = M2 + n (m - K)^2, buf[2C] = n, buf[2C+1] = t,
+//   moments:     s1 = sum(x - x0), s2 = sum((x - x0)^2)      (per thread in the accumulator
+//                type, then summed in double in a fixed order) -> m = x0 + s1/n,
+//                m2 = s2 - s1^2/n (M2: the sum of squared deviations from the local mean m)
+//   payload:     buf[c] = n m, buf[C+c] = m2 + n (m - K)^2, buf[2C] = n, buf[2C+1] = t,
 //                buf[2C+2] = t^2   (double; K the pivot, identical on every rank and kept in
-//                `shift` for the normalize kernel: the global mean of the layer's previous batch
-//                (`pivot`), or on a first call the mean a first all-reduce gave (`pivot_payload`);
-//                t the collective tag) -> summed over ranks by NCCL
+//                `pivot` for the normalize kernel: the global mean of the layer's previous batch
+//                (`pivot_state`), or on a first call the mean a first all-reduce gave
+//                (`pivot_payload`); t the collective tag) -> summed over ranks by NCCL
 //   normalize:   N = buf[2C], mean = buf[c]/N, var = max(buf[C+c]/N - (mean-K)^2, 0),
-//                invstd = rsqrt(var + eps), y = (x - mean) * (invstd * w) + b; block 0 writes
-//                stats, flags[0] and (when N > 0, the tags agree and the channel is finite)
-//                moves the running statistics by momentum and stores mean in `pivot_out`
-//   backward:    buf[c] = sum dy, buf[C+c] = sum dy (x - mean), buf[2C] = t, buf[2C+1] = t^2
-//                weight.grad += buf[C+c] * invstd (local), bias.grad += buf[c] (local)
-//   dx:          dx = (dy - buf[c]/N - (x - mean) invstd^2 buf[C+c]/N) * w invstd; block 0
-//                writes flags[1]          (eval: dx = dy * w * invstd)
+//                invstd = rsqrt(var + eps), y = (x - mean) * scale + offset (scale = invstd * w,
+//                offset = b); block 0 writes stats, flags[0] and (when N > 0, the tags agree
+//                and the channel is finite) moves the running statistics by momentum and
+//                stores mean in `pivot_state_out`
+//   backward:    buf[c] = sum_dy = sum dy, buf[C+c] = sum_dy_xmu = sum dy (x - mean),
+//                buf[2C] = t, buf[2C+1] = t^2;
+//                weight.grad += sum_dy_xmu * invstd (local), bias.grad += sum_dy (local)
+//   dx:          dx = (dy - mean_dy - (x - mean) * proj) * scale, mean_dy = buf[c]/N,
+//                proj = invstd^2 buf[C+c]/N; block 0 writes flags[1]   (eval: dx = dy * scale)
 //   tags:        the ranks agree when sum t == ranks * t and sum t^2 == ranks * t^2
 //   report:      normalize and dx also publish their flag bits to the host: one 64-bit store of
 //                (seq << 2) | bits into a slot of pinned host memory (mapped: the device writes
@@ -51,14 +53,14 @@
 //   running_mean/var the layer's running statistics (P = parameter type); nullptr: not tracked
 //   weight, bias     affine parameters (P); nullptr: 1 and 0
 //   weight_grad/bias_grad  gradients accumulated in place (P); nullptr: not wanted
-//   stats            [mean | invstd | invstd * w | b | flags[2]], 4C + 2 values of S (float,
+//   stats            [mean | invstd | scale | offset | flags[2]], 4C + 2 values of S (float,
 //                    or double for double input)
 //   buf              the all-reduce payload (double): forward 2C + 3, backward 2C + 2;
 //                    nullptr in normalize / dx: fixed (eval) statistics
-//   pivot            the pivot state per channel (double, C; nullptr: 0), read by moments
-//   pivot_payload    a reduced forward payload whose means are the pivots (nullptr: none)
-//   pivot_out        where normalize stores this batch's global means (the next pivot state)
-//   shift            the pivot K per channel (double, C), written by moments for normalize
+//   pivot_state      the pivot state per channel (double, C; nullptr: 0), read by moments
+//   pivot_payload    a reduced forward payload whose means are the pivot (nullptr: none)
+//   pivot_state_out  where normalize stores this batch's global means (the next pivot state)
+//   pivot            the pivot K per channel (double, C), written by moments for normalize
 //   count            &forward buf[2C], the global count N (dx)
 //   tag, ranks       this rank's collective tag and the number of ranks (doubles, exact)
 //   part, ticket     per-split partials (double workspace) and per-channel(-tile) arrival
@@ -399,15 +401,15 @@ template <int N, int VEC, typename S> __device__ __forceinline__ void own_coeffi
 // The pivot K of channel c, the same on every rank: the reduced mean of a first all-reduce
 // (pivot_payload: a layer's first call, or a call without state), else the caller's pivot
 // state (the global mean of the layer's previous batch), else 0; 0 where not finite.
-__device__ __forceinline__ double pivot_of(const double* pivot, const double* pivot_payload, int c, int C) {
-    double k = 0;
+__device__ __forceinline__ double pivot_of(const double* pivot_state, const double* pivot_payload, int c, int C) {
+    double K = 0;
     if (pivot_payload != nullptr) {
         const double n = pivot_payload[2 * C];
-        k = n > 0 ? pivot_payload[c] / n : 0;
-    } else if (pivot != nullptr) {
-        k = pivot[c];
+        K = n > 0 ? pivot_payload[c] / n : 0;
+    } else if (pivot_state != nullptr) {
+        K = pivot_state[c];
     }
-    return isfinite(k) ? k : 0;
+    return isfinite(K) ? K : 0;
 }
 
 __device__ __forceinline__ void write_tags(double* at, double tag) {
@@ -415,25 +417,25 @@ __device__ __forceinline__ void write_tags(double* at, double tag) {
     at[1] = tag * tag;
 }
 
-// From the sums around the channel's first element k: buf[c] = n m, buf[C+c] = M2 + n (m - K)^2.
-__device__ void write_moments(int c, int C, double n, double k, double s1, double s2, const double* pivot,
-                              const double* pivot_payload, double* shift, double* buf) {
-    const double d1 = s1 / n, mean = k + d1;
+// From the sums around the channel's first element x0: buf[c] = n m, buf[C+c] = m2 + n (m - K)^2.
+__device__ void write_moments(int c, int C, double n, double x0, double s1, double s2, const double* pivot_state,
+                              const double* pivot_payload, double* pivot, double* buf) {
+    const double d1 = s1 / n, m = x0 + d1;
     double m2 = s2 - s1 * d1;
     m2 = m2 < 0 ? 0 : m2;                              // (NaN stays NaN)
-    const double K = pivot_of(pivot, pivot_payload, c, C), d = mean - K;
-    buf[c] = n * mean;
+    const double K = pivot_of(pivot_state, pivot_payload, c, C), d = m - K;
+    buf[c] = n * m;
     buf[C + c] = m2 + n * d * d;
-    shift[c] = K;
+    pivot[c] = K;
 }
 
 // No local input: zeros, n = 0 and the tags (one block).
-__device__ void empty_moments(int C, const double* pivot, const double* pivot_payload, double tag, double* shift,
-                              double* buf) {
+__device__ void empty_moments(int C, const double* pivot_state, const double* pivot_payload, double tag,
+                              double* pivot, double* buf) {
     for (int c = thread_rank(); c < C; c += block_threads()) {
         buf[c] = 0;
         buf[C + c] = 0;
-        shift[c] = pivot_of(pivot, pivot_payload, c, C);
+        pivot[c] = pivot_of(pivot_state, pivot_payload, c, C);
     }
     if (thread_rank() == 0) {
         buf[2 * C] = 0;
@@ -444,17 +446,17 @@ __device__ void empty_moments(int C, const double* pivot, const double* pivot_pa
 // Channel-second: grid (splits, min(C, 65535)), 1-D blocks; block (s, c) sums its slice of
 // channel c; ticket[c] finds the last block of the channel.
 #define MOMENTS_PARAMS                                                                                        \
-    const T *__restrict__ x, int A, int C, int B, const double *__restrict__ pivot,                          \
+    const T *__restrict__ x, int A, int C, int B, const double *__restrict__ pivot_state,                    \
         const double *__restrict__ pivot_payload, double tag, double *__restrict__ part,                      \
-        unsigned *__restrict__ ticket, double *__restrict__ shift, double *__restrict__ buf
+        unsigned *__restrict__ ticket, double *__restrict__ pivot, double *__restrict__ buf
 
 template <typename T, int VEC> __global__ void BOUNDS moments_cs(MOMENTS_PARAMS) {
     typedef Io<T, VEC> io;
     typedef typename io::S S;
     constexpr int BATCH = io::batch;
-    if (A == 0 || B == 0) { empty_moments(C, pivot, pivot_payload, tag, shift, buf); return; }
+    if (A == 0 || B == 0) { empty_moments(C, pivot_state, pivot_payload, tag, pivot, buf); return; }
     for (int c = blockIdx.y; c < C; c += gridDim.y) {          // grid.y is at most 65535
-        const S k = to_acc(x[(i64)c * B]);
+        const S x0 = to_acc(x[(i64)c * B]);
         S s1 = 0, s2 = 0;
         typename io::Raw r[BATCH];
         SlabWalk w = slab_of<VEC>(C, B, c);
@@ -462,11 +464,11 @@ template <typename T, int VEC> __global__ void BOUNDS moments_cs(MOMENTS_PARAMS)
             S v[VEC];
             io::unpack(r[u], v);
 #pragma unroll
-            for (int e = 0; e < VEC; ++e) { const S d = v[e] - k; s1 += d; s2 += d * d; }
+            for (int e = 0; e < VEC; ++e) { const S d = v[e] - x0; s1 += d; s2 += d * d; }
         });
         const S a1[1] = {s1}, a2[1] = {s2};
         finish_sums(a1, a2, 1, c, C, gridDim.x, blockIdx.x, part, ticket + c, [&](int ch, double t1, double t2) {
-            write_moments(ch, C, (double)A * B, (double)k, t1, t2, pivot, pivot_payload, shift, buf);
+            write_moments(ch, C, (double)A * B, (double)x0, t1, t2, pivot_state, pivot_payload, pivot, buf);
             if (ch == 0) { buf[2 * C] = (double)A * B; write_tags(buf + 2 * C + 1, tag); }
         });
     }
@@ -480,26 +482,26 @@ template <typename T, int VEC> __global__ void BOUNDS moments_cl(MOMENTS_PARAMS)
     typedef Io<T, VEC> io;
     typedef typename io::S S;
     constexpr int BATCH = io::batch;
-    if (A == 0) { empty_moments(C, pivot, pivot_payload, tag, shift, buf); return; }
+    if (A == 0) { empty_moments(C, pivot_state, pivot_payload, tag, pivot, buf); return; }
     const int lanes = blockDim.x, tile_c0 = blockIdx.x * lanes * VEC, c0 = tile_c0 + threadIdx.x * VEC;
-    S s1[VEC], s2[VEC], k[VEC];
+    S s1[VEC], s2[VEC], x0[VEC];
 #pragma unroll
-    for (int e = 0; e < VEC; ++e) { s1[e] = 0; s2[e] = 0; k[e] = 0; }
+    for (int e = 0; e < VEC; ++e) { s1[e] = 0; s2[e] = 0; x0[e] = 0; }
     if (c0 < C) {
-        io::unpack(io::load(x + c0), k);               // row 0: the shifts
+        io::unpack(io::load(x + c0), x0);              // row 0: the channels' first elements
         typename io::Raw r[BATCH];
         rows_loop<BATCH>(blockIdx.y * blockDim.y + threadIdx.y, A, gridDim.y * blockDim.y, C, c0,
                          [&](int u, i64 at) { r[u] = io::load(x + at); }, [&](int u, i64) {
                              S v[VEC];
                              io::unpack(r[u], v);
 #pragma unroll
-                             for (int e = 0; e < VEC; ++e) { const S d = v[e] - k[e]; s1[e] += d; s2[e] += d * d; }
+                             for (int e = 0; e < VEC; ++e) { const S d = v[e] - x0[e]; s1[e] += d; s2[e] += d * d; }
                          });
     }
     finish_sums(s1, s2, lanes, tile_c0, C, gridDim.y, blockIdx.y, part, ticket + blockIdx.x,
                 [&](int c, double t1, double t2) {
-                    write_moments(c, C, (double)A, (double)to_acc(x[c]), t1, t2, pivot, pivot_payload, shift,
-                                  buf);
+                    write_moments(c, C, (double)A, (double)to_acc(x[c]), t1, t2, pivot_state, pivot_payload,
+                                  pivot, buf);
                     if (c == 0) { buf[2 * C] = (double)A; write_tags(buf + 2 * C + 1, tag); }
                 });
 }
@@ -509,7 +511,7 @@ template <typename T, int VEC> __global__ void BOUNDS moments_cl(MOMENTS_PARAMS)
 // Channel c's mean and biased variance: from the reduced payload, or fixed (buf == nullptr:
 // the running statistics).
 template <typename P>
-__device__ __forceinline__ void channel_stats(int c, int C, const double* buf, const double* shift,
+__device__ __forceinline__ void channel_stats(int c, int C, const double* buf, const double* pivot,
                                               const P* running_mean, const P* running_var, double& mean,
                                               double& var) {
     if (buf == nullptr) {
@@ -522,19 +524,19 @@ __device__ __forceinline__ void channel_stats(int c, int C, const double* buf, c
     var = 0;
     if (n > 0) {
         mean = buf[c] / n;
-        const double d = mean - shift[c];
+        const double d = mean - pivot[c];
         var = (buf[C + c] - n * d * d) / n;
         var = var < 0 ? 0 : var;                       // (NaN stays NaN)
     }
 }
 
-// y = (x - mean) * scale + bias: cf[0..2] = (mean, invstd * w, b) of channel c.
+// y = (x - mean) * scale + offset: cf[0..2] = (mean, scale, offset) = (mean, invstd * w, b) of channel c.
 template <typename S, typename P>
-__device__ __forceinline__ void normalize_coefficients(int c, int C, const double* buf, const double* shift,
+__device__ __forceinline__ void normalize_coefficients(int c, int C, const double* buf, const double* pivot,
                                                        const P* running_mean, const P* running_var, double eps,
                                                        const P* weight, const P* bias, S* cf) {
     double mean, var;
-    channel_stats(c, C, buf, shift, running_mean, running_var, mean, var);
+    channel_stats(c, C, buf, pivot, running_mean, running_var, mean, var);
     const double invstd = 1.0 / sqrt(var + eps);
     cf[0] = (S)mean;
     cf[1] = (S)(invstd * (weight ? (double)weight[c] : 1.0));
@@ -559,10 +561,10 @@ __device__ __forceinline__ bool tags_agree(const double* sums, double tag, doubl
 // Block 0's duty: stats for every channel, flags[0], and the running statistics (batch mode,
 // N > 0, tags agreeing, channel finite). Every thread of the block calls it.
 template <typename S, typename P>
-__device__ void write_stats(int C, const double* buf, const double* shift, double tag, double ranks,
+__device__ void write_stats(int C, const double* buf, const double* pivot, double tag, double ranks,
                             P* running_mean, P* running_var, double momentum, double eps, int unbiased,
                             const P* weight, const P* bias, S* stats, unsigned long long* report,
-                            unsigned long long seq, double* pivot_out, int strict) {
+                            unsigned long long seq, double* pivot_state_out, int strict) {
     __shared__ int first_nonfinite;                    // the first non-finite channel (C: none)
     if (thread_rank() == 0) first_nonfinite = C;
     __syncthreads();
@@ -571,7 +573,7 @@ __device__ void write_stats(int C, const double* buf, const double* shift, doubl
     const bool desync = batch && !tags_agree(buf + 2 * C + 1, tag, ranks);
     for (int c = thread_rank(); c < C; c += block_threads()) {
         double mean, var;
-        channel_stats(c, C, buf, shift, running_mean, running_var, mean, var);
+        channel_stats(c, C, buf, pivot, running_mean, running_var, mean, var);
         const double invstd = 1.0 / sqrt(var + eps);
         stats[c] = (S)mean;
         stats[C + c] = (S)invstd;
@@ -586,9 +588,9 @@ __device__ void write_stats(int C, const double* buf, const double* shift, doubl
     const bool update = batch && n > 0 && !desync && !(strict && nonfinite);
     for (int c = thread_rank(); update && c < C; c += block_threads()) {
         double mean, var;
-        channel_stats(c, C, buf, shift, running_mean, running_var, mean, var);
+        channel_stats(c, C, buf, pivot, running_mean, running_var, mean, var);
         if (!(isfinite(mean) && isfinite(var))) continue;
-        if (pivot_out != nullptr) pivot_out[c] = mean;
+        if (pivot_state_out != nullptr) pivot_state_out[c] = mean;
         if (running_mean != nullptr && running_var != nullptr) {
             const double v = (unbiased && n > 1) ? var * (n / (n - 1)) : var;
             running_mean[c] = (P)((double)running_mean[c] * momentum + mean * (1.0 - momentum));
@@ -604,14 +606,14 @@ __device__ void write_stats(int C, const double* buf, const double* shift, doubl
 
 #define NORMALIZE_PARAMS                                                                                      \
     const T *__restrict__ x, T *__restrict__ y, int A, int C, int B, const double *__restrict__ buf,          \
-        const double *__restrict__ shift, double tag, double ranks, P *running_mean, P *running_var,          \
+        const double *__restrict__ pivot, double tag, double ranks, P *running_mean, P *running_var,          \
         double momentum, double eps, int unbiased, const P *__restrict__ weight, const P *__restrict__ bias,  \
         typename Acc<T>::type *__restrict__ stats, unsigned long long *report, unsigned long long seq,        \
-        double *pivot_out, int strict
+        double *pivot_state_out, int strict
 #define NORMALIZE_STATS_DUTY                                                                                  \
     if (blockIdx.x == 0 && blockIdx.y == 0)                                                                   \
-        write_stats(C, buf, shift, tag, ranks, running_mean, running_var, momentum, eps, unbiased, weight, bias, \
-                    stats, report, seq, pivot_out, strict);
+        write_stats(C, buf, pivot, tag, ranks, running_mean, running_var, momentum, eps, unbiased, weight, bias, \
+                    stats, report, seq, pivot_state_out, strict);
 
 // Channel-second, the grid of moments_cs.
 template <typename T, typename P, int VEC> __global__ void BOUNDS normalize_cs(NORMALIZE_PARAMS) {
@@ -624,16 +626,16 @@ template <typename T, typename P, int VEC> __global__ void BOUNDS normalize_cs(N
     S* cf = reinterpret_cast<S*>(sh);
     for (int c = blockIdx.y; c < C; c += gridDim.y) {
         channel_coefficients<3>(c, 1, cf, [&](int ch, S* out) {
-            normalize_coefficients(ch, C, buf, shift, running_mean, running_var, eps, weight, bias, out);
+            normalize_coefficients(ch, C, buf, pivot, running_mean, running_var, eps, weight, bias, out);
         });
-        const S m = cf[0], scale = cf[1], b = cf[2];
+        const S mean = cf[0], scale = cf[1], offset = cf[2];
         typename io::Raw r[BATCH];
         SlabWalk w = slab_of<VEC>(C, B, c);
         slab_loop<BATCH>(w, A, [&](int u, i64 at) { r[u] = io::load(x + at); }, [&](int u, i64 at) {
             S v[VEC];
             io::unpack(r[u], v);
 #pragma unroll
-            for (int e = 0; e < VEC; ++e) v[e] = (v[e] - m) * scale + b;
+            for (int e = 0; e < VEC; ++e) v[e] = (v[e] - mean) * scale + offset;
             io::store(y + at, v);
         });
     }
@@ -650,35 +652,35 @@ template <typename T, typename P, int VEC> __global__ void BOUNDS normalize_cl(N
     S* cf = reinterpret_cast<S*>(sh);
     const int tile_c0 = blockIdx.x * blockDim.x * VEC, c0 = tile_c0 + threadIdx.x * VEC;
     channel_coefficients<3>(tile_c0, min((int)blockDim.x * VEC, C - tile_c0), cf, [&](int ch, S* out) {
-        normalize_coefficients(ch, C, buf, shift, running_mean, running_var, eps, weight, bias, out);
+        normalize_coefficients(ch, C, buf, pivot, running_mean, running_var, eps, weight, bias, out);
     });
     if (c0 >= C) return;
-    S m[VEC], scale[VEC], b[VEC];
-    own_coefficient<3>(cf, 0, m);
+    S mean[VEC], scale[VEC], offset[VEC];
+    own_coefficient<3>(cf, 0, mean);
     own_coefficient<3>(cf, 1, scale);
-    own_coefficient<3>(cf, 2, b);
+    own_coefficient<3>(cf, 2, offset);
     typename io::Raw r[BATCH];
     rows_loop<BATCH>(blockIdx.y * blockDim.y + threadIdx.y, A, gridDim.y * blockDim.y, C, c0,
                      [&](int u, i64 at) { r[u] = io::load(x + at); }, [&](int u, i64 at) {
                          S v[VEC];
                          io::unpack(r[u], v);
 #pragma unroll
-                         for (int e = 0; e < VEC; ++e) v[e] = (v[e] - m[e]) * scale[e] + b[e];
+                         for (int e = 0; e < VEC; ++e) v[e] = (v[e] - mean[e]) * scale[e] + offset[e];
                          io::store(y + at, v);
                      });
 }
 
 // ---- backward: this rank's sums -----------------------------------------------------------
 
-// buf[c] = sum dy, buf[C+c] = sum dy (x - mean); this rank's parameter gradients accumulate
+// buf[c] = sum_dy, buf[C+c] = sum_dy_xmu; this rank's parameter gradients accumulate
 // (before the all-reduce overwrites the payload).
 template <typename S, typename P>
-__device__ void write_sums(int c, int C, double dy, double dyx, const S* stats, double tag, P* weight_grad,
-                           P* bias_grad, double* buf) {
-    buf[c] = dy;
-    buf[C + c] = dyx;
-    if (weight_grad != nullptr) weight_grad[c] = (P)((double)weight_grad[c] + dyx * (double)stats[C + c]);
-    if (bias_grad != nullptr) bias_grad[c] = (P)((double)bias_grad[c] + dy);
+__device__ void write_sums(int c, int C, double sum_dy, double sum_dy_xmu, const S* stats, double tag,
+                           P* weight_grad, P* bias_grad, double* buf) {
+    buf[c] = sum_dy;
+    buf[C + c] = sum_dy_xmu;
+    if (weight_grad != nullptr) weight_grad[c] = (P)((double)weight_grad[c] + sum_dy_xmu * (double)stats[C + c]);
+    if (bias_grad != nullptr) bias_grad[c] = (P)((double)bias_grad[c] + sum_dy);
     if (c == 0) write_tags(buf + 2 * C, tag);
 }
 
@@ -704,8 +706,8 @@ template <typename T, typename P, int VEC> __global__ void BOUNDS backward_cs(BA
     extern __shared__ double sh[];
     double* tile = sh + block_threads();
     for (int c = blockIdx.y; c < C; c += gridDim.y) {
-        const S m = stats[c];
-        S sdy = 0, sdyx = 0;
+        const S mean = stats[c];
+        S sum_dy = 0, sum_dy_xmu = 0;
         typename io::Raw g[BATCH], r[BATCH];
         SlabWalk w = slab_of<VEC>(C, B, c);
         slab_loop<BATCH>(w, A, [&](int u, i64 at) { g[u] = io::load(dy + at); r[u] = io::load(x + at); },
@@ -714,9 +716,9 @@ template <typename T, typename P, int VEC> __global__ void BOUNDS backward_cs(BA
                              io::unpack(g[u], gv);
                              io::unpack(r[u], v);
 #pragma unroll
-                             for (int e = 0; e < VEC; ++e) { sdy += gv[e]; sdyx += gv[e] * (v[e] - m); }
+                             for (int e = 0; e < VEC; ++e) { sum_dy += gv[e]; sum_dy_xmu += gv[e] * (v[e] - mean); }
                          });
-        const S a1[1] = {sdy}, a2[1] = {sdyx};
+        const S a1[1] = {sum_dy}, a2[1] = {sum_dy_xmu};
         finish_sums(a1, a2, 1, c, C, gridDim.x, blockIdx.x, part, ticket + c, [&](int ch, double t1, double t2) {
             write_sums(ch, C, t1, t2, stats, tag, weight_grad, bias_grad, buf);
         });
@@ -729,12 +731,12 @@ template <typename T, typename P, int VEC> __global__ void BOUNDS backward_cl(BA
     constexpr int BATCH = io::batch;
     if (A == 0) { empty_sums(C, tag, buf); return; }
     const int lanes = blockDim.x, tile_c0 = blockIdx.x * lanes * VEC, c0 = tile_c0 + threadIdx.x * VEC;
-    S sdy[VEC], sdyx[VEC], m[VEC];
+    S sum_dy[VEC], sum_dy_xmu[VEC], mean[VEC];
 #pragma unroll
-    for (int e = 0; e < VEC; ++e) { sdy[e] = 0; sdyx[e] = 0; m[e] = 0; }
+    for (int e = 0; e < VEC; ++e) { sum_dy[e] = 0; sum_dy_xmu[e] = 0; mean[e] = 0; }
     if (c0 < C) {
 #pragma unroll
-        for (int e = 0; e < VEC; ++e) m[e] = stats[c0 + e];
+        for (int e = 0; e < VEC; ++e) mean[e] = stats[c0 + e];
         typename io::Raw g[BATCH], r[BATCH];
         rows_loop<BATCH>(blockIdx.y * blockDim.y + threadIdx.y, A, gridDim.y * blockDim.y, C, c0,
                          [&](int u, i64 at) { g[u] = io::load(dy + at); r[u] = io::load(x + at); },
@@ -743,17 +745,20 @@ template <typename T, typename P, int VEC> __global__ void BOUNDS backward_cl(BA
                              io::unpack(g[u], gv);
                              io::unpack(r[u], v);
 #pragma unroll
-                             for (int e = 0; e < VEC; ++e) { sdy[e] += gv[e]; sdyx[e] += gv[e] * (v[e] - m[e]); }
+                             for (int e = 0; e < VEC; ++e) {
+                                 sum_dy[e] += gv[e];
+                                 sum_dy_xmu[e] += gv[e] * (v[e] - mean[e]);
+                             }
                          });
     }
-    finish_sums(sdy, sdyx, lanes, tile_c0, C, gridDim.y, blockIdx.y, part, ticket + blockIdx.x,
+    finish_sums(sum_dy, sum_dy_xmu, lanes, tile_c0, C, gridDim.y, blockIdx.y, part, ticket + blockIdx.x,
                 [&](int c, double t1, double t2) { write_sums(c, C, t1, t2, stats, tag, weight_grad, bias_grad, buf); });
 }
 
 // ---- backward: dx, after the all-reduce -------------------------------------------------
 
-// cf[0..3] = (mean, mean_dy, k, scale): dx = (dy - mean_dy - (x - mean) * k) * scale, with
-// mean_dy = buf[c] / N and k = invstd^2 * buf[C+c] / N (N = max(count, 1)).
+// cf[0..3] = (mean, mean_dy, proj, scale): dx = (dy - mean_dy - (x - mean) * proj) * scale, with
+// mean_dy = buf[c] / N and proj = invstd^2 * buf[C+c] / N (N = max(count, 1)).
 template <typename S>
 __device__ __forceinline__ void dx_coefficients(int c, int C, const S* stats, const double* buf, double n, S* cf) {
     const double invstd = (double)stats[C + c];
@@ -806,14 +811,14 @@ template <typename T, int VEC> __global__ void BOUNDS dx_cs(DX_PARAMS) {
             continue;
         }
         channel_coefficients<4>(c, 1, cf, [&](int ch, S* out) { dx_coefficients(ch, C, stats, buf, n, out); });
-        const S m = cf[0], mdy = cf[1], k = cf[2], scale = cf[3];
+        const S mean = cf[0], mean_dy = cf[1], proj = cf[2], scale = cf[3];
         slab_loop<BATCH>(w, A, [&](int u, i64 at) { g[u] = io::load(dy + at); r[u] = io::load(x + at); },
                          [&](int u, i64 at) {
                              S gv[VEC], v[VEC];
                              io::unpack(g[u], gv);
                              io::unpack(r[u], v);
 #pragma unroll
-                             for (int e = 0; e < VEC; ++e) gv[e] = (gv[e] - mdy - (v[e] - m) * k) * scale;
+                             for (int e = 0; e < VEC; ++e) gv[e] = (gv[e] - mean_dy - (v[e] - mean) * proj) * scale;
                              io::store(dx + at, gv);
                          });
     }
@@ -849,17 +854,19 @@ template <typename T, int VEC> __global__ void BOUNDS dx_cl(DX_PARAMS) {
                          });
         return;
     }
-    S m[VEC], mdy[VEC], k[VEC];
-    own_coefficient<4>(cf, 0, m);
-    own_coefficient<4>(cf, 1, mdy);
-    own_coefficient<4>(cf, 2, k);
+    S mean[VEC], mean_dy[VEC], proj[VEC];
+    own_coefficient<4>(cf, 0, mean);
+    own_coefficient<4>(cf, 1, mean_dy);
+    own_coefficient<4>(cf, 2, proj);
     rows_loop<BATCH>(a0, A, stride, C, c0, [&](int u, i64 at) { g[u] = io::load(dy + at); r[u] = io::load(x + at); },
                      [&](int u, i64 at) {
                          S gv[VEC], v[VEC];
                          io::unpack(g[u], gv);
                          io::unpack(r[u], v);
 #pragma unroll
-                         for (int e = 0; e < VEC; ++e) gv[e] = (gv[e] - mdy[e] - (v[e] - m[e]) * k[e]) * scale[e];
+                         for (int e = 0; e < VEC; ++e) {
+                             gv[e] = (gv[e] - mean_dy[e] - (v[e] - mean[e]) * proj[e]) * scale[e];
+                         }
                          io::store(dx + at, gv);
                      });
 }
