@@ -20,6 +20,7 @@ kernel parameters, listed in ``_kernels.PARAMS``, carry these names). ``C`` chan
     scale, offset    the folded affine, y = (x - mean) * scale + offset:    (C,)         stats
                      scale = invstd * weight, offset = bias
     m2               M2, a sum of squared deviations from a mean            (C,)         float64
+    sum_x, m2_pivot  the forward payload's sums of x and of (x - K)^2       (C,)         float64
     pivot            K, what the ranks' sums are combined around (the same  (C,)         float64
                      on every rank; see "The pivot")
     pivot_state      the pivot of a layer's next call: its previous batch's (C,)         float64
@@ -47,29 +48,29 @@ it. The kernels make one pass of sums around the channel's first element ``x0`` 
 ``s2`` above), then ``m_r = x0 + s1 / n`` and ``M2_r = s2 - s1^2 / n``: around ``x0`` the numbers
 that cancel are of the size of the channel's spread, not of its mean.
 
-Forward all-reduce payload (float64, length ``2C + 3``), with ``K`` the pivot
-(identical on every rank; see "The pivot" below) and ``t`` this rank's collective tag
-(see below)::
+Forward all-reduce payload (float64, length ``2C + 3``; its slots are :class:`ForwardPayload`),
+with ``K`` the pivot (identical on every rank; see "The pivot" below) and ``t`` this rank's
+collective tag (see below)::
 
-    buf[c]        = n_r * m_r                   (the sum of x)
-    buf[C + c]    = M2_r + n_r * (m_r - K)^2    (the sum of (x - K)^2)
-    buf[2C]       = n_r
-    buf[2C + 1]   = t
-    buf[2C + 2]   = t^2
+    sum_x     = n_r * m_r                   the sum of x           (C values)
+    m2_pivot  = M2_r + n_r * (m_r - K)^2    the sum of (x - K)^2   (C values)
+    count     = n_r
+    tags      = (t, t^2)
 
-Summed over ranks this gives ``N = sum n_r``, ``mean = buf[c] / N`` and, by Chan's
-parallel combine written as sums, ``M2 = buf[C + c] - N * (mean - K)^2``, ``var = M2 / N``
-(biased), ``invstd = 1 / sqrt(var + eps)``.
+Summed over ranks this gives ``N = count``, ``mean = sum_x / N`` and, by Chan's parallel
+combine written as sums, ``M2 = m2_pivot - N * (mean - K)^2``, ``var = M2 / N`` (biased),
+``invstd = 1 / sqrt(var + eps)``.
 
 The pivot. The combine cancels numbers of size ``N (mean - K)^2``: in float64 it keeps
 ``var`` to 1e-6 only while ``(mean - K)^2 / var`` stays below about 1e9, so ``K`` must sit
 near the batch mean, on every rank alike. It is the global mean of the previous batch of
 the same running statistics (the *pivot state*: ``normalize_batch`` stores it into
-``pivot_state_out`` from the reduced payload, so every rank holds the same value). A call without a pivot state (a
-layer's first training call, or a call without running statistics) makes two
-all-reduces: the first with ``K = 0`` gives the global mean, the second, around that mean
-(``pivot_payload``), gives the payload the normalization uses. Running statistics, only when ``N > 0``, the ranks agree (below)
-and the channel's ``mean`` and ``var`` are finite::
+``pivot_state_out`` from the reduced payload, so every rank holds the same value). A call
+without a pivot state (a layer's first training call, or a call without running statistics)
+makes two all-reduces: the first with ``K = 0`` gives the global mean, the second, around
+that mean (``pivot_payload``), gives the payload the normalization uses. Running
+statistics, only when ``N > 0``, the ranks agree (below) and the channel's ``mean`` and
+``var`` are finite::
 
     running_mean = running_mean * momentum + mean * (1 - momentum)
     running_var  = running_var  * momentum + var' * (1 - momentum)
@@ -78,16 +79,15 @@ with ``var' = var``, or ``var * N / (N - 1)`` when the unbiased option is on and
 
 Normalization: ``y = (x - mean) * scale + offset`` with ``scale = invstd * w``, ``offset = b``.
 
-Backward all-reduce payload (float64, length ``2C + 2``)::
+Backward all-reduce payload (float64, length ``2C + 2``; its slots are :class:`BackwardPayload`)::
 
-    buf[c]      = sum_dy       sum dy            (local: this rank's bias gradient)
-    buf[C + c]  = sum_dy_xmu   sum dy * (x - mean)  (local; times invstd: this rank's weight gradient)
-    buf[2C]     = t
-    buf[2C + 1] = t^2
+    sum_dy      = sum dy              (C values; this rank's: its bias gradient)
+    sum_dy_xmu  = sum dy * (x - mean) (C values; this rank's, times invstd: its weight gradient)
+    tags        = (t, t^2)
 
 and after the all-reduce, with ``xhat = (x - mean) * invstd``::
 
-    dx = w * invstd * (dy - buf[c] / N - xhat * invstd * buf[C + c] / N)
+    dx = w * invstd * (dy - sum_dy / N - xhat * invstd * sum_dy_xmu / N)
        = (dy - mean_dy - (x - mean) * proj) * scale
 
 which is the exact gradient of the global loss: uneven or empty ranks give the
@@ -136,33 +136,84 @@ NONFINITE = 1          # flag bits (see above)
 DESYNC = 2
 
 
-def forward_payload_size(channels: int) -> int:
-    return 2 * channels + 3
+class ForwardPayload:
+    """The slots of a forward all-reduce payload ``buf`` of ``channels`` channels (float64,
+    length :meth:`size`), as views of it: this rank's values before the all-reduce, their sums
+    over the ranks after it (see above). ``syncbn.cu`` indexes the same slots of its ``buf``."""
+
+    __slots__ = ("buf", "sum_x", "m2_pivot", "count", "tags")
+
+    def __init__(self, buf: Any, channels: int) -> None:
+        c = channels
+        self.buf = buf
+        self.sum_x = buf[:c]                    # n m: the sum of x
+        self.m2_pivot = buf[c:2 * c]            # M2 + n (m - K)^2: the sum of (x - K)^2
+        self.count = buf[2 * c:2 * c + 1]       # n (one value: what dx reads as N)
+        self.tags = buf[2 * c + 1:2 * c + 3]    # (t, t^2)
+
+    @staticmethod
+    def size(channels: int) -> int:
+        return 2 * channels + 3
+
+    @staticmethod
+    def channels_of(size: int) -> int | None:
+        """The channel count of a forward payload of ``size`` values; None when none has that size."""
+        return (size - 3) // 2 if size >= 5 and size % 2 else None
 
 
-def backward_payload_size(channels: int) -> int:
-    return 2 * channels + 2
+class BackwardPayload:
+    """The slots of a backward all-reduce payload ``buf`` of ``channels`` channels (float64,
+    length :meth:`size`), as views of it (see above)."""
+
+    __slots__ = ("buf", "sum_dy", "sum_dy_xmu", "tags")
+
+    def __init__(self, buf: Any, channels: int) -> None:
+        c = channels
+        self.buf = buf
+        self.sum_dy = buf[:c]
+        self.sum_dy_xmu = buf[c:2 * c]
+        self.tags = buf[2 * c:2 * c + 2]        # (t, t^2)
+
+    @staticmethod
+    def size(channels: int) -> int:
+        return 2 * channels + 2
+
+    @staticmethod
+    def channels_of(size: int) -> int | None:
+        """The channel count of a backward payload of ``size`` values; None when none has that size."""
+        return (size - 2) // 2 if size >= 4 and size % 2 == 0 else None
+
+
+forward_payload_size = ForwardPayload.size
+backward_payload_size = BackwardPayload.size
 
 
 class Stats:
     """Per-call statistics, ``[mean | invstd | scale | offset | flags[2]]`` in one array of
-    length 4C + 2.
+    length :meth:`size` (4C + 2), and the forward payload they came from.
 
     ``mean`` and ``invstd`` are what backward needs; ``scale`` (``invstd * w``) and ``offset``
     (``b``) are the folded affine; ``flags`` what the passes found (see above). The dtype is
-    the stats dtype of the input.
+    the stats dtype of the input. ``payload`` is the forward all-reduce buffer (float64,
+    ``ForwardPayload.size(C)``), ``slots`` its :class:`ForwardPayload` views (made once: a
+    statistics set is reused call after call).
     """
 
-    __slots__ = ("data", "payload", "mean", "invstd", "scale", "offset", "flags")
+    __slots__ = ("data", "payload", "slots", "mean", "invstd", "scale", "offset", "flags")
 
     def __init__(self, data: Any, payload: Any, channels: int) -> None:
         self.data = data
-        self.payload = payload          # the forward all-reduce buffer (float64, 2C + 3)
+        self.payload = payload
+        self.slots = ForwardPayload(payload, channels)
         self.mean = data[:channels]
         self.invstd = data[channels:2 * channels]
         self.scale = data[2 * channels:3 * channels]
         self.offset = data[3 * channels:4 * channels]
         self.flags = data[4 * channels:]
+
+    @staticmethod
+    def size(channels: int) -> int:
+        return 4 * channels + 2
 
 
 class Backend:
@@ -241,7 +292,7 @@ class Backend:
         spare = self._spare.get((channels, dtype, self.stream_key()))
         if spare:
             return spare.pop()
-        return Stats(self.empty((4 * channels + 2,), dtype), self.empty((forward_payload_size(channels),), np.float64),
+        return Stats(self.empty((Stats.size(channels),), dtype), self.empty((ForwardPayload.size(channels),), np.float64),
                      channels)
 
     def give_back(self, stats: Stats) -> None:
@@ -291,14 +342,15 @@ class Backend:
 
     def backward_reduce(self, dy3: Any, x3: Any, stats: Stats, weight_grad: Any, bias_grad: Any,
                         tag: int, buf: Any) -> None:
-        """Write ``[sum dy, sum dy * (x - mean), t, t^2]`` (length 2C + 2) into ``buf`` and add
-        this rank's shares to ``weight_grad`` / ``bias_grad`` (either may be None)."""
+        """Write this rank's backward payload (see above) into ``buf`` and add its shares to
+        ``weight_grad`` / ``bias_grad`` (either may be None)."""
         raise NotImplementedError
 
     def backward_input(self, dy3: Any, x3: Any, stats: Stats, buf: Any, count: Any, tag: int, ranks: int,
                        dx3: Any) -> None:
-        """``dx`` from the reduced backward payload (and ``stats.flags[1]``); ``count`` None
-        means fixed (eval) statistics and ``buf`` is then unused."""
+        """``dx`` from the reduced backward payload (and ``stats.flags[1]``), with ``count`` the
+        reduced forward payload's count slot; ``count`` None means fixed (eval) statistics
+        and ``buf`` is then unused."""
         raise NotImplementedError
 
 

@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from ._backend import DESYNC, NONFINITE, Backend, Stats
+from ._backend import DESYNC, NONFINITE, Backend, BackwardPayload, ForwardPayload, Stats
 from ._dlpack import device_of
 
 _BLOCK_ELEMENTS = 1 << 20
@@ -38,9 +38,10 @@ def _pivot_of(pivot_state: Any, pivot_payload: Any, channels: int) -> Any:
     """The pivot K per channel (see ``_backend.py``): the means of a reduced payload, else the
     pivot state, else 0; 0 where not finite (``pivot_of`` in syncbn.cu)."""
     if pivot_payload is not None:
-        n = pivot_payload[2 * channels]
+        reduced = ForwardPayload(pivot_payload, channels)
+        n = reduced.count[0]
         with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-            pivot = pivot_payload[:channels] / n if n > 0 else np.zeros(channels)
+            pivot = reduced.sum_x / n if n > 0 else np.zeros(channels)
     elif pivot_state is not None:
         pivot = np.array(pivot_state, dtype=np.float64)
     else:
@@ -94,27 +95,31 @@ class NumpyBackend(Backend):
         channels = x3.shape[1]
         n = x3.shape[0] * x3.shape[2]
         pivot = self._pivots.last = _pivot_of(pivot_state, pivot_payload, channels)
-        buf[2 * channels:] = (n, tag, float(tag) * tag)
+        out = ForwardPayload(buf, channels)
+        out.count[0] = n
+        _write_tags(out.tags, tag)
         if n == 0:
-            buf[:2 * channels] = 0.0
+            out.sum_x[...] = 0.0
+            out.m2_pivot[...] = 0.0
             return
         with np.errstate(invalid="ignore", over="ignore"):     # NaN/Inf input: flagged after the reduce
             mean = _blocked_channel_sum(x3, lambda r: x3[r]) / n
             m2 = _blocked_channel_sum(x3, lambda r: np.square(x3[r].astype(np.float64) - _col(mean)))
-            buf[:channels] = n * mean
-            buf[channels:2 * channels] = m2 + n * np.square(mean - pivot)
+            out.sum_x[...] = n * mean
+            out.m2_pivot[...] = m2 + n * np.square(mean - pivot)
 
     def normalize_batch(self, x3: Any, buf: Any, tag: int, ranks: int, running_mean: Any, running_var: Any,
                         momentum: float, eps: float, unbiased: bool, weight: Any, bias: Any, stats: Stats,
                         y3: Any, pivot_state_out: Any = None, strict: bool = False) -> None:
         channels = stats.mean.shape[0]
-        count = buf[2 * channels]
-        desync = not _tags_agree(buf[2 * channels + 1:], tag, ranks)
+        reduced = ForwardPayload(buf, channels)
+        count = reduced.count[0]
+        desync = not _tags_agree(reduced.tags, tag, ranks)
         with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
             if count > 0:
-                mean = buf[:channels] / count
+                mean = reduced.sum_x / count
                 dev = mean - self._pivots.last                 # the pivot local_moments used
-                var = np.maximum((buf[channels:2 * channels] - count * dev * dev) / count, 0.0)
+                var = np.maximum((reduced.m2_pivot - count * dev * dev) / count, 0.0)
             else:
                 mean = np.zeros(channels)
                 var = np.zeros(channels)
@@ -155,17 +160,17 @@ class NumpyBackend(Backend):
 
     def backward_reduce(self, dy3: Any, x3: Any, stats: Stats, weight_grad: Any, bias_grad: Any,
                         tag: int, buf: Any) -> None:
-        channels = x3.shape[1]
+        out = BackwardPayload(buf, x3.shape[1])
         mean64 = _col(stats.mean.astype(np.float64))
         with np.errstate(invalid="ignore", over="ignore"):     # Inf/NaN propagate, as the forward's do
-            buf[:channels] = _blocked_channel_sum(dy3, lambda r: dy3[r])
-            buf[channels:2 * channels] = _blocked_channel_sum(
+            out.sum_dy[...] = _blocked_channel_sum(dy3, lambda r: dy3[r])
+            out.sum_dy_xmu[...] = _blocked_channel_sum(
                 x3, lambda r: dy3[r].astype(np.float64) * (x3[r].astype(np.float64) - mean64))
-            buf[2 * channels:] = (tag, float(tag) * tag)
+            _write_tags(out.tags, tag)
             if weight_grad is not None:
-                weight_grad += (buf[channels:2 * channels] * stats.invstd).astype(weight_grad.dtype)
+                weight_grad += (out.sum_dy_xmu * stats.invstd).astype(weight_grad.dtype)
             if bias_grad is not None:
-                bias_grad += buf[:channels].astype(bias_grad.dtype)
+                bias_grad += out.sum_dy.astype(bias_grad.dtype)
 
     def backward_input(self, dy3: Any, x3: Any, stats: Stats, buf: Any, count: Any, tag: int, ranks: int,
                        dx3: Any) -> None:
@@ -176,15 +181,20 @@ class NumpyBackend(Backend):
                 for rows in _row_blocks(dy3):
                     dx3[rows] = dy3[rows].astype(scale.dtype) * scale
                 return
-            channels = scale.shape[1]
-            stats.flags[1] = DESYNC * (not _tags_agree(buf[2 * channels:], tag, ranks))
+            reduced = BackwardPayload(buf, scale.shape[1])
+            stats.flags[1] = DESYNC * (not _tags_agree(reduced.tags, tag, ranks))
             n = max(float(count[0]), 1.0)
-            mean_dy = _col((buf[:channels] / n).astype(scale.dtype))
-            proj = _col((buf[channels:2 * channels] / n * stats.invstd.astype(np.float64) ** 2).astype(scale.dtype))
+            mean_dy = _col((reduced.sum_dy / n).astype(scale.dtype))
+            proj = _col((reduced.sum_dy_xmu / n * stats.invstd.astype(np.float64) ** 2).astype(scale.dtype))
             mean = _col(stats.mean)
             for rows in _row_blocks(dy3):
                 xmu = x3[rows].astype(scale.dtype) - mean
                 dx3[rows] = (dy3[rows].astype(scale.dtype) - mean_dy - xmu * proj) * scale
+
+
+def _write_tags(tags: Any, tag: int) -> None:
+    tags[0] = tag
+    tags[1] = float(tag) * tag
 
 
 def _tags_agree(sums: Any, tag: int, ranks: int) -> bool:

@@ -108,7 +108,7 @@ class ForwardPlan:
         m_args = moments = allreduce = count = None
         if self.training:
             buf = stats.payload
-            count = buf[2 * c:2 * c + 1]
+            count = stats.slots.count
             n_args.set("buf", address(buf))
             m_args = self._moments_plan.arguments()
             m_args.update(self._fixed_moments)

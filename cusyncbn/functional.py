@@ -35,8 +35,7 @@ from typing import Any
 import numpy as np
 
 from . import _debug, _flags, _planned, _watchdog
-from ._backend import DESYNC, NONFINITE, Backend, Stats, backends, backward_payload_size, dtype_name, \
-    forward_payload_size
+from ._backend import DESYNC, NONFINITE, Backend, BackwardPayload, ForwardPayload, Stats, backends, dtype_name
 from ._backend_factory import get_backend
 from ._comm import Communicator, SingleProcessComm, next_tag, peek_tag
 from ._comm_factory import resolve_comm
@@ -366,7 +365,7 @@ def sync_batch_norm(x: Any, running_mean: Any = None, running_var: Any = None, w
             _note.collective = (where, "forward", tag)
             comm.allreduce(buf)
         else:                                  # no pivot yet: a first all-reduce finds the mean
-            first = backend.scratch("first forward payload", forward_payload_size(c), np.float64)
+            first = backend.scratch("first forward payload", ForwardPayload.size(c), np.float64)
             backend.local_moments(x3, None, tag, first)
             _note.collective = (where, "forward", tag)
             comm.allreduce(first)
@@ -384,7 +383,7 @@ def sync_batch_norm(x: Any, running_mean: Any = None, running_var: Any = None, w
             slot, seq = (0, 0) if capturing else _flags.claim(ring, report, (where, "forward", comm, tag))
             backend.normalize_batch(x3, buf, tag, comm.size, rm, rv, momentum, epsilon, unbiased, w, b, stats, y3,
                                     report=slot, seq=seq, pivot_state_out=pivot_state, strict=strict)
-        count = buf[2 * c:2 * c + 1]
+        count = stats.slots.count
     else:
         backend.normalize_fixed(x3, rm, rv, epsilon, w, b, stats, y3)
     plan = None
@@ -586,7 +585,7 @@ def sync_batch_norm_backward(ctx: BatchNormContext, dy: Any, *, input_grad: bool
     buf = None
     reduce = collective or wg is not None or bg is not None
     if reduce:
-        buf = backend.scratch("backward payload", backward_payload_size(c), np.float64)
+        buf = backend.scratch("backward payload", BackwardPayload.size(c), np.float64)
         backend.backward_reduce(dy3, x3, stats, wg, bg, tag, buf)
         if collective:
             _note.collective = (where, "backward", tag)

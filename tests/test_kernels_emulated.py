@@ -289,12 +289,12 @@ def test_a_host_fill_counts_as_a_launch(emu):
 
 def _forward_step(backend, x, running, tag, ranks, tamper=None, momentum=0.9):
     """One training forward through ``backend`` directly: (stats array, payload, running stats)."""
-    from cusyncbn._backend import Stats
+    from cusyncbn._backend import ForwardPayload, Stats
     c = x.shape[1]
     rm, rv = (backend.zeros((c,), np.float32), backend.zeros((c,), np.float32))
     np.copyto(rm, running[0])
     np.copyto(rv, running[1])
-    stats = Stats(backend.empty((4 * c + 2,), np.float32), backend.empty((2 * c + 3,), np.float64), c)
+    stats = Stats(backend.empty((Stats.size(c),), np.float32), backend.empty((ForwardPayload.size(c),), np.float64), c)
     pivot_state = backend.zeros((c,), np.float64)
     np.copyto(pivot_state, running[0])                # here the running mean's values
     backend.local_moments(x, pivot_state, tag, stats.payload)
@@ -311,6 +311,7 @@ def test_flags_and_running_statistics_match_numpy(emu, shape, case):
     """flags[0] (non-finite channel, disagreeing tags), the running statistics left alone per
     non-finite channel or entirely on a desync, and a rank without samples among others:
     bitwise-comparable to the NumPy backend's decisions."""
+    from cusyncbn._backend import ForwardPayload
     from cusyncbn._backend_numpy import NumpyBackend
     rng = np.random.default_rng(5)
     x = rng.normal(2.0, 3.0, size=shape).astype(np.float32)
@@ -319,7 +320,7 @@ def test_flags_and_running_statistics_match_numpy(emu, shape, case):
     running = (rng.normal(size=3).astype(np.float32), rng.uniform(0.5, 2, 3).astype(np.float32))
     tamper, ranks = None, 1
     if case == "desync":
-        tamper = lambda buf: buf.__setitem__(slice(7, 9), (6.0, 20.0))     # another rank sent tag 2
+        tamper = lambda buf: np.copyto(ForwardPayload(buf, 3).tags, (6.0, 20.0))     # another rank sent tag 2
         ranks = 2
     if case == "empty_rank":                         # this rank has no rows; the others' sums arrive
         other = NumpyBackend()
@@ -329,7 +330,7 @@ def test_flags_and_running_statistics_match_numpy(emu, shape, case):
     ours = _forward_step(emu, cuda_emu.guarded_copy(x), running, 4, ranks, tamper)
     ref = _forward_step(NumpyBackend(), x, running, 4, ranks, tamper)
     c = shape[1]
-    assert ours[0][4 * c] == ref[0][4 * c] == {"plain": 0, "nonfinite": 1, "desync": 2, "empty_rank": 0}[case]
+    assert ours[0][4 * c] == ref[0][4 * c] == {"plain": 0, "nonfinite": 1, "desync": 2, "empty_rank": 0}[case]   # flags[0]
     np.testing.assert_allclose(ours[1], ref[1], rtol=1e-6, atol=1e-6)             # payload (tags included)
     np.testing.assert_allclose(ours[2:4], ref[2:4], rtol=1e-6, atol=1e-7)         # running statistics
     np.testing.assert_allclose(ours[0][:4 * c], ref[0][:4 * c], rtol=1e-5, atol=1e-6)
@@ -338,18 +339,18 @@ def test_flags_and_running_statistics_match_numpy(emu, shape, case):
 
 
 def test_backward_flag_reports_disagreeing_tags(emu):
-    from cusyncbn._backend import Stats
+    from cusyncbn._backend import BackwardPayload, ForwardPayload, Stats
     rng = np.random.default_rng(6)
     x = cuda_emu.guarded_copy(rng.normal(size=(5, 3, 8)).astype(np.float32))
-    stats = Stats(emu.zeros((14,), np.float32), emu.zeros((9,), np.float64), 3)
+    stats = Stats(emu.zeros((Stats.size(3),), np.float32), emu.zeros((ForwardPayload.size(3),), np.float64), 3)
     np.copyto(stats.data[:12], np.tile([0.5, 1.0, 1.0], 4)[:12])
     count = emu.zeros((1,), np.float64)
     np.copyto(count, 40.0)
     flags = []
     for sums in ((3.0, 9.0), (4.0, 10.0)):                     # tag 3 on one rank: agree; then not
-        buf = emu.zeros((8,), np.float64)
+        buf = emu.zeros((BackwardPayload.size(3),), np.float64)
         emu.backward_reduce(x, x, stats, None, None, 3, buf)
-        np.copyto(buf[6:], sums)
+        np.copyto(BackwardPayload(buf, 3).tags, sums)
         dx = emu.empty(x.shape, np.float32)
         emu.backward_input(x, x, stats, buf, count, 3, 1, dx)
         flags.append(float(stats.flags[1]))

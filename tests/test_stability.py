@@ -82,11 +82,11 @@ def test_the_functional_core_without_running_statistics_is_stable(to_device):
 
 def test_the_check_can_fail_a_far_pivot_loses_the_variance(to_device):
     """Negative control: the same combine around K = 0 (the old pivot) is off by far more than 1e-6."""
-    from cusyncbn._backend import Stats
+    from cusyncbn._backend import ForwardPayload, Stats
     from cusyncbn._backend_factory import get_backend
     backend = get_backend("cpu")
     x = 1e8 + np.random.default_rng(5).normal(size=(6, 2, 3))
-    stats = Stats(backend.zeros((10,), np.float64), backend.zeros((7,), np.float64), 2)
+    stats = Stats(backend.zeros((Stats.size(2),), np.float64), backend.zeros((ForwardPayload.size(2),), np.float64), 2)
     backend.local_moments(to_device(x), None, 1, stats.payload)                 # pivot 0
     y = backend.empty(x.shape, np.float64)
     backend.normalize_batch(to_device(x), stats.payload, 1, 1, None, None, 0.9, 1e-5, False, None, None, stats, y)
