@@ -47,18 +47,13 @@ from ._rules import FORMATS
 from ._backend_factory import get_backend
 from .functional import sync_batch_norm, sync_batch_norm_backward
 from ._stacklevel import user_stacklevel
+from ._streams import external_stream
 
 __all__ = ["SyncBatchNorm", "allreduce_gradients", "convert_sync_batchnorm"]
 
 if not hasattr(paddle.Tensor, "__dlpack_device__"):       # added in Paddle 3.0 (with Tensor.__dlpack__)
     raise ImportError(f"cusyncbn.paddle needs PaddlePaddle >= 3.0 (Tensor.__dlpack__ / __dlpack_device__), "
                       f"found {paddle.__version__}")
-
-
-@functools.lru_cache(maxsize=64)
-def _external_stream(index: int, ptr: int) -> Any:
-    import cupy
-    return cupy.cuda.ExternalStream(ptr, index)
 
 
 def _on_paddle_stream(device: str) -> Any:
@@ -71,7 +66,7 @@ def _on_paddle_stream(device: str) -> Any:
     with warnings.catch_warnings():                 # paddle.device.cuda is deprecated in favour of
         warnings.simplefilter("ignore")             # paddle.device, whose Stream lacks an int pointer
         ptr = paddle.device.cuda.current_stream(index).cuda_stream
-    return _external_stream(index, int(ptr))
+    return external_stream(index, int(ptr))
 
 
 def _array(t: Any, device: str) -> Any:
@@ -110,13 +105,65 @@ class _UnsupportedDtype(TypeError, RuntimeError):
     for that dtype), so that code written against either catches it."""
 
 
+def _core_forward(x: Any, arrays: tuple, settings: tuple) -> tuple:
+    """``(y, ctx, wide)``: one call of the functional core's forward on Paddle tensor ``x``;
+    ``wide`` is the input's dtype when the core ran on a float32 copy of it (bfloat16 on the
+    CPU, where NumPy has no bfloat16, or on a GPU whose CuPy imports none), else None.
+
+    Args:
+        x: the layer's input.
+        arrays: ``(running_mean, running_var, weight, bias)``: NumPy / CuPy arrays sharing
+            the memory of the layer's tensors; the running statistics are updated in place.
+        settings: ``(training, momentum, epsilon, data_format, comm, num_features, device,
+            where, stats_dtype)``: batch statistics or not, the layer's options, the ``comm=``
+            argument, ``x``'s device, the layer's name in messages and the Paddle dtype of
+            its running statistics.
+
+    Raises:
+        ValueError: float32 / float64 input in another dtype than ``stats_dtype``; what
+            the functional core raises (before any collective or write).
+        TypeError: a non-floating input (also a ``RuntimeError``, as Paddle's).
+    """
+    training, momentum, epsilon, data_format, comm, num_features, device, where, stats_dtype = settings
+    gpu = device != "cpu"
+    wide = None
+    dtype = x.dtype
+    if dtype != stats_dtype:
+        if dtype == paddle.bfloat16:
+            if not (gpu and _cupy_takes_bfloat16()):
+                # As Paddle's bfloat16 kernel: statistics and arithmetic in float32, y rounded
+                # to bfloat16 (the float32 copy is exact; the cast back rounds to nearest even).
+                wide, x = dtype, x.detach().astype("float32")
+        elif dtype in (paddle.float32, paddle.float64):
+            raise ValueError(f"{where}: x is {dtype} but this layer's parameters and running statistics "
+                             f"are {stats_dtype}; as in Paddle's batch norms, float32 / float64 input must "
+                             "have their dtype (cast x, or the layer with layer.to(dtype=...))")
+    if gpu:
+        # Planned calls may then take Paddle tensors as they are (on Paddle's current stream).
+        get_backend(device).accept_array_type(paddle.Tensor, _data_ptr, _layout)
+    out = paddle.empty_like(x) if gpu else None
+    with _on_paddle_stream(device):
+        try:
+            y, ctx = sync_batch_norm(
+                x.detach() if gpu else _array(x, device), *arrays, training=training, momentum=momentum,
+                epsilon=epsilon, data_format=data_format, comm=comm, num_features=num_features, device=device,
+                name=where, out=out)
+        except TypeError as exc:
+            if not x.is_floating_point():
+                raise _UnsupportedDtype(str(exc)) from None
+            raise
+    y = out if gpu else paddle.from_dlpack(y)
+    return (y if wide is None else y.astype(wide)), ctx, wide
+
+
 class _Function(PyLayer):
-    """One call of the functional core per pass; ``dx`` and the backward all-reduce only
-    when the input needs a gradient."""
+    """One call of the functional core per pass, as torch's ``_functions.SyncBatchNorm``:
+    tensors and plain settings in (see :func:`_core_forward`), never the layer; ``dx`` and
+    the backward all-reduce only when the input needs a gradient."""
 
     @staticmethod
-    def forward(ctx: Any, x: Any, weight: Any, bias: Any, layer: "SyncBatchNorm") -> Any:
-        y, ctx.core, ctx.wide = layer._core_forward(x)
+    def forward(ctx: Any, x: Any, weight: Any, bias: Any, arrays: tuple, settings: tuple) -> Any:
+        y, ctx.core, ctx.wide = _core_forward(x, arrays, settings)
         ctx.needs = (not x.stop_gradient, not weight.stop_gradient, not bias.stop_gradient)
         ctx.params = (weight, bias)
         return y
@@ -223,46 +270,6 @@ class SyncBatchNorm(paddle.nn.SyncBatchNorm):
             text += f", use_global_stats={self._use_global_stats}"
         return text + ", backend=cusyncbn"
 
-    def _core_forward(self, x: Any) -> tuple:
-        """``(y, ctx, wide)``: one call of the functional core on Paddle tensors; ``wide`` is
-        the input's dtype when the core ran on a float32 copy of it (bfloat16 on the CPU, where
-        NumPy has no bfloat16, or on a GPU whose CuPy imports none), else None."""
-        device = device_of(x)
-        # Paddle's kernel: batch statistics unless use_global_stats (or eval with it unset);
-        # batch statistics always update the running ones, in eval too.
-        batch = self.training if self._use_global_stats is None else not self._use_global_stats
-        gpu = device != "cpu"
-        wide = None
-        dtype = x.dtype
-        if dtype != self._mean.dtype:
-            if dtype == paddle.bfloat16:
-                if not (gpu and _cupy_takes_bfloat16()):
-                    # As Paddle's bfloat16 kernel: statistics and arithmetic in float32, y rounded
-                    # to bfloat16 (the float32 copy is exact; the cast back rounds to nearest even).
-                    wide, x = dtype, x.detach().astype("float32")
-            elif dtype in (paddle.float32, paddle.float64):
-                raise ValueError(f"{self._where()}: x is {dtype} but this layer's parameters and running statistics "
-                                 f"are {self._mean.dtype}; as in Paddle's batch norms, float32 / float64 input must "
-                                 "have their dtype (cast x, or the layer with layer.to(dtype=...))")
-        if gpu:
-            # Planned calls may then take Paddle tensors as they are (on Paddle's current stream).
-            get_backend(device).accept_array_type(paddle.Tensor, _data_ptr, _layout)
-        out = paddle.empty_like(x) if gpu else None
-        with _on_paddle_stream(device):
-            try:
-                y, ctx = sync_batch_norm(
-                    x.detach() if gpu else _array(x, device), self._param_array("_mean", device),
-                    self._param_array("_variance", device), self._param_array("weight", device),
-                    self._param_array("bias", device), training=batch, momentum=self._momentum,
-                    epsilon=self._epsilon, data_format=self._data_format, comm=self._comm,
-                    num_features=self._num_features, device=device, name=self._where(), out=out)
-            except TypeError as exc:
-                if not x.is_floating_point():
-                    raise _UnsupportedDtype(str(exc)) from None
-                raise
-        y = out if gpu else paddle.from_dlpack(y)
-        return (y if wide is None else y.astype(wide)), ctx, wide
-
     def _where(self) -> str:
         """This layer's name in messages and its key for once-per-layer warnings: its ``name``,
         else Paddle's ``full_name()``, with its path in the model when the converter made it
@@ -308,11 +315,20 @@ class SyncBatchNorm(paddle.nn.SyncBatchNorm):
                                "are Python calls, not Paddle operators)")
         if not isinstance(x, paddle.Tensor):
             raise TypeError(f"{self.full_name()}: x must be a paddle.Tensor, got {type(x).__name__}")
+        device = device_of(x)
+        # Paddle's kernel: batch statistics unless use_global_stats (or eval with it unset);
+        # batch statistics always update the running ones, in eval too.
+        batch = self.training if self._use_global_stats is None else not self._use_global_stats
+        param_array = self._param_array
+        arrays = (param_array("_mean", device), param_array("_variance", device), param_array("weight", device),
+                  param_array("bias", device))
+        settings = (batch, self._momentum, self._epsilon, self._data_format, self._comm, self._num_features, device,
+                    self._where(), self._mean.dtype)
         if paddle.is_grad_enabled() and not (x.stop_gradient and self.weight.stop_gradient
                                              and self.bias.stop_gradient):
-            y = _Function.apply(x, self.weight, self.bias, self)
+            y = _Function.apply(x, self.weight, self.bias, arrays, settings)
         else:
-            y, ctx, _ = self._core_forward(x)
+            y, ctx, _ = _core_forward(x, arrays, settings)
             ctx.release()                     # nothing will be back-propagated
         # paddle.nn.BatchNorm's act=, applied as Paddle's dygraph_utils applies it.
         return y if self._act is None else getattr(_legacy_C_ops, self._act)(y)

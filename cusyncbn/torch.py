@@ -30,6 +30,7 @@ from . import _watchdog
 from ._backend_factory import get_backend
 from ._comm import SingleProcessComm
 from ._comm_factory import resolve_comm
+from ._streams import external_stream
 from .functional import sync_batch_norm, sync_batch_norm_backward
 
 __all__ = ["InputChannelsError", "InputDtypeError", "SyncBatchNorm", "TorchDistComm", "allreduce_gradients",
@@ -99,9 +100,6 @@ def _layout(t: torch.Tensor) -> tuple:
     return t.stride(), t.get_device()
 
 
-_cupy_streams: dict[tuple[int, int], Any] = {}
-
-
 def _on_torch_stream(t: torch.Tensor) -> Any:
     """Context in which CuPy's current stream is torch's current stream on ``t``'s device.
 
@@ -110,25 +108,46 @@ def _on_torch_stream(t: torch.Tensor) -> Any:
     """
     if t.device.type != "cuda":
         return contextlib.nullcontext()
-    import cupy
     index = _cuda_index(t)
-    ptr = torch.cuda.current_stream(index).cuda_stream
-    stream = _cupy_streams.get((index, ptr))
-    if stream is None:
-        if len(_cupy_streams) > 64:
-            _cupy_streams.clear()
-        stream = _cupy_streams[(index, ptr)] = cupy.cuda.ExternalStream(ptr, index)
-    return stream
+    return external_stream(index, torch.cuda.current_stream(index).cuda_stream)
+
+
+def _core_forward(x: torch.Tensor, arrays: tuple, settings: tuple) -> tuple:
+    """``(y, ctx)``: one call of the functional core's forward on ``x``.
+
+    Args:
+        x: the input as the core takes it (a detached tensor, channel-second contiguous or
+            a channel-last permutation of a ``channels_last`` tensor).
+        arrays: ``(running_mean, running_var, weight, bias)``: NumPy / CuPy arrays sharing
+            the memory of the module's tensors, or None; the running statistics are updated
+            in place.
+        settings: ``(training, momentum, epsilon, data_format, comm, plan_device, name)``:
+            batch statistics or not, Paddle's momentum convention (``1 - torch's``), the
+            core's data format, the communicator, the device that lets repeated calls take
+            their planned path (None: none for this call) and the module's name in messages.
+
+    Returns:
+        ``y`` (a tensor like ``x``) and the functional core's context for the backward.
+    """
+    training, momentum, epsilon, data_format, comm, plan_device, name = settings
+    # On a GPU the outputs come from torch's allocator and are written in place (no CuPy
+    # allocation, no DLPack export per call); repeated calls take the planned path.
+    out = torch.empty_like(x) if x.is_cuda else None
+    with _on_torch_stream(x):
+        y, core = sync_batch_norm(
+            x, *arrays, training=training, momentum=momentum, epsilon=epsilon, data_format=data_format, comm=comm,
+            unbiased_running_var=True, device=plan_device, name=name, out=out)
+    return (out if out is not None else torch.from_dlpack(y)), core
 
 
 class _Function(torch.autograd.Function):
-    """One call of the functional core per pass; dx and the backward all-reduce only when
-    the input needs a gradient."""
+    """One call of the functional core per pass, as torch's ``_functions.SyncBatchNorm``:
+    tensors and plain settings in (see :func:`_core_forward`), never the module; dx and the
+    backward all-reduce only when the input needs a gradient."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: Any, bias: Any, module: "SyncBatchNorm", args: tuple
-                ) -> torch.Tensor:
-        y, ctx.core = module._core(x.detach(), args)
+    def forward(ctx: Any, x: torch.Tensor, weight: Any, bias: Any, arrays: tuple, settings: tuple) -> torch.Tensor:
+        y, ctx.core = _core_forward(x.detach(), arrays, settings)
         ctx.params = (weight, bias)
         return y
 
@@ -436,12 +455,12 @@ class SyncBatchNorm(torch.nn.SyncBatchNorm):
             weight, bias = copies[2:]
             arrays = tuple(None if t is None else _import(t, device) for t in copies)
             plan_device = None
-        args = (arrays, training, momentum, data_format, comm, plan_device)
+        settings = (training, momentum, float(self.eps), data_format, comm, plan_device, self._cusyncbn_name)
         if torch.is_grad_enabled() and (xin.requires_grad or (weight is not None and weight.requires_grad)
                                         or (bias is not None and bias.requires_grad)):
-            y = _Function.apply(xin, weight, bias, self, args)
+            y = _Function.apply(xin, weight, bias, arrays, settings)
         else:
-            y, core = self._core(xin.detach(), args)
+            y, core = _core_forward(xin.detach(), arrays, settings)
             core.release()                           # nothing will be back-propagated
         if copies is not None:
             for t, f in zip((running_mean, running_var), copies[:2]):
@@ -450,18 +469,6 @@ class SyncBatchNorm(torch.nn.SyncBatchNorm):
         if back is not None:
             y = back(y)
         return y if low is None else y.to(low)
-
-    def _core(self, x: torch.Tensor, args: tuple) -> tuple:
-        """``(y, ctx)``: one call of the functional core."""
-        arrays, training, momentum, data_format, comm, plan_device = args
-        # On a GPU the outputs come from torch's allocator and are written in place (no CuPy
-        # allocation, no DLPack export per call); repeated calls take the planned path.
-        out = torch.empty_like(x) if x.is_cuda else None
-        with _on_torch_stream(x):
-            y, core = sync_batch_norm(
-                x, *arrays, training=training, momentum=momentum, epsilon=float(self.eps), data_format=data_format,
-                comm=comm, unbiased_running_var=True, device=plan_device, name=self._cusyncbn_name, out=out)
-        return (out if out is not None else torch.from_dlpack(y)), core
 
     def _take_over(self, old: torch.nn.Module) -> None:
         """Make this new module ``old``'s replacement: its parameters and buffers (the same

@@ -155,7 +155,7 @@ def test_the_package_has_no_import_circle():
 FLOORS = {
     "machinery": ["_abort", "_backend", "_backend_cupy", "_backend_factory", "_backend_numpy", "_comm",
                   "_comm_factory", "_device", "_dlpack", "_flags", "_kernels", "_launch", "_nccl", "_params",
-                  "_stacklevel", "_tuning", "_watchdog"],
+                  "_stacklevel", "_streams", "_tuning", "_watchdog"],
     "rules": ["_convert", "_debug", "_grad_mode", "_options", "_rules", "_state"],
     "functional core": ["functional", "_pending", "_planned"],
     "shells": ["", "_bench_cases", "_bench_model", "_checkpoint", "_grads", "_hostcost", "_layer", "_recording",

@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 import warnings
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -338,6 +339,62 @@ def test_import_cusyncbn_does_not_import_paddle():
 _SOURCE = open(os.path.join(HERE, "paddle_worker.py")).read()
 CASES = re.findall(r"^@case\ndef (\w+)", _SOURCE, re.M)
 _results: dict = {}
+
+
+def test_the_pylayer_takes_tensors_and_settings_never_the_layer():
+    """As torch's ``_functions.SyncBatchNorm``: the layer's state is read before the call and
+    the PyLayer computes from what it is given."""
+    comm = MirrorComm()
+    bn = cbp.SyncBatchNorm(3, momentum=MOMENTUM, epsilon=1e-3, comm=comm, data_format="NC", name="bn_pl")
+    x = paddle.to_tensor(np.random.default_rng(7).normal(size=(4, 3)), stop_gradient=False)
+    with mock.patch.object(cbp._Function, "apply", wraps=cbp._Function.apply) as apply:
+        y = bn(x)
+    call, = apply.call_args_list
+    x_in, weight, bias, arrays, settings = call.args
+    assert x_in is x and weight is bn.weight and bias is bn.bias
+    assert [type(a) for a in arrays] == [np.ndarray] * 4
+    assert arrays[0].ctypes.data == bn._mean.data_ptr()             # the running mean itself, no copy
+    assert settings == (True, MOMENTUM, 1e-3, "NC", comm, 3, "cpu", "bn_pl", paddle.float64)
+    assert not any(isinstance(v, paddle.nn.Layer) for v in (*call.args, *settings))
+    forward = comm.calls
+    y.sum().backward()
+    assert comm.calls == forward + 1 and x.grad is not None
+    with pytest.raises(ValueError, match=r"^bn_pl: x is paddle.float32 but this layer's parameters .* are "
+                                         r"paddle.float64"):
+        bn(paddle.to_tensor(np.ones((4, 3), np.float32)))        # checked from the settings, in the PyLayer
+    assert comm.calls == forward + 1
+
+
+def test_one_external_stream_per_cuda_stream_shared_by_the_adapters(monkeypatch):
+    """``_streams.external_stream``: one CuPy wrapper per (device, stream), the same for the
+    torch and the Paddle adapter (a stand-in CuPy and stand-in current streams: no GPU)."""
+    import types
+    from cusyncbn import _streams
+    made = []
+
+    class ExternalStream:
+        def __init__(self, ptr, index):
+            made.append((index, ptr))
+    fake = types.SimpleNamespace(cuda=types.SimpleNamespace(ExternalStream=ExternalStream))
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    _streams.external_stream.cache_clear()
+    try:
+        first = _streams.external_stream(0, 1234)
+        assert _streams.external_stream(0, 1234) is first and made == [(0, 1234)]
+        assert _streams.external_stream(1, 1234) is not first and made == [(0, 1234), (1, 1234)]
+        stream = types.SimpleNamespace(cuda_stream=1234)
+        monkeypatch.setattr(paddle.device.cuda, "current_stream", lambda index: stream)
+        assert cbp._on_paddle_stream("gpu:0") is first
+        torch = pytest.importorskip("torch")
+        import cusyncbn.torch as cbt
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda index: stream)
+        cuda_tensor = types.SimpleNamespace(device=types.SimpleNamespace(type="cuda", index=0))
+        assert cbt._on_torch_stream(cuda_tensor) is first and len(made) == 2
+        for i in range(70):                              # bounded: the oldest go
+            _streams.external_stream(0, 10_000 + i)
+        assert _streams.external_stream.cache_info().currsize == 64
+    finally:
+        _streams.external_stream.cache_clear()
 
 
 def _env() -> dict:

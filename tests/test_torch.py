@@ -1,5 +1,6 @@
 """cusyncbn.torch against torch itself (CPU here; GPU variants are marked), and checkpoints."""
 import copy
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -240,3 +241,43 @@ def test_torch_dist_comm_on_gloo_is_watched(tmp_path):
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.split() == ["ok", "2", "True"], done.stdout
+
+
+def test_the_autograd_function_takes_tensors_and_settings_never_the_module():
+    """As torch's ``_functions.SyncBatchNorm``: the module's state is read before the call
+    and the function computes from what it is given (a module in its arguments would let
+    it reach back into the module)."""
+    torch.manual_seed(0)
+    ref = torch.nn.BatchNorm1d(3, eps=1e-3, dtype=torch.float64)
+    bn = cbt.convert_sync_batchnorm(copy.deepcopy(ref))
+    x = torch.randn(6, 3, 4, dtype=torch.float64, requires_grad=True)
+    with mock.patch.object(cbt._Function, "apply", wraps=cbt._Function.apply) as apply:
+        y = bn(x)
+    call, = apply.call_args_list
+    x_in, weight, bias, arrays, settings = call.args
+    assert weight is bn.weight and bias is bn.bias and x_in.shape == x.shape
+    assert [type(a) for a in arrays] == [np.ndarray] * 4
+    assert np.shares_memory(arrays[0], bn.running_mean.numpy())
+    assert np.shares_memory(arrays[2], bn.weight.detach().numpy())
+    training, momentum, epsilon, data_format, comm, plan_device, name = settings
+    assert (training, momentum, epsilon, data_format, plan_device) == (True, 0.9, 1e-3, "NCL", "cpu")
+    assert comm.size == 1 and name.startswith("SyncBatchNorm#")
+    assert not any(isinstance(v, torch.nn.Module) for v in (*call.args, *arrays, *settings))
+    y.sum().backward()
+    y_ref = ref(x)
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(bn.running_var, ref.running_var)
+
+
+def test_the_no_grad_path_runs_the_same_core_call(monkeypatch):
+    calls = []
+    core = cbt._core_forward
+
+    def recording_core(x, arrays, settings):
+        calls.append(settings)
+        return core(x, arrays, settings)
+    monkeypatch.setattr(cbt, "_core_forward", recording_core)
+    bn = cbt.SyncBatchNorm(3, dtype=torch.float64).eval()
+    with torch.no_grad():
+        bn(torch.randn(4, 3, dtype=torch.float64))
+    assert [s[:4] for s in calls] == [(False, 0.9, 1e-5, "NC")]
