@@ -64,8 +64,30 @@ def load_state_dict(layer: Any, state: dict, format: str = "auto", strict: bool 
 def export_state_dict(layer: Any, format: str = "cusyncbn") -> dict:
     """Host copies of ``layer``'s state in the naming of ``format``.
 
-    For ``"torch"`` the values are torch tensors (ready for ``torch_bn.load_state_dict``)
-    and ``num_batches_tracked`` is included (0: cusyncbn does not count batches).
+    Args:
+        layer: a cusyncbn batch-norm layer (its ``state_dict()``: ``weight`` and ``bias``
+            when it has them, ``_mean``, ``_variance``).
+        format: ``"cusyncbn"`` or ``"paddle"`` (those names), or ``"torch"`` (``weight``,
+            ``bias``, ``running_mean``, ``running_var``, ``num_batches_tracked``).
+
+    Returns:
+        A new dict of new host arrays, each of shape ``(num_features,)`` in the layer's
+        dtype (float32 or float64): NumPy arrays, or for ``"torch"`` CPU torch tensors
+        (ready for ``torch_bn.load_state_dict``) and ``num_batches_tracked``, a 0-d int64
+        tensor holding 0 (cusyncbn does not count batches). Later updates of the layer do
+        not show in them.
+
+    Raises:
+        ValueError: an unknown ``format``.
+        ImportError: ``"torch"`` without torch installed.
+
+    Example:
+        >>> import cusyncbn
+        >>> state = cusyncbn.export_state_dict(cusyncbn.SyncBatchNorm(2, device="cpu"), "torch")
+        >>> sorted(state), tuple(state["running_var"].shape), state["running_var"].dtype   # doctest: +SKIP
+        (['bias', 'num_batches_tracked', 'running_mean', 'running_var', 'weight'], (2,), torch.float32)
+        >>> sorted(cusyncbn.export_state_dict(cusyncbn.SyncBatchNorm(2, device="cpu", bias_attr=False)))
+        ['_mean', '_variance', 'weight']
     """
     if format not in _FORMATS:
         raise ValueError(f"format must be one of {_FORMATS}, got {format!r}")
@@ -84,6 +106,25 @@ def save_checkpoint(layers: Any, path: str | os.PathLike) -> None:
 
     The file is written next to ``path`` under a temporary name, flushed to disk, then
     renamed over ``path``: a crash never leaves a truncated checkpoint where the old one was.
+    Read it back with :func:`load_checkpoint`.
+
+    Args:
+        layers: a cusyncbn batch-norm layer, or a dict ``{name: layer}``.
+        path: the file to write (a ``str`` or path-like), exactly there (no ``.npz`` is
+            appended); an existing file is replaced.
+
+    The file holds, per layer, host copies of its ``state_dict()`` entries (``weight``,
+    ``bias`` when present, ``_mean``, ``_variance``), each of shape ``(num_features,)`` in
+    the layer's dtype, named ``"<name>/<key>"`` for a dict of layers and ``"<key>"`` for one.
+
+    Raises:
+        FileNotFoundError: ``path``'s directory does not exist.
+        OSError (e.g. ``PermissionError``): the file cannot be written there. The message
+            names ``path``; no temporary file is left behind and a file already at ``path``
+            is unchanged.
+
+    Example:
+        >>> cusyncbn.save_checkpoint({"bn1": bn1, "bn2": bn2}, "bn.npz")     # doctest: +SKIP
     """
     named = layers if isinstance(layers, dict) else {"": layers}
     arrays = {}

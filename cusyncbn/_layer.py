@@ -204,14 +204,34 @@ class _BatchNormBase:
     def forward(self, x: Any, *, output: str | None = None) -> Any:
         """Normalize ``x``; in training mode with batch statistics synchronized over ``comm``.
 
+        Batch statistics (training mode, or ``use_global_stats=False``) also move the running
+        ones. Unless run under :func:`cusyncbn.no_grad`, the forward is kept for one
+        :meth:`backward` (at most ``max_pending`` are kept: beyond, the oldest is dropped
+        with a ``RuntimeWarning``). A bad call raises before any collective and changes
+        nothing: no running statistic moves, no forward is kept.
+
         Args:
-            x: input of 2 to 5 dimensions in the layer's ``data_format`` (NumPy/CuPy
-                array or any DLPack producer on the layer's device).
-            output: ``"backend"`` (a NumPy or CuPy array) or ``"input"`` (the input's
-                framework, through DLPack). Default: the layer's ``output``.
+            x: ``(N, C, *)`` with a channel-second ``data_format``, ``(N, *, C)`` with a
+                channel-last one (see ``Shape`` in :class:`SyncBatchNorm`): 2 to 5 dimensions
+                (``BatchNorm1D/2D/3D``: 2 or 3, 4, 5), ``C == num_features``; float16,
+                bfloat16, float32 or float64; a NumPy or CuPy array or any DLPack producer
+                (torch, JAX, Paddle...) on the layer's device.
+            output: ``"backend"`` (a NumPy or CuPy array) or ``"input"`` (``x``'s
+                framework, through DLPack, without a copy). Default: the layer's ``output``.
 
         Returns:
-            ``y``, same shape and dtype as ``x``.
+            ``y``, with the shape and dtype of ``x`` (statistics and arithmetic in float32,
+            float64 for float64 input).
+
+        Raises:
+            ValueError: ``x`` with another channel count or number of dimensions, or on
+                another device than the layer; an unknown ``output``.
+            TypeError: ``x`` not an array, or not of a floating dtype.
+            RuntimeError: with ``debug``, another rank's call failed or makes another
+                collective (every rank raises); the ranks' collectives are out of step.
+            FloatingPointError: with ``nonfinite='raise'``, the global statistics of a
+                channel are not finite (NaN or Inf in some rank's input); no running
+                statistic moved. (On a GPU, raised by a later call into cusyncbn.)
         """
         framework = framework_of(x)
         if not self._sync:
@@ -253,12 +273,28 @@ class _BatchNormBase:
     def backward(self, dy: Any, *, output: str | None = None) -> Any:
         """Gradient w.r.t. ``x`` of the most recent forward not yet back-propagated (LIFO).
 
-        Accumulates this rank's partial sums into ``weight.grad`` / ``bias.grad``
-        (their sum over ranks is the full gradient: see :func:`allreduce_gradients`).
+        Adds this rank's shares of the parameter gradients into ``weight.grad`` /
+        ``bias.grad`` (created as zeros when None; trainable parameters only): their sum
+        over ranks is the full gradient (see :func:`cusyncbn.allreduce_gradients`). After a
+        forward with batch statistics it makes one all-reduce of ``2C + 2`` float64 values;
+        after one with the running statistics none. A bad ``dy`` raises before the
+        collective, leaves the forward pending and adds nothing to the gradients.
+
+        Args:
+            dy: gradient of the loss w.r.t. that forward's ``y``: its shape, any floating
+                dtype (cast to ``x``'s), a NumPy or CuPy array or any DLPack producer on
+                the layer's device.
+            output: as for :meth:`forward`.
+
+        Returns:
+            ``dx``, with the shape and dtype of that forward's ``x``.
 
         Raises:
-            RuntimeError: no forward is pending.
-            ValueError / TypeError: ``dy`` does not match the pending forward's input.
+            RuntimeError: no forward is pending (with ``debug`` in training, every rank
+                raises); the ranks' collectives are out of step.
+            ValueError: ``dy`` not of the forward's input shape, or on another device; an
+                unknown ``output``.
+            TypeError: ``dy`` not an array, or not of a floating dtype.
         """
         framework = framework_of(dy)
         if not self._pending:
@@ -324,6 +360,18 @@ class SyncBatchNorm(_BatchNormBase):
             Inf in some rank's input), that channel's running statistics are left unchanged
             and every rank is told: 'warn' (a RuntimeWarning, once per layer) or 'raise'
             (FloatingPointError). On a GPU this is reported by a later call (no host sync).
+
+    Shape:
+        - x: ``(N, C)``, ``(N, C, L)``, ``(N, C, H, W)`` or ``(N, C, D, H, W)`` with a
+          channel-second ``data_format``; ``(N, C)``, ``(N, L, C)``, ``(N, H, W, C)`` or
+          ``(N, D, H, W, C)`` with a channel-last one; ``C == num_features``. ``N`` and the
+          spatial sizes may differ between ranks, and ``N`` may be 0 on some. float16,
+          bfloat16 (needs the ml_dtypes package; on a GPU, CuPy >= 14), float32 or float64.
+        - y (forward): the shape and dtype of ``x``.
+        - dy, dx (backward): the shape of ``x``; ``dy`` of any floating dtype, ``dx`` of
+          ``x``'s.
+        - weight, bias, running_mean, running_var and the gradients ``weight.grad``,
+          ``bias.grad``: ``(C,)``, of ``dtype``.
 
     Raises:
         ValueError: bad num_features, data_format, output or nonfinite; momentum outside

@@ -366,7 +366,34 @@ class SyncBatchNorm(torch.nn.SyncBatchNorm):
     # -- forward ---------------------------------------------------------------------------
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        """torch's ``SyncBatchNorm.forward`` on cusyncbn (see the class docstring)."""
+        """Normalize ``input`` as torch's ``SyncBatchNorm.forward`` does, computed (and in
+        training over several processes, synchronized) by cusyncbn; see the class docstring
+        for the decisions it makes.
+
+        Args:
+            input: ``(N, C, *)``, at least 2 dimensions (more than 5 are viewed as
+                ``(N, C, L)``), ``C == num_features`` (unless the module has no parameters
+                and no running statistics); float16, bfloat16, float32 or float64, on the
+                CPU or a CUDA device, where the module's parameters and buffers must be. A
+                ``channels_last`` (``channels_last_3d``) tensor is taken without a copy; on
+                a CUDA device the kernels run on torch's current stream.
+
+        Returns:
+            The normalized tensor: ``input``'s shape, dtype, device and memory format. It is
+            differentiable w.r.t. ``input``, ``weight`` and ``bias``; the backward makes one
+            all-reduce when ``input`` needs a gradient after a synchronized forward, and
+            leaves this rank's shares in ``weight.grad`` / ``bias.grad`` (see
+            :func:`allreduce_gradients`).
+
+        Raises (before any state change or collective):
+            ValueError: fewer than 2 dimensions or no channels (torch's messages); one value
+                per channel in a training batch normalized without syncing (torch's rule);
+                ``eps`` not positive in training or negative; a device other than the CPU
+                or CUDA.
+            InputChannelsError: ``C`` is not ``num_features`` (a ``RuntimeError`` too).
+            InputDtypeError: a non-floating input (a ``NotImplementedError`` too).
+            TypeError: a ``comm`` that is not a communicator.
+        """
         self._check_input_dim(input)
         self._check_non_zero_input_channels(input)
         if not input.is_floating_point():

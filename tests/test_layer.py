@@ -404,7 +404,8 @@ def test_check_layer_options_returns_the_options_as_a_layer_keeps_them(monkeypat
         bn(np.ones((2, 3), np.float32), output="numpy")                  # a call's output, checked the same way
 
 
-@pytest.mark.parametrize("module", ["cusyncbn._options", "cusyncbn._device"])
+@pytest.mark.parametrize("module", ["cusyncbn._options", "cusyncbn._device", "cusyncbn._pending",
+                                    "cusyncbn._checkpoint"])
 def test_docstring_examples_of_the_layers_helpers_run(module):
     import doctest
     import importlib
@@ -477,3 +478,14 @@ def test_a_layers_backward_with_no_pending_forward_votes_only_when_its_next_pass
     assert len(comm.buffers) == votes
     with pytest.raises(RuntimeError, match="no pending forward"):
         cusyncbn.BatchNorm1D(4, device="cpu", debug=True).backward(np.ones((2, 4), np.float32))
+
+
+def test_the_entry_points_document_shapes_arguments_returns_and_errors():
+    import inspect
+    assert "\n    Shape:\n        - x: ``(N, C)``" in cusyncbn.SyncBatchNorm.__doc__
+    for entry, sections in ((cusyncbn.SyncBatchNorm.forward, ("Args:", "Returns:", "Raises:")),
+                            (cusyncbn.SyncBatchNorm.backward, ("Args:", "Returns:", "Raises:")),
+                            (cusyncbn.export_state_dict, ("Args:", "Returns:", "Raises:", "Example:")),
+                            (cusyncbn.save_checkpoint, ("Args:", "Raises:", "Example:"))):
+        doc = inspect.getdoc(entry)
+        assert all(f"\n{section}\n" in doc for section in sections), (entry.__qualname__, sections)

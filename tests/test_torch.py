@@ -281,3 +281,11 @@ def test_the_no_grad_path_runs_the_same_core_call(monkeypatch):
     with torch.no_grad():
         bn(torch.randn(4, 3, dtype=torch.float64))
     assert [s[:4] for s in calls] == [(False, 0.9, 1e-5, "NC")]
+
+
+def test_the_module_forward_documents_its_argument_result_and_errors():
+    import inspect
+    doc = inspect.getdoc(cbt.SyncBatchNorm.forward)
+    assert all(f"\n{section}\n" in doc for section in ("Args:", "Returns:", "Raises (before any state change or "
+                                                                               "collective):"))
+    assert "InputChannelsError" in doc and "InputDtypeError" in doc
