@@ -1,133 +1,26 @@
 """The Python-side cost of a layer call on the GPU code path, measurable without a GPU.
 
-``StubBackend`` is the real :class:`~cusyncbn._backend_cupy.CupyBackend` (launch plans,
-alignment checks, workspaces, argument tuples) with CuPy's arrays replaced by NumPy
-arrays and every kernel launch by a no-op, so what runs is cusyncbn's own host code:
-the layer, the functional core, the checks and the backend. CuPy's launch cost (a few
-microseconds per kernel, two per pass) and NCCL's come on top on a GPU, where
-``python -m cusyncbn.bench`` measures the whole.
-
-``StubBackend`` is also the base of the kernel emulator (``tests/cuda_emu``). The measure
-of host work is :func:`ledger`: the real GPU code path (``CupyBackend``, the flag slots,
-NCCL's call) run against a recording stand-in for CuPy (``cusyncbn._recording``), which
-counts per pass what costs host time on a GPU machine: launches (and the arguments
-wrapped per launch), NCCL calls, allocations, views, device-to-host copies, events,
-device switches, stream lookups and cusyncbn's Python frames.
-``python -m cusyncbn._hostcost`` prints it, with a host time predicted from unit costs
-profiled on the H200; CI holds it under a budget (``BUDGET``), so that host work added
-to the per-call path shows up as a failing test rather than as a slower GPU benchmark.
+The measure of host work is :func:`ledger`: the real GPU code path (the layer, the
+functional core, ``CupyBackend``, the flag slots, NCCL's call) run against a recording
+stand-in for CuPy (``cusyncbn._recording``), which counts per pass what costs host time on
+a GPU machine: launches (and the arguments wrapped per launch), NCCL calls, allocations,
+views, device-to-host copies, events, device switches, stream lookups and cusyncbn's
+Python frames. ``python -m cusyncbn._hostcost`` prints it, with a host time predicted from
+unit costs profiled on the H200; CI holds it under a budget (``BUDGET``), so that host work
+added to the per-call path shows up as a failing test rather than as a slower GPU benchmark.
+(The test suite's ``tests/stub_backend.py`` runs the same host code with no-op kernels.)
 """
 from __future__ import annotations
 
-import contextlib
-from operator import attrgetter
+from functools import partial
 from typing import Any
 
 import numpy as np
 
 from . import _flags, _planned
-from ._backend import Backend, swap_backend
-from ._backend_cupy import CupyBackend
-from ._backend_numpy import NumpyBackend
+from ._backend import swap_backend
 
 SHAPE = (2, 256, 4, 4)           # tiny: host-bound, as the benchmark's host measurement
-
-
-class StubBackend(CupyBackend):
-    """``CupyBackend`` on NumPy arrays whose kernels do nothing (``sms`` sizes the grids)."""
-
-    import_array = NumpyBackend.import_array
-    is_native = NumpyBackend.is_native
-
-    array_types: tuple = (np.ndarray,)
-
-    def __init__(self, sms: int = 132) -> None:
-        Backend.__init__(self)
-        self.xp = np
-        self.device = "cpu"
-        self.arch = "stub"
-        self._index = self.index = 0
-        self._cuda_device = contextlib.nullcontext()
-        self._sms = sms
-        self._init_plans()
-        self._ring = self._make_ring()
-        self.table = {}
-        self.current_device = _device_zero
-        self.current_stream = _default_stream
-        self.pointer = attrgetter("ctypes.data")
-        for cls in self.array_types:
-            self.accept_array_type(cls, self.pointer, attrgetter("strides"))
-
-    def stream_key(self) -> int:
-        return 0
-
-    def _make_ring(self, size: int = 1024) -> Any:
-        return _flags.host_ring(size)
-
-    def address_of(self, a: Any) -> int:
-        return a.ctypes.data
-
-    def packed_launcher(self, plan: Any, args: Any, stream: int) -> Any:
-        return _no_op_packed
-
-    def capturing(self) -> bool:
-        return False
-
-    def empty(self, shape: Any, dtype: Any) -> Any:
-        # Zeros: the no-op kernels never write the statistics' flags, which must read "nothing found".
-        return np.zeros(shape, dtype)
-
-    @staticmethod
-    def _address(a: Any) -> int:
-        return a.ctypes.data
-
-    @staticmethod
-    def _resources(kernel: Any) -> tuple[int, int]:
-        return 64, 0
-
-    def _kernel(self, dtype_name: str, key: str, loads: int) -> Any:
-        return _no_op
-
-
-def _no_op(grid: tuple, block: tuple, args: tuple, shared_mem: int = 0) -> None:
-    return None
-
-
-def _no_op_packed() -> None:
-    return None
-
-
-class _DefaultStream:
-    """The stand-in's one stream: CUDA's default stream, never capturing."""
-
-    ptr = 0
-
-    @staticmethod
-    def is_capturing() -> bool:
-        return False
-
-
-_STREAM = _DefaultStream()
-
-
-def _default_stream() -> _DefaultStream:
-    return _STREAM
-
-
-def _device_zero() -> int:
-    return 0
-
-
-@contextlib.contextmanager
-def stubbed() -> Any:
-    """Within this block, CPU layers run on a :class:`StubBackend` (the GPU backend's host code
-    on NumPy arrays, kernels not run)."""
-    stub = StubBackend()
-    previous = swap_backend("cpu", stub)
-    try:
-        yield stub
-    finally:
-        swap_backend("cpu", previous)
 
 
 # Host time per unit of work, profiled on the H200 on 2026-11-29 (``../perf/h200-2026-11-29.md``,
@@ -161,7 +54,6 @@ class _RecordedNccl:
                              stream)
 
     def prepare_allreduce(self, buf: Any, stream: int) -> Any:
-        from functools import partial
         return partial(self._comm.allReduce, buf.data.ptr, buf.data.ptr, buf.size, self._nccl.NCCL_FLOAT64,
                        self._nccl.NCCL_SUM, stream)
 
@@ -232,10 +124,7 @@ def predicted_us(counts: dict[str, int]) -> float:
 
 def ledger_line(counts: dict[str, int]) -> str:
     """The ledger's closing line (its format is fixed: CI and the issue read it)."""
-    c = counts
-    return (f"ledger per training pass: launches {c['launches']}, nccl {c['nccl']}, allocations {c['allocations']}, "
-            f"views {c['views']}, copies {c['copies']}, events {c['events']}, device switches "
-            f"{c['device_switches']}, stream lookups {c['stream_lookups']}, frames {c['frames']}")
+    return "ledger per training pass: " + ", ".join(f"{k.replace('_', ' ')} {counts[k]}" for k in LEDGER_FIELDS)
 
 
 def main() -> None:

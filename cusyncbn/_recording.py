@@ -42,7 +42,7 @@ Counted, in :class:`Ledger` (:data:`COUNTERS`):
 - ``nccl``: ``NcclCommunicator.allReduce`` calls.
 - ``allocations``: new device buffers (``empty``/``zeros``/``ones``/``full``/``array``,
   ``*_like``, ``astype``, ``copy``, ``ascontiguousarray`` and reshapes that must copy,
-  arithmetic results); ``pinned``: ``cupyx.empty_pinned`` / ``zeros_pinned``.
+  arithmetic results); ``pinned``: ``cupyx.empty_pinned``.
 - ``views``: new array objects sharing memory (reshape, slicing, ``ravel``, ``view``,
   ``from_dlpack``, ``ndarray(memptr=...)``).
 - ``copies``: host-device transfers: ``get``, ``set``, ``asnumpy``, ``array`` of host data,
@@ -50,7 +50,7 @@ Counted, in :class:`Ledger` (:data:`COUNTERS`):
 - ``builtin_ops``: work CuPy queues by itself (elementwise kernels and memsets of ``fill``,
   ``zeros``, ``astype``, ``copy``, item assignment, arithmetic), not in ``launches``.
 - ``events``: ``Event.record``, ``Event.done``, ``Event.synchronize``, ``Stream.record``,
-  ``Stream.wait_event``, ``Stream.done``.
+  ``Stream.done``.
 - ``device_switches``: every ``setDevice`` (``runtime.setDevice``, ``Device.use``, and those
   CuPy makes inside ``with Device``, ``get``, ``set``, ``synchronize``, ``from_dlpack``).
 - ``stream_lookups``: ``cupy.cuda.get_current_stream`` calls (not CuPy's internal C lookups).
@@ -352,9 +352,6 @@ class _BaseStream:
         event.record(self)
         return event
 
-    def wait_event(self, event: "Event") -> None:
-        _w().ledger.events += 1
-
     def __cuda_stream__(self) -> tuple[int, int]:
         return 0, self.ptr
 
@@ -381,13 +378,6 @@ class Stream(_BaseStream):
         else:
             super().__init__(next(_HANDLES), _w().device())
         self.non_blocking = bool(non_blocking)
-
-    @classmethod
-    def from_external(cls, obj: Any) -> "Stream":
-        version, ptr = obj.__cuda_stream__()
-        stream = cls.__new__(cls)
-        _BaseStream.__init__(stream, int(ptr), -1)
-        return stream
 
 
 Stream.null = Stream(null=True)
@@ -882,10 +872,6 @@ def from_dlpack(array: Any, *, device: Any = None, copy: bool | None = None) -> 
     return _make(a, int(index), array if isinstance(array, ndarray) else None)
 
 
-def get_array_module(*args: Any) -> types.ModuleType:
-    return sys.modules["cupy"] if any(isinstance(a, ndarray) for a in args) else np
-
-
 # -- kernels ------------------------------------------------------------------------------------
 
 class CPointer:
@@ -1037,12 +1023,6 @@ def _pointer_attributes(ptr: int) -> Any:
     return types.SimpleNamespace(device=_get_device(), devicePointer=int(ptr), hostPointer=int(ptr), type=1)
 
 
-def zeros_pinned(shape: Any, dtype: Any = float, order: str = "C") -> np.ndarray:
-    a = empty_pinned(shape, dtype, order)
-    a.fill(0)
-    return a
-
-
 _UNIQUE_IDS = itertools.count(1)
 
 
@@ -1061,7 +1041,7 @@ class NcclCommunicator:
             raise ValueError(f"commId length {len(commId)} != 128.")
         if not 0 <= rank < ndev:
             raise NcclError(f"NCCL_ERROR_INVALID_ARGUMENT: rank {rank} of {ndev}")
-        self._size, self._rank, self._alive = int(ndev), int(rank), True
+        self._alive = True
 
     def allReduce(self, sendbuf: int, recvbuf: int, count: int, datatype: int, op: int, stream: int) -> None:
         for value in (sendbuf, recvbuf, count, datatype, op, stream):
@@ -1070,16 +1050,7 @@ class NcclCommunicator:
             raise NcclError("NCCL_ERROR_INVALID_ARGUMENT: the communicator was destroyed or aborted")
         _w().ledger.nccl += 1
 
-    def size(self) -> int:
-        return self._size
-
-    def rank_id(self) -> int:
-        return self._rank
-
     def abort(self) -> None:
-        self._alive = False
-
-    def destroy(self) -> None:
         self._alive = False
 
 
@@ -1120,10 +1091,10 @@ def _modules() -> dict[str, types.ModuleType]:
     cupy = _module("cupy", ndarray=ndarray, cuda=cuda, RawModule=RawModule, RawKernel=RawKernel,
                    empty=empty, zeros=zeros, ones=ones, full=full, empty_like=empty_like, zeros_like=zeros_like,
                    array=array, asarray=asarray, ascontiguousarray=ascontiguousarray, asnumpy=asnumpy,
-                   from_dlpack=from_dlpack, get_array_module=get_array_module, __version__="14.2.0",
+                   from_dlpack=from_dlpack, __version__="14.2.0",
                    **{t: getattr(np, t) for t in ("float16", "float32", "float64", "int32", "int64", "uint32",
                                                   "uint64", "bool_")})
-    cupyx = _module("cupyx", empty_pinned=empty_pinned, zeros_pinned=zeros_pinned)
+    cupyx = _module("cupyx", empty_pinned=empty_pinned)
     return {"cupy": cupy, "cupy.cuda": cuda, "cupy.cuda.runtime": runtime, "cupy.cuda.driver": driver,
             "cupy.cuda.nccl": nccl, "cupy.cuda.function": function, "cupyx": cupyx}
 

@@ -11,6 +11,7 @@ import pytest
 import cusyncbn
 import reference as ref
 from comms import CountingComm
+from stub_backend import stubbed
 from cusyncbn.functional import BatchNormContext, sync_batch_norm, sync_batch_norm_backward
 
 SHAPES = {"NC": (6, 3), "NCL": (4, 3, 5), "NCHW": (3, 3, 4, 2), "NCDHW": (2, 3, 2, 3, 2),
@@ -235,9 +236,8 @@ def test_private_access_check_can_fail(tmp_path):
 
 
 def test_inputs_beyond_the_kernels_index_range_are_refused_before_any_collective():
-    from cusyncbn import _hostcost
     comm = CountingComm()
-    with _hostcost.stubbed() as stub:                    # the CUDA backend's host code
+    with stubbed() as stub:                    # the CUDA backend's host code
         stub.max_extent = 10
         with pytest.raises(ValueError, match="at most 10"):
             sync_batch_norm(np.ones((11, 3), np.float32), data_format="NC", comm=comm)

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from cusyncbn import _kernels
-from cusyncbn._hostcost import StubBackend
+from stub_backend import StubBackend
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 GUARD = 64                     # bytes on each side of every allocation
