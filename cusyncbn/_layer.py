@@ -22,7 +22,7 @@ from ._grad_mode import recording
 from ._options import check_layer_options, check_output
 from ._params import ParamAttr, Parameter
 from ._pending import raise_no_pending_forward
-from ._rules import FORMATS
+from ._rules import FORMATS, check_ndim
 from .functional import BatchNormContext, sync_batch_norm, sync_batch_norm_backward
 
 
@@ -235,7 +235,7 @@ class _BatchNormBase:
         """
         framework = framework_of(x)
         if not self._sync:
-            self._check_ndim(x)
+            check_ndim(x, self._ndims, self._data_format, self._name)
         # As Paddle: batch statistics always move the running ones, also in eval mode with
         # use_global_stats=False. (Written out rather than in helpers: this is the per-call path.)
         batch = self.training if self._use_global_stats is None else not self._use_global_stats
@@ -251,13 +251,6 @@ class _BatchNormBase:
         else:
             ctx.release()
         return self._hand_back(y, framework, output)
-
-    def _check_ndim(self, x: Any) -> None:
-        """BatchNorm1D/2D/3D take only their own ranks of input (no collective: no vote needed)."""
-        shape = getattr(x, "shape", None)
-        if shape is not None and len(shape) not in self._ndims:
-            raise ValueError(f"{self._name}: x must have {' or '.join(map(str, self._ndims))} dimensions "
-                             f"for data_format {self._data_format!r}, got shape {tuple(shape)}")
 
     def _keep(self, ctx: BatchNormContext) -> None:
         self._pending.append(ctx)

@@ -75,6 +75,21 @@ def _count_words(counts: tuple) -> str:
     return " or ".join(map(str, counts)) if len(counts) < 3 else ", ".join(map(str, counts[:-1])) + f" or {counts[-1]}"
 
 
+def check_ndim(x: Any, ndims: tuple, data_format: str, where: str) -> None:
+    """That ``x`` has one of ``ndims`` dimensions: a local layer's own ranks of input
+    (``BatchNorm2D``: 4), narrower than what the passes take (2 to 5). A local layer makes no
+    collective, so no rank waits on this check. Something without a ``shape`` is left to
+    the pass, which names what it is.
+
+    Raises:
+        ValueError: another number of dimensions.
+    """
+    shape = getattr(x, "shape", None)
+    if shape is not None and len(shape) not in ndims:
+        raise ValueError(f"{where}: x must have {_count_words(ndims)} dimensions "
+                         f"for data_format {data_format!r}, got shape {tuple(shape)}")
+
+
 def is_float(dtype: Any) -> bool:
     return dtype.kind == "f" or dtype_name(dtype) == "bfloat16"
 

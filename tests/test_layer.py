@@ -489,3 +489,14 @@ def test_the_entry_points_document_shapes_arguments_returns_and_errors():
                             (cusyncbn.save_checkpoint, ("Args:", "Raises:", "Example:"))):
         doc = inspect.getdoc(entry)
         assert all(f"\n{section}\n" in doc for section in sections), (entry.__qualname__, sections)
+
+
+def test_check_ndim_holds_a_local_layer_to_its_own_ranks_of_input():
+    from cusyncbn._rules import check_ndim
+    check_ndim(np.zeros((2, 3, 4, 4)), (4,), "NCHW", "bn")
+    check_ndim([[1.0, 2.0]], (4,), "NCHW", "bn")                      # no shape: the pass names it
+    with pytest.raises(ValueError, match=r"^bn: x must have 2 or 3 dimensions for data_format 'NCL', got shape "
+                                         r"\(2, 3, 4, 4\)$"):
+        check_ndim(np.zeros((2, 3, 4, 4)), (2, 3), "NCL", "bn")
+    with pytest.raises(ValueError, match=r"^batch_norm_x: x must have 5 dimensions for data_format 'NDHWC'"):
+        cusyncbn.BatchNorm3D(3, data_format="NDHWC", device="cpu", name="batch_norm_x")(np.zeros((2, 3, 4, 3)))
