@@ -27,6 +27,8 @@ import sys
 import time
 from typing import Iterable, NamedTuple, Optional, Sequence
 
+from ._bench_cases import cuda_ms
+
 TARGET = 0.97                   # converted images/s over plain images/s, on every row
 INPUTS = ((32, 3, 224, 224), (2, 3, 512, 512))    # (N, C, H, W)
 PRECISIONS = ("float32", "bfloat16")
@@ -165,13 +167,7 @@ def missing() -> list[str]:
 
 def _time_step(step) -> float:
     """Seconds of one ``step()``, between CUDA events recorded before and after it."""
-    import torch
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    step()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) * 1e-3
+    return cuda_ms(step) * 1e-3
 
 
 def _resnet50():
@@ -189,6 +185,8 @@ def _measure(shape: tuple, precision: str, comm, reps: int, warmup: int, *, make
     import torch
 
     from cusyncbn.torch import SyncBatchNorm, convert_sync_batchnorm
+    if device == "cuda":
+        torch.cuda.empty_cache()                         # what the row before left cached
     bf16 = precision == "bfloat16"
     memory_format = torch.channels_last if bf16 else torch.contiguous_format
     torch.manual_seed(0)
@@ -242,9 +240,6 @@ def _measure(shape: tuple, precision: str, comm, reps: int, warmup: int, *, make
           + ", ".join(f"{n} {v:.4f}" for n, v in losses.items()) + "; median step "
           + ", ".join(f"{n} {statistics.median(t) * 1e3:.2f} ms" for n, t in zip(steps, result) if t),
           flush=True)
-    del plain, converted, steps, x, labels
-    if device == "cuda":
-        torch.cuda.empty_cache()
     return result
 
 

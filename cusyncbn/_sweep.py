@@ -4,24 +4,27 @@ On a GPU, ``run_sweep()`` takes every benchmark shape, dtype and layout, and for
 (moments, normalize, backward, dx) each configuration of ``sweep_grid`` in turn: it first
 checks a full training forward+backward launched that way against the float64 reference,
 then times the pass alone with CUDA events (median), and writes the fastest configuration
-per pass into the table ``_kernels/tuning.json`` under this GPU's key (compute capability
-and SM count), merged with what is there. ``CupyBackend`` consults that table before its
-heuristic.
+per pass into a tuning table under this GPU's key (compute capability and SM count): the
+shipped table ``_kernels/tuning.json`` with this GPU's entries added, written to an output
+folder (``sweep_out/tuning.json`` by default). Committed as ``_kernels/tuning.json``, it is
+the table ``CupyBackend`` consults before its heuristic.
 
-    python -c "from cusyncbn._sweep import run_sweep; run_sweep()"
+    python -m cusyncbn.bench --sweep --out sweep_out
 
 The same code runs on the CPU with the kernel emulator and a stand-in timer (the tests
 check every configuration of the grid for correctness that way).
 """
 from __future__ import annotations
 
+import copy
 import itertools
-import statistics
+import os
+from functools import partial
 from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from . import _kernels, _tuning
+from . import _kernels, _reference, _tuning
 from ._tuning import LaunchConfig
 
 TOL = {"float16": 3e-2, "bfloat16": 1e-1, "float32": 1e-4, "float64": 1e-9}
@@ -38,23 +41,15 @@ def sweep_grid(layout: str) -> list[LaunchConfig]:
 
 def reference(bn: Any, x: Any, dy: Any, to_host: Callable[[Any], Any], data_format: str) -> tuple:
     """``(y_ref, dx_ref, tol)`` of one training step of a fresh ``bn`` on ``x`` / ``dy``: the
-    float64 reference, computed once per case on the host and kept on ``x``'s device as
-    float32 (checking a configuration is then a few device reductions, not a host pass over
-    the whole input)."""
+    float64 reference (``cusyncbn._reference``), computed once per case on the host and kept
+    on ``x``'s device as float32 (checking a configuration is then a few device reductions,
+    not a host pass over the whole input)."""
     from ._backend import dtype_name
     from ._backend_factory import get_backend
     xh, dyh = to_host(x), to_host(dy)
-    last = data_format.endswith("C")
-    axes = (0,) + tuple(range(1, xh.ndim - 1)) if last else (0,) + tuple(range(2, xh.ndim))
-    shape = [1] * xh.ndim
-    shape[xh.ndim - 1 if last else 1] = -1
-    mean = xh.mean(axis=axes).reshape(shape)
-    invstd = 1 / np.sqrt(xh.var(axis=axes).reshape(shape) + bn.epsilon)
-    xhat = (xh - mean) * invstd
-    w = to_host(bn.weight.data).reshape(shape)
-    b = to_host(bn.bias.data).reshape(shape)
-    y_ref = xhat * w + b
-    dx_ref = w * invstd * (dyh - dyh.mean(axis=axes).reshape(shape) - xhat * (dyh * xhat).mean(axis=axes).reshape(shape))
+    w, b = to_host(bn.weight.data), to_host(bn.bias.data)
+    y_ref = _reference.forward(xh, w, b, bn.epsilon, data_format)[0]
+    dx_ref = _reference.backward(xh, dyh, w, bn.epsilon, data_format)[0]
     backend = get_backend(bn.device)
     with backend.scope():
         return (backend.xp.asarray(y_ref, dtype=np.float32), backend.xp.asarray(dx_ref, dtype=np.float32),
@@ -98,25 +93,6 @@ def _pass_call(backend: Any, kind: str, bn: Any, x: Any, dy: Any) -> Callable[[]
         "backward": lambda: backend.backward_reduce(dy3, x3, stats, None, None, 0, bbuf),
         "dx": lambda: backend.backward_input(dy3, x3, stats, bbuf, count, 0, 1, dx3),
     }[kind]
-
-
-def cuda_timer(reps: int = 20) -> Callable[[Callable[[], None]], float]:
-    """Median milliseconds of a call over ``reps`` runs, with CUDA events on the current stream."""
-    import cupy
-
-    def measure(fn: Callable[[], None]) -> float:
-        fn()
-        times = []
-        for _ in range(reps):
-            start, end = cupy.cuda.Event(), cupy.cuda.Event()
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(cupy.cuda.get_elapsed_time(start, end))
-        return statistics.median(times)
-
-    return measure
 
 
 def sweep_case(backend: Any, shape: tuple, dtype_name: str, data_format: str, make: Callable[..., Any],
@@ -163,23 +139,26 @@ def sweep_case(backend: Any, shape: tuple, dtype_name: str, data_format: str, ma
 
 
 def run_sweep(shapes: Iterable[tuple] | None = None, dtypes: Iterable[str] | None = None,
-              layouts: Iterable[str] | None = None, reps: int = 20, path: str = _tuning.TABLE_PATH,
+              layouts: Iterable[str] | None = None, reps: int = 20, out: str = "sweep_out",
               device: int | None = None, log: Callable[[str], None] = print) -> dict:
     """Measure the best configuration of every pass for every benchmark case on this GPU and
-    write them into the table at ``path`` (merged with its other entries). Returns the table.
+    write the table to ``<out>/tuning.json``: the table there (from an earlier run), else the
+    shipped one, with this GPU's entries added. Returns the table. Nothing is written into the
+    installed package: commit the file as ``cusyncbn/_kernels/tuning.json`` to ship it.
 
     Args:
         shapes, dtypes, layouts: the cases; default the benchmark's (``_bench_cases``) SHAPES, DTYPES, LAYOUTS.
         reps: timed runs per configuration (median).
+        out: the output folder (made if missing), relative to the current directory.
         device: the CUDA device (default: the current one).
     """
     import cupy
 
     from ._backend_factory import get_backend
-    from ._bench_cases import DTYPES, LAYOUTS, SHAPES
+    from ._bench_cases import DTYPES, LAYOUTS, SHAPES, cuda_ms
     index = cupy.cuda.Device().id if device is None else device
     backend = get_backend(f"gpu:{index}")
-    timer = cuda_timer(reps)
+    timer = partial(cuda_ms, reps=reps, warmup=1)
 
     def make(shape: tuple, dtype_name: str, seed: int) -> Any:
         with cupy.cuda.Device(index):
@@ -192,7 +171,9 @@ def run_sweep(shapes: Iterable[tuple] | None = None, dtypes: Iterable[str] | Non
     def to_host(a: Any) -> Any:
         return cupy.asnumpy(a.astype(cupy.float64))
 
-    table = _tuning.load_table(path)
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, "tuning.json")
+    table = copy.deepcopy(_tuning.load_table(path if os.path.exists(path) else _tuning.TABLE_PATH))
     entries = table.setdefault(backend.arch, {})
     for shape in shapes or SHAPES:
         for dtype_name in dtypes or DTYPES:

@@ -3,11 +3,12 @@
 Run:
     python -m cusyncbn.bench [--quick] [--out bench_out] [--profile | --sweep]
     python -m cusyncbn.bench --profile [--quick]     # under ncu: see docs/PERFORMANCE.md
+    python -m cusyncbn.bench --sweep [--out DIR]     # tune the launch configurations: DIR/tuning.json
 
 For every shape, dtype and layout it first checks each implementation's y and dx
-against a float64 reference, then times forward and backward with CUDA events
-(median of many runs, inputs rotated so that the working set exceeds L2), and
-reports each time and its fraction of the byte floor at the measured copy bandwidth
+against the float64 reference (``cusyncbn._reference``, on the GPU), then times forward
+and backward with CUDA events (median of many runs, inputs rotated so that the working
+set exceeds L2), and reports each time and its fraction of the byte floor at the measured copy bandwidth
 (forward reads x twice and writes y: 3 * numel * itemsize bytes; backward reads x
 and dy twice and writes dx: 5 * numel * itemsize). It also measures the host time of
 one cusyncbn layer call and of one ``torch.nn.functional.batch_norm`` call the same
@@ -23,39 +24,24 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import itertools
 import math
 import os
-import statistics
 import sys
 import time
 
-from ._bench_cases import DTYPES, LAYOUTS, QUICK_SHAPES, SHAPES, nccl_comm as _nccl_comm
+from . import _reference
+from ._bench_cases import DTYPES, LAYOUTS, QUICK_SHAPES, SHAPES, cuda_ms, host_us, nccl_comm as _nccl_comm
 
 L2_BYTES = 50 << 20
 TOL = {"float32": 1e-3, "float16": 2e-2, "bfloat16": 1e-1}
-
-
-def _time(fn, reps):
-    """Median milliseconds of ``fn`` over ``reps`` runs, timed with CUDA events."""
-    import torch
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def copy_bandwidth():
     import torch
     src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
-    ms = _time(lambda: dst.copy_(src), 20)
+    ms = cuda_ms(lambda: dst.copy_(src), 20, warmup=1)
     return 2 * src.numel() / (ms * 1e-3)
 
 
@@ -74,12 +60,14 @@ def _inputs(shape, dtype, layout, copies):
     return xs, dys
 
 
-def _reference(x, dy, w, b, eps):
+def _expected(x, dy, w, b, eps):
+    """y and dx of the float64 reference (``cusyncbn._reference``), computed on the GPU."""
+    import cupy
     import torch
-    xd = x.double().requires_grad_()
-    y = torch.nn.functional.batch_norm(xd, None, None, w.double(), b.double(), training=True, eps=eps)
-    (dx,) = torch.autograd.grad(y, [xd], dy.double())
-    return y, dx
+    xd, dyd, wd, bd = (cupy.from_dlpack(t.detach().double()) for t in (x, dy, w, b))
+    y = _reference.forward(xd, wd, bd, eps, "NCHW", xp=cupy)[0]
+    dx = _reference.backward(xd, dyd, wd, eps, "NCHW", xp=cupy)[0]
+    return torch.from_dlpack(y), torch.from_dlpack(dx)
 
 
 def _impls(shape, layout, sync_group):
@@ -170,15 +158,7 @@ def _host_us_per_call(step, calls_per_step, n=2000):
     """Host microseconds per call of ``step()`` (which makes ``calls_per_step`` calls),
     averaged over ``n`` steps after a warm-up, with no synchronization between steps."""
     import torch
-    for _ in range(20):
-        step()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        step()
-    t1 = time.perf_counter()
-    torch.cuda.synchronize()
-    return (t1 - t0) / (n * calls_per_step) * 1e6
+    return host_us(step, n, warmup=20, synchronize=torch.cuda.synchronize) / calls_per_step
 
 
 def host_overhead_us():
@@ -241,6 +221,13 @@ def module_host_us():
     return _host_us_per_call(lambda: ours(x), 1), _host_us_per_call(lambda: theirs(x), 1)
 
 
+def _rotating(runs, which):
+    """A call of ``which`` (0: the forward, 1: the backward) of ``runs`` (one per copy of the
+    inputs), each call on the next copy, so that the working set exceeds L2."""
+    turn = itertools.cycle(runs)
+    return lambda: next(turn)[which]()
+
+
 def _configurations(shapes, rotate):
     """(shape, dtype, layout, numel, itemsize, xs, dys, w, b) for every configuration; with
     ``rotate``, enough copies of x and dy that cycling through them exceeds L2."""
@@ -287,7 +274,8 @@ def main(argv=None):
                              "cudaProfilerStart/Stop, for ncu --profile-from-start off")
     parser.add_argument("--sweep", action="store_true",
                         help="tune the kernels' launch configurations on this GPU (each checked against the "
-                             "float64 reference first) and write them to cusyncbn/_kernels/tuning.json")
+                             "float64 reference first) and write the table to OUT/tuning.json (commit it as "
+                             "cusyncbn/_kernels/tuning.json to ship it)")
     parser.add_argument("--model", action="store_true",
                         help="run only the whole-model benchmark: a ResNet-50 training step, plain vs converted "
                              "by cusyncbn.torch.convert_sync_batchnorm (needs torchvision); writes model.md")
@@ -307,7 +295,8 @@ def main(argv=None):
         return 2
     if args.sweep:
         from cusyncbn._sweep import run_sweep
-        run_sweep(shapes=QUICK_SHAPES if args.quick else SHAPES, dtypes=DTYPES, layouts=LAYOUTS, reps=args.reps or 20)
+        run_sweep(shapes=QUICK_SHAPES if args.quick else SHAPES, dtypes=DTYPES, layouts=LAYOUTS, reps=args.reps or 20,
+                  out=args.out)
         return 0
     import torch.distributed as dist
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -324,8 +313,7 @@ def main(argv=None):
     print(f"{card}: device-to-device copy {bw / 1e12:.2f} TB/s", flush=True)
     rows = []
     for shape, dtype, layout, numel, itemsize, xs, dys, w, b in _configurations(shapes, rotate=True):
-        copies = len(xs)
-        y_ref, dx_ref = _reference(xs[0], dys[0], w, b, 1e-5)
+        y_ref, dx_ref = _expected(xs[0], dys[0], w, b, 1e-5)
         runs = []
         for name, make in _impls(shape, layout, dist.group.WORLD).items():
             if name == "naive CuPy" and dtype == "bfloat16":
@@ -338,9 +326,8 @@ def main(argv=None):
             _, _, y, dx = runs[0]
             err = max(float((y.double() - y_ref).abs().max()), float((dx.double() - dx_ref).abs().max()))
             ok = err <= TOL[dtype] * 10
-            it = iter(range(10 ** 9))
-            fwd_ms = _time(lambda r=runs: r[next(it) % copies][0](), reps)
-            bwd_ms = _time(lambda r=runs: r[next(it) % copies][1](), reps)
+            fwd_ms = cuda_ms(_rotating(runs, 0), reps, warmup=1)
+            bwd_ms = cuda_ms(_rotating(runs, 1), reps, warmup=1)
             fwd_frac = 3 * numel * itemsize / (fwd_ms * 1e-3) / bw
             bwd_frac = 5 * numel * itemsize / (bwd_ms * 1e-3) / bw
             rows.append((shape, dtype, layout, name, fwd_ms, fwd_frac, bwd_ms, bwd_frac, err, ok))
@@ -386,14 +373,8 @@ def summary(rows):
         if OURS not in impls:
             continue
         fm, ff, bm, bf, ok = impls[OURS]
-        numel = 1
-        for n in shape:
-            numel *= n
-        large = numel * (4 if dtype == "float32" else 2) >= LARGE_BYTES
-
-        def speedup(other):
-            return (other[0] + other[2]) / (fm + bm) if other else float("nan")
-        vs_sync, vs_cudnn = speedup(impls.get(TORCH_SYNC)), speedup(impls.get(CUDNN))
+        large = math.prod(shape) * (4 if dtype == "float32" else 2) >= LARGE_BYTES
+        vs_sync, vs_cudnn = (_speedup(impls.get(other), fm + bm) for other in (TORCH_SYNC, CUDNN))
         misses = [] if ok else ["WRONG"]
         if large and min(ff, bf) < FLOOR_TARGET:
             misses.append(f"< {FLOOR_TARGET:.0%} floor")
@@ -404,6 +385,12 @@ def summary(rows):
         lines.append(f"| {shape} | {dtype} | {layout} | {ff:.0%} | {bf:.0%} | {vs_sync:.1f} | {vs_cudnn:.2f} | "
                      f"{', '.join(misses) or 'met'} |")
     return lines
+
+
+def _speedup(other, ours_ms):
+    """How many times faster ours (``ours_ms``, forward + backward) is than ``other`` (a row's
+    ``(fwd ms, fwd fraction, bwd ms, ...)``; None: not measured, NaN)."""
+    return (other[0] + other[2]) / ours_ms if other else float("nan")
 
 
 def predicted_line(measured_us):

@@ -159,7 +159,7 @@ FLOORS = {
     "rules": ["_convert", "_debug", "_grad_mode", "_options", "_rules", "_state"],
     "functional core": ["functional", "_pending", "_planned"],
     "shells": ["", "_bench_cases", "_bench_model", "_checkpoint", "_grads", "_hostcost", "_layer", "_recording",
-               "_sweep", "bench", "paddle", "torch"],
+               "_reference", "_sweep", "bench", "paddle", "torch"],
 }
 
 

@@ -8,7 +8,9 @@ and executed block by block with the block's threads as fibers. Each launch is a
 checked for what would fail or corrupt memory on a GPU and go unnoticed on a CPU:
 
 - argument types against the kernel's parameters (pointer element types, int vs
-  long long, double), which CuPy passes through unchecked;
+  long long, double), which CuPy passes through unchecked; and, for packed launches, the
+  argument names (``_kernels.PARAMS``) against the parameter names ``syncbn.cu`` declares,
+  in order, so that two parameters of one type swapped (momentum and eps) do not pass;
 - launch limits and misaligned 16-byte vector accesses;
 - writes outside an array: every array the backend allocates sits between 64-byte
   guard zones filled with 0xFF (a NaN in every float type), checked after each
@@ -22,6 +24,7 @@ import functools
 import hashlib
 import math
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -53,6 +56,18 @@ def _expressions() -> list[str]:
 def _defines(options: tuple) -> list[str]:
     """``-DNAME=VALUE`` options as ``#define`` lines."""
     return [f"#define {o[2:].replace('=', ' ', 1)}" for o in options if o.startswith("-D")]
+
+
+def parameter_names(source: str) -> dict[str, tuple[str, ...]]:
+    """Every ``__global__`` function of ``source`` -> its parameter names in order, as declared
+    (through the ``#define *_PARAMS`` macro standing for its list, where one does)."""
+    text = source.replace("\\\n", " ")                    # macro continuation lines joined
+    macros = dict(re.findall(r"^[ \t]*#define[ \t]+(\w+)[ \t]+(.*)$", text, re.M))
+    names: dict[str, tuple[str, ...]] = {}
+    for kernel, params in re.findall(r"__global__\s+void\s+(?:\w+\s+)*?(\w+)\s*\(([^)]*)\)", text):
+        params = macros.get(params.strip(), params)
+        names[kernel] = tuple(re.findall(r"\w+", p)[-1] for p in params.split(",") if p.strip())
+    return names
 
 
 def _translation_unit(source: str, exprs: list[str], options: tuple = ()) -> str:
@@ -94,13 +109,14 @@ class Library:
             os.replace(tmp, so)
         self._lib = ctypes.CDLL(so)
         self._index = {expr: i for i, expr in enumerate(exprs)}
+        self._names = parameter_names(source)
 
     def set_block_order(self, seed: int) -> None:
         """0: blocks run in index order; another seed: in a shuffled order, new at each launch."""
         self._lib.emu_set_block_order(ctypes.c_uint(seed))
 
     def kernel(self, expr: str, after_launch: Any = None) -> "Kernel":
-        return Kernel(self._lib, self._index[expr], expr, after_launch)
+        return Kernel(self._lib, self._index[expr], expr, after_launch, self._names.get(expr.split("<")[0].strip()))
 
 
 _libraries: dict[int, Library] = {}
@@ -124,8 +140,9 @@ _SCALAR_KIND = {np.int32: ("i", ctypes.c_int32), np.int64: ("q", ctypes.c_int64)
 class Kernel:
     """One instantiation, called like a ``cupy.RawKernel``: ``k(grid, block, args, shared_mem=0)``."""
 
-    def __init__(self, lib: Any, i: int, expr: str, after_launch: Any = None) -> None:
+    def __init__(self, lib: Any, i: int, expr: str, after_launch: Any = None, names: tuple | None = None) -> None:
         self.expr = expr
+        self.names = names                 # the parameter names the source declares (None: unknown)
         self._launch = getattr(lib, f"emu_launch_{i}")
         self._launch.restype = ctypes.c_char_p
         self._launch.argtypes = [ctypes.POINTER(ctypes.c_uint), ctypes.POINTER(ctypes.c_uint), ctypes.c_size_t,
@@ -159,12 +176,26 @@ class Kernel:
             raise EmulatedKernelError(f"{self.expr} takes {len(self.params)} arguments, got {len(args)}")
         return [self._argument(n, a, k) for n, (a, k) in enumerate(zip(args, self.params))]
 
+    def check_names(self, names: tuple) -> None:
+        """Argument names in launch order (``_kernels.PARAMS``) against the parameter names the
+        source declares: a value written under one name must reach the parameter of that name."""
+        if self.names is None:
+            return
+        if len(names) != len(self.names):
+            raise EmulatedKernelError(f"{self.expr} declares {len(self.names)} parameters {self.names}, the "
+                                      f"arguments name {len(names)}")
+        for n, (given, declared) in enumerate(zip(names, self.names)):
+            if given != declared:
+                raise EmulatedKernelError(f"{self.expr}: argument {n} is {given!r}, the kernel's parameter {n} is "
+                                          f"{declared!r} (_kernels.PARAMS and syncbn.cu disagree)")
+
     def check_packed(self, names: tuple, kinds: tuple, dtypes: dict) -> None:
         """A pre-packed argument list (``_launch.Arguments``: parameter names and kinds of
-        ``_kernels.PARAMS``) against this kernel's parameters; ``dtypes`` maps the kinds'
-        type letters (T, P, S) to NumPy dtype names."""
+        ``_kernels.PARAMS``) against this kernel's parameters, names and types; ``dtypes`` maps
+        the kinds' type letters (T, P, S) to NumPy dtype names."""
         if len(kinds) != len(self.params):
             raise EmulatedKernelError(f"{self.expr} takes {len(self.params)} arguments, the pack has {len(kinds)}")
+        self.check_names(names)
         letters = {"d": "float64", "I": "uint32", "Q": "uint64", **dtypes}
         for n, (name, kind, param) in enumerate(zip(names, kinds, self.params)):
             want = ("*" + _DTYPE_KIND[letters[kind[0]]]) if kind.endswith("*") else kind
@@ -257,6 +288,11 @@ class EmuBackend(StubBackend):
             kernel = lib.kernel(_kernels.name_expressions(dtype_name)[key], self._check_guards)
             self._kernels[(dtype_name, key, loads)] = kernel
         return kernel
+
+    def _run(self, plan: Any, values: dict) -> None:
+        if self.launch_mode == "call":      # (packed launches are checked by packed_launcher)
+            plan.kernel.check_names(tuple(name for name, _ in _kernels.PARAMS[plan.kind]))
+        super()._run(plan, values)
 
     def packed_launcher(self, plan: Any, args: Any, stream: int) -> Any:
         kernel = plan.kernel
