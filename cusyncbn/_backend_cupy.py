@@ -21,7 +21,7 @@ import numpy as np
 from . import _flags, _kernels, _tuning
 from ._backend import Backend, Stats, dtype_name as _name_of
 from ._dlpack import device_of
-from ._launch import Arguments
+from ._launch import Arguments, backward_arguments, dx_arguments, moments_arguments, normalize_arguments
 from ._tuning import LaunchConfig
 
 
@@ -267,8 +267,8 @@ class CupyBackend(Backend):
     launch_mode = "packed"
 
     def _run(self, plan: _Plan, values: dict) -> None:
-        """Launch ``plan`` with the per-call ``values`` (parameter name -> array, None, or
-        number) on the current stream."""
+        """Launch ``plan`` with the per-call ``values`` (its kernel's builder in ``_launch``:
+        parameter name -> array, address, None or number) on the current stream."""
         if self.launch_mode == "call":
             merged = {**plan.fixed, **values}
             args = tuple(self._call_argument(merged[name], kind, plan.work, name)
@@ -355,8 +355,8 @@ class CupyBackend(Backend):
     def local_moments(self, x3: Any, pivot_state: Any, tag: int, buf: Any, pivot_payload: Any = None) -> None:
         with self._cuda_device:
             plan = self._plan("moments", x3, (x3,), "float32")      # (the parameter type plays no part)
-            self._run(plan, {"x": x3, "pivot_state": pivot_state, "pivot_payload": pivot_payload, "tag": tag,
-                             "buf": buf})
+            self._run(plan, moments_arguments(x=x3, pivot_state=pivot_state, pivot_payload=pivot_payload, tag=tag,
+                                              buf=buf))
 
     def normalize_batch(self, x3: Any, buf: Any, tag: int, ranks: int, running_mean: Any, running_var: Any,
                         momentum: float, eps: float, unbiased: bool, weight: Any, bias: Any, stats: Stats,
@@ -364,33 +364,29 @@ class CupyBackend(Backend):
                         strict: bool = False) -> None:
         with self._cuda_device:
             plan = self._plan("normalize", x3, (x3, y3), self._param_name(running_mean, running_var, weight, bias))
-            self._run(plan, {"x": x3, "y": y3, "buf": buf, "tag": tag, "ranks": ranks, "running_mean": running_mean,
-                             "running_var": running_var, "momentum": momentum, "eps": eps,
-                             "unbiased": int(bool(unbiased)), "weight": weight, "bias": bias, "stats": stats.data,
-                             "report": report, "seq": seq, "pivot_state_out": pivot_state_out,
-                             "strict": int(bool(strict))})
+            self._run(plan, normalize_arguments(
+                x=x3, y=y3, stats=stats.data, running_mean=running_mean, running_var=running_var, weight=weight,
+                bias=bias, eps=eps, buf=buf, tag=tag, ranks=ranks, momentum=momentum, unbiased=unbiased,
+                report=report, seq=seq, pivot_state_out=pivot_state_out, strict=strict))
 
     def normalize_fixed(self, x3: Any, running_mean: Any, running_var: Any, eps: float, weight: Any, bias: Any,
                         stats: Stats, y3: Any) -> None:
         with self._cuda_device:
             plan = self._plan("normalize", x3, (x3, y3), self._param_name(running_mean, running_var, weight, bias))
-            self._run(plan, {"x": x3, "y": y3, "buf": None, "pivot": None, "tag": 0.0, "ranks": 1.0,
-                             "running_mean": running_mean, "running_var": running_var, "momentum": 0.0, "eps": eps,
-                             "unbiased": 0, "weight": weight, "bias": bias, "stats": stats.data, "report": 0,
-                             "seq": 0, "pivot_state_out": None, "strict": 0})
+            self._run(plan, normalize_arguments(x=x3, y=y3, stats=stats.data, running_mean=running_mean,
+                                                running_var=running_var, weight=weight, bias=bias, eps=eps))
 
     def backward_reduce(self, dy3: Any, x3: Any, stats: Stats, weight_grad: Any, bias_grad: Any,
                         tag: int, buf: Any) -> None:
         with self._cuda_device:
             plan = self._plan("backward", x3, (dy3, x3), self._param_name(weight_grad, bias_grad))
-            self._run(plan, {"dy": dy3, "x": x3, "stats": stats.data, "tag": tag, "weight_grad": weight_grad,
-                             "bias_grad": bias_grad, "buf": buf})
+            self._run(plan, backward_arguments(dy=dy3, x=x3, stats=stats.data, tag=tag, weight_grad=weight_grad,
+                                               bias_grad=bias_grad, buf=buf))
 
     def backward_input(self, dy3: Any, x3: Any, stats: Stats, buf: Any, count: Any, tag: int, ranks: int,
                        dx3: Any, report: int = 0, seq: int = 0) -> None:
         fixed = count is None                           # eval statistics: no batch terms, x unread
         with self._cuda_device:
             plan = self._plan("dx", x3, (dy3, x3, dx3), "")
-            self._run(plan, {"dy": dy3, "x": x3, "dx": dx3, "stats": stats.data, "buf": None if fixed else buf,
-                             "count": None if fixed else count, "tag": tag, "ranks": ranks, "report": report,
-                             "seq": seq})
+            self._run(plan, dx_arguments(dy=dy3, x=x3, dx=dx3, stats=stats.data, ranks=ranks,
+                                         buf=None if fixed else buf, count=count, tag=tag, report=report, seq=seq))

@@ -12,6 +12,15 @@ and ``double`` fill it; an ``int`` its low 4 bytes, the platforms CUDA runs on b
 little-endian) and the pointer array. Cells are written by name (the parameter names of
 ``_kernels.PARAMS``, the ones ``syncbn.cu`` declares), once for what a plan fixes and per
 call for the data pointers and the collective tag.
+
+What goes into each kernel's parameters is said in one place per kernel, the builders
+below (:func:`moments_arguments`, :func:`normalize_arguments`, :func:`backward_arguments`,
+:func:`dx_arguments`): keyword-only, every parameter a call gives (a pack keeps what it was
+last given, so a parameter left out would silently keep another launch's value); the plan
+gives the rest (A, C, B and the workspaces, ``_backend_cupy._WORK``). The CuPy backend's
+steps and the planned path (``_planned``) both build their arguments with them; the planned
+path then rewrites only the data pointers, the tag and the report slot per call. Pointers
+are arrays, device addresses (ints) or None (nullptr).
 """
 from __future__ import annotations
 
@@ -76,3 +85,43 @@ class Arguments:
 
     def __repr__(self) -> str:
         return "Arguments(" + ", ".join(f"{n}={self.value(n)!r}" for n in self.names) + ")"
+
+
+# -- each kernel's arguments, built in one place ---------------------------------------------------
+
+def moments_arguments(*, x: Any, pivot_state: Any, pivot_payload: Any, tag: float, buf: Any) -> dict:
+    """The moments kernel's call arguments (``Backend.local_moments``)."""
+    return {"x": x, "pivot_state": pivot_state, "pivot_payload": pivot_payload, "tag": tag, "buf": buf}
+
+
+def normalize_arguments(*, x: Any, y: Any, stats: Any, running_mean: Any, running_var: Any, weight: Any, bias: Any,
+                        eps: float, buf: Any = None, tag: float = 0, ranks: float = 1, momentum: float = 0.0,
+                        unbiased: bool = False, report: Any = None, seq: int = 0, pivot_state_out: Any = None,
+                        strict: bool = False) -> dict:
+    """The normalize kernel's call arguments (``Backend.normalize_batch``; with ``buf`` None,
+    ``normalize_fixed``: the statistics are the running ones and the batch arguments after
+    ``eps`` keep these values)."""
+    return {"x": x, "y": y, "buf": buf, "tag": tag, "ranks": ranks, "running_mean": running_mean,
+            "running_var": running_var, "momentum": momentum, "eps": eps, "unbiased": int(bool(unbiased)),
+            "weight": weight, "bias": bias, "stats": stats, "report": report, "seq": seq,
+            "pivot_state_out": pivot_state_out, "strict": int(bool(strict))}
+
+
+def backward_arguments(*, dy: Any, x: Any, stats: Any, tag: float, weight_grad: Any, bias_grad: Any,
+                       buf: Any) -> dict:
+    """The backward kernel's call arguments (``Backend.backward_reduce``)."""
+    return {"dy": dy, "x": x, "stats": stats, "tag": tag, "weight_grad": weight_grad, "bias_grad": bias_grad,
+            "buf": buf}
+
+
+def dx_arguments(*, dy: Any, x: Any, dx: Any, stats: Any, ranks: float, buf: Any = None, count: Any = None,
+                 tag: float = 0, report: Any = None, seq: int = 0) -> dict:
+    """The dx kernel's call arguments (``Backend.backward_input``; ``buf`` None: fixed (eval)
+    statistics, and ``count``, ``tag``, ``report`` and ``seq`` keep these values)."""
+    return {"dy": dy, "x": x, "dx": dx, "stats": stats, "buf": buf, "count": count, "tag": tag, "ranks": ranks,
+            "report": report, "seq": seq}
+
+
+#: The builder of each kernel's call arguments, by pass (``_kernels.PASSES``).
+BUILDERS = {"moments": moments_arguments, "normalize": normalize_arguments, "backward": backward_arguments,
+            "dx": dx_arguments}

@@ -30,6 +30,7 @@ from typing import Any, Callable
 from . import _flags
 from ._backend import Stats
 from ._comm import SingleProcessComm, prepared_allreduce
+from ._launch import backward_arguments, dx_arguments, moments_arguments, normalize_arguments
 
 #: Forward plans by signature (see the module docstring); bounded, oldest dropped first.
 FORWARD: dict = {}
@@ -71,19 +72,17 @@ class ForwardPlan:
         pname = pdtype or "float32"
         self.stream = backend.current_stream().ptr
         self._normalize_plan = backend.launch_plan("normalize", x3, (x3, y3), pname)
-        ptr = {name: (None if arr is None else address(arr)) for name, arr in
-               (("running_mean", rm), ("running_var", rv), ("weight", w), ("bias", b))}
-        self._fixed_normalize = {**ptr, "eps": epsilon}
-        self._moments_plan = None
-        self._fixed_moments: dict = {}
+        # The normalize arguments every call of the signature shares (builder keywords; the rest
+        # are per entry or per call).
+        self._normalize_given = {name: (None if arr is None else address(arr)) for name, arr in
+                                 (("running_mean", rm), ("running_var", rv), ("weight", w), ("bias", b))}
+        self._normalize_given["eps"] = epsilon
+        self._moments_plan = self._pivot_state = None
         if training:                               # (a pivot state exists: one all-reduce per call)
             self._moments_plan = backend.launch_plan("moments", x3, (x3,), "float32")
-            self._fixed_moments = {"pivot_state": address(pivot_state), "pivot_payload": None}
-            self._fixed_normalize.update(ranks=self.comm_or_self.size, momentum=momentum, unbiased=int(unbiased),
-                                         pivot_state_out=address(pivot_state), strict=int(nonfinite == "raise"))
-        else:
-            self._fixed_normalize.update(buf=None, pivot=None, tag=0.0, ranks=1.0, momentum=0.0, unbiased=0,
-                                         report=None, seq=0, pivot_state_out=None, strict=0)
+            self._pivot_state = address(pivot_state)
+            self._normalize_given.update(ranks=self.comm_or_self.size, momentum=momentum, unbiased=unbiased,
+                                         pivot_state_out=self._pivot_state, strict=nonfinite == "raise")
         self.ring = backend.report_ring() if training else None
         self.free: list[Entry] = []
         self.backward: dict = {}
@@ -103,18 +102,20 @@ class ForwardPlan:
         stats = backend.take_stats(c, self.stats_dtype)
         address = backend.address_of
         n_args = self._normalize_plan.arguments()
-        n_args.update(self._fixed_normalize)
-        n_args.set("stats", address(stats.data))
         m_args = moments = allreduce = count = None
+        # x, y, the tag and the report slot are written per call (see functional.sync_batch_norm).
         if self.training:
             buf = stats.payload
             count = stats.slots.count
-            n_args.set("buf", address(buf))
+            n_args.update(normalize_arguments(x=None, y=None, stats=address(stats.data), buf=address(buf),
+                                              **self._normalize_given))
             m_args = self._moments_plan.arguments()
-            m_args.update(self._fixed_moments)
-            m_args.set("buf", address(buf))
+            m_args.update(moments_arguments(x=None, pivot_state=self._pivot_state, pivot_payload=None, tag=0,
+                                            buf=address(buf)))
             moments = backend.packed_launcher(self._moments_plan, m_args, self.stream)
             allreduce = prepared_allreduce(self.comm, buf, self.stream)
+        else:
+            n_args.update(normalize_arguments(x=None, y=None, stats=address(stats.data), **self._normalize_given))
         normalize = backend.packed_launcher(self._normalize_plan, n_args, self.stream)
         return Entry(stats, m_args, n_args, moments, normalize, allreduce, count)
 
@@ -144,8 +145,9 @@ class BackwardPlan:
         if reduce:
             grads = tuple(g for g in (wg, bg) if g is not None)
             plan = backend.launch_plan("backward", x3, (dy3, x3), grads[0].dtype.name if grads else "float32")
-            self.reduce_args = plan.arguments()
-            self.reduce_args.set("buf", address(buf))
+            self.reduce_args = plan.arguments()       # all but buf are written per call
+            self.reduce_args.update(backward_arguments(dy=None, x=None, stats=None, tag=0, weight_grad=None,
+                                                       bias_grad=None, buf=address(buf)))
             self.reduce = backend.packed_launcher(plan, self.reduce_args, stream)
             i = self.reduce_args.index
             self.rdy, self.rx, self.rstats, self.rtag, self.rwg, self.rbg = (
@@ -154,10 +156,10 @@ class BackwardPlan:
                 self.allreduce = prepared_allreduce(comm, buf, stream)
         if dx3 is not None:
             plan = backend.launch_plan("dx", x3, (dy3, x3, dx3), "")
+            # The data pointers (and, collective: count, tag and report slot) are written per call.
             self.dx_args = plan.arguments()
-            self.dx_args.update({"buf": address(buf) if collective else None, "ranks": comm.size} if collective
-                                else {"buf": None, "count": None, "tag": 0.0, "ranks": comm.size, "report": None,
-                                      "seq": 0})
+            self.dx_args.update(dx_arguments(dy=None, x=None, dx=None, stats=None, ranks=comm.size,
+                                             buf=address(buf) if collective else None))
             self.dx = backend.packed_launcher(plan, self.dx_args, stream)
             i = self.dx_args.index
             self.ddy, self.dxx, self.ddx, self.dstats, self.dcount, self.dtag = (

@@ -361,31 +361,32 @@ def sync_batch_norm(x: Any, running_mean: Any = None, running_var: Any = None, w
         buf = stats.payload
         pivot_state, known = _pivot_state(backend, rm, c)
         if known:                              # one all-reduce around the previous batch's mean
-            backend.local_moments(x3, pivot_state, tag, buf)
+            backend.local_moments(x3=x3, pivot_state=pivot_state, tag=tag, buf=buf)
             _note.collective = (where, "forward", tag)
             comm.allreduce(buf)
         else:                                  # no pivot yet: a first all-reduce finds the mean
             first = backend.scratch("first forward payload", ForwardPayload.size(c), np.float64)
-            backend.local_moments(x3, None, tag, first)
+            backend.local_moments(x3=x3, pivot_state=None, tag=tag, buf=first)
             _note.collective = (where, "forward", tag)
             comm.allreduce(first)
             tag = next_tag(comm)
-            backend.local_moments(x3, None, tag, buf, pivot_payload=first)
+            backend.local_moments(x3=x3, pivot_state=None, tag=tag, buf=buf, pivot_payload=first)
             _note.collective = (where, "forward", tag)
             comm.allreduce(buf)
-        strict = nonfinite == "raise"
-        if ring is None:                       # host flags: reported at once, on every rank
-            backend.normalize_batch(x3, buf, tag, comm.size, rm, rv, momentum, epsilon, unbiased, w, b, stats, y3,
-                                    pivot_state_out=pivot_state, strict=strict)
-            _flags.watch(stats.flags, _report_forward(where, comm, tag, nonfinite, stats))
-        else:                                  # device flags: a report slot, read by a later call
+        slot: dict = {}                        # host flags: none; device flags: a report slot
+        if ring is not None:
             report = _report_forward(where, comm, tag, nonfinite)
-            slot, seq = (0, 0) if capturing else _flags.claim(ring, report, (where, "forward", comm, tag))
-            backend.normalize_batch(x3, buf, tag, comm.size, rm, rv, momentum, epsilon, unbiased, w, b, stats, y3,
-                                    report=slot, seq=seq, pivot_state_out=pivot_state, strict=strict)
+            slot["report"], slot["seq"] = (0, 0) if capturing else _flags.claim(ring, report,
+                                                                                (where, "forward", comm, tag))
+        backend.normalize_batch(x3=x3, buf=buf, tag=tag, ranks=comm.size, running_mean=rm, running_var=rv,
+                                momentum=momentum, eps=epsilon, unbiased=unbiased, weight=w, bias=b, stats=stats,
+                                y3=y3, pivot_state_out=pivot_state, strict=nonfinite == "raise", **slot)
+        if ring is None:                       # host flags: reported at once, on every rank
+            _flags.watch(stats.flags, _report_forward(where, comm, tag, nonfinite, stats))
         count = stats.slots.count
     else:
-        backend.normalize_fixed(x3, rm, rv, epsilon, w, b, stats, y3)
+        backend.normalize_fixed(x3=x3, running_mean=rm, running_var=rv, eps=epsilon, weight=w, bias=b, stats=stats,
+                                y3=y3)
     plan = None
     if (_planned.enabled and x_getters is not None and not capturing and (pivot_state is not None or not training)
             and _aliases(backend, x_getters, given, x)
@@ -586,7 +587,7 @@ def sync_batch_norm_backward(ctx: BatchNormContext, dy: Any, *, input_grad: bool
     reduce = collective or wg is not None or bg is not None
     if reduce:
         buf = backend.scratch("backward payload", BackwardPayload.size(c), np.float64)
-        backend.backward_reduce(dy3, x3, stats, wg, bg, tag, buf)
+        backend.backward_reduce(dy3=dy3, x3=x3, stats=stats, weight_grad=wg, bias_grad=bg, tag=tag, buf=buf)
         if collective:
             _note.collective = (where, "backward", tag)
             comm.allreduce(buf)
@@ -594,16 +595,15 @@ def sync_batch_norm_backward(ctx: BatchNormContext, dy: Any, *, input_grad: bool
     capturing = ring is not None and backend.capturing()
     if input_grad:
         dx3 = backend.empty(x3.shape, x3.dtype) if input_grad_out is None else view3(dx_array, c, ctx._last)
-        count = ctx._count if collective else None
-        if not collective:
-            backend.backward_input(dy3, x3, stats, None, None, tag, comm.size, dx3)
-        elif ring is None:
-            backend.backward_input(dy3, x3, stats, buf, count, tag, comm.size, dx3)
+        slot = {}                              # device flags of a collective: a report slot
+        if collective and ring is not None:
+            slot["report"], slot["seq"] = (0, 0) if capturing else _flags.claim(
+                ring, _backward_report(where, comm, tag), (where, "backward", comm, tag))
+        # Fixed (eval) statistics make no collective: buf and count None, dx = dy * scale.
+        backend.backward_input(dy3=dy3, x3=x3, stats=stats, buf=buf if collective else None,
+                               count=ctx._count if collective else None, tag=tag, ranks=comm.size, dx3=dx3, **slot)
+        if collective and ring is None:
             _flags.watch(stats.flags[1:], _backward_report(where, comm, tag))
-        else:
-            slot, seq = (0, 0) if capturing else _flags.claim(ring, _backward_report(where, comm, tag),
-                                                               (where, "backward", comm, tag))
-            backend.backward_input(dy3, x3, stats, buf, count, tag, comm.size, dx3, report=slot, seq=seq)
         dx = dx3.reshape(ctx._shape) if input_grad_out is None else input_grad_out
     if key is not None and not capturing and _aliases(backend, dy_get, given, dy) and (not input_grad or (
             type(given) in backend.array_types if input_grad_out is None

@@ -297,11 +297,12 @@ def _forward_step(backend, x, running, tag, ranks, tamper=None, momentum=0.9):
     stats = Stats(backend.empty((Stats.size(c),), np.float32), backend.empty((ForwardPayload.size(c),), np.float64), c)
     pivot_state = backend.zeros((c,), np.float64)
     np.copyto(pivot_state, running[0])                # here the running mean's values
-    backend.local_moments(x, pivot_state, tag, stats.payload)
+    backend.local_moments(x3=x, pivot_state=pivot_state, tag=tag, buf=stats.payload)
     if tamper is not None:
         tamper(stats.payload)
     y = backend.empty(x.shape, x.dtype)
-    backend.normalize_batch(x, stats.payload, tag, ranks, rm, rv, momentum, 1e-5, False, None, None, stats, y)
+    backend.normalize_batch(x3=x, buf=stats.payload, tag=tag, ranks=ranks, running_mean=rm, running_var=rv,
+                            momentum=momentum, eps=1e-5, unbiased=False, weight=None, bias=None, stats=stats, y3=y)
     return np.array(stats.data, np.float64), np.array(stats.payload), np.array(rm), np.array(rv), np.array(y)
 
 
@@ -330,7 +331,8 @@ def test_flags_and_running_statistics_match_numpy(emu, shape, case):
     ours = _forward_step(emu, cuda_emu.guarded_copy(x), running, 4, ranks, tamper)
     ref = _forward_step(NumpyBackend(), x, running, 4, ranks, tamper)
     c = shape[1]
-    assert ours[0][4 * c] == ref[0][4 * c] == {"plain": 0, "nonfinite": 1, "desync": 2, "empty_rank": 0}[case]   # flags[0]
+    flags = {"plain": 0, "nonfinite": 1, "desync": 2, "empty_rank": 0}[case]
+    assert ours[0][4 * c] == ref[0][4 * c] == flags                                # flags[0]
     np.testing.assert_allclose(ours[1], ref[1], rtol=1e-6, atol=1e-6)             # payload (tags included)
     np.testing.assert_allclose(ours[2:4], ref[2:4], rtol=1e-6, atol=1e-7)         # running statistics
     np.testing.assert_allclose(ours[0][:4 * c], ref[0][:4 * c], rtol=1e-5, atol=1e-6)
@@ -349,9 +351,9 @@ def test_backward_flag_reports_disagreeing_tags(emu):
     flags = []
     for sums in ((3.0, 9.0), (4.0, 10.0)):                     # tag 3 on one rank: agree; then not
         buf = emu.zeros((BackwardPayload.size(3),), np.float64)
-        emu.backward_reduce(x, x, stats, None, None, 3, buf)
+        emu.backward_reduce(dy3=x, x3=x, stats=stats, weight_grad=None, bias_grad=None, tag=3, buf=buf)
         np.copyto(BackwardPayload(buf, 3).tags, sums)
         dx = emu.empty(x.shape, np.float32)
-        emu.backward_input(x, x, stats, buf, count, 3, 1, dx)
+        emu.backward_input(dy3=x, x3=x, stats=stats, buf=buf, count=count, tag=3, ranks=1, dx3=dx)
         flags.append(float(stats.flags[1]))
     assert flags == [0.0, 2.0]

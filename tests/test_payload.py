@@ -55,7 +55,7 @@ def test_the_backends_write_the_slots_the_layout_names(shape, backend):
     x3, dy3 = dev(x), dev(dy)
     pivot_state = dev(np.full(c, 4.0))
     buf = be.zeros((ForwardPayload.size(c),), np.float64)
-    be.local_moments(x3, pivot_state, tag, buf)
+    be.local_moments(x3=x3, pivot_state=pivot_state, tag=tag, buf=buf)
     forward = ForwardPayload(np.asarray(buf), c)
     x64 = x.astype(np.float64)
     assert forward.count[0] == n
@@ -68,7 +68,7 @@ def test_the_backends_write_the_slots_the_layout_names(shape, backend):
     np.copyto(stats.mean, mean.astype(np.float32))
     np.copyto(stats.invstd, 1.0)
     bbuf = be.zeros((BackwardPayload.size(c),), np.float64)
-    be.backward_reduce(dy3, x3, stats, None, None, tag, bbuf)
+    be.backward_reduce(dy3=dy3, x3=x3, stats=stats, weight_grad=None, bias_grad=None, tag=tag, buf=bbuf)
     backward = BackwardPayload(np.asarray(bbuf), c)
     np.testing.assert_array_equal(backward.tags, (tag, tag * tag))
     np.testing.assert_allclose(backward.sum_dy, dy.astype(np.float64).sum(axis=(0, 2)), rtol=1e-5, atol=1e-5)

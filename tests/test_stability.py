@@ -87,9 +87,10 @@ def test_the_check_can_fail_a_far_pivot_loses_the_variance(to_device):
     backend = get_backend("cpu")
     x = 1e8 + np.random.default_rng(5).normal(size=(6, 2, 3))
     stats = Stats(backend.zeros((Stats.size(2),), np.float64), backend.zeros((ForwardPayload.size(2),), np.float64), 2)
-    backend.local_moments(to_device(x), None, 1, stats.payload)                 # pivot 0
+    backend.local_moments(x3=to_device(x), pivot_state=None, tag=1, buf=stats.payload)           # pivot 0
     y = backend.empty(x.shape, np.float64)
-    backend.normalize_batch(to_device(x), stats.payload, 1, 1, None, None, 0.9, 1e-5, False, None, None, stats, y)
+    backend.normalize_batch(x3=to_device(x), buf=stats.payload, tag=1, ranks=1, running_mean=None, running_var=None,
+                            momentum=0.9, eps=1e-5, unbiased=False, weight=None, bias=None, stats=stats, y3=y)
     y_ref, _, _ = ref.forward(x, np.ones(2), np.zeros(2), 1e-5, "NCL")
     err = np.max(np.abs(np.asarray(y) - y_ref))
     assert err > 1e-3, err

@@ -25,8 +25,9 @@ MAX_THREADS = 512
 MIN_THREADS_PER_SM = 1024
 LOADS = 4                              # default 16-byte loads in flight per array and thread
 
-# Every kernel's parameters in order, as the *_PARAMS macros of syncbn.cu declare them: the one
-# place that says which value goes into which parameter (host code fills them by name). Kinds:
+# Every kernel's parameters in order, as the *_PARAMS macros of syncbn.cu declare them (the kernel
+# emulator checks the names against the source): host code fills them by name, with the values
+# the builders of _launch.py (one per kernel) and the launch plans give. Kinds:
 # "T*" input dtype, "P*" parameter dtype, "S*" statistics dtype (float; double for double
 # input), "d*" double, "I*" unsigned, "Q*" unsigned long long pointers; "i" int, "d" double,
 # "Q" unsigned long long scalars. Every parameter takes one 8-byte cell (_launch.Arguments).
@@ -62,10 +63,6 @@ def vector_widths(dtype_name: str) -> tuple[int, ...]:
 
 
 _WIDTHS = {name: tuple(16 // size >> k for k in range((16 // size).bit_length())) for name, size in ITEMSIZE.items()}
-
-
-def stats_ctype(dtype_name: str) -> str:
-    return "double" if dtype_name == "float64" else "float"
 
 
 def kernel_key(kind: str, layout: str, vec: int, pname: str) -> str:
