@@ -15,12 +15,33 @@ def _gpu_available() -> bool:
 
 
 def pytest_collection_modifyitems(config, items):
+    # Tests named *multi_rank* launch ranks with mpiexec (tests/test_mpi.py, test_paddle.py,
+    # test_torch_dropin.py, test_gpu.py): slow, as the other tests marked so; the quick run
+    # (python -m pytest -m "not slow") leaves them out.
+    for item in items:
+        if "multi_rank" in item.name:
+            item.add_marker(pytest.mark.slow)
     if _gpu_available():
         return
     skip = pytest.mark.skip(reason="no usable CUDA device (GPU tests run on a GPU machine)")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def use_backend():
+    """``use_backend(backend, device="cpu")``: ``backend`` serves ``device`` until the test ends
+    (``cusyncbn._backend.swap_backend``, then the previous one back). Returns ``backend``."""
+    from cusyncbn._backend import swap_backend
+    swapped = []
+
+    def use(backend, device="cpu"):
+        swapped.append((device, swap_backend(device, backend)))
+        return backend
+    yield use
+    for device, previous in reversed(swapped):
+        swap_backend(device, previous)
 
 
 @pytest.fixture(autouse=True)

@@ -132,7 +132,7 @@ def test_device_check_can_fail(source, problem):
         assert len(found) == 1 and problem in found[0], found
 
 
-@pytest.mark.parametrize("n", [1, 2])
+@pytest.mark.parametrize("n", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_readme_usage_runs(n, tmp_path):
     demo = tmp_path / "demo.py"
     demo.write_text(readme_block("# mpiexec -n 2 python demo.py"))
@@ -157,6 +157,7 @@ def test_readme_functional_snippet_says_it_worked(capsys):
     assert capsys.readouterr().out.strip().endswith(": OK")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n", [2, 4])
 def test_train_mpi(n):
     proc = run([mpiexec(), "-n", str(n), sys.executable, "examples/train_mpi.py", "--steps", "20", "--device", "cpu"])
@@ -164,6 +165,7 @@ def test_train_mpi(n):
     assert "-> OK" in proc.stdout and f"{n} rank(s) on cpu" in proc.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n", [1, 2])
 def test_jax_dlpack(n):
     pytest.importorskip("jax")
@@ -172,6 +174,7 @@ def test_jax_dlpack(n):
     assert proc.stdout.count("-> OK") == n
 
 
+@pytest.mark.slow
 def test_torch_convert():
     pytest.importorskip("torch")
     proc = run([mpiexec(), "-n", "2", sys.executable, "examples/torch_convert.py", "--steps", "10"])

@@ -18,6 +18,7 @@ import pytest
 
 from test_mpi import mpiexec
 
+pytestmark = pytest.mark.slow                  # every test launches jobs (mpiexec) in subprocesses
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = os.path.join(HERE, "failure_scripts", "rank_fails.py")
 TIMEOUT_S = 60                  # a hang shows up as this timeout

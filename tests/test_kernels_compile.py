@@ -5,6 +5,7 @@ import pytest
 
 from cusyncbn import _kernels
 
+pytestmark = pytest.mark.slow                  # NVRTC: tens of seconds
 pytest.importorskip("cupy", reason="CuPy (the test extra installs cupy-cuda12x) is needed")
 from cupy.cuda import nvrtc  # noqa: E402  (works without a GPU or driver)
 

@@ -32,6 +32,7 @@ def run(case, env):
 
 
 @pytest.mark.parametrize("env", [FIVE, DEFAULT], ids=["timeout 5 s", "timeout 600 s"])
+@pytest.mark.slow
 def test_a_rank_one_step_short_ends_the_job_at_once_naming_both_collectives(env):
     output, status, seconds = run("skip_step", env)
     assert status != 0 and seconds < 15, (status, seconds, output[-3000:])
@@ -42,6 +43,7 @@ def test_a_rank_one_step_short_ends_the_job_at_once_naming_both_collectives(env)
     assert "rank 1: done, running mean right: True" in output
 
 
+@pytest.mark.slow
 def test_a_rank_stuck_in_user_code_ends_the_job_at_the_timeout_after_a_stall_report():
     output, status, seconds = run("stuck", FIVE)
     assert status != 0 and seconds < 5 + 10, (status, seconds, output[-3000:])
@@ -52,6 +54,7 @@ def test_a_rank_stuck_in_user_code_ends_the_job_at_the_timeout_after_a_stall_rep
     assert "MPI_Abort(1)" in output
 
 
+@pytest.mark.slow
 def test_a_slow_rank_is_no_false_alarm():
     output, status, _ = run("slow", FIVE)
     assert status == 0, output[-3000:]
