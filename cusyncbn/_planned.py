@@ -27,7 +27,6 @@ from __future__ import annotations
 import threading
 from typing import Any, Callable
 
-from . import _flags
 from ._backend import Stats
 from ._comm import SingleProcessComm, prepared_allreduce
 from ._launch import backward_arguments, dx_arguments, moments_arguments, normalize_arguments

@@ -41,7 +41,7 @@ from ._comm import Communicator, SingleProcessComm, next_tag, peek_tag
 from ._comm_factory import resolve_comm
 from ._dlpack import device_of
 from ._rules import check_bool, check_epsilon, check_grad_output, check_input, check_momentum, check_params, \
-    channel_last, shape3, view3
+    channel_last, view3
 from ._stacklevel import user_stacklevel
 
 __all__ = ["BatchNormContext", "flush_reports", "sync_batch_norm", "sync_batch_norm_backward"]

@@ -8,17 +8,13 @@ import pytest
 import cuda_emu
 import cusyncbn
 from cusyncbn import _backend_cupy, _kernels, _launch
-from cusyncbn._backend import swap_backend
 from layer_check import check_layer
 
 
 @pytest.fixture
-def emu(request):
+def emu(use_backend):
     """An emulated GPU backend serving "cpu" until the test ends."""
-    backend = cuda_emu.EmuBackend(sms=2)
-    previous = swap_backend("cpu", backend)
-    request.addfinalizer(lambda: swap_backend("cpu", previous))
-    return backend
+    return use_backend(cuda_emu.EmuBackend(sms=2))
 
 
 def _placeholders(builder):

@@ -10,7 +10,7 @@ import pytest
 
 import cuda_emu
 import cusyncbn
-from cusyncbn import _backend, _kernels
+from cusyncbn import _kernels
 from layer_check import SHAPES, TOL, check_layer
 
 # Emulated threads are slow: the widest shape is narrowed (same layout and parities).
@@ -31,11 +31,9 @@ def to_host(a):
 
 
 @pytest.fixture
-def emu(monkeypatch):
+def emu(use_backend):
     """Layers created on "cpu" get the emulated GPU backend for the duration of the test."""
-    backend = cuda_emu.EmuBackend(sms=4)
-    monkeypatch.setitem(_backend._backends, "cpu", backend)
-    return backend
+    return use_backend(cuda_emu.EmuBackend(sms=4))
 
 
 @pytest.mark.parametrize("dtype", list(TOL))
@@ -46,12 +44,11 @@ def test_emulated_kernels_match_reference(emu, data_format, shape, dtype):
 
 
 @pytest.mark.parametrize("sms", [1, 132])
-def test_emulated_grid_sizes(monkeypatch, sms):
+def test_emulated_grid_sizes(use_backend, sms):
     """One block per channel (sms=1, channel-second), and an H100-sized grid splitting every
     channel many ways, so the last-block merge runs; its tickets are back to zero after every
     launch."""
-    backend = cuda_emu.EmuBackend(sms=sms)
-    monkeypatch.setitem(_backend._backends, "cpu", backend)
+    backend = use_backend(cuda_emu.EmuBackend(sms=sms))
     for fmt, shape in (("NCHW", (16, 3, 40, 41)), ("NHWC", (16, 20, 41, 8)), ("NC", (3001, 5))):
         check_layer(fmt, shape, "float32", to_device, to_host, device="cpu", seed=sms)
     splits = {"cs": [], "cl": []}          # grids: channel-second (splits, C), channel-last (tiles, splits)
@@ -68,22 +65,21 @@ def test_emulated_grid_sizes(monkeypatch, sms):
 
 
 @pytest.mark.parametrize("sms", [1, 132])
-def test_more_channels_than_grid_rows(monkeypatch, sms):
+def test_more_channels_than_grid_rows(use_backend, sms):
     """Channel-second reductions loop over the channels beyond grid.y (65535 on a GPU, 2 here)."""
-    backend = cuda_emu.EmuBackend(sms=sms)
+    backend = use_backend(cuda_emu.EmuBackend(sms=sms))
     backend.max_grid_y = 2
-    monkeypatch.setitem(_backend._backends, "cpu", backend)
     check_layer("NCHW", (6, 5, 9, 8), "float32", to_device, to_host, device="cpu")
     check_layer("NCL", (4, 7, 33), "float16", to_device, to_host, device="cpu")
     assert {g[1] for e, g in backend.grids if e.startswith(("moments_cs", "backward_cs"))} == {2}
 
 
-def test_results_do_not_depend_on_block_order(monkeypatch):
+def test_results_do_not_depend_on_block_order(use_backend):
     """The last block to finish merges the splits in index order: bitwise the same results
     whichever block arrives last (blocks run in index order, then in two shuffled orders)."""
     results = []
     for order in (0, 1, 2024):
-        monkeypatch.setitem(_backend._backends, "cpu", cuda_emu.EmuBackend(sms=132, block_order=order))
+        use_backend(cuda_emu.EmuBackend(sms=132, block_order=order))
         run = []
         for fmt, shape in (("NCHW", (16, 3, 40, 41)), ("NHWC", (16, 20, 41, 8))):
             x = to_device(np.random.default_rng(0).normal(size=shape), "float32")
@@ -105,7 +101,7 @@ def test_every_instantiation_runs(emu):
         for pdtype in ("float32", "float64"):
             for fmt, shape in shapes:
                 for misalign in (False, True):
-                    def dev(a, dt, misalign=misalign):
+                    def dev(a, dt, misalign=misalign, dtype=dtype):
                         return to_device(a, dt, misalign and dt == dtype)
                     check_layer(fmt, shape, dtype, dev, to_host, device="cpu", param_dtype=pdtype)
     every = {e for d in TOL for e in _kernels.name_expressions(d).values()}
@@ -209,14 +205,14 @@ MUTATIONS = {
 
 
 @pytest.mark.parametrize("mutation", list(MUTATIONS))
-def test_a_bug_in_the_kernels_fails_the_layer_check(monkeypatch, mutation):
+def test_a_bug_in_the_kernels_fails_the_layer_check(use_backend, mutation):
     """syncbn.cu with one deliberate bug: the layer checks must fail (two training steps,
     on a grid that splits channels, so the tickets are reused)."""
     good, bad = MUTATIONS[mutation]
     source = _kernels.source()
     assert source.count(good) == 1
     broken = cuda_emu.Library(source.replace(good, bad), cuda_emu._expressions(), _kernels.options())
-    monkeypatch.setitem(_backend._backends, "cpu", cuda_emu.EmuBackend(sms=132, kernels=broken))
+    use_backend(cuda_emu.EmuBackend(sms=132, kernels=broken))
     # Wrong numbers fail the comparison; a corrupted payload may also be caught first by the
     # layer's own collective-tag check (RuntimeError).
     with pytest.raises((AssertionError, RuntimeError)):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import cusyncbn
-from cusyncbn import _backend, _planned
+from cusyncbn import _planned
 from cusyncbn.functional import flush_reports
 
 import cuda_emu
@@ -20,9 +20,8 @@ SHAPES = [("NCHW", (4, 8, 5, 5)), ("NHWC", (3, 4, 4, 8)), ("NC", (6, 8))]
 
 
 @pytest.fixture
-def emu(monkeypatch):
-    backend = cuda_emu.EmuBackend(sms=4)
-    monkeypatch.setitem(_backend._backends, "cpu", backend)
+def emu(use_backend):
+    backend = use_backend(cuda_emu.EmuBackend(sms=4))
     backend.full = 0
     run = backend._run
 

@@ -12,17 +12,16 @@ import pytest
 
 import cusyncbn
 import reference as ref
-from cusyncbn import _backend
 from cusyncbn.functional import sync_batch_norm, sync_batch_norm_backward
 
 import cuda_emu
 
 
 @pytest.fixture(params=["numpy", "emulated kernels"])
-def to_device(request, monkeypatch):
+def to_device(request, use_backend):
     if request.param == "numpy":
         return np.asarray
-    monkeypatch.setitem(_backend._backends, "cpu", cuda_emu.EmuBackend(sms=4))
+    use_backend(cuda_emu.EmuBackend(sms=4))
     return cuda_emu.guarded_copy
 
 
