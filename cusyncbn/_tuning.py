@@ -18,6 +18,8 @@ import json
 import os
 from typing import Any, NamedTuple
 
+from . import _kernels
+
 TABLE_PATH = os.path.join(os.path.dirname(__file__), "_kernels", "tuning.json")
 MAX_GRID_Y = 65535
 MAX_DYNAMIC_SHARED = 48 * 1024       # without the opt-in attribute
@@ -61,11 +63,6 @@ def resident_blocks(registers: int, threads: int, shared: int, limits: SMLimits 
     by_threads = limits.threads // (warps * 32)
     by_shared = limits.shared // (shared + limits.reserved_shared)
     return max(0, min(by_registers, by_threads, by_shared, limits.blocks))
-
-
-def occupancy(registers: int, threads: int, shared: int, limits: SMLimits = SM90) -> float:
-    """Theoretical occupancy: resident warps over the SM's maximum."""
-    return resident_blocks(registers, threads, shared, limits) * threads / limits.threads
 
 
 def lanes_for(channels: int, vec: int, itemsize: int) -> int:
@@ -127,18 +124,70 @@ def shape_key(kind: str, layout: str, dtype_name: str, shape3: tuple[int, int, i
     return f"{kind}/{layout}/{dtype_name}/{'x'.join(map(str, shape3))}"
 
 
+def check_config(config: LaunchConfig) -> None:
+    """Raise ValueError unless ``config`` can be launched: threads a multiple of 32 up to the
+    kernels' bound, lanes a power of two up to 32 (0: the heuristic's), waves above 0, vec a
+    power of two (0: the widest), loads at least 1."""
+    threads, lanes, waves, vec, loads = config
+    if (threads % 32 or not 0 <= threads <= _kernels.MAX_THREADS or lanes & (lanes - 1) or not 0 <= lanes <= 32
+            or not waves > 0 or vec & (vec - 1) or vec < 0 or loads < 1):
+        raise ValueError(f"{config}: threads must be a multiple of 32 up to {_kernels.MAX_THREADS} (0: default), "
+                         "lanes a power of two up to 32 (0: default), waves above 0, vec a power of two (0: the "
+                         "widest), loads at least 1")
+
+
+def check_table(table: Any, where: str = "tuning table") -> dict:
+    """``table`` itself if it is a tuning table, ``{arch_key: {shape_key: config dict}}``: every
+    shape key ``pass/layout/dtype/AxCxB`` of a known pass, layout and dtype, every configuration
+    one :func:`check_config` accepts (fields LaunchConfig does not know are ignored: a newer
+    table may have more).
+
+    Raises:
+        ValueError: naming ``where``, the first bad entry and what was expected.
+    """
+    if not isinstance(table, dict) or not all(isinstance(v, dict) for v in table.values()):
+        raise ValueError(f"{where}: expected {{arch: {{shape key: configuration}}}}, got {table!r:.200}")
+    for arch, entries in table.items():
+        for key, entry in entries.items():
+            parts = key.split("/") if isinstance(key, str) else []
+            dims = parts[3].split("x") if len(parts) == 4 else []
+            if (len(parts) != 4 or parts[0] not in _kernels.PASSES or parts[1] not in _kernels.LAYOUTS
+                    or parts[2] not in _kernels.CTYPES or len(dims) != 3 or not all(d.isdigit() for d in dims)):
+                raise ValueError(f"{where}: {arch}: bad key {key!r}: expected pass/layout/dtype/AxCxB with a pass "
+                                 f"of {_kernels.PASSES}, a layout of {_kernels.LAYOUTS}, a dtype of "
+                                 f"{tuple(_kernels.CTYPES)}")
+            known = {k: v for k, v in entry.items() if k in LaunchConfig._fields} if isinstance(entry, dict) else {}
+            if not isinstance(entry, dict) or not all(
+                    type(v) in ((int, float) if k == "waves" else (int,)) for k, v in known.items()):
+                raise ValueError(f"{where}: {arch}: {key}: expected a configuration of numbers "
+                                 f"({', '.join(LaunchConfig._fields)}), got {entry!r}")
+            try:
+                check_config(LaunchConfig(**known))
+            except ValueError as exc:
+                raise ValueError(f"{where}: {arch}: {key}: {exc}") from None
+    return table
+
+
 _tables: dict[str, dict] = {}
 
 
 def load_table(path: str = TABLE_PATH) -> dict:
-    """The table at ``path`` (``{arch_key: {shape_key: config dict}}``), read once; {} if absent."""
+    """The table at ``path`` (``{arch_key: {shape_key: config dict}}``), read once; {} if absent.
+
+    Raises:
+        ValueError: the file is not a tuning table (see :func:`check_table`).
+    """
     table = _tables.get(path)
     if table is None:
         try:
             with open(path, encoding="utf-8") as f:
-                table = json.load(f)
+                text = f.read()
         except FileNotFoundError:
-            table = {}
+            text = "{}"
+        try:
+            table = check_table(json.loads(text), path)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not JSON ({exc})") from None
         _tables[path] = table
     return table
 
@@ -152,8 +201,13 @@ def lookup(arch: str, kind: str, layout: str, dtype_name: str, shape3: tuple[int
     return LaunchConfig(**{k: v for k, v in entry.items() if k in LaunchConfig._fields})
 
 
-def save_table(table: dict, path: str = TABLE_PATH) -> None:
-    """Write ``table`` (atomically: temporary file, then rename) and forget the cached copy."""
+def save_table(table: dict, path: str) -> None:
+    """Write ``table`` (atomically: temporary file, then rename) and forget the cached copy.
+
+    Raises:
+        ValueError: ``table`` is not a tuning table (see :func:`check_table`); nothing is written.
+    """
+    check_table(table, path)
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(table, f, indent=1, sort_keys=True)

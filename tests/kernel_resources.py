@@ -117,6 +117,11 @@ def hot_loop(code: str, load: str = "LDG.E.128") -> tuple[int, int]:
     return best
 
 
+def occupancy(registers: int, threads: int, shared: int, limits: _tuning.SMLimits = _tuning.SM90) -> float:
+    """Theoretical occupancy: resident warps over the SM's maximum."""
+    return _tuning.resident_blocks(registers, threads, shared, limits) * threads / limits.threads
+
+
 def block_threads(expr: str) -> int:
     """The block size the host heuristic launches ``expr`` with."""
     return _tuning.block_shape("cl" if "_cl<" in expr else "cs", _tuning.DEFAULT, 1024, 1, 4)[1]
@@ -137,7 +142,7 @@ def main(argv: list[str]) -> None:
     for dtype in _kernels.CTYPES:
         for expr, r in sorted(resources(dtype).items()):
             threads = block_threads(expr)
-            occ = _tuning.occupancy(r.registers, threads, r.shared - 1024)
+            occ = occupancy(r.registers, threads, r.shared - 1024)
             print(f"| `{expr}` | {r.registers} | {r.stack} | {r.shared} | {threads} | {occ:.0%} |")
 
 

@@ -33,10 +33,12 @@ if DEVICE == "gpu":
     import cupy as xp
 else:
     xp = np
+EMULATED = None                 # with "emu": the CPU's backend, the real CupyBackend on emulated kernels
 if DEVICE == "emu":
     import cuda_emu  # noqa: E402
-    from cusyncbn import _backend  # noqa: E402
-    _backend._backends["cpu"] = cuda_emu.EmuBackend(sms=4)
+    from cusyncbn._backend import swap_backend  # noqa: E402
+    EMULATED = cuda_emu.EmuBackend(sms=4)
+    swap_backend("cpu", EMULATED)
 CASES = {}                      # name -> case; the names are listed again in tests/mpi_cases.py
 GPU_CASES = {}                  # cases that need CUDA
 TOL = {"float16": (2e-2, 1e-2), "float32": (1e-5, 1e-4), "float64": (1e-10, 1e-9)}
@@ -684,7 +686,7 @@ def main():
         print("RESULT " + json.dumps({"size": WORLD.size, "cpu": list(CASES), "gpu": list(GPU_CASES)}), flush=True)
         return
     errors = {**CASES, **GPU_CASES}[name]()
-    if DEVICE == "emu" and not _backend._backends["cpu"].launches:
+    if EMULATED is not None and not EMULATED.launches:
         errors.append("the emulated GPU backend launched no kernel")
     gathered = WORLD.gather([f"rank {WORLD.rank}: {e}" for e in errors], root=0)
     if WORLD.rank == 0:

@@ -10,6 +10,7 @@ import pytest
 
 from cusyncbn import _kernels, _tuning
 
+pytestmark = pytest.mark.slow                  # NVRTC and cuobjdump: tens of seconds
 pytest.importorskip("cupy", reason="CuPy (the test extra installs cupy-cuda12x) is needed for NVRTC")
 import kernel_resources as kr  # noqa: E402
 
@@ -40,7 +41,7 @@ def test_occupancy_floor(table, threads):
     """At every block size the plans use (256 channel-second, 512 channel-last by default,
     up to MAX_THREADS when tuned), at least half of the SM's threads are resident."""
     _, res = table
-    low = {expr: _tuning.occupancy(r.registers, threads, r.shared - _tuning.SM90.reserved_shared + _shared(expr, threads))
+    low = {expr: kr.occupancy(r.registers, threads, r.shared - _tuning.SM90.reserved_shared + _shared(expr, threads))
            for expr, r in res.items()}
     low = {e: f"{o:.0%}" for e, o in low.items() if o < OCCUPANCY_FLOOR}
     assert not low, f"below {OCCUPANCY_FLOOR:.0%} theoretical occupancy at {threads} threads: {low}"

@@ -3,15 +3,17 @@
 Runs ``CupyBackend``'s real planning code (through the emulated backend, tests/cuda_emu).
 """
 import json
+import re
 
 import numpy as np
 import pytest
 
 import cuda_emu
 import cusyncbn
-from cusyncbn import _backend, _kernels, _sweep, _tuning
+from cusyncbn import _kernels, _sweep, _tuning
 from cusyncbn._tuning import LaunchConfig
-from cusyncbn.bench import DTYPES, LAYOUTS, SHAPES        # stdlib-only imports at module level
+from cusyncbn._bench_cases import DTYPES, LAYOUTS, SHAPES
+from kernel_resources import occupancy
 from layer_check import check_layer
 from test_kernels_emulated import to_device, to_host
 
@@ -48,9 +50,8 @@ def test_every_benchmark_launch_fills_the_gpu(shape, dtype, layout):
         assert blocks <= 2 * wave or splits == 1, (kind, x3, plan.grid, wave)   # more only as channels
 
 
-def test_plans_are_cached_and_follow_alignment(monkeypatch):
-    backend = cuda_emu.EmuBackend(sms=8)
-    monkeypatch.setitem(_backend._backends, "cpu", backend)
+def test_plans_are_cached_and_follow_alignment(use_backend):
+    backend = use_backend(cuda_emu.EmuBackend(sms=8))
     made = []
     make = backend._make_plan
     backend._make_plan = lambda *a: made.append(a[:2]) or make(*a)
@@ -64,9 +65,8 @@ def test_plans_are_cached_and_follow_alignment(monkeypatch):
     assert {p.vec for p in backend._plans.values()} == {4, 1}
 
 
-def test_table_lookup_override_and_fallback(tmp_path, monkeypatch):
-    backend = cuda_emu.EmuBackend(sms=8)
-    monkeypatch.setitem(_backend._backends, "cpu", backend)
+def test_table_lookup_override_and_fallback(tmp_path, use_backend):
+    backend = use_backend(cuda_emu.EmuBackend(sms=8))
     key = _tuning.shape_key("moments", "cs", "float32", (4, 8, 16))
     backend.table = {"emu": {key: {"threads": 128, "waves": 2.0, "loads": 2, "future_field": 1}},
                      "sm_90/132": {key: {"threads": 512}}}
@@ -93,23 +93,66 @@ def test_table_lookup_override_and_fallback(tmp_path, monkeypatch):
     assert _tuning.lookup("emu", "moments", "cs", "float32", (4, 8, 16), _tuning.load_table(path)).threads == 128
     assert _tuning.lookup("sm_80/108", "moments", "cs", "float32", (4, 8, 16), _tuning.load_table(path)) is None
     assert _tuning.load_table(str(tmp_path / "missing.json")) == {}
-    json.loads(open(_tuning.TABLE_PATH).read())                                     # the shipped table parses
+
+
+KEY = "moments/cs/float32/64x256x3136"
+
+
+@pytest.mark.parametrize("table, words", [
+    ({"sm_90/132": {"finalize/cs/float32/4x8x16": {}}}, "bad key 'finalize/cs/float32/4x8x16'"),
+    ({"sm_90/132": {"moments/nc/float32/4x8x16": {}}}, "bad key"),
+    ({"sm_90/132": {"moments/cs/int8/4x8x16": {}}}, "bad key"),
+    ({"sm_90/132": {"moments/cs/float32/4x8": {}}}, "bad key"),
+    ({"sm_90/132": {KEY: {"threads": 100}}}, "threads must be a multiple of 32"),
+    ({"sm_90/132": {KEY: {"threads": 1024}}}, "threads must be a multiple of 32 up to 512"),
+    ({"sm_90/132": {KEY: {"lanes": 12}}}, "lanes a power of two"),
+    ({"sm_90/132": {KEY: {"loads": 0}}}, "loads at least 1"),
+    ({"sm_90/132": {KEY: {"waves": 0.0}}}, "waves above 0"),
+    ({"sm_90/132": {KEY: {"threads": "256"}}}, "expected a configuration of numbers"),
+    ({"sm_90/132": {KEY: [256]}}, "expected a configuration of numbers"),
+    ({"sm_90/132": [KEY]}, "expected {arch: {shape key: configuration}}"),
+])
+def test_a_bad_tuning_table_is_refused_when_read_and_when_written(tmp_path, table, words):
+    path = tmp_path / "tuning.json"
+    path.write_text(json.dumps(table))
+    with pytest.raises(ValueError, match=re.escape(words)):
+        _tuning.load_table(str(path))
+    with pytest.raises(ValueError, match=re.escape(words)):
+        _tuning.save_table(table, str(tmp_path / "written.json"))
+    assert not (tmp_path / "written.json").exists()
+
+
+def test_good_tuning_tables_round_trip_and_the_shipped_one_is_good(tmp_path):
+    table = {"sm_90/132": {KEY: {"threads": 256, "lanes": 0, "waves": 2.0, "vec": 4, "loads": 2},
+                           "dx/cl/bfloat16/200704x256x1": {"threads": 512, "lanes": 16, "waves": 1, "vec": 0,
+                                                           "loads": 4, "future_field": 1}},
+             "sm_80/108": {}}
+    path = str(tmp_path / "tuning.json")
+    _tuning.save_table(table, path)
+    assert _tuning.load_table(path) == table
+    assert _tuning.lookup("sm_90/132", "dx", "cl", "bfloat16", (200704, 256, 1), _tuning.load_table(path)) == \
+        LaunchConfig(threads=512, lanes=16, waves=1, vec=0, loads=4)
+    (tmp_path / "broken.json").write_text('{"sm_90/132": {')
+    with pytest.raises(ValueError, match="broken.json: not JSON"):
+        _tuning.load_table(str(tmp_path / "broken.json"))
+    with open(_tuning.TABLE_PATH, encoding="utf-8") as f:
+        shipped = json.load(f)
+    assert _tuning.check_table(shipped, _tuning.TABLE_PATH) is shipped
 
 
 def test_occupancy_calculation():
     assert _tuning.resident_blocks(64, 256, 2000) == 4          # 64 registers: 50%
-    assert _tuning.occupancy(64, 512, 17000) == 0.5
-    assert _tuning.occupancy(76, 256, 2000) == 0.375            # the old moments_cs<float, float, 4>
-    assert _tuning.occupancy(110, 512, 9000) == 0.25            # the old moments_cl<bf16_t, float, 8>
-    assert _tuning.occupancy(32, 256, 0) == 1.0
+    assert occupancy(64, 512, 17000) == 0.5
+    assert occupancy(76, 256, 2000) == 0.375            # the old moments_cs<float, float, 4>
+    assert occupancy(110, 512, 9000) == 0.25            # the old moments_cl<bf16_t, float, 8>
+    assert occupancy(32, 256, 0) == 1.0
 
 
 @pytest.mark.parametrize("data_format,shape", [("NCHW", (6, 5, 9, 8)), ("NHWC", (5, 7, 3, 24)), ("NC", (70, 9))])
-def test_every_sweep_configuration_is_correct(monkeypatch, data_format, shape):
+def test_every_sweep_configuration_is_correct(use_backend, data_format, shape):
     """Every configuration of the sweep grid, applied to all four passes at once, gives a
     correct layer (checked against the float64 reference, as the sweep checks before timing)."""
-    backend = cuda_emu.EmuBackend(sms=132)
-    monkeypatch.setitem(_backend._backends, "cpu", backend)
+    backend = use_backend(cuda_emu.EmuBackend(sms=132))
     layout = "cl" if data_format != "NCHW" else "cs"
     grid = _sweep.sweep_grid(layout)
     assert len(set(grid)) == len(grid) >= 16
@@ -122,11 +165,10 @@ def test_every_sweep_configuration_is_correct(monkeypatch, data_format, shape):
     assert {loads for _, loads in used} == {2, 4}
 
 
-def test_sweep_writes_the_fastest_correct_configuration(monkeypatch, tmp_path):
+def test_sweep_writes_the_fastest_correct_configuration(monkeypatch, use_backend):
     """sweep_case on the emulator with a stand-in timer: a wrong configuration is skipped
     (never timed), the fastest correct one is kept per pass under the layer's (A, C, B)."""
-    backend = cuda_emu.EmuBackend(sms=132)
-    monkeypatch.setitem(_backend._backends, "cpu", backend)
+    backend = use_backend(cuda_emu.EmuBackend(sms=132))
     grid = [LaunchConfig(threads=256), LaunchConfig(threads=128), LaunchConfig(threads=512)]
     cost = {256: 3.0, 128: 1.0, 512: 2.0}
     timed = []

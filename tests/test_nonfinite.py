@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 
 import cusyncbn
-from cusyncbn import _backend
 from cusyncbn.functional import flush_reports
 
 import cuda_emu
@@ -48,9 +47,8 @@ def test_warn_moves_the_finite_channels_only_and_names_the_bad_ones():
     assert moved.tolist() == [True, False, True, False, True]
 
 
-def test_the_emulated_gpu_reports_the_first_channel_and_moves_nothing(monkeypatch):
-    emu = cuda_emu.EmuBackend(sms=4)
-    monkeypatch.setitem(_backend._backends, "cpu", emu)
+def test_the_emulated_gpu_reports_the_first_channel_and_moves_nothing(use_backend):
+    use_backend(cuda_emu.EmuBackend(sms=4))
     bn = layer("raise")
     for _ in range(2):
         bn(cuda_emu.guarded_copy(np.random.default_rng(1).normal(size=(4, 5, 3))))
