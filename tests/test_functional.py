@@ -1,4 +1,5 @@
 """The stateless functional core (cusyncbn.functional), one process, against the float64 reference."""
+import ast
 import gc
 import re
 import warnings
@@ -119,7 +120,7 @@ def test_context_is_single_use_and_releasable():
     with pytest.raises(RuntimeError, match="already back-propagated"):
         sync_batch_norm_backward(ctx, np.ones_like(x))
     with pytest.raises(RuntimeError, match="consumed"):
-        ctx.mean
+        getattr(ctx, "mean")
     _, ctx = sync_batch_norm(x, data_format="NC")
     ctx.release()
     ctx.release()
@@ -128,28 +129,55 @@ def test_context_is_single_use_and_releasable():
         sync_batch_norm_backward(object(), x)
 
 
-@pytest.mark.parametrize("call, kind, words", [
-    (lambda x: sync_batch_norm(x, data_format="NHCW"), ValueError, "data_format must be one of"),
-    (lambda x: sync_batch_norm(x, momentum=None, data_format="NC"), TypeError, "momentum"),
-    (lambda x: sync_batch_norm(x, momentum=1.5, data_format="NC"), ValueError, "momentum must be in"),
-    (lambda x: sync_batch_norm(x, epsilon=float("nan"), data_format="NC"), ValueError, "epsilon"),
-    (lambda x: sync_batch_norm(x, epsilon=float("inf"), data_format="NC"), ValueError, "epsilon"),
-    (lambda x: sync_batch_norm(x, training="yes", data_format="NC"), TypeError, "training must be True or False"),
-    (lambda x: sync_batch_norm(x, debug=1, data_format="NC"), TypeError, "debug must be True or False"),
-    (lambda x: sync_batch_norm(x, training=False, data_format="NC"), ValueError, "needs running_mean"),
-    (lambda x: sync_batch_norm(x, np.zeros(4), np.ones(4), data_format="NC"), ValueError, r"expected \(3,\)"),
-    (lambda x: sync_batch_norm(x, np.zeros(3, "float16"), np.ones(3, "float16"), data_format="NC"), TypeError,
-     "float32 or float64"),
-    (lambda x: sync_batch_norm(x, np.zeros(3), np.ones(3, "float32"), data_format="NC"), TypeError, "share one"),
-    (lambda x: sync_batch_norm(x, num_features=4, data_format="NC"), ValueError, "expected num_features=4"),
-    (lambda x: sync_batch_norm(x.astype("int32"), data_format="NC"), TypeError, "floating dtype"),
-    (lambda x: sync_batch_norm("abc", data_format="NC"), TypeError, "must be an array"),
-    (lambda x: sync_batch_norm(x, nonfinite="ignore", data_format="NC"), ValueError, "nonfinite"),
+@pytest.mark.parametrize("change, kind, words", [
+    ({"data_format": "NHCW"}, ValueError, "data_format must be one of"),
+    ({"momentum": None}, TypeError, "momentum"),
+    ({"momentum": 1.5}, ValueError, "momentum must be in"),
+    ({"epsilon": float("nan")}, ValueError, "epsilon"),
+    ({"epsilon": float("inf")}, ValueError, "epsilon"),
+    ({"training": "yes"}, TypeError, "training must be True or False"),
+    ({"debug": 1}, TypeError, "debug must be True or False"),
+    ({"training": False, "running_mean": None, "running_var": None}, ValueError, "needs running_mean"),
+    ({"running_mean": np.zeros(4), "running_var": np.ones(4)}, ValueError, r"expected \(3,\)"),
+    ({"running_mean": np.zeros(3, "float16"), "running_var": np.ones(3, "float16")}, TypeError, "float32 or float64"),
+    ({"running_var": np.ones(3, "float32")}, TypeError, "share one"),
+    ({"num_features": 4}, ValueError, "expected num_features=4"),
+    ({"x": np.ones((4, 3), "int32")}, TypeError, "floating dtype"),
+    ({"x": "abc"}, TypeError, "must be an array"),
+    ({"nonfinite": "ignore"}, ValueError, "nonfinite"),
+    ({"weight": np.ones(4)}, ValueError, "weight"),
 ])
-def test_bad_calls_raise_clear_errors_and_change_nothing(call, kind, words):
-    x = np.random.default_rng(6).normal(size=(4, 3))
+def test_bad_calls_raise_clear_errors_and_change_nothing(change, kind, words):
+    """A refused call makes no collective, moves no array it was given (input, running
+    statistics, parameters) and leaves nothing behind: no plan, no pivot state, no report."""
+    rng = np.random.default_rng(6)
+    args = {"x": rng.normal(size=(4, 3)), "running_mean": rng.normal(size=3), "running_var": rng.uniform(1, 2, 3),
+            "weight": rng.uniform(0.5, 1.5, 3), "bias": rng.normal(size=3), "data_format": "NC",
+            "comm": CountingComm(), **change}
+    arrays = {name: (a, a.copy()) for name, a in args.items() if isinstance(a, np.ndarray)}
+    before = module_state()
     with pytest.raises(kind, match=words):
-        call(x)
+        sync_batch_norm(**args)
+    assert args["comm"].calls == 0
+    for name, (a, copy) in arrays.items():
+        assert a.dtype == copy.dtype and np.array_equal(a, copy, equal_nan=True), name
+    assert module_state() == before
+
+
+def module_state():
+    """What a call into the functional core may leave behind in the package."""
+    from cusyncbn import _flags, _planned, functional
+    return {"plans": len(_planned.FORWARD), "pivot states": len(functional._PIVOT_STATES),
+            "pending reports": len(_flags.queue)}
+
+
+def test_the_change_nothing_check_can_fail():
+    """A valid call is seen to change what the check above watches."""
+    x = np.random.default_rng(6).normal(size=(4, 3))
+    rm, rv = np.zeros(3), np.ones(3)
+    before = module_state()
+    sync_batch_norm(x, rm, rv, data_format="NC", comm=CountingComm())
+    assert not np.array_equal(rm, np.zeros(3)) and module_state() != before
 
 
 def test_nonfinite_statistics_keep_running_statistics():
@@ -229,10 +257,51 @@ def test_no_module_reaches_into_another_modules_private_attributes():
     assert offences == []
 
 
+def private_imports(root: Path, package: str = "cusyncbn") -> list[str]:
+    """``from <a module of the package> import _name`` (relative or absolute) of a name that is
+    not a submodule: one module importing another's private name, in every file under ``root``."""
+    files = {p: ".".join([package, *p.relative_to(root).with_suffix("").parts]).removesuffix(".__init__")
+             for p in sorted(root.rglob("*.py"))}
+    modules = set(files.values())
+    offences = []
+    for path, name in files.items():
+        here = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not isinstance(node, ast.ImportFrom):
+                continue
+            source = node.module or ""
+            if node.level:
+                base = here
+                for _ in range(node.level - 1):
+                    base = base.rpartition(".")[0]
+                source = f"{base}.{source}" if source else base
+            if source != package and not source.startswith(package + "."):
+                continue
+            offences += [f"{path.relative_to(root.parent)}:{node.lineno}: from {source} import {alias.name}"
+                         for alias in node.names if alias.name.startswith("_") and not alias.name.startswith("__")
+                         and f"{source}.{alias.name}" not in modules]
+    return offences
+
+
+def test_no_module_imports_another_modules_private_names():
+    assert private_imports(Path(cusyncbn.__file__).parent) == []
+
+
 def test_private_access_check_can_fail(tmp_path):
     text = "def f(layer):\n    return layer._backend\n"
     assert PRIVATE.findall(text) == [("layer", "_backend")]
     assert re.search(DEFINES.format("_backend"), text, re.M) is None
+    pkg = tmp_path / "cusyncbn"
+    (pkg / "_kernels").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("from ._layer import Layer\nfrom . import _device\n")
+    (pkg / "_device.py").write_text("def _parse(s):\n    return s\n")
+    (pkg / "_kernels" / "__init__.py").write_text("from .. import _device\nfrom .._device import _parse\n")
+    (pkg / "_layer.py").write_text("from ._device import _parse as resolve\nfrom cusyncbn import _kernels\n"
+                                   "from cusyncbn._device import __doc__\n\n\ndef f():\n"
+                                   "    from cusyncbn._device import _parse\n")
+    assert private_imports(pkg) == ["cusyncbn/_kernels/__init__.py:2: from cusyncbn._device import _parse",
+                                    "cusyncbn/_layer.py:1: from cusyncbn._device import _parse",
+                                    "cusyncbn/_layer.py:7: from cusyncbn._device import _parse"]
 
 
 def test_inputs_beyond_the_kernels_index_range_are_refused_before_any_collective():
@@ -248,18 +317,35 @@ def test_inputs_beyond_the_kernels_index_range_are_refused_before_any_collective
         assert comm.calls == 2                           # no running statistics: two all-reduces
 
 
-def test_flush_reports_is_a_no_op_on_the_cpu():
+def test_flush_reports_reports_what_a_gpu_pass_left_and_nothing_on_the_cpu():
+    """A CPU pass reports its findings itself and leaves nothing for ``flush_reports``; a pass
+    on the GPU code path (its host code, kernels stubbed) leaves its report slot pending until
+    ``flush_reports`` takes it."""
+    from cusyncbn import _flags
     from cusyncbn.functional import flush_reports
-    assert flush_reports() is None
+    x = np.ones((4, 3))
+    x[0, 1] = np.nan
+    with pytest.warns(RuntimeWarning, match="flush_cpu: the global batch statistics of channel 1 are not finite"):
+        sync_batch_norm(x, np.zeros(3), np.ones(3), data_format="NC", name="flush_cpu")
+    assert not _flags.queue
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        flush_reports()
+    with stubbed():
+        sync_batch_norm(np.ones((4, 3), np.float32), np.zeros(3, np.float32), np.ones(3, np.float32),
+                        data_format="NC")
+        assert len(_flags.queue) == 1
+        flush_reports()
+        assert not _flags.queue
 
 
-@pytest.mark.parametrize("module", ["cusyncbn.functional", "cusyncbn._layer", "cusyncbn._comm", "cusyncbn._params",
-                                    "cusyncbn._nccl"])
+@pytest.mark.parametrize("module", ["cusyncbn.functional", "cusyncbn._layer", "cusyncbn._comm", "cusyncbn._params"])
 def test_docstring_examples_run(module):
+    """(``cusyncbn._nccl``'s example needs a GPU: tests/test_gpu.py runs it.)"""
     import doctest
     import importlib
     result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
-    assert result.failed == 0
+    assert result.failed == 0 and result.attempted > 0
 
 
 def test_running_statistics_that_cannot_be_updated_in_place_are_refused():

@@ -243,3 +243,23 @@ def test_a_stuck_nccl_collective_ends_the_job(case):
     else:
         assert "has waited 2." in output and "did not complete within the timeout of 5 s" in output, output
         assert "collective 6 (bn3, forward)" in output, output
+
+
+NCCL_EXAMPLE = """
+import doctest
+import cusyncbn
+text = cusyncbn.NCCLComm.__doc__.replace("# doctest: +SKIP", "")
+test = doctest.DocTestParser().get_doctest(text, {"cusyncbn": cusyncbn}, "NCCLComm", None, 0)
+runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
+runner.run(test)
+print(runner.summarize(verbose=False))
+"""
+
+
+def test_nccl_docstring_example_runs():
+    """``NCCLComm``'s example (skipped by the CPU doctests) run as written, in a process of its
+    own: the communicator installs the job's abort hooks."""
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "-c", NCCL_EXAMPLE], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "TestResults(failed=0, attempted=2)" in done.stdout, done.stdout + done.stderr
