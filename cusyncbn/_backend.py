@@ -292,8 +292,8 @@ class Backend:
         spare = self._spare.get((channels, dtype, self.stream_key()))
         if spare:
             return spare.pop()
-        return Stats(self.empty((Stats.size(channels),), dtype), self.empty((ForwardPayload.size(channels),), np.float64),
-                     channels)
+        return Stats(self.empty((Stats.size(channels),), dtype),
+                     self.empty((ForwardPayload.size(channels),), np.float64), channels)
 
     def give_back(self, stats: Stats) -> None:
         """``stats`` is no longer needed by the caller once queued work is done; work queued
