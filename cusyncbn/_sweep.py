@@ -71,28 +71,37 @@ def layer_error(bn: Any, x: Any, dy: Any, ref: tuple) -> float:
 
 def _pass_call(backend: Any, kind: str, bn: Any, x: Any, dy: Any) -> Callable[[], None]:
     """A call of pass ``kind`` alone, with the state a training step leaves (for timing)."""
-    from ._backend import Stats, backward_payload_size, forward_payload_size
+    from ._backend import BackwardPayload, ForwardPayload, Stats
     from ._rules import channel_last, view3
     last = channel_last(bn.data_format)
     c = bn.num_features
     x3, dy3 = view3(x, c, last), view3(dy, c, last)
-    stats = Stats(backend.empty((4 * c + 2,), np.float64 if x.dtype == np.float64 else np.float32),
-                  backend.zeros((forward_payload_size(c),), np.float64), c)
+    stats = Stats(backend.empty((Stats.size(c),), np.float64 if x.dtype == np.float64 else np.float32),
+                  backend.zeros((ForwardPayload.size(c),), np.float64), c)
     rm = bn.running_mean
-    pivot = backend.zeros((c,), np.float64)
-    backend.local_moments(x3, pivot, 0, stats.payload)
+    pivot_state = backend.zeros((c,), np.float64)
     y3 = backend.empty(x3.shape, x3.dtype)
-    backend.normalize_batch(x3, stats.payload, 0, 1, rm, None, 0.9, 1e-5, False, None, None, stats, y3)
-    bbuf = backend.zeros((backward_payload_size(c),), np.float64)
+    bbuf = backend.zeros((BackwardPayload.size(c),), np.float64)
     dx3 = backend.empty(x3.shape, x3.dtype)
-    count = stats.payload[2 * c:2 * c + 1]
-    return {
-        "moments": lambda: backend.local_moments(x3, pivot, 0, stats.payload),
-        "normalize": lambda: backend.normalize_batch(x3, stats.payload, 0, 1, rm, None, 0.9, 1e-5, False, None,
-                                                     None, stats, y3),
-        "backward": lambda: backend.backward_reduce(dy3, x3, stats, None, None, 0, bbuf),
-        "dx": lambda: backend.backward_input(dy3, x3, stats, bbuf, count, 0, 1, dx3),
-    }[kind]
+
+    def moments() -> None:
+        backend.local_moments(x3=x3, pivot_state=pivot_state, tag=0, buf=stats.payload)
+
+    def normalize() -> None:
+        backend.normalize_batch(x3=x3, buf=stats.payload, tag=0, ranks=1, running_mean=rm, running_var=None,
+                                momentum=0.9, eps=1e-5, unbiased=False, weight=None, bias=None, stats=stats,
+                                y3=y3)
+
+    def backward() -> None:
+        backend.backward_reduce(dy3=dy3, x3=x3, stats=stats, weight_grad=None, bias_grad=None, tag=0, buf=bbuf)
+
+    def dx() -> None:
+        backend.backward_input(dy3=dy3, x3=x3, stats=stats, buf=bbuf, count=stats.slots.count, tag=0, ranks=1,
+                               dx3=dx3)
+
+    moments()
+    normalize()
+    return {"moments": moments, "normalize": normalize, "backward": backward, "dx": dx}[kind]
 
 
 def sweep_case(backend: Any, shape: tuple, dtype_name: str, data_format: str, make: Callable[..., Any],

@@ -14,7 +14,7 @@ import pytest
 
 import cusyncbn
 from cusyncbn import _recording
-from cusyncbn._backend import Stats, forward_payload_size, swap_backend
+from cusyncbn._backend import ForwardPayload, Stats, swap_backend
 
 NAMES = ("cupy", "cupy.cuda", "cupy.cuda.runtime", "cupy.cuda.driver", "cupy.cuda.nccl", "cupy.cuda.function", "cupyx")
 
@@ -403,10 +403,10 @@ def test_real_backend_forward_is_two_launches(gpu_backend):
     y3 = cupy.empty(x3.shape, np.float32)
     rm, rv = cupy.zeros((4,), np.float32), cupy.ones((4,), np.float32)
     w, b = cupy.ones((4,), np.float32), cupy.zeros((4,), np.float32)
-    buf = cupy.empty((forward_payload_size(4),), np.float64)
-    stats = Stats(cupy.empty((4 * 4 + 2,), np.float32), buf, 4)
+    buf = cupy.empty((ForwardPayload.size(4),), np.float64)
+    stats = Stats(cupy.empty((Stats.size(4),), np.float32), buf, 4)
     ledger.reset()
-    backend.local_moments(x3, cupy.zeros((4,), np.float64), 1, buf)
+    backend.local_moments(x3=x3, pivot_state=cupy.zeros((4,), np.float64), tag=1, buf=buf)
     arguments = dict(x3=x3, buf=buf, tag=1, ranks=1, running_mean=rm, running_var=rv, momentum=0.9, eps=1e-5,
                      unbiased=False, weight=w, bias=b, stats=stats, y3=y3)
     accepted = inspect.signature(backend.normalize_batch).parameters
