@@ -20,7 +20,7 @@ alike until one of them stops calling. Two mechanisms end such a job with a mess
   (:func:`cusyncbn.set_abort_on_failure` ``(False)``), ``TimeoutError`` is raised.
 
 On the CPU (MPI) the all-reduce is non-blocking and the calling thread waits for it in a
-test loop with a back-off (no core spins): :func:`wait`. On the GPU (NCCL) the host never
+test loop that polls for 20 ms, then backs off (a stuck rank costs no spinning core): :func:`wait`. On the GPU (NCCL) the host never
 waits in a collective: a watchdog thread (:class:`GpuWatchdog`) looks at the passes whose
 report slot (``_flags``) has not been written, which happens only after the pass's
 all-reduce, and ends the job the same way (``ncclCommAbort`` first, which unblocks the
@@ -177,18 +177,28 @@ def _notify_all() -> None:
             pass
 
 
+SPIN_S = 0.02        # seconds a waiting rank polls its request before it starts to sleep
+MAX_SLEEP_S = 1e-3   # the longest sleep between two polls after that (the most a wait overshoots)
+
+
 def wait(request: Any, watch: Watch | None, comm: Any, timeout: float | None = None,
          number: int | None = None) -> None:
-    """Wait for the MPI ``request`` of one collective of ``comm``: a test loop with a back-off
-    up to 5 ms, looking for early-exit notices every 50 ms, a stall report at half the
-    timeout and the end of the job at the timeout. ``number``: the collective's number on
-    ``comm`` as ``watch``'s notices count them (default: the calling layer's tag)."""
-    for _ in range(64):                              # most collectives complete within microseconds
+    """Wait for the MPI ``request`` of one collective of ``comm``: a test loop that polls for
+    :data:`SPIN_S` (a rank that arrives first on an uneven batch waits milliseconds, and a sleep
+    would add up to its own length to that wait), then backs off from 50 us to
+    :data:`MAX_SLEEP_S` (a stuck rank costs its peers no core), looking for early-exit notices
+    every 50 ms, with a stall report at half the timeout and the end of the job at the timeout.
+    ``number``: the collective's number on ``comm`` as ``watch``'s notices count them (default:
+    the calling layer's tag)."""
+    if request.Test():
+        return
+    spin_end = time.monotonic() + SPIN_S
+    while time.monotonic() < spin_end:
         if request.Test():
             return
     limit = collective_timeout(timeout)
     start = now = time.monotonic()
-    next_notice, delay, warned = start, 2e-5, False
+    next_notice, delay, warned = start, 5e-5, False
     while not request.Test():
         now = time.monotonic()
         waited = now - start
@@ -204,7 +214,7 @@ def wait(request: Any, watch: Watch | None, comm: Any, timeout: float | None = N
         if waited >= limit:
             end(stall_message(watch, comm, waited, limit, final=True, number=number))
         time.sleep(delay)
-        delay = min(delay * 2, 0.005)
+        delay = min(delay * 2, MAX_SLEEP_S)
 
 
 def _where(comm: Any, watch: Watch | None) -> str:

@@ -147,3 +147,35 @@ def test_the_gpu_watchdog_ends_the_job_when_a_rank_finished_before_a_pending_col
     _flags.claim(ring, lambda bits: None, ("bn3", "forward", comm, 11))
     message = dog.check(claimed + 0.1, 600.0)
     assert "rank 1 finished after collective 10" in message and "waits in collective 11 (bn3, forward)" in message
+
+
+class _LateRequest:
+    """A stand-in MPI request that completes ``after`` seconds from its creation."""
+
+    def __init__(self, after: float) -> None:
+        import time
+        self.done_at = time.monotonic() + after
+        self.tests = 0
+
+    def Test(self) -> bool:  # noqa: N802 (mpi4py's name)
+        import time
+        self.tests += 1
+        return time.monotonic() >= self.done_at
+
+
+def test_a_wait_polls_before_it_sleeps_then_backs_off(monkeypatch):
+    """A collective that completes within the polling window is seen at once (no sleep adds to
+    the wait of a rank that arrived first); a longer one is waited for with sleeps of at most
+    MAX_SLEEP_S, returning no later than that after it completes."""
+    import time
+    sleeps = []
+    real_sleep = time.sleep
+    monkeypatch.setattr(_watchdog.time, "sleep", lambda s: (sleeps.append(s), real_sleep(s)))
+    short = _LateRequest(_watchdog.SPIN_S / 4)
+    _watchdog.wait(short, None, object(), timeout=10)
+    assert sleeps == [] and short.tests > 1
+    late = _LateRequest(_watchdog.SPIN_S + 0.03)
+    _watchdog.wait(late, None, object(), timeout=10)
+    overshoot = time.monotonic() - late.done_at
+    assert sleeps and max(sleeps) <= _watchdog.MAX_SLEEP_S
+    assert overshoot < _watchdog.MAX_SLEEP_S + 0.02      # one sleep, plus a loaded machine's slack
