@@ -1,5 +1,5 @@
 """ruff, with the rules of pyproject.toml ([tool.ruff]), finds nothing in cusyncbn/, tests/ and
-examples/ (the test extra installs it)."""
+examples/ and benchmarks/ (the test extra installs it)."""
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +14,7 @@ def ruff(*args, cwd=ROOT):
 
 
 def test_ruff_finds_nothing():
-    done = ruff("cusyncbn", "tests", "examples")
+    done = ruff("cusyncbn", "tests", "examples", "benchmarks")
     assert "No module named ruff" not in done.stderr, "ruff is missing: pip install -e '.[test]'"
     assert done.returncode == 0, done.stdout + done.stderr
 
