@@ -23,7 +23,7 @@ from ._backend import swap_backend
 SHAPE = (2, 256, 4, 4)           # tiny: host-bound, as the benchmark's host measurement
 
 
-# Host time per unit of work, profiled on the H200 on 2026-11-29 (``../perf/h200-2026-11-29.md``,
+# Host time per unit of work, profiled on the H200 on 2026-11-29 at a77b422 (docs/PERFORMANCE.md,
 # upper bounds under cProfile), in microseconds. ``launch`` is a RawKernel.__call__ launch
 # without its arguments (each argument wrapper adds ``argument``); a pre-packed driver launch
 # is counted at ``launch`` alone, which overstates it. ``event`` is an estimate (not profiled).
@@ -31,7 +31,7 @@ UNIT_US = {"launch": 6.5, "argument": 1.05, "allocation": 11.0, "view": 4.0, "de
            "copy": 22.0, "event": 3.0, "frame": 1.2}
 LEDGER_FIELDS = ("launches", "nccl", "allocations", "views", "copies", "events", "device_switches",
                  "stream_lookups", "frames")
-#: The budget CI holds (issue 15): per training pass, the mean of a forward and a backward.
+#: The budget CI holds (tests/test_host_cost.py): per training pass, the mean of a forward and a backward.
 BUDGET = {"launches": 2, "nccl": 1, "allocations": 1, "views": 0, "copies": 0, "events": 0, "device_switches": 1,
           "stream_lookups": 1, "frames": 15}
 

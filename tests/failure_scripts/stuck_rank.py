@@ -4,7 +4,7 @@ Launch:
     CUSYNCBN_TIMEOUT=5 mpiexec -n 2 python tests/failure_scripts/stuck_rank.py CASE[:gpu]
 
 With ":gpu" the layer runs on the GPU over NCCL, the ranks sharing one GPU (each declares
-its own NCCL_HOSTID, as ../shared/GPU.md describes); the host then never waits in a
+its own NCCL_HOSTID: NCCL refuses two ranks on one device of one host); the host never waits in a
 collective, and the watchdog thread is what ends the job.
 
 Every rank trains SyncBatchNorm(4, name="bn3") on the CPU for 6 steps (collectives 1-2 the
