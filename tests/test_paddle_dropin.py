@@ -384,9 +384,10 @@ def test_convert_paddle_batchnorm_act_and_frozen_parameters():
 # -- GPU: against Paddle's own SyncBatchNorm kernel --------------------------------------
 
 @pytest.mark.gpu
+@pytest.mark.usefixtures("on_gpu")
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
 @pytest.mark.parametrize("shape", [(6, 4, 5, 3), (1, 4, 1, 1)], ids=["batch", "one value"])
-def test_gpu_dtypes_match_paddle_syncbatchnorm(on_gpu, dtype, shape):
+def test_gpu_dtypes_match_paddle_syncbatchnorm(dtype, shape):
     """On a GPU, one process: Paddle's own SyncBatchNorm (its kernel) against ours, 16-bit
     inputs included, and a global batch of one value per channel."""
     theirs = randomize(paddle.nn.SyncBatchNorm(4, momentum=MOMENTUM))
