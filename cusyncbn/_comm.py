@@ -17,6 +17,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from . import _abort, _watchdog
+from ._backend import BackwardPayload, ForwardPayload
 
 # Environment variables that MPI launchers (Hydra/MPICH, Open MPI, PMIx, Slurm,
 # MVAPICH) set in every process they start; read without initialising MPI.
@@ -170,11 +171,12 @@ _MISMATCH_HINT = ("a layer probably has different num_features on different rank
 
 
 def _payload_guess(count: int) -> str:
-    """Which SyncBatchNorm collective has ``count`` values (forward 2C+3, backward 2C+2), if any."""
-    if count % 2 and count >= 5:
-        return f"like a forward of {(count - 3) // 2} channels"
-    if count % 2 == 0 and count >= 4:
-        return f"like a backward of {(count - 2) // 2} channels"
+    """Which SyncBatchNorm collective has ``count`` values (the payload layouts of ``_backend``), if any."""
+    forward, backward = ForwardPayload.channels_of(count), BackwardPayload.channels_of(count)
+    if forward is not None:
+        return f"like a forward of {forward} channels"
+    if backward is not None:
+        return f"like a backward of {backward} channels"
     return "not a layer's payload"
 
 

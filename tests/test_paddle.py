@@ -1,6 +1,7 @@
 """cusyncbn.paddle against Paddle itself and the float64 reference (CPU here; GPU variants
 are marked), conversion, checkpoints, and the multi-rank cases of tests/paddle_worker.py
 (one mpiexec launch per rank count runs them all: importing Paddle is slow)."""
+import contextlib
 import copy
 import json
 import os
@@ -30,14 +31,24 @@ FORMATS = [(paddle.nn.BatchNorm1D, "NC", (6, 3)), (paddle.nn.BatchNorm1D, "NCL",
            (paddle.nn.BatchNorm3D, "NDHWC", (4, 2, 3, 2, 3))]
 
 
+@contextlib.contextmanager
+def paddle_defaults(dtype):
+    """Paddle's default dtype set to ``dtype`` (restored after), and its BatchNorm*D's notice
+    about tracking running statistics silenced."""
+    old = paddle.get_default_dtype()
+    paddle.set_default_dtype(dtype)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="When training, we now always track")
+            yield
+    finally:
+        paddle.set_default_dtype(old)
+
+
 @pytest.fixture(autouse=True)
 def float64_and_quiet():
-    old = paddle.get_default_dtype()
-    paddle.set_default_dtype("float64")
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="When training, we now always track")   # Paddle's BatchNorm*D
+    with paddle_defaults("float64"):
         yield
-    paddle.set_default_dtype(old)
 
 
 def randomize(bn, seed=0):
@@ -370,6 +381,8 @@ def test_one_external_stream_per_cuda_stream_shared_by_the_adapters(monkeypatch)
     torch and the Paddle adapter (a stand-in CuPy and stand-in current streams: no GPU)."""
     import types
     from cusyncbn import _streams
+    torch = pytest.importorskip("torch")     # imported before CuPy is stood in for (torch's import inspects modules)
+    import cusyncbn.torch as cbt
     made = []
 
     class ExternalStream:
@@ -385,8 +398,6 @@ def test_one_external_stream_per_cuda_stream_shared_by_the_adapters(monkeypatch)
         stream = types.SimpleNamespace(cuda_stream=1234)
         monkeypatch.setattr(paddle.device.cuda, "current_stream", lambda index: stream)
         assert cbp._on_paddle_stream("gpu:0") is first
-        torch = pytest.importorskip("torch")
-        import cusyncbn.torch as cbt
         monkeypatch.setattr(torch.cuda, "current_stream", lambda index: stream)
         cuda_tensor = types.SimpleNamespace(device=types.SimpleNamespace(type="cuda", index=0))
         assert cbt._on_torch_stream(cuda_tensor) is first and len(made) == 2
@@ -428,6 +439,7 @@ def test_multi_rank(case, n):
     assert result["cases"][case] == [], "\n".join(result["cases"][case])
 
 
+@pytest.mark.slow
 def test_example_paddle_convert():
     """The example against one process on the whole batch, uneven per-rank batches; its
     control (local BatchNorm2D per rank) must fail the same comparison."""

@@ -15,7 +15,7 @@ from comms import CountingComm
 
 paddle = pytest.importorskip("paddle")
 import cusyncbn.paddle as cbp  # noqa: E402
-from test_paddle import on_gpu, randomize  # noqa: E402,F401 (on_gpu: a fixture)
+from test_paddle import on_gpu, paddle_defaults, randomize  # noqa: E402,F401 (on_gpu: a fixture)
 
 EPS = 1e-5
 MOMENTUM = 0.75                 # exact in float32: Paddle keeps momentum as a float32 attribute
@@ -25,12 +25,8 @@ HALF_ULP = {"bfloat16": 2.0 ** -8, "float16": 2.0 ** -11}
 
 @pytest.fixture(autouse=True)
 def default_dtype():
-    old = paddle.get_default_dtype()
-    paddle.set_default_dtype("float32")
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="When training, we now always track")   # Paddle's BatchNorm*D
+    with paddle_defaults("float32"):
         yield
-    paddle.set_default_dtype(old)
 
 
 def host(t):

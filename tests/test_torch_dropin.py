@@ -655,6 +655,7 @@ dist.destroy_process_group()
 """
 
 
+@pytest.mark.slow
 def test_syncs_over_torch_distributed_world_by_default(tmp_path):
     """As torch's module under torchrun: no comm, no process_group, no MPI launcher, and
     torch.distributed initialised with two processes: the module syncs over its world."""
@@ -695,6 +696,7 @@ TORCH_CASES = ["eval_untracked_uses_own_batch", "global_batch_of_one_value", "mo
                "low_precision_matches_reference", "allreduce_torch_gradients", "broken_sync_is_caught"]
 
 
+@pytest.mark.slow
 def test_case_list_is_the_workers():
     assert sorted(run_torch_ranks(1, "--list")["cases"]) == sorted(TORCH_CASES)
 
@@ -723,6 +725,7 @@ def run_example(*args):
                            *args], capture_output=True, text=True, timeout=TIMEOUT_S, env=env, cwd=ROOT)
 
 
+@pytest.mark.slow
 def test_example_compares_with_one_process_on_uneven_batches():
     proc = run_example("--steps", "8")
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -730,6 +733,7 @@ def test_example_compares_with_one_process_on_uneven_batches():
     assert "Warning" not in proc.stderr, proc.stderr
 
 
+@pytest.mark.slow
 def test_example_reports_a_mismatch_without_sync():
     proc = run_example("--steps", "4", "--no-sync")
     assert proc.returncode == 1 and ": MISMATCH" in proc.stdout, proc.stdout + proc.stderr
