@@ -95,10 +95,8 @@ class CupyBackend(Backend):
         if kind not in _kernels.PASSES or layout not in _kernels.LAYOUTS:
             raise ValueError(f"unknown pass {kind!r} / layout {layout!r}: expected one of "
                              f"{_kernels.PASSES} and {_kernels.LAYOUTS}")
-        if config is not None and (config.threads % 32 or config.threads > _kernels.MAX_THREADS
-                                   or config.lanes & (config.lanes - 1) or config.lanes > 32 or config.loads < 1):
-            raise ValueError(f"{config}: threads must be a multiple of 32 up to {_kernels.MAX_THREADS} (0: "
-                             "default), lanes a power of two up to 32 (0: default), loads at least 1")
+        if config is not None:
+            _tuning.check_config(config)
         if config is None:
             self._overrides.pop((kind, layout), None)
         else:

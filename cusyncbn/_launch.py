@@ -5,7 +5,7 @@ arguments through ``kernelParams``, an array of pointers, one per kernel paramet
 pointing at the bytes of that parameter; the driver copies them when the launch is
 queued, so one buffer can serve every launch of a plan (on one thread). CuPy's
 ``RawKernel.__call__`` instead builds a new wrapper object per argument on every call
-(about 1 us each on the H200, ``../perf/h200-2026-11-29.md``).
+(about 1 us each on the H200, docs/PERFORMANCE.md).
 
 :class:`Arguments` holds one 8-byte cell per parameter (pointers, ``unsigned long long``
 and ``double`` fill it; an ``int`` its low 4 bytes, the platforms CUDA runs on being

@@ -247,8 +247,8 @@ def _record_host_write(what: str, shape: tuple) -> None:
 
 
 class EmuBackend(StubBackend):
-    """``CupyBackend`` on NumPy arrays with emulated kernels (the host-cost stand-in of
-    ``cusyncbn._hostcost`` with real kernels).
+    """``CupyBackend`` on NumPy arrays with emulated kernels (``tests/stub_backend.py``'s
+    stand-in with the kernels run).
 
     ``sms`` (the multiprocessor count) sets the grid sizes; ``kernels`` replaces
     syncbn.cu by another build of it (a mutated one, in the negative controls);
