@@ -36,6 +36,11 @@ kernel parameters, listed in ``_kernels.PARAMS``, carry these names). ``C`` chan
                      per unit of (x - mean)
     tag (t), ranks   this rank's collective tag, the number of ranks        -            float64
     buf              an all-reduce payload (forward 2C + 3, backward 2C + 2 float64 values)
+    residual3        the residual the epilogue adds, viewed as (A, C, B)    (A, C, B)    input
+    relu             whether the epilogue ends with ReLU (kernels: an int)  -            bool
+    mask             y > 0 under ReLU (y: the forward's output), else 1     (A, C, B)    -
+    g                the masked gradient dy * mask                          (A, C, B)    input
+    dresidual3       the residual's gradient, g                             (A, C, B)    input
     stats            a forward's :class:`Stats`
     eps              epsilon, added to var (the public argument ``epsilon``) -            float64
 
@@ -78,6 +83,17 @@ statistics, only when ``N > 0``, the ranks agree (below) and the channel's ``mea
 with ``var' = var``, or ``var * N / (N - 1)`` when the unbiased option is on and ``N > 1``.
 
 Normalization: ``y = (x - mean) * scale + offset`` with ``scale = invstd * w``, ``offset = b``.
+
+The fused epilogue (``activation`` and ``residual`` of the functional core): ::
+
+    z = (x - mean) * scale + offset + residual      (no residual: + 0)
+    y = relu(z) = (z < 0 ? 0 : z)                   (no activation: y = z)
+
+computed in the stats dtype and rounded once to the input dtype (``relu`` keeps NaN and -0,
+as ``torch.relu``). Its backward needs no pre-activation copy: the mask is read from ``y``
+itself, ``mask = y > 0`` (torch's ReLU backward also reads its output; it passes ``dy`` where
+``y`` is NaN, this mask does not), and every backward formula below takes the masked
+gradient ``g = (mask ? dy : 0)`` for ``dy``; the residual's gradient is ``dresidual = g``.
 
 Backward all-reduce payload (float64, length ``2C + 2``; its slots are :class:`BackwardPayload`)::
 
@@ -327,30 +343,36 @@ class Backend:
 
     def normalize_batch(self, x3: Any, buf: Any, tag: int, ranks: int, running_mean: Any, running_var: Any,
                         momentum: float, eps: float, unbiased: bool, weight: Any, bias: Any, stats: Stats,
-                        y3: Any, pivot_state_out: Any = None, strict: bool = False) -> None:
+                        y3: Any, pivot_state_out: Any = None, strict: bool = False, residual3: Any = None,
+                        relu: bool = False) -> None:
         """From the reduced forward payload: ``stats`` (flags included), the running update when
-        ``running_var`` is given, ``y3``, the normalized ``x3``, and the batch's global means
+        ``running_var`` is given, ``y3``, the normalized ``x3`` through the epilogue (plus
+        ``residual3`` when given, then ReLU when ``relu``), and the batch's global means
         into ``pivot_state_out`` (the next pivot state; where N > 0, the ranks agree and finite).
         The running statistics and the pivot move per finite channel; with ``strict``, not at
         all when some channel is not finite."""
         raise NotImplementedError
 
     def normalize_fixed(self, x3: Any, running_mean: Any, running_var: Any, eps: float, weight: Any, bias: Any,
-                        stats: Stats, y3: Any) -> None:
-        """``stats`` from the running statistics, and ``y3``, the normalized ``x3``."""
+                        stats: Stats, y3: Any, residual3: Any = None, relu: bool = False) -> None:
+        """``stats`` from the running statistics, and ``y3``, the normalized ``x3`` through the
+        epilogue (as :meth:`normalize_batch`)."""
         raise NotImplementedError
 
     def backward_reduce(self, dy3: Any, x3: Any, stats: Stats, weight_grad: Any, bias_grad: Any,
-                        tag: int, buf: Any) -> None:
+                        tag: int, buf: Any, y3: Any = None) -> None:
         """Write this rank's backward payload (see above) into ``buf`` and add its shares to
-        ``weight_grad`` / ``bias_grad`` (either may be None)."""
+        ``weight_grad`` / ``bias_grad`` (either may be None); with ``y3`` (the forward's output
+        under ReLU), of the masked gradient ``g``."""
         raise NotImplementedError
 
     def backward_input(self, dy3: Any, x3: Any, stats: Stats, buf: Any, count: Any, tag: int, ranks: int,
-                       dx3: Any) -> None:
-        """``dx`` from the reduced backward payload (and ``stats.flags[1]``), with ``count`` the
-        reduced forward payload's count slot; ``count`` None means fixed (eval) statistics
-        and ``buf`` is then unused."""
+                       dx3: Any, y3: Any = None, dresidual3: Any = None) -> None:
+        """``dx`` into ``dx3`` from the reduced backward payload (and ``stats.flags[1]``), with
+        ``count`` the reduced forward payload's count slot; ``count`` None means fixed (eval)
+        statistics and ``buf`` is then unused. With ``y3`` (the forward's output under ReLU)
+        of the masked gradient ``g``; ``g`` itself into ``dresidual3`` when given. ``dx3`` may
+        be None (only ``dresidual3`` wanted: with ``count`` None, x is not read)."""
         raise NotImplementedError
 
 

@@ -359,7 +359,8 @@ class CupyBackend(Backend):
     def normalize_batch(self, x3: Any, buf: Any, tag: int, ranks: int, running_mean: Any, running_var: Any,
                         momentum: float, eps: float, unbiased: bool, weight: Any, bias: Any, stats: Stats,
                         y3: Any, report: int = 0, seq: int = 0, pivot_state_out: Any = None,
-                        strict: bool = False) -> None:
+                        strict: bool = False, residual3: Any = None, relu: bool = False) -> None:
+        _unfused(residual3, relu)
         with self._cuda_device:
             plan = self._plan("normalize", x3, (x3, y3), self._param_name(running_mean, running_var, weight, bias))
             self._run(plan, normalize_arguments(
@@ -368,23 +369,31 @@ class CupyBackend(Backend):
                 report=report, seq=seq, pivot_state_out=pivot_state_out, strict=strict))
 
     def normalize_fixed(self, x3: Any, running_mean: Any, running_var: Any, eps: float, weight: Any, bias: Any,
-                        stats: Stats, y3: Any) -> None:
+                        stats: Stats, y3: Any, residual3: Any = None, relu: bool = False) -> None:
+        _unfused(residual3, relu)
         with self._cuda_device:
             plan = self._plan("normalize", x3, (x3, y3), self._param_name(running_mean, running_var, weight, bias))
             self._run(plan, normalize_arguments(x=x3, y=y3, stats=stats.data, running_mean=running_mean,
                                                 running_var=running_var, weight=weight, bias=bias, eps=eps))
 
     def backward_reduce(self, dy3: Any, x3: Any, stats: Stats, weight_grad: Any, bias_grad: Any,
-                        tag: int, buf: Any) -> None:
+                        tag: int, buf: Any, y3: Any = None) -> None:
+        _unfused(None, y3 is not None)
         with self._cuda_device:
             plan = self._plan("backward", x3, (dy3, x3), self._param_name(weight_grad, bias_grad))
             self._run(plan, backward_arguments(dy=dy3, x=x3, stats=stats.data, tag=tag, weight_grad=weight_grad,
                                                bias_grad=bias_grad, buf=buf))
 
     def backward_input(self, dy3: Any, x3: Any, stats: Stats, buf: Any, count: Any, tag: int, ranks: int,
-                       dx3: Any, report: int = 0, seq: int = 0) -> None:
+                       dx3: Any, y3: Any = None, dresidual3: Any = None, report: int = 0, seq: int = 0) -> None:
+        _unfused(dresidual3, y3 is not None)
         fixed = count is None                           # eval statistics: no batch terms, x unread
         with self._cuda_device:
             plan = self._plan("dx", x3, (dy3, x3, dx3), "")
             self._run(plan, dx_arguments(dy=dy3, x=x3, dx=dx3, stats=stats.data, ranks=ranks,
                                          buf=None if fixed else buf, count=count, tag=tag, report=report, seq=seq))
+
+
+def _unfused(residual: Any, relu: bool) -> None:
+    if residual is not None or relu:
+        raise NotImplementedError("the fused epilogue (activation, residual) is not in the CUDA kernels yet")

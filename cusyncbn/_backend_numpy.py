@@ -110,7 +110,8 @@ class NumpyBackend(Backend):
 
     def normalize_batch(self, x3: Any, buf: Any, tag: int, ranks: int, running_mean: Any, running_var: Any,
                         momentum: float, eps: float, unbiased: bool, weight: Any, bias: Any, stats: Stats,
-                        y3: Any, pivot_state_out: Any = None, strict: bool = False) -> None:
+                        y3: Any, pivot_state_out: Any = None, strict: bool = False, residual3: Any = None,
+                        relu: bool = False) -> None:
         channels = stats.mean.shape[0]
         reduced = ForwardPayload(buf, channels)
         count = reduced.count[0]
@@ -135,14 +136,14 @@ class NumpyBackend(Backend):
                 new_var = running_var * momentum + var_run * (1.0 - momentum)
                 running_mean[finite] = new_mean[finite]
                 running_var[finite] = new_var[finite]
-        self.normalize(x3, stats, y3)
+        self.normalize(x3, stats, y3, residual3, relu)
 
     def normalize_fixed(self, x3: Any, running_mean: Any, running_var: Any, eps: float, weight: Any, bias: Any,
-                        stats: Stats, y3: Any) -> None:
+                        stats: Stats, y3: Any, residual3: Any = None, relu: bool = False) -> None:
         invstd = 1.0 / np.sqrt(running_var.astype(np.float64) + eps)
         self._fill(stats, running_mean.astype(np.float64), invstd, weight, bias)
         stats.flags[0] = 0
-        self.normalize(x3, stats, y3)
+        self.normalize(x3, stats, y3, residual3, relu)
 
     @staticmethod
     def _fill(stats: Stats, mean: Any, invstd: Any, weight: Any, bias: Any) -> None:
@@ -152,20 +153,26 @@ class NumpyBackend(Backend):
         stats.offset[...] = 0.0 if bias is None else bias
 
     @staticmethod
-    def normalize(x3: Any, stats: Stats, y3: Any) -> None:
+    def normalize(x3: Any, stats: Stats, y3: Any, residual3: Any = None, relu: bool = False) -> None:
+        """``y3`` from ``x3`` and the epilogue (``_backend.py``), in the stats dtype."""
         mean, scale, offset = _col(stats.mean), _col(stats.scale), _col(stats.offset)
         with np.errstate(invalid="ignore", over="ignore"):
             for rows in _row_blocks(x3):
-                y3[rows] = (x3[rows].astype(mean.dtype) - mean) * scale + offset
+                z = (x3[rows].astype(mean.dtype) - mean) * scale + offset
+                if residual3 is not None:
+                    z += residual3[rows].astype(mean.dtype)
+                if relu:
+                    z[z < 0] = 0                           # NaN and -0 stay, as in the kernels
+                y3[rows] = z
 
     def backward_reduce(self, dy3: Any, x3: Any, stats: Stats, weight_grad: Any, bias_grad: Any,
-                        tag: int, buf: Any) -> None:
+                        tag: int, buf: Any, y3: Any = None) -> None:
         out = BackwardPayload(buf, x3.shape[1])
         mean64 = _col(stats.mean.astype(np.float64))
         with np.errstate(invalid="ignore", over="ignore"):     # Inf/NaN propagate, as the forward's do
-            out.sum_dy[...] = _blocked_channel_sum(dy3, lambda r: dy3[r])
+            out.sum_dy[...] = _blocked_channel_sum(dy3, lambda r: _masked(dy3, y3, r))
             out.sum_dy_xmu[...] = _blocked_channel_sum(
-                x3, lambda r: dy3[r].astype(np.float64) * (x3[r].astype(np.float64) - mean64))
+                x3, lambda r: _masked(dy3, y3, r).astype(np.float64) * (x3[r].astype(np.float64) - mean64))
             _write_tags(out.tags, tag)
             if weight_grad is not None:
                 weight_grad += (out.sum_dy_xmu * stats.invstd).astype(weight_grad.dtype)
@@ -173,13 +180,17 @@ class NumpyBackend(Backend):
                 bias_grad += out.sum_dy.astype(bias_grad.dtype)
 
     def backward_input(self, dy3: Any, x3: Any, stats: Stats, buf: Any, count: Any, tag: int, ranks: int,
-                       dx3: Any) -> None:
+                       dx3: Any, y3: Any = None, dresidual3: Any = None) -> None:
         scale = _col(stats.scale)
         with np.errstate(invalid="ignore", over="ignore"):     # Inf/NaN propagate, as the forward's do
             if count is None:
                 stats.flags[1] = 0
                 for rows in _row_blocks(dy3):
-                    dx3[rows] = dy3[rows].astype(scale.dtype) * scale
+                    g = _masked(dy3, y3, rows)
+                    if dresidual3 is not None:
+                        dresidual3[rows] = g
+                    if dx3 is not None:
+                        dx3[rows] = g.astype(scale.dtype) * scale
                 return
             reduced = BackwardPayload(buf, scale.shape[1])
             stats.flags[1] = DESYNC * (not _tags_agree(reduced.tags, tag, ranks))
@@ -188,8 +199,20 @@ class NumpyBackend(Backend):
             proj = _col((reduced.sum_dy_xmu / n * stats.invstd.astype(np.float64) ** 2).astype(scale.dtype))
             mean = _col(stats.mean)
             for rows in _row_blocks(dy3):
+                g = _masked(dy3, y3, rows)
+                if dresidual3 is not None:
+                    dresidual3[rows] = g
                 xmu = x3[rows].astype(scale.dtype) - mean
-                dx3[rows] = (dy3[rows].astype(scale.dtype) - mean_dy - xmu * proj) * scale
+                dx3[rows] = (g.astype(scale.dtype) - mean_dy - xmu * proj) * scale
+
+
+def _masked(dy3: Any, y3: Any, rows: slice) -> Any:
+    """The rows of ``g``: ``dy3`` where ``y3 > 0`` and 0 elsewhere (``y3`` None: ``dy3`` itself)."""
+    if y3 is None:
+        return dy3[rows]
+    g = dy3[rows].copy()
+    g[~(y3[rows] > 0)] = 0
+    return g
 
 
 def _write_tags(tags: Any, tag: int) -> None:

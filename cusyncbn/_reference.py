@@ -80,3 +80,62 @@ def eval_backward(dy: Any, weight: Any, running_var: Any, eps: float, data_forma
     """dx of the eval forward (fixed statistics): dy * weight / sqrt(running_var + eps)."""
     g = _to_rows(dy, data_format, xp)
     return _from_rows(g * weight / xp.sqrt(running_var + eps), xp.shape(dy), data_format, xp)
+
+
+# -- the fused epilogue: y = act(BN(x) + residual) ---------------------------------------------
+
+ACTIVATIONS = (None, "relu")
+
+
+def _epilogue(z: Any, residual: Any, activation: str | None, xp: Any) -> tuple:
+    """(z + residual, y): the pre-activation and ``act`` of it (``relu(t) = max(t, 0)``)."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    pre = z if residual is None else z + xp.asarray(residual, dtype=xp.float64)
+    return pre, (xp.maximum(pre, 0.0) if activation == "relu" else pre)
+
+
+def _pre_activation_grad(pre: Any, dy: Any, activation: str | None, xp: Any) -> Any:
+    """d loss / d pre from d loss / d y: ``dy * (pre > 0)`` under ReLU, else ``dy``."""
+    dy = xp.asarray(dy, dtype=xp.float64)
+    return dy * (pre > 0) if activation == "relu" else dy
+
+
+def fused_forward(x: Any, weight: Any, bias: Any, eps: float, data_format: str, residual: Any = None,
+                  activation: str | None = None, xp: Any = np) -> tuple:
+    """Training forward with the epilogue, ``y = act(BN(x) + residual)``. Returns y, batch mean,
+    biased batch variance (all float64)."""
+    z, mean, var = forward(x, weight, bias, eps, data_format, xp)
+    return _epilogue(z, residual, activation, xp)[1], mean, var
+
+
+def fused_backward(x: Any, dy: Any, weight: Any, bias: Any, eps: float, data_format: str, residual: Any = None,
+                   activation: str | None = None, xp: Any = np) -> tuple:
+    """Gradients of sum(y * dy) for :func:`fused_forward`: dx, dweight, dbias, dresidual. With
+    ``pre = BN(x) + residual``, ``dpre = dy * (pre > 0)`` (ReLU) or ``dy``; ``dresidual = dpre``
+    and the batch norm's gradients are those of ``dpre``."""
+    pre = _epilogue(forward(x, weight, bias, eps, data_format, xp)[0], residual, None, xp)[0]
+    dpre = _pre_activation_grad(pre, dy, activation, xp)
+    return backward(x, dpre, weight, eps, data_format, xp) + (dpre,)
+
+
+def fused_eval_forward(x: Any, weight: Any, bias: Any, running_mean: Any, running_var: Any, eps: float,
+                       data_format: str, residual: Any = None, activation: str | None = None, xp: Any = np) -> Any:
+    """Eval forward with the epilogue: ``act(eval_forward(x) + residual)``."""
+    z = eval_forward(x, weight, bias, running_mean, running_var, eps, data_format, xp)
+    return _epilogue(z, residual, activation, xp)[1]
+
+
+def fused_eval_backward(x: Any, dy: Any, weight: Any, bias: Any, running_mean: Any, running_var: Any, eps: float,
+                        data_format: str, residual: Any = None, activation: str | None = None,
+                        xp: Any = np) -> tuple:
+    """Gradients of sum(y * dy) for :func:`fused_eval_forward` (fixed statistics): dx, dweight,
+    dbias, dresidual, with ``dpre`` as in :func:`fused_backward`:
+    ``dx = dpre * weight / sqrt(running_var + eps)``, ``dweight = sum(dpre * xhat)``,
+    ``dbias = sum(dpre)``, ``xhat = (x - running_mean) / sqrt(running_var + eps)``."""
+    z = eval_forward(x, weight, bias, running_mean, running_var, eps, data_format, xp)
+    dpre = _pre_activation_grad(_epilogue(z, residual, None, xp)[0], dy, activation, xp)
+    xhat = (_to_rows(x, data_format, xp) - running_mean) / xp.sqrt(running_var + eps)
+    g = _to_rows(dpre, data_format, xp)
+    return (eval_backward(dpre, weight, running_var, eps, data_format, xp), (g * xhat).sum(axis=0), g.sum(axis=0),
+            dpre)

@@ -131,6 +131,39 @@ def check_grad_output(backend: Backend, dy: Any, shape: tuple, dtype: Any, where
     return backend.contiguous(dy)
 
 
+#: The activations of the fused epilogue (``functional.sync_batch_norm``'s ``activation``).
+ACTIVATIONS = (None, "relu")
+
+
+def check_activation(activation: Any, where: str) -> bool:
+    """Whether ``activation`` (one of :data:`ACTIVATIONS`) is ReLU.
+
+    Raises:
+        ValueError: any other value."""
+    if activation is None:
+        return False
+    if isinstance(activation, str) and activation == "relu":
+        return True
+    raise ValueError(f"{where}: activation must be one of {ACTIVATIONS}, got {activation!r}")
+
+
+def check_residual(backend: Backend, residual: Any, x: Any, where: str) -> Any:
+    """``residual`` as a C-contiguous array of ``backend`` with the shape and dtype of ``x``
+    (the validated input; same data format), copied only when its strides are not those.
+
+    Raises:
+        TypeError: not an array; another dtype than ``x``'s (no implicit cast: the residual is
+            read as it is).
+        ValueError: another shape than ``x``'s."""
+    residual = backend.import_array(residual, "residual")
+    if tuple(residual.shape) != tuple(x.shape):
+        raise ValueError(f"{where}: residual has shape {tuple(residual.shape)}, expected {tuple(x.shape)} (x's; "
+                         "the same data format)")
+    if residual.dtype != x.dtype:
+        raise TypeError(f"{where}: residual has dtype {residual.dtype}, expected x's dtype {x.dtype}")
+    return backend.contiguous(residual)
+
+
 def check_params(backend: Backend, channels: int, where: str, **arrays: Any) -> dict:
     """The per-channel arrays (running statistics, weight, bias; None allowed) as arrays of
     ``backend``: shape ``(channels,)``, contiguous, one shared float32 / float64 dtype (the

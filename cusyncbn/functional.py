@@ -18,6 +18,11 @@ every rank of ``comm``, ``N`` of them)::
 where the sums of ``dbias`` / ``dweight`` run over this rank's elements (the sum over
 ranks of these partial gradients is the full gradient, see
 :func:`cusyncbn.allreduce_gradients`) and the means in ``dx`` over the global batch.
+
+A fused epilogue (``activation="relu"`` and / or ``residual``) gives
+``y = relu((x - mean) * invstd * weight + bias + residual)`` in the same passes, with no
+pre-activation copy: the backward reads the mask ``y > 0`` from ``y`` and uses
+``g = dy * mask`` for ``dy`` in the formulas above; ``dresidual = g``.
 A training forward makes one all-reduce of ``2C + 3`` float64 values, a backward that
 wants ``dx`` one of ``2C + 2``; eval makes none, and neither does a backward that wants
 only the parameter gradients. Per-rank batches may be uneven or empty: the results are
@@ -40,8 +45,8 @@ from ._backend_factory import get_backend
 from ._comm import Communicator, SingleProcessComm, next_tag, peek_tag
 from ._comm_factory import resolve_comm
 from ._dlpack import device_of
-from ._rules import check_bool, check_epsilon, check_grad_output, check_input, check_momentum, check_params, \
-    channel_last, view3
+from ._rules import check_activation, check_bool, check_epsilon, check_grad_output, check_input, check_momentum, \
+    check_params, check_residual, channel_last, view3
 from ._stacklevel import user_stacklevel
 
 __all__ = ["BatchNormContext", "flush_reports", "sync_batch_norm", "sync_batch_norm_backward"]
@@ -60,14 +65,18 @@ class BatchNormContext:
     :meth:`release`, when no backward will come)."""
 
     __slots__ = ("_backend", "_x3", "_shape", "_stats", "_count", "_comm", "_last", "_where", "_debug",
-                 "_pdtype", "_done", "_affine", "_shape3", "_plan", "_entry")
+                 "_pdtype", "_done", "_affine", "_shape3", "_plan", "_entry", "_y", "_residual")
 
     def __init__(self, backend: Backend, x: Any, shape: tuple, shape3: tuple, stats: Stats, count: Any,
                  comm: Communicator, last: bool, where: str, debug: bool, pdtype: str | None,
-                 affine: tuple[bool, bool], plan: Any = None, entry: Any = None) -> None:
+                 affine: tuple[bool, bool], plan: Any = None, entry: Any = None, y: Any = None,
+                 residual: bool = False) -> None:
         self._backend, self._x3, self._shape, self._stats, self._count = backend, x, shape, stats, count
         self._comm, self._last, self._where, self._debug, self._pdtype = comm, last, where, debug, pdtype
         self._affine, self._shape3, self._plan, self._entry = affine, shape3, plan, entry
+        # The forward's output under ReLU (the backward's mask is y > 0), else None; whether
+        # the forward added a residual (its backward then returns dresidual too).
+        self._y, self._residual = y, residual
         self._done = False
 
     @property
@@ -88,6 +97,11 @@ class BatchNormContext:
     def shape(self) -> tuple:
         """Shape of the forward's input (and of ``dy`` / ``dx``)."""
         return self._shape
+
+    @property
+    def residual(self) -> bool:
+        """Whether the forward added a residual (its backward then returns ``dresidual`` too)."""
+        return self._residual
 
     @property
     def mean(self) -> Any:
@@ -113,7 +127,7 @@ class BatchNormContext:
                 return
             self._done = True
             self._backend.give_back(self._stats)
-            self._x3 = None
+            self._x3 = self._y = None
 
     def _finish(self, reuse: bool) -> None:
         """Release a planned forward's statistics set: back to its plan when ``reuse`` (released
@@ -122,7 +136,7 @@ class BatchNormContext:
         self._done = True
         if reuse:
             self._plan.recycle(self._entry)
-        self._x3 = None
+        self._x3 = self._y = None
 
     def __repr__(self) -> str:
         state = "consumed" if self._done else "pending"
@@ -220,9 +234,13 @@ def sync_batch_norm(x: Any, running_mean: Any = None, running_var: Any = None, w
                     bias: Any = None, *, training: bool = True, momentum: float = 0.9, epsilon: float = 1e-5,
                     data_format: str = "NCHW", comm: Any = None, unbiased_running_var: bool = False,
                     nonfinite: str = "warn", debug: bool = False, num_features: int | None = None,
-                    device: str | None = None, name: str | None = None, out: Any = None
-                    ) -> tuple[Any, BatchNormContext]:
+                    device: str | None = None, name: str | None = None, out: Any = None,
+                    activation: str | None = None, residual: Any = None) -> tuple[Any, BatchNormContext]:
     """Batch-normalize ``x`` over the global batch of ``comm``: one all-reduce in training.
+
+    With a fused epilogue, ``y = act(BN(x) + residual)`` in the same kernels (ReLU after a
+    batch norm, and the add of a residual block, without reading and writing the tensor
+    again).
 
     Args:
         x: input of 2 to 5 dimensions, channels on axis 1 (channel-second formats) or last.
@@ -250,14 +268,25 @@ def sync_batch_norm(x: Any, running_mean: Any = None, running_var: Any = None, w
             giving it lets repeated calls take their planned path (``cusyncbn._planned``).
         name: used in messages.
         out: where to write ``y`` (an array of the backend, shape and dtype of ``x``,
-            C-contiguous); None: a new array. Framework adapters pass their own tensors.
+            C-contiguous, not the residual); None: a new array. Framework adapters pass their
+            own tensors.
+        activation: None (``y = BN(x) + residual``) or ``"relu"`` (``y = max(., 0)``; NaN
+            stays NaN, as ``torch.relu``). In training and eval alike. Under ReLU the
+            context keeps ``y`` (not a copy) and its backward reads the mask ``y > 0`` from
+            it: **do not modify y in place** between this forward and its backward (as with
+            ``torch.relu``, whose backward also reads its output: ``threshold_backward``).
+        residual: None, or an array added before the activation: the shape, dtype and
+            data format of ``x`` (any strides: a non-contiguous one is copied first, as
+            ``x`` is), on ``x``'s device. Its gradient is the backward's fourth result.
 
     Returns:
         ``(y, ctx)``: ``y`` with the shape and dtype of ``x`` (``out`` when given); ``ctx``
         for the backward.
 
     Raises:
-        TypeError / ValueError: bad input, arrays or options (before any collective).
+        TypeError / ValueError: bad input, arrays or options (before any collective), e.g.
+            an ``activation`` other than None or ``"relu"`` (ValueError), a residual of
+            another shape (ValueError) or dtype (TypeError) than ``x``.
         RuntimeError: the ranks' collectives are out of step (every rank raises).
 
     Example:
@@ -269,6 +298,13 @@ def sync_batch_norm(x: Any, running_mean: Any = None, running_var: Any = None, w
         >>> [round(float(v), 6) for v in y.mean(axis=(0, 2))]
         [0.0, 0.0]
         >>> dx, dw, db = sync_batch_norm_backward(ctx, np.ones_like(y))
+        >>> z = np.ones_like(x)                                            # a residual
+        >>> y, ctx = sync_batch_norm(x, rm, rv, data_format="NCL", activation="relu", residual=z)
+        >>> bool((y >= 0).all())
+        True
+        >>> dx, dw, db, dz = sync_batch_norm_backward(ctx, np.ones_like(y))
+        >>> bool((dz == (y > 0)).all())                                  # dresidual = dy * (y > 0)
+        True
     """
     if _pending:
         _flags.poll()
@@ -276,7 +312,8 @@ def sync_batch_norm(x: Any, running_mean: Any = None, running_var: Any = None, w
     arrays = backend.arrays if backend is not None and backend.plans else _NO_ARRAYS
     x_getters = arrays.get(type(x))
     out_getters = None if out is None else arrays.get(type(out))
-    if x_getters is not None and (out is None or out_getters is not None):
+    key = None
+    if x_getters is not None and (out is None or out_getters is not None) and activation is None and residual is None:
         # The planned path (see _planned): the signature, then only what depends on the data.
         stream = backend.current_stream()
         key = (type(x), tuple(x.shape), x_getters[1](x), x.dtype, training, momentum, epsilon, data_format, id(comm),
@@ -327,6 +364,7 @@ def sync_batch_norm(x: Any, running_mean: Any = None, running_var: Any = None, w
     def check() -> tuple:
         momentum_ = check_momentum(momentum, where)
         epsilon_ = check_epsilon(epsilon, where)
+        relu_ = check_activation(activation, where)
         xa = check_input(backend, x, num_features, last, _NDIMS, data_format, where)
         c = _channels_of(xa, last)
         params = check_params(backend, c, where, running_mean=running_mean, running_var=running_var,
@@ -335,11 +373,14 @@ def sync_batch_norm(x: Any, running_mean: Any = None, running_var: Any = None, w
             raise ValueError(f"{where}: eval (training=False) needs running_mean and running_var")
         if (params["running_mean"] is None) != (params["running_var"] is None):
             raise ValueError(f"{where}: give both running_mean and running_var, or neither")
+        residual_a = None if residual is None else check_residual(backend, residual, xa, where)
         out_a = None
         if out is not None:
             out_a = backend.import_array(out, "out")
             _check_out(backend, out_a, xa, "out", where)
-        return xa, params, momentum_, epsilon_, out_a
+            if residual_a is not None and _same_memory(backend, out_a, residual_a):
+                raise ValueError(f"{where}: out must not be the residual (y is written while the residual is read)")
+        return xa, params, momentum_, epsilon_, out_a, relu_, residual_a
 
     vote = None
     if debug and comm.size > 1:
@@ -347,9 +388,10 @@ def sync_batch_norm(x: Any, running_mean: Any = None, running_var: Any = None, w
             row = _debug.record(tag if training else peek_tag(comm), False, _channels_of(x, last) or 0,
                                 _dtype_label(running_mean, running_var, weight, bias), training)
             _debug.agree(comm, backend.xp, where, row, error)
-    x, params, momentum, epsilon, out_array = _validated(where, check, vote)
+    x, params, momentum, epsilon, out_array, relu, residual_array = _validated(where, check, vote)
     c = _channels_of(x, last)
     x3 = view3(x, c, last)
+    residual3 = None if residual_array is None else view3(residual_array, c, last)
     stats = backend.take_stats(c, np.float64 if x.dtype == np.float64 else np.float32)
     rm, rv, w, b = params["running_mean"], params["running_var"], params["weight"], params["bias"]
     y3 = backend.empty(x3.shape, x.dtype) if out is None else view3(out_array, c, last)
@@ -380,15 +422,16 @@ def sync_batch_norm(x: Any, running_mean: Any = None, running_var: Any = None, w
                                                                                 (where, "forward", comm, tag))
         backend.normalize_batch(x3=x3, buf=buf, tag=tag, ranks=comm.size, running_mean=rm, running_var=rv,
                                 momentum=momentum, eps=epsilon, unbiased=unbiased, weight=w, bias=b, stats=stats,
-                                y3=y3, pivot_state_out=pivot_state, strict=nonfinite == "raise", **slot)
+                                y3=y3, pivot_state_out=pivot_state, strict=nonfinite == "raise", residual3=residual3,
+                                relu=relu, **slot)
         if ring is None:                       # host flags: reported at once, on every rank
             _flags.watch(stats.flags, _report_forward(where, comm, tag, nonfinite, stats))
         count = stats.slots.count
     else:
         backend.normalize_fixed(x3=x3, running_mean=rm, running_var=rv, eps=epsilon, weight=w, bias=b, stats=stats,
-                                y3=y3)
+                                y3=y3, residual3=residual3, relu=relu)
     plan = None
-    if (_planned.enabled and x_getters is not None and not capturing and (pivot_state is not None or not training)
+    if (_planned.enabled and key is not None and not capturing and (pivot_state is not None or not training)
             and _aliases(backend, x_getters, given, x)
             and (type(given) in backend.array_types if out is None else _aliases(backend, out_getters, out, out_array))
             # the key holds the given per-channel arrays' identities, the plan the validated ones
@@ -399,7 +442,8 @@ def sync_batch_norm(x: Any, running_mean: Any = None, running_var: Any = None, w
             pivot_state)
         _planned.remember(key, plan)
     ctx = BatchNormContext(backend, x3, tuple(x.shape), x3.shape, stats, count, comm or SingleProcessComm(), last,
-                           where, debug, params["dtype"], (w is not None, b is not None), plan)
+                           where, debug, params["dtype"], (w is not None, b is not None), plan, None,
+                           y3 if relu else None, residual3 is not None)
     return (y3.reshape(x.shape) if out is None else out), ctx
 
 
@@ -449,6 +493,11 @@ def _check_out(backend: Backend, out: Any, like: Any, what: str, where: str, sha
         raise ValueError(f"{where}: {what} must not be the input itself")
 
 
+def _same_memory(backend: Backend, a: Any, b: Any) -> bool:
+    """Whether arrays ``a`` and ``b`` of ``backend`` (of one shape) start at one address."""
+    return a.size > 0 and backend.address_of(a) == backend.address_of(b)
+
+
 def _dtype_label(*arrays: Any) -> str | None:
     """'float32' / 'float64' for the first array given (of any framework), else None."""
     for a in arrays:
@@ -460,9 +509,16 @@ def _dtype_label(*arrays: Any) -> str | None:
 
 def sync_batch_norm_backward(ctx: BatchNormContext, dy: Any, *, input_grad: bool = True, weight_grad: bool = True,
                              bias_grad: bool = True, weight_grad_out: Any = None, bias_grad_out: Any = None,
-                             retain: bool = False, input_grad_out: Any = None) -> tuple[Any, Any, Any]:
+                             retain: bool = False, input_grad_out: Any = None, residual_grad: bool = True,
+                             residual_grad_out: Any = None) -> tuple[Any, ...]:
     """Gradients of the forward that made ``ctx``, given ``dy``: one all-reduce when ``dx``
     is wanted after a training forward, none otherwise.
+
+    After a forward with ``activation="relu"`` every gradient is that of the masked
+    ``g = dy * (y > 0)``, the mask read from the forward's ``y`` (kept by ``ctx``: it must
+    not have been modified in place since; ``y > 0`` is false where ``y`` is NaN, where
+    torch's ReLU backward passes ``dy``). After a forward with a ``residual`` it also returns
+    ``dresidual = g`` (``dy`` itself without activation, written to a new array).
 
     Args:
         ctx: from :func:`sync_batch_norm` (each context takes one backward).
@@ -476,14 +532,21 @@ def sync_batch_norm_backward(ctx: BatchNormContext, dy: Any, *, input_grad: bool
             frameworks); by default it is released.
         input_grad_out: where to write ``dx`` (an array of the backend with the input's
             shape and dtype, C-contiguous); None: a new array.
+        residual_grad: compute ``dresidual`` (only after a forward with a residual; no
+            collective either way).
+        residual_grad_out: where to write ``dresidual`` (as ``input_grad_out``, another
+            array than it); only after a forward with a residual.
 
     Returns:
-        ``(dx, dweight, dbias)``; each None when not wanted (or, for the parameter
-        gradients, when the forward had no such parameter and no ``*_out`` is given).
+        ``(dx, dweight, dbias)``, and ``(dx, dweight, dbias, dresidual)`` after a forward
+        with a residual (``dresidual``: the input's shape and dtype); each None when not
+        wanted (or, for the parameter gradients, when the forward had no such parameter
+        and no ``*_out`` is given).
 
     Raises:
         RuntimeError: ``ctx`` was already used; the ranks' collectives are out of step.
-        TypeError / ValueError: ``dy`` (or an output) does not match the forward's input.
+        TypeError / ValueError: ``dy`` (or an output) does not match the forward's input;
+            ``residual_grad_out`` after a forward without a residual (ValueError).
     """
     if _pending:
         _flags.poll()
@@ -495,7 +558,8 @@ def sync_batch_norm_backward(ctx: BatchNormContext, dy: Any, *, input_grad: bool
     dx_get = None if input_grad_out is None else arrays.get(type(input_grad_out))
     wg_get = None if weight_grad_out is None else arrays.get(type(weight_grad_out))
     bg_get = None if bias_grad_out is None else arrays.get(type(bias_grad_out))
-    if dy_get is not None and not ctx._done and (input_grad_out is None or dx_get is not None) and \
+    if dy_get is not None and not ctx._done and residual_grad_out is None and \
+            (input_grad_out is None or dx_get is not None) and \
             (weight_grad_out is None or wg_get is not None) and (bias_grad_out is None or bg_get is not None):
         backend = plan.backend
         stream = backend.current_stream()
@@ -554,6 +618,7 @@ def sync_batch_norm_backward(ctx: BatchNormContext, dy: Any, *, input_grad: bool
         raise TypeError(f"ctx must be the BatchNormContext returned by sync_batch_norm, got {type(ctx).__name__}")
     where = ctx._where
     input_grad = check_bool(input_grad, "input_grad", where)
+    residual_grad = check_bool(residual_grad, "residual_grad", where) and ctx._residual
     comm, backend = ctx._comm, ctx._backend
     collective = input_grad and ctx.batch_stats
     tag = next_tag(comm) if collective else 0
@@ -573,38 +638,58 @@ def sync_batch_norm_backward(ctx: BatchNormContext, dy: Any, *, input_grad: bool
         if input_grad and input_grad_out is not None:
             dx_a = backend.import_array(input_grad_out, "input_grad_out")
             _check_out(backend, dx_a, x_array, "input_grad_out", where, ctx._shape)
-        return dya, wg, bg, dx_a
+        if residual_grad_out is not None and not ctx._residual:
+            raise ValueError(f"{where}: residual_grad_out was given, but the forward had no residual")
+        dresidual_a = None
+        if residual_grad and residual_grad_out is not None:
+            dresidual_a = backend.import_array(residual_grad_out, "residual_grad_out")
+            _check_out(backend, dresidual_a, x_array, "residual_grad_out", where, ctx._shape)
+            if dx_a is not None and _same_memory(backend, dx_a, dresidual_a):
+                raise ValueError(f"{where}: residual_grad_out and input_grad_out must be different arrays")
+        return dya, wg, bg, dx_a, dresidual_a
 
     vote = None
     if ctx._debug and collective and comm.size > 1:
         def vote(error: Exception | None) -> None:
             _debug.agree(comm, backend.xp, where, _debug.record(tag, True, c, ctx._pdtype, True), error)
-    dy, wg, bg, dx_array = _validated(where, check, vote)
+    dy, wg, bg, dx_array, dresidual_array = _validated(where, check, vote)
     dy3 = view3(dy, c, ctx._last)
     stats, x3 = ctx._stats, x_array.reshape(ctx._shape3)
-    dx = dx3 = None
+    y3 = None                                  # under ReLU: the forward's output, for the mask
+    if ctx._y is not None:
+        y3 = (ctx._y if backend.is_native(ctx._y) else backend.import_array(ctx._y, "y")).reshape(ctx._shape3)
+    dx = dx3 = dresidual = dresidual3 = None
     buf = None
     reduce = collective or wg is not None or bg is not None
     if reduce:
         buf = backend.scratch("backward payload", BackwardPayload.size(c), np.float64)
-        backend.backward_reduce(dy3=dy3, x3=x3, stats=stats, weight_grad=wg, bias_grad=bg, tag=tag, buf=buf)
+        backend.backward_reduce(dy3=dy3, x3=x3, stats=stats, weight_grad=wg, bias_grad=bg, tag=tag, buf=buf, y3=y3)
         if collective:
             _note.collective = (where, "backward", tag)
             comm.allreduce(buf)
     ring = backend.report_ring()
     capturing = ring is not None and backend.capturing()
-    if input_grad:
-        dx3 = backend.empty(x3.shape, x3.dtype) if input_grad_out is None else view3(dx_array, c, ctx._last)
+    if input_grad or residual_grad:
+        if input_grad:
+            dx3 = backend.empty(x3.shape, x3.dtype) if input_grad_out is None else view3(dx_array, c, ctx._last)
+        if residual_grad:
+            dresidual3 = backend.empty(x3.shape, x3.dtype) if dresidual_array is None else \
+                view3(dresidual_array, c, ctx._last)
         slot = {}                              # device flags of a collective: a report slot
         if collective and ring is not None:
             slot["report"], slot["seq"] = (0, 0) if capturing else _flags.claim(
                 ring, _backward_report(where, comm, tag), (where, "backward", comm, tag))
-        # Fixed (eval) statistics make no collective: buf and count None, dx = dy * scale.
+        # Fixed (eval) statistics make no collective: buf and count None, dx = g * scale; so
+        # does dresidual alone (dx3 None: x is not read).
         backend.backward_input(dy3=dy3, x3=x3, stats=stats, buf=buf if collective else None,
-                               count=ctx._count if collective else None, tag=tag, ranks=comm.size, dx3=dx3, **slot)
+                               count=ctx._count if collective else None, tag=tag, ranks=comm.size, dx3=dx3, y3=y3,
+                               dresidual3=dresidual3, **slot)
         if collective and ring is None:
             _flags.watch(stats.flags[1:], _backward_report(where, comm, tag))
-        dx = dx3.reshape(ctx._shape) if input_grad_out is None else input_grad_out
+        if input_grad:
+            dx = dx3.reshape(ctx._shape) if input_grad_out is None else input_grad_out
+        if residual_grad:
+            dresidual = dresidual3.reshape(ctx._shape) if residual_grad_out is None else residual_grad_out
     if key is not None and not capturing and _aliases(backend, dy_get, given, dy) and (not input_grad or (
             type(given) in backend.array_types if input_grad_out is None
             else _aliases(backend, dx_get, input_grad_out, dx_array))) and \
@@ -615,8 +700,9 @@ def sync_batch_norm_backward(ctx: BatchNormContext, dy: Any, *, input_grad: bool
             new_wg=weight_grad_out is None and wg is not None, new_bg=bias_grad_out is None and bg is not None)
     if not check_bool(retain, "retain", where):
         ctx.release()
-    return (dx, weight_grad_out if weight_grad_out is not None else wg,
-            bias_grad_out if bias_grad_out is not None else bg)
+    grads = (dx, weight_grad_out if weight_grad_out is not None else wg,
+             bias_grad_out if bias_grad_out is not None else bg)
+    return grads + (dresidual,) if ctx._residual else grads
 
 
 def _backward_report(where: str, comm: Communicator, tag: int) -> Any:

@@ -154,6 +154,12 @@ def test_bad_calls_raise_clear_errors_and_change_nothing(change, kind, words):
     args = {"x": rng.normal(size=(4, 3)), "running_mean": rng.normal(size=3), "running_var": rng.uniform(1, 2, 3),
             "weight": rng.uniform(0.5, 1.5, 3), "bias": rng.normal(size=3), "data_format": "NC",
             "comm": CountingComm(), **change}
+    refused_and_changed_nothing(args, kind, words)
+
+
+def refused_and_changed_nothing(args, kind, words):
+    """``sync_batch_norm(**args)`` raises ``kind`` matching ``words``, with no collective on
+    ``args["comm"]``, no array of ``args`` changed and nothing left in the package."""
     arrays = {name: (a, a.copy()) for name, a in args.items() if isinstance(a, np.ndarray)}
     before = module_state()
     with pytest.raises(kind, match=words):
