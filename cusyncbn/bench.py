@@ -5,16 +5,20 @@ Run:
     python -m cusyncbn.bench --profile [--quick]     # under ncu: see docs/PERFORMANCE.md
     python -m cusyncbn.bench --sweep [--out DIR]     # tune the launch configurations: DIR/tuning.json
 
-For every shape, dtype and layout it first checks each implementation's y and dx
-against the float64 reference (``cusyncbn._reference``, on the GPU), then times forward
-and backward with CUDA events (median of many runs, inputs rotated so that the working
-set exceeds L2), and reports each time and its fraction of the byte floor at the measured copy bandwidth
-(forward reads x twice and writes y: 3 * numel * itemsize bytes; backward reads x
-and dy twice and writes dx: 5 * numel * itemsize). It also measures the host time of
-one cusyncbn layer call and of one ``torch.nn.functional.batch_norm`` call the same
-way. It prints a table with a summary against the targets and writes them as markdown
-(results.md) and, when matplotlib is installed, a chart (results.png). cusyncbn runs
-with a 1-rank NCCL communicator, so the collective is really called.
+For every shape, dtype and layout it first checks each implementation's results against
+the float64 reference (``cusyncbn._reference``, on the GPU), then times forward and
+backward with CUDA events (median of many runs, inputs rotated so that the working set
+exceeds L2), and reports each time and its fraction of the byte floor at the measured copy
+bandwidth, of two floors (:func:`floor_bytes`): today's (forward reads x twice and writes
+y: 3 * numel * itemsize bytes; backward reads x and dy twice and writes dx: 5 * numel *
+itemsize) and the L2-aware one (the second read served from L2 as far as the GPU's L2
+holds it). The fused epilogues run too: cusyncbn's ``activation="relu"`` (and with
+``residual=z``) against cuDNN's batch norm followed by ``torch.relu`` (and by ``+ z``,
+then ``relu``). It also measures the host time of one cusyncbn layer call and of one
+``torch.nn.functional.batch_norm`` call the same way. It prints a table with a summary
+against the targets and writes them as markdown (results.md) and, when matplotlib is
+installed, a chart (results.png). cusyncbn runs with a 1-rank NCCL communicator, so the
+collective is really called.
 
 ``--profile`` times nothing: it runs one warmed-up training forward+backward per
 configuration and implementation between ``cudaProfilerStart`` and ``cudaProfilerStop``,
@@ -29,12 +33,64 @@ import math
 import os
 import sys
 import time
+from typing import NamedTuple
 
 from . import _reference
 from ._bench_cases import DTYPES, LAYOUTS, QUICK_SHAPES, SHAPES, cuda_ms, host_us, nccl_comm as _nccl_comm
 
-L2_BYTES = 50 << 20
+# The L2 size when the device's cannot be read: the H200's, the largest L2 of the GPUs this
+# runs on (H100: 50 MiB). Too large is the safe side: the L2-aware floor stays a lower bound
+# and the inputs' rotation still exceeds L2.
+L2_FALLBACK_BYTES = 60 << 20
 TOL = {"float32": 1e-3, "float16": 2e-2, "bfloat16": 1e-1}
+EPS = 1e-5
+
+
+def l2_bytes() -> int:
+    """The current GPU's L2 cache in bytes (``cudaDeviceProp.l2CacheSize``, through CuPy), or
+    ``L2_FALLBACK_BYTES`` when it cannot be read (no CuPy, no device)."""
+    try:
+        import cupy
+        return int(cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)["l2CacheSize"])
+    except (ImportError, RuntimeError):                 # CuPy's CUDARuntimeError is a RuntimeError
+        return L2_FALLBACK_BYTES
+
+
+def floor_bytes(nbytes: int, which: str, l2: int = 0) -> int:
+    """The DRAM bytes a training pass must move at least, for an input of ``nbytes`` bytes
+    (x; dy and y or dx the same size), with ``l2`` bytes of L2 cache to serve the second read:
+
+        forward:  3 * nbytes - min(nbytes, l2)        (l2 = 0: 3N; input within L2: 2N)
+        backward: 5 * nbytes - min(2 * nbytes, l2)    (l2 = 0: 5N; x and dy within L2: 3N)
+
+    The forward reads x twice (statistics, then normalization; the all-reduce between them)
+    and writes y; the backward reads x and dy twice (reductions, then dx) and writes dx.
+    ``l2 = 0`` is the benchmark's byte floor since its first version ("% floor"). With ``l2``
+    the L2 size, a second kernel that starts on the data the first one read last finds in
+    L2 whatever of the first read is still there: at most the last ``l2`` bytes of it (of x
+    in the forward, of x and dy in the backward). The inputs are taken cold at the start of
+    a pass (the benchmark rotates them past L2) and every write as reaching DRAM. Left out,
+    so that both stay lower bounds: the O(C) payload (parameters, statistics, the
+    all-reduce's 2C + 3 doubles: at most about 1% of the floor on the benchmark's shapes, and
+    it may stay in L2). The whole L2 counts, as a lower bound should: where the inputs and
+    what the second kernel writes do not fit in L2 together, stores that allocate in L2
+    (plain ones) evict lines of the inputs before they are read again; only stores that do
+    not (evict-first, ``__stcs``) leave all of it to the second read.
+    """
+    if which == "forward":
+        return 3 * nbytes - min(nbytes, l2)
+    if which == "backward":
+        return 5 * nbytes - min(2 * nbytes, l2)
+    raise ValueError(f"which must be 'forward' or 'backward', got {which!r}")
+
+
+def floor_fractions(nbytes: int, fwd_ms: float, bwd_ms: float, bandwidth: float, l2: int) -> tuple:
+    """Fractions of the byte floor (:func:`floor_bytes`) that a forward of ``fwd_ms`` and a
+    backward of ``bwd_ms`` milliseconds reach at ``bandwidth`` bytes per second:
+    ``(forward, backward, forward L2-aware, backward L2-aware)``; the first two of today's
+    floor (``l2 = 0``), the last two of the floor with ``l2`` bytes of L2."""
+    return tuple(floor_bytes(nbytes, which, cache) / (ms * 1e-3) / bandwidth
+                 for cache in (0, l2) for which, ms in (("forward", fwd_ms), ("backward", bwd_ms)))
 
 
 def copy_bandwidth():
@@ -46,84 +102,152 @@ def copy_bandwidth():
 
 
 def _inputs(shape, dtype, layout, copies):
+    """``copies`` of x, dy and z (the residual), on the GPU in ``layout``."""
     import torch
     tdtype = getattr(torch, dtype)
     g = torch.Generator(device="cuda").manual_seed(0)
-    xs, dys = [], []
+    gz = torch.Generator(device="cuda").manual_seed(1)      # its own: x and dy as before the residual came
+    made = {"xs": [], "dys": [], "zs": []}
     for _ in range(copies):
         x = (torch.randn(shape, device="cuda", generator=g) * 2 + 1).to(tdtype)
         dy = torch.randn(shape, device="cuda", generator=g).to(tdtype)
-        if layout == "NHWC":
-            x, dy = x.contiguous(memory_format=torch.channels_last), dy.contiguous(memory_format=torch.channels_last)
-        xs.append(x)
-        dys.append(dy)
-    return xs, dys
+        z = torch.randn(shape, device="cuda", generator=gz).to(tdtype)
+        for key, t in (("xs", x), ("dys", dy), ("zs", z)):
+            made[key].append(t.contiguous(memory_format=torch.channels_last) if layout == "NHWC" else t)
+    return made["xs"], made["dys"], made["zs"]
 
 
-def _expected(x, dy, w, b, eps):
-    """y and dx of the float64 reference (``cusyncbn._reference``), computed on the GPU."""
-    import cupy
+def _array(t):
+    """The torch tensor ``t`` as an array of cusyncbn's backend, sharing its memory: CuPy on a
+    GPU, NumPy on the CPU (where the benchmark's checks run in the tests)."""
+    if t.is_cuda:
+        import cupy
+        return cupy.from_dlpack(t.detach())
+    return t.detach().numpy()
+
+
+def _array_module(t):
+    if t.is_cuda:
+        import cupy
+        return cupy
+    import numpy
+    return numpy
+
+
+# The forms of the layer the benchmark runs: plain batch norm, y = relu(BN(x)) and
+# y = relu(BN(x) + z). The last one's results include dz, the residual's gradient.
+BN, RELU, ADD_RELU = "bn", "relu", "add+relu"
+
+
+def _expected(x, dy, w, b, z, form):
+    """What an implementation of ``form`` must give, from the float64 reference
+    (``cusyncbn._reference``, its fused forms), computed where the inputs live:
+    ``(results, pre)``; results ``(y, dx)``, plus ``dz`` for ``ADD_RELU``, as torch tensors of
+    x's logical (N, C, ...) layout; ``pre`` the pre-activation ``BN(x)`` (``+ z``) of the ReLU
+    forms (None for ``BN``), for :func:`check`."""
     import torch
-    xd, dyd, wd, bd = (cupy.from_dlpack(t.detach().double()) for t in (x, dy, w, b))
-    y = _reference.forward(xd, wd, bd, eps, "NCHW", xp=cupy)[0]
-    dx = _reference.backward(xd, dyd, wd, eps, "NCHW", xp=cupy)[0]
-    return torch.from_dlpack(y), torch.from_dlpack(dx)
+    xp = _array_module(x)
+    xd, dyd, wd, bd, zd = (_array(t.detach().double()) for t in (x, dy, w, b, z))
+    residual = zd if form == ADD_RELU else None
+    activation = None if form == BN else "relu"
+    y = _reference.fused_forward(xd, wd, bd, EPS, "NCHW", residual=residual, activation=activation, xp=xp)[0]
+    grads = _reference.fused_backward(xd, dyd, wd, bd, EPS, "NCHW", residual=residual, activation=activation, xp=xp)
+    results = (y, grads[0]) + ((grads[3],) if form == ADD_RELU else ())
+    pre = None if form == BN else _reference.fused_forward(xd, wd, bd, EPS, "NCHW", residual=residual, xp=xp)[0]
+    return tuple(torch.from_dlpack(a) for a in results), None if pre is None else torch.from_dlpack(pre)
 
 
-def _impls(shape, layout, sync_group):
-    """name -> factory(x, dy, w, b) -> (forward(), backward(), y, dx) all on torch tensors."""
+def check(results, expected, dtype, pre=None):
+    """``(largest absolute error, within tolerance)`` of an implementation's ``results``
+    against the reference's ``expected`` (tensors, pairwise). With ``pre`` (the ReLU forms),
+    the gradients are not compared where the float64 pre-activation lies within the dtype's
+    tolerance of 0: there the rounding of a correct implementation may decide the mask
+    either way (PyTorch rounds BN(x) to the dtype before it adds z), and a flipped mask moves
+    dx and dz at that element by about dy."""
+    kink = None if pre is None else pre.abs() <= TOL[dtype]
+    err = 0.0
+    for i, (r, e) in enumerate(zip(results, expected, strict=True)):
+        diff = (r.detach().double() - e).abs()
+        if i and kink is not None:                          # dx, dz; y is compared everywhere
+            diff = diff.masked_fill(kink, 0.0)
+        err = max(err, float(diff.max()))
+    return err, err <= TOL[dtype] * 10
+
+
+OURS, CUDNN, TORCH_SYNC, NAIVE = "cusyncbn", "torch cuDNN (unsynced)", "torch SyncBN path", "naive CuPy"
+OURS_RELU, CUDNN_RELU = "cusyncbn BN+ReLU", "torch cuDNN + relu"
+OURS_ADD_RELU, CUDNN_ADD_RELU = "cusyncbn BN+add+ReLU", "torch cuDNN + z, relu"
+
+
+def _impls(shape, layout, sync_group, comm=None):
+    """name -> (form, factory): ``factory(x, dy, w, b, z)`` runs one forward+backward of that
+    implementation on those torch tensors and returns ``(forward(), backward(), results)``,
+    results being what :func:`_expected` gives for ``form``, in x's logical layout. cusyncbn
+    runs on ``comm`` (None: the benchmark's 1-rank NCCL communicator) with CuPy arrays, or
+    NumPy arrays for CPU tensors; PyTorch's synchronized path on ``sync_group``."""
     import torch
-    import cupy
     c = shape[1]
+    perm, inv = ((0, 2, 3, 1), (0, 3, 1, 2)) if layout == "NHWC" else ((0, 1, 2, 3), (0, 1, 2, 3))
 
-    def cusyncbn_impl(x, dy, w, b):
-        from cusyncbn.functional import sync_batch_norm, sync_batch_norm_backward
-        comm = _nccl_comm()
-        rm, rv = cupy.zeros(c, cupy.float32), cupy.ones(c, cupy.float32)
-        wc, bc = cupy.from_dlpack(w.detach()), cupy.from_dlpack(b.detach())
-        wg, bg = cupy.zeros(c, cupy.float32), cupy.zeros(c, cupy.float32)
-        perm = (0, 2, 3, 1) if layout == "NHWC" else (0, 1, 2, 3)
-        xc = cupy.from_dlpack(x.permute(*perm))
-        dyc = cupy.from_dlpack(dy.permute(*perm))
-        out = {}
-
-        def fwd():
-            if "ctx" in out:
-                out["ctx"].release()
-            out["y"], out["ctx"] = sync_batch_norm(xc, rm, rv, wc, bc, data_format=layout, comm=comm)
-
-        def bwd():                                         # a layer's backward: dx and the gradients
-            out["dx"], _, _ = sync_batch_norm_backward(out["ctx"], dyc, weight_grad_out=wg, bias_grad_out=bg,
-                                                       retain=True)
-        fwd()
-        bwd()
-        inv = (0, 3, 1, 2) if layout == "NHWC" else (0, 1, 2, 3)
-        return fwd, bwd, torch.from_dlpack(out["y"]).permute(*inv), torch.from_dlpack(out["dx"]).permute(*inv)
-
-    def torch_impl(sync):
-        def make(x, dy, w, b):
-            rm, rv = torch.zeros(c, device="cuda"), torch.ones(c, device="cuda")
-            xg = x.detach().requires_grad_()
-            wg, bg = w.detach().requires_grad_(), b.detach().requires_grad_()
+    def cusyncbn_impl(form):
+        def make(x, dy, w, b, z):
+            from cusyncbn.functional import sync_batch_norm, sync_batch_norm_backward
+            xp = _array_module(x)
+            on = _nccl_comm() if comm is None else comm
+            rm, rv = xp.zeros(c, xp.float32), xp.ones(c, xp.float32)
+            wc, bc = _array(w), _array(b)
+            wg, bg = xp.zeros(c, xp.float32), xp.zeros(c, xp.float32)
+            xc, dyc = _array(x.permute(*perm)), _array(dy.permute(*perm))
+            fused = {} if form == BN else {"activation": "relu"}
+            if form == ADD_RELU:
+                fused["residual"] = _array(z.permute(*perm))
             out = {}
 
             def fwd():
-                if sync:
-                    from torch.nn.modules._functions import SyncBatchNorm as F
-                    out["y"] = F.apply(xg, wg, bg, rm, rv, 1e-5, 0.1, sync_group, 1)
-                else:
-                    out["y"] = torch.nn.functional.batch_norm(xg, rm, rv, wg, bg, training=True, eps=1e-5)
+                if "ctx" in out:
+                    out["ctx"].release()
+                out["y"], out["ctx"] = sync_batch_norm(xc, rm, rv, wc, bc, data_format=layout, comm=on, **fused)
 
-            def bwd():
-                out["dx"] = torch.autograd.grad(out["y"], [xg, wg, bg], dy, retain_graph=True)[0]
+            def bwd():                                     # a layer's backward: dx, the gradients (and dz)
+                out["grads"] = sync_batch_norm_backward(out["ctx"], dyc, weight_grad_out=wg, bias_grad_out=bg,
+                                                        retain=True)
             fwd()
             bwd()
-            return fwd, bwd, out["y"], out["dx"]
+            results = (out["y"], out["grads"][0]) + ((out["grads"][3],) if form == ADD_RELU else ())
+            return fwd, bwd, tuple(torch.from_dlpack(a).permute(*inv) for a in results)
         return make
 
-    def naive_impl(x, dy, w, b):
+    def torch_impl(form, sync=False):
+        """PyTorch's batch norm (cuDNN's kernels where it picks them; its synchronized path
+        with ``sync``), then for the fused forms ``+ z`` and ``torch.relu`` as separate ops."""
+        def make(x, dy, w, b, z):
+            rm, rv = torch.zeros(c, device=x.device), torch.ones(c, device=x.device)
+            xg, wg, bg, zg = (t.detach().requires_grad_() for t in (x, w, b, z))
+            wrt = [xg, wg, bg] + ([zg] if form == ADD_RELU else [])
+            if sync:
+                from torch.nn.modules._functions import SyncBatchNorm
+
+                def bn():
+                    return SyncBatchNorm.apply(xg, wg, bg, rm, rv, EPS, 0.1, sync_group, 1)
+            else:
+                def bn():
+                    return torch.nn.functional.batch_norm(xg, rm, rv, wg, bg, training=True, eps=EPS)
+            epilogue = {BN: lambda t: t, RELU: torch.relu, ADD_RELU: lambda t: torch.relu(t + zg)}[form]
+            out = {}
+
+            def fwd():
+                out["y"] = epilogue(bn())
+
+            def bwd():
+                out["grads"] = torch.autograd.grad(out["y"], wrt, dy, retain_graph=True)
+            fwd()
+            bwd()
+            return fwd, bwd, (out["y"], out["grads"][0]) + ((out["grads"][3],) if form == ADD_RELU else ())
+        return make
+
+    def naive_impl(x, dy, w, b, z):
+        import cupy
         axes = (0, 2, 3) if layout == "NCHW" else (0, 1, 2)
-        perm = (0, 2, 3, 1) if layout == "NHWC" else (0, 1, 2, 3)
         xc, dyc = cupy.from_dlpack(x.permute(*perm)), cupy.from_dlpack(dy.permute(*perm))
         shp = (1, c, 1, 1) if layout == "NCHW" else (1, 1, 1, c)
         wc, bc = cupy.from_dlpack(w.detach()).reshape(shp), cupy.from_dlpack(b.detach()).reshape(shp)
@@ -132,7 +256,7 @@ def _impls(shape, layout, sync_group):
         def fwd():
             mean = xc.mean(axis=axes, keepdims=True, dtype=cupy.float32)
             var = xc.var(axis=axes, keepdims=True, dtype=cupy.float32)
-            out["invstd"] = 1 / cupy.sqrt(var + 1e-5)
+            out["invstd"] = 1 / cupy.sqrt(var + EPS)
             out["mean"] = mean
             out["y"] = ((xc - mean) * out["invstd"] * wc + bc).astype(xc.dtype)
 
@@ -144,11 +268,12 @@ def _impls(shape, layout, sync_group):
             out["dx"] = dx.astype(xc.dtype)
         fwd()
         bwd()
-        inv = (0, 3, 1, 2) if layout == "NHWC" else (0, 1, 2, 3)
-        return fwd, bwd, torch.from_dlpack(out["y"]).permute(*inv), torch.from_dlpack(out["dx"]).permute(*inv)
+        return fwd, bwd, tuple(torch.from_dlpack(out[k]).permute(*inv) for k in ("y", "dx"))
 
-    return {"cusyncbn": cusyncbn_impl, "torch cuDNN (unsynced)": torch_impl(False),
-            "torch SyncBN path": torch_impl(True), "naive CuPy": naive_impl}
+    return {OURS: (BN, cusyncbn_impl(BN)), CUDNN: (BN, torch_impl(BN)), TORCH_SYNC: (BN, torch_impl(BN, sync=True)),
+            NAIVE: (BN, naive_impl),
+            OURS_RELU: (RELU, cusyncbn_impl(RELU)), CUDNN_RELU: (RELU, torch_impl(RELU)),
+            OURS_ADD_RELU: (ADD_RELU, cusyncbn_impl(ADD_RELU)), CUDNN_ADD_RELU: (ADD_RELU, torch_impl(ADD_RELU))}
 
 
 HOST_SHAPE = (2, 64, 8, 8)       # tiny: the host, not the GPU, bounds a call's time
@@ -228,21 +353,21 @@ def _rotating(runs, which):
     return lambda: next(turn)[which]()
 
 
-def _configurations(shapes, rotate):
-    """(shape, dtype, layout, numel, itemsize, xs, dys, w, b) for every configuration; with
-    ``rotate``, enough copies of x and dy that cycling through them exceeds L2."""
+def _configurations(shapes, rotate, l2=L2_FALLBACK_BYTES):
+    """(shape, dtype, layout, numel, itemsize, xs, dys, zs, w, b) for every configuration; with
+    ``rotate``, enough copies of x, dy and z that cycling through them exceeds ``l2`` bytes of L2."""
     import torch
     for shape in shapes:
         for dtype in DTYPES:
             for layout in LAYOUTS:
                 numel = math.prod(shape)
                 itemsize = 4 if dtype == "float32" else 2
-                copies = max(1, -(-2 * L2_BYTES // (numel * itemsize))) if rotate else 1
-                xs, dys = _inputs(shape, dtype, layout, copies)
+                copies = max(1, -(-2 * l2 // (numel * itemsize))) if rotate else 1
+                xs, dys, zs = _inputs(shape, dtype, layout, copies)
                 w = torch.rand(shape[1], device="cuda") + 0.5
                 b = torch.randn(shape[1], device="cuda")
-                yield shape, dtype, layout, numel, itemsize, xs, dys, w, b
-                del xs, dys
+                yield shape, dtype, layout, numel, itemsize, xs, dys, zs, w, b
+                del xs, dys, zs
                 torch.cuda.empty_cache()
 
 
@@ -250,11 +375,11 @@ def profile(shapes, group):
     """One warmed-up training forward+backward of cusyncbn, cuDNN and PyTorch's sync path
     per configuration, each between ``cudaProfilerStart`` and ``cudaProfilerStop``."""
     import torch
-    for shape, dtype, layout, _, _, xs, dys, w, b in _configurations(shapes, rotate=False):
-        for name, make in _impls(shape, layout, group).items():
+    for shape, dtype, layout, _, _, xs, dys, zs, w, b in _configurations(shapes, rotate=False):
+        for name, (_, make) in _impls(shape, layout, group).items():
             if name not in (OURS, CUDNN, TORCH_SYNC):
                 continue
-            fwd, bwd, _, _ = make(xs[0], dys[0], w, b)          # runs a forward+backward: the warm-up
+            fwd, bwd, _ = make(xs[0], dys[0], w, b, zs[0])        # runs a forward+backward: the warm-up
             torch.cuda.synchronize()
             print(f"profiled: {name} {shape} {dtype} {layout}", flush=True)
             torch.cuda.profiler.start()
@@ -262,6 +387,28 @@ def profile(shapes, group):
             bwd()
             torch.cuda.synchronize()
             torch.cuda.profiler.stop()
+
+
+class Row(NamedTuple):
+    """One implementation timed on one configuration. The fractions are of the byte floor
+    (:func:`floor_bytes`) at the measured copy bandwidth: ``*_floor`` of today's (3N / 5N),
+    ``*_l2_floor`` of the L2-aware one; NaN for the fused forms, which have no floor here."""
+    shape: tuple
+    dtype: str
+    layout: str
+    name: str
+    fwd_ms: float
+    fwd_floor: float
+    bwd_ms: float
+    bwd_floor: float
+    err: float
+    ok: bool
+    fwd_l2_floor: float = math.nan
+    bwd_l2_floor: float = math.nan
+
+
+def _pct(fraction):
+    return "-" if math.isnan(fraction) else f"{fraction:.0%}"
 
 
 def main(argv=None):
@@ -309,31 +456,34 @@ def main(argv=None):
         return 0
     reps = args.reps or (20 if args.quick else 50)
     bw = copy_bandwidth()
+    l2 = l2_bytes()
     card = torch.cuda.get_device_name()
-    print(f"{card}: device-to-device copy {bw / 1e12:.2f} TB/s", flush=True)
+    print(f"{card}: device-to-device copy {bw / 1e12:.2f} TB/s, L2 {l2 / 2**20:.0f} MiB", flush=True)
     rows = []
-    for shape, dtype, layout, numel, itemsize, xs, dys, w, b in _configurations(shapes, rotate=True):
-        y_ref, dx_ref = _expected(xs[0], dys[0], w, b, 1e-5)
+    for shape, dtype, layout, numel, itemsize, xs, dys, zs, w, b in _configurations(shapes, rotate=True, l2=l2):
+        expected = {}
         runs = []
-        for name, make in _impls(shape, layout, dist.group.WORLD).items():
-            if name == "naive CuPy" and dtype == "bfloat16":
+        for name, (form, make) in _impls(shape, layout, dist.group.WORLD).items():
+            if name == NAIVE and dtype == "bfloat16":
                 continue
             try:
-                runs = [make(x, dy, w, b) for x, dy in zip(xs, dys)]
+                runs = [make(x, dy, w, b, z) for x, dy, z in zip(xs, dys, zs)]
             except Exception as exc:
                 print(f"  {name} {shape} {dtype} {layout}: failed ({type(exc).__name__}: {exc})")
                 continue
-            _, _, y, dx = runs[0]
-            err = max(float((y.double() - y_ref).abs().max()), float((dx.double() - dx_ref).abs().max()))
-            ok = err <= TOL[dtype] * 10
+            if form not in expected:
+                expected[form] = _expected(xs[0], dys[0], w, b, zs[0], form)
+            err, ok = check(runs[0][2], expected[form][0], dtype, pre=expected[form][1])
             fwd_ms = cuda_ms(_rotating(runs, 0), reps, warmup=1)
             bwd_ms = cuda_ms(_rotating(runs, 1), reps, warmup=1)
-            fwd_frac = 3 * numel * itemsize / (fwd_ms * 1e-3) / bw
-            bwd_frac = 5 * numel * itemsize / (bwd_ms * 1e-3) / bw
-            rows.append((shape, dtype, layout, name, fwd_ms, fwd_frac, bwd_ms, bwd_frac, err, ok))
-            print(f"  {str(shape):20s} {dtype:9s} {layout} {name:24s} fwd {fwd_ms:7.3f} ms ({fwd_frac:4.0%}) "
-                  f"bwd {bwd_ms:7.3f} ms ({bwd_frac:4.0%}) err {err:.1e}{'' if ok else ' WRONG'}", flush=True)
-        del xs, dys, runs, y_ref, dx_ref
+            fractions = floor_fractions(numel * itemsize, fwd_ms, bwd_ms, bw, l2) if form == BN else (math.nan,) * 4
+            r = Row(shape, dtype, layout, name, fwd_ms, fractions[0], bwd_ms, fractions[1], err, ok, *fractions[2:])
+            rows.append(r)
+            print(f"  {str(shape):20s} {dtype:9s} {layout} {name:24s} fwd {fwd_ms:7.3f} ms "
+                  f"({_pct(r.fwd_floor):>4s}, L2 {_pct(r.fwd_l2_floor):>4s}) bwd {bwd_ms:7.3f} ms "
+                  f"({_pct(r.bwd_floor):>4s}, L2 {_pct(r.bwd_l2_floor):>4s}) err {err:.1e}{'' if ok else ' WRONG'}",
+                  flush=True)
+        del xs, dys, zs, runs, expected
     overhead, same = host_overhead_us()
     torch_us = torch_host_us()
     print(f"host overhead of one cusyncbn layer call: {overhead:.1f} us (results right afterwards: {same}); "
@@ -341,56 +491,71 @@ def main(argv=None):
     print(predicted_line(overhead), flush=True)
     host = {"call": overhead, "F.batch_norm": torch_us, "eval": eval_host_us()}
     host["module"], host["nn.BatchNorm2d"] = module_host_us()
-    _write(args.out, card, bw, rows, overhead, torch_us, host)
+    _write(args.out, card, bw, rows, overhead, torch_us, host, l2=l2)
     return 0
 
 
 LARGE_BYTES = 64 << 20          # "large shapes" of the targets: inputs of 64 MiB or more
-OURS, CUDNN, TORCH_SYNC = "cusyncbn", "torch cuDNN (unsynced)", "torch SyncBN path"
 # The targets, per (shape, dtype, layout) unless said otherwise:
-FLOOR_TARGET = 0.85             # fraction of the byte floor, forward and backward, on large shapes
+FLOOR_TARGET = 0.85             # fraction of today's byte floor (3N / 5N), forward and backward, on large shapes
 CUDNN_TARGET = 1.0              # fwd+bwd speed-up over cuDNN's unsynced batch norm
 SYNC_TARGET = 2.0               # fwd+bwd speed-up over PyTorch's synchronized path
+FUSED_TARGET = 1.3              # fused BN+ReLU (BN+add+ReLU) fwd+bwd over cuDNN then relu (+ z, relu), large shapes
 HOST_TARGET = 1.0               # host time per call over F.batch_norm's (at most), once per run
 EVAL_HOST_TARGET = 0.5          # an eval forward's host time over F.batch_norm's training call
 MODULE_HOST_TARGET = 1.3        # cusyncbn.torch module call over torch.nn.BatchNorm2d's
-TARGETS = (f"Targets: >= {FLOOR_TARGET:.0%} of the byte floor per pass on large shapes (inputs of "
+FUSED = ((OURS_RELU, CUDNN_RELU, "BN+ReLU"), (OURS_ADD_RELU, CUDNN_ADD_RELU, "BN+add+ReLU"))
+TARGETS = (f"Targets: >= {FLOOR_TARGET:.0%} of the byte floor (3N / 5N) per pass on large shapes (inputs of "
            f"{LARGE_BYTES >> 20} MiB or more); fwd+bwd >= {CUDNN_TARGET:.1f}x cuDNN's unsynced batch norm and "
-           f">= {SYNC_TARGET:.1f}x PyTorch's sync path on every shape; host time per call <= {HOST_TARGET:.1f}x "
-           "F.batch_norm's.")
+           f">= {SYNC_TARGET:.1f}x PyTorch's sync path on every shape; fused BN+ReLU and BN+add+ReLU fwd+bwd >= "
+           f"{FUSED_TARGET:.1f}x cuDNN's batch norm then torch.relu (then + z, relu) on large shapes; host time "
+           f"per call <= {HOST_TARGET:.1f}x F.batch_norm's. Not graded here: forward DRAM bytes <= 2.3N on inputs "
+           "below 40 MiB (Nsight Compute: python -m cusyncbn.bench --profile).")
 
 
 def summary(rows):
-    """Per (shape, dtype, layout): cusyncbn's fractions of the byte floor and its speed-up
-    over PyTorch's synchronized path and cuDNN (forward + backward), with the targets it
-    misses (a missing comparison counts as missed)."""
+    """Per (shape, dtype, layout): cusyncbn's fractions of both byte floors, its speed-ups
+    over PyTorch's synchronized path and cuDNN, and its fused forms' over cuDNN followed by
+    the separate ops (forward + backward), with the targets it misses (a missing comparison
+    counts as missed; a wrong result as WRONG, naming the fused form)."""
     by = {}
-    for shape, dtype, layout, name, fm, ff, bm, bf, err, ok in rows:
-        by.setdefault((shape, dtype, layout), {})[name] = (fm, ff, bm, bf, ok)
-    lines = ["| shape | dtype | layout | fwd % floor | bwd % floor | x vs torch SyncBN | x vs cuDNN | targets |",
-             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        by.setdefault((r.shape, r.dtype, r.layout), {})[r.name] = r
+    lines = ["| shape | dtype | layout | fwd % floor | bwd % floor | fwd % L2-aware floor | bwd % L2-aware floor | "
+             "x vs torch SyncBN | x vs cuDNN | BN+ReLU x vs cuDNN, relu | BN+add+ReLU x vs cuDNN, + z, relu | "
+             "targets |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for (shape, dtype, layout), impls in by.items():
-        if OURS not in impls:
+        ours = impls.get(OURS)
+        if ours is None:
             continue
-        fm, ff, bm, bf, ok = impls[OURS]
         large = math.prod(shape) * (4 if dtype == "float32" else 2) >= LARGE_BYTES
-        vs_sync, vs_cudnn = (_speedup(impls.get(other), fm + bm) for other in (TORCH_SYNC, CUDNN))
-        misses = [] if ok else ["WRONG"]
-        if large and min(ff, bf) < FLOOR_TARGET:
+        vs_sync, vs_cudnn = (_speedup(impls.get(other), ours) for other in (TORCH_SYNC, CUDNN))
+        vs_fused = [_speedup(impls.get(theirs), impls.get(fused)) for fused, theirs, _ in FUSED]
+        misses = [] if ours.ok else ["WRONG"]
+        misses += [f"WRONG {what}" for (fused, _, what) in FUSED if fused in impls and not impls[fused].ok]
+        if large and min(ours.fwd_floor, ours.bwd_floor) < FLOOR_TARGET:
             misses.append(f"< {FLOOR_TARGET:.0%} floor")
         if not vs_cudnn >= CUDNN_TARGET:
             misses.append("slower than cuDNN")
         if not vs_sync >= SYNC_TARGET:
             misses.append(f"< {SYNC_TARGET:g}x sync")
-        lines.append(f"| {shape} | {dtype} | {layout} | {ff:.0%} | {bf:.0%} | {vs_sync:.1f} | {vs_cudnn:.2f} | "
+        if large:
+            misses += [f"{what} < {FUSED_TARGET:g}x" for (_, _, what), ratio in zip(FUSED, vs_fused)
+                       if not ratio >= FUSED_TARGET]
+        floors = " | ".join(_pct(f) for f in (ours.fwd_floor, ours.bwd_floor, ours.fwd_l2_floor, ours.bwd_l2_floor))
+        fused = " | ".join(f"{ratio:.2f}" for ratio in vs_fused)
+        lines.append(f"| {shape} | {dtype} | {layout} | {floors} | {vs_sync:.1f} | {vs_cudnn:.2f} | {fused} | "
                      f"{', '.join(misses) or 'met'} |")
     return lines
 
 
-def _speedup(other, ours_ms):
-    """How many times faster ours (``ours_ms``, forward + backward) is than ``other`` (a row's
-    ``(fwd ms, fwd fraction, bwd ms, ...)``; None: not measured, NaN)."""
-    return (other[0] + other[2]) / ours_ms if other else float("nan")
+def _speedup(other, ours):
+    """How many times faster ``ours`` is than ``other`` (two :class:`Row`), forward +
+    backward; NaN when either was not measured (None)."""
+    if other is None or ours is None:
+        return math.nan
+    return (other.fwd_ms + other.bwd_ms) / (ours.fwd_ms + ours.bwd_ms)
 
 
 def predicted_line(measured_us):
@@ -427,22 +592,25 @@ def host_targets(host):
     return "\n".join(lines)
 
 
-def _write(out, card, bw, rows, overhead, torch_overhead, host=None):
+def _write(out, card, bw, rows, overhead, torch_overhead, host=None, l2=None):
     os.makedirs(out, exist_ok=True)
-    head = (f"Card: {card}; date: {time.strftime('%Y-%m-%d')}; copy bandwidth {bw / 1e12:.2f} TB/s\n\n"
+    cache = "" if l2 is None else f"; L2 {l2 / 2**20:.0f} MiB (the L2-aware floor's)"
+    head = (f"Card: {card}; date: {time.strftime('%Y-%m-%d')}; copy bandwidth {bw / 1e12:.2f} TB/s{cache}\n\n"
             f"{host_summary(overhead, torch_overhead) if host is None else host_targets(host)}")
     lines = [head, "",
-             "| shape | dtype | layout | implementation | fwd ms | fwd % floor | bwd ms | bwd % floor | max err |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for shape, dtype, layout, name, fm, ff, bm, bf, err, ok in rows:
-        lines.append(f"| {shape} | {dtype} | {layout} | {name} | {fm:.3f} | {ff:.0%} | {bm:.3f} | {bf:.0%} | "
-                     f"{err:.1e}{'' if ok else ' WRONG'} |")
+             "| shape | dtype | layout | implementation | fwd ms | fwd % floor | fwd % L2-aware floor | bwd ms | "
+             "bwd % floor | bwd % L2-aware floor | max err |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r.shape} | {r.dtype} | {r.layout} | {r.name} | {r.fwd_ms:.3f} | {_pct(r.fwd_floor)} | "
+                     f"{_pct(r.fwd_l2_floor)} | {r.bwd_ms:.3f} | {_pct(r.bwd_floor)} | {_pct(r.bwd_l2_floor)} | "
+                     f"{r.err:.1e}{'' if r.ok else ' WRONG'} |")
     short = summary(rows)
     lines += ["", "Summary (cusyncbn, fwd+bwd speed-ups):", "", TARGETS, ""] + short
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n" + head + "\n\n" + TARGETS + "\n" + "\n".join(short))
-    _chart(out, rows)
+    _chart(out, [r for r in rows if not math.isnan(r.fwd_floor)])
 
 
 def _chart(out, rows):
@@ -453,9 +621,9 @@ def _chart(out, rows):
     except ImportError:
         print("matplotlib not installed: no chart written", file=sys.stderr)
         return
-    keys = list(dict.fromkeys((r[0], r[1], r[2]) for r in rows))
-    names = list(dict.fromkeys(r[3] for r in rows))
-    value = {((r[0], r[1], r[2]), r[3]): (r[5] + r[7]) / 2 for r in rows}
+    keys = list(dict.fromkeys((r.shape, r.dtype, r.layout) for r in rows))
+    names = list(dict.fromkeys(r.name for r in rows))
+    value = {((r.shape, r.dtype, r.layout), r.name): (r.fwd_floor + r.bwd_floor) / 2 for r in rows}
     fig, ax = plt.subplots(figsize=(max(8, len(keys) * 0.6), 5))
     width = 0.8 / len(names)
     for k, name in enumerate(names):                  # a missing run leaves its bar out
