@@ -14,6 +14,15 @@ SHAPES = [(64, 256, 56, 56), (4, 256, 128, 128), (64, 2048, 7, 7), (32, 64, 112,
 QUICK_SHAPES = [(64, 256, 56, 56), (64, 2048, 7, 7), (2, 512, 32, 32)]
 DTYPES = ["float32", "float16", "bfloat16"]
 LAYOUTS = ["NCHW", "NHWC"]
+ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def configurations(shapes: list) -> list:
+    """``(shape, dtype, layout)`` of every configuration the benchmark runs on ``shapes``, in the
+    order it runs them (shape, then dtype, then layout): the order of the timed rows and of the
+    passes ``--profile`` hands to Nsight Compute."""
+    return [(shape, dtype, layout) for shape in shapes for dtype in DTYPES for layout in LAYOUTS]
+
 
 _COMM: dict[str, Any] = {}
 

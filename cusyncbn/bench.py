@@ -4,6 +4,7 @@ Run:
     python -m cusyncbn.bench [--quick] [--out bench_out] [--profile | --sweep]
     python -m cusyncbn.bench --profile [--quick]     # under ncu: see docs/PERFORMANCE.md
     python -m cusyncbn.bench --sweep [--out DIR]     # tune the launch configurations: DIR/tuning.json
+    python -m cusyncbn.bench --dram-table NCU_CSV [--quick]   # DRAM bytes per pass, from ncu's raw CSV
 
 For every shape, dtype and layout it first checks each implementation's results against
 the float64 reference (``cusyncbn._reference``, on the GPU), then times forward and
@@ -21,8 +22,10 @@ installed, a chart (results.png). cusyncbn runs with a 1-rank NCCL communicator,
 collective is really called.
 
 ``--profile`` times nothing: it runs one warmed-up training forward+backward per
-configuration and implementation between ``cudaProfilerStart`` and ``cudaProfilerStop``,
-so that ``ncu --profile-from-start off`` profiles exactly those kernels.
+configuration and implementation, each pass between ``cudaProfilerStart`` and
+``cudaProfilerStop`` after emptying the L2, so that ``ncu --profile-from-start off`` profiles
+exactly those kernels. ``--dram-table NCU_CSV`` reads Nsight Compute's raw CSV of such a run
+and prints cusyncbn's DRAM bytes per pass against the byte floors (:func:`dram_table`).
 """
 from __future__ import annotations
 
@@ -31,12 +34,14 @@ import importlib
 import itertools
 import math
 import os
+import re
 import sys
 import time
 from typing import NamedTuple
 
-from . import _reference
-from ._bench_cases import DTYPES, LAYOUTS, QUICK_SHAPES, SHAPES, cuda_ms, host_us, nccl_comm as _nccl_comm
+from . import _ncu, _reference
+from ._bench_cases import (DTYPES, ITEMSIZE, LAYOUTS, QUICK_SHAPES, SHAPES, configurations, cuda_ms, host_us,
+                           nccl_comm as _nccl_comm)
 
 # The L2 size when the device's cannot be read: the H200's, the largest L2 of the GPUs this
 # runs on (H100: 50 MiB). Too large is the safe side: the L2-aware floor stays a lower bound
@@ -354,27 +359,45 @@ def _rotating(runs, which):
 
 
 def _configurations(shapes, rotate, l2=L2_FALLBACK_BYTES):
-    """(shape, dtype, layout, numel, itemsize, xs, dys, zs, w, b) for every configuration; with
-    ``rotate``, enough copies of x, dy and z that cycling through them exceeds ``l2`` bytes of L2."""
+    """(shape, dtype, layout, numel, itemsize, xs, dys, zs, w, b) for every configuration
+    (:func:`configurations`' order); with ``rotate``, enough copies of x, dy and z that cycling
+    through them exceeds ``l2`` bytes of L2."""
     import torch
-    for shape in shapes:
-        for dtype in DTYPES:
-            for layout in LAYOUTS:
-                numel = math.prod(shape)
-                itemsize = 4 if dtype == "float32" else 2
-                copies = max(1, -(-2 * l2 // (numel * itemsize))) if rotate else 1
-                xs, dys, zs = _inputs(shape, dtype, layout, copies)
-                w = torch.rand(shape[1], device="cuda") + 0.5
-                b = torch.randn(shape[1], device="cuda")
-                yield shape, dtype, layout, numel, itemsize, xs, dys, zs, w, b
-                del xs, dys, zs
-                torch.cuda.empty_cache()
+    for shape, dtype, layout in configurations(shapes):
+        numel = math.prod(shape)
+        itemsize = ITEMSIZE[dtype]
+        copies = max(1, -(-2 * l2 // (numel * itemsize))) if rotate else 1
+        xs, dys, zs = _inputs(shape, dtype, layout, copies)
+        w = torch.rand(shape[1], device="cuda") + 0.5
+        b = torch.randn(shape[1], device="cuda")
+        yield shape, dtype, layout, numel, itemsize, xs, dys, zs, w, b
+        del xs, dys, zs
+        torch.cuda.empty_cache()
+
+
+def _l2_emptier(l2):
+    """A call that leaves none of the benchmark's data in the GPU's L2 (of ``l2`` bytes), and
+    no dirty line: it sums a buffer of 3 * ``l2`` bytes, a read that evicts (and writes back)
+    whatever the L2 held, then waits for it."""
+    import torch
+    sweep = torch.zeros(3 * l2 // 4, dtype=torch.float32, device="cuda")
+
+    def empty():
+        sweep.sum()
+        torch.cuda.synchronize()
+    return empty
 
 
 def profile(shapes, group):
     """One warmed-up training forward+backward of cusyncbn, cuDNN and PyTorch's sync path
-    per configuration, each between ``cudaProfilerStart`` and ``cudaProfilerStop``."""
+    per configuration (:func:`configurations`' order; the warm-up outside the profiled
+    ranges), each pass between its own ``cudaProfilerStart`` and ``cudaProfilerStop``, after
+    an unprofiled read that empties the L2: each pass starts cold, as in training, where other
+    layers run between a layer's forward and its backward, so that an Nsight Compute run that
+    does not flush the L2 itself (``--cache-control none``) sees in each pass's second kernel
+    what the first left in L2 and nothing of earlier work (:func:`dram_table`)."""
     import torch
+    empty_l2 = _l2_emptier(l2_bytes())
     for shape, dtype, layout, _, _, xs, dys, zs, w, b in _configurations(shapes, rotate=False):
         for name, (_, make) in _impls(shape, layout, group).items():
             if name not in (OURS, CUDNN, TORCH_SYNC):
@@ -382,11 +405,12 @@ def profile(shapes, group):
             fwd, bwd, _ = make(xs[0], dys[0], w, b, zs[0])        # runs a forward+backward: the warm-up
             torch.cuda.synchronize()
             print(f"profiled: {name} {shape} {dtype} {layout}", flush=True)
-            torch.cuda.profiler.start()
-            fwd()
-            bwd()
-            torch.cuda.synchronize()
-            torch.cuda.profiler.stop()
+            for step in (fwd, bwd):
+                empty_l2()
+                torch.cuda.profiler.start()
+                step()
+                torch.cuda.synchronize()
+                torch.cuda.profiler.stop()
 
 
 class Row(NamedTuple):
@@ -426,7 +450,16 @@ def main(argv=None):
     parser.add_argument("--model", action="store_true",
                         help="run only the whole-model benchmark: a ResNet-50 training step, plain vs converted "
                              "by cusyncbn.torch.convert_sync_batchnorm (needs torchvision); writes model.md")
+    parser.add_argument("--dram-table", metavar="NCU_CSV",
+                        help="time nothing: read Nsight Compute's raw CSV (ncu --csv --page raw) of a --profile run "
+                             "(with --quick if that run had it) and print cusyncbn's DRAM bytes per pass against the "
+                             "byte floors, graded: forward <= 2.3N on inputs below 40 MiB (no GPU needed)")
+    parser.add_argument("--l2-mib", type=float, default=None,
+                        help="with --dram-table: the L2 size for the L2-aware floor (default: this GPU's, else 60)")
     args = parser.parse_args(argv)
+    if args.dram_table:
+        l2 = l2_bytes() if args.l2_mib is None else int(args.l2_mib * 2**20)
+        return dram_main(args.dram_table, QUICK_SHAPES if args.quick else SHAPES, l2)
     if args.model:
         from cusyncbn._bench_model import main as model_main
         return model_main(out=args.out, reps=args.reps, quick=args.quick)
@@ -501,6 +534,8 @@ FLOOR_TARGET = 0.85             # fraction of today's byte floor (3N / 5N), forw
 CUDNN_TARGET = 1.0              # fwd+bwd speed-up over cuDNN's unsynced batch norm
 SYNC_TARGET = 2.0               # fwd+bwd speed-up over PyTorch's synchronized path
 FUSED_TARGET = 1.3              # fused BN+ReLU (BN+add+ReLU) fwd+bwd over cuDNN then relu (+ z, relu), large shapes
+SMALL_BYTES = 40 << 20          # "inputs below 40 MiB" of the DRAM target (graded by dram_table, from ncu)
+DRAM_TARGET = 2.3               # forward DRAM bytes over N, at most, on inputs below SMALL_BYTES
 HOST_TARGET = 1.0               # host time per call over F.batch_norm's (at most), once per run
 EVAL_HOST_TARGET = 0.5          # an eval forward's host time over F.batch_norm's training call
 MODULE_HOST_TARGET = 1.3        # cusyncbn.torch module call over torch.nn.BatchNorm2d's
@@ -509,8 +544,9 @@ TARGETS = (f"Targets: >= {FLOOR_TARGET:.0%} of the byte floor (3N / 5N) per pass
            f"{LARGE_BYTES >> 20} MiB or more); fwd+bwd >= {CUDNN_TARGET:.1f}x cuDNN's unsynced batch norm and "
            f">= {SYNC_TARGET:.1f}x PyTorch's sync path on every shape; fused BN+ReLU and BN+add+ReLU fwd+bwd >= "
            f"{FUSED_TARGET:.1f}x cuDNN's batch norm then torch.relu (then + z, relu) on large shapes; host time "
-           f"per call <= {HOST_TARGET:.1f}x F.batch_norm's. Not graded here: forward DRAM bytes <= 2.3N on inputs "
-           "below 40 MiB (Nsight Compute: python -m cusyncbn.bench --profile).")
+           f"per call <= {HOST_TARGET:.1f}x F.batch_norm's. Graded apart (Nsight Compute, bash .ci/gpu profile: "
+           f"python -m cusyncbn.bench --dram-table): forward DRAM bytes <= {DRAM_TARGET}N on inputs below "
+           f"{SMALL_BYTES >> 20} MiB.")
 
 
 def summary(rows):
@@ -529,7 +565,7 @@ def summary(rows):
         ours = impls.get(OURS)
         if ours is None:
             continue
-        large = math.prod(shape) * (4 if dtype == "float32" else 2) >= LARGE_BYTES
+        large = math.prod(shape) * ITEMSIZE[dtype] >= LARGE_BYTES
         vs_sync, vs_cudnn = (_speedup(impls.get(other), ours) for other in (TORCH_SYNC, CUDNN))
         vs_fused = [_speedup(impls.get(theirs), impls.get(fused)) for fused, theirs, _ in FUSED]
         misses = [] if ours.ok else ["WRONG"]
@@ -556,6 +592,154 @@ def _speedup(other, ours):
     if other is None or ours is None:
         return math.nan
     return (other.fwd_ms + other.bwd_ms) / (ours.fwd_ms + ours.bwd_ms)
+
+
+# The DRAM table (issue 19, item 2): Nsight Compute's DRAM bytes of each cusyncbn pass that
+# --profile runs, from an ncu run that leaves the L2 alone between kernels (.ci/gpu, part
+# "profile": --cache-control none, these metrics only, cusyncbn's kernels only).
+DRAM_METRICS = ("dram__bytes_read.sum", "dram__bytes_write.sum", "launch__grid_size")
+KERNEL_REGEX = "^(moments|normalize|backward|dx)_"      # ncu --kernel-name regex:, on --kernel-name-base function
+PASSES = (("forward", ("moments", "normalize")), ("backward", ("backward", "dx")))
+
+
+class DramPass(NamedTuple):
+    """One pass of cusyncbn as Nsight Compute measured it: ``which`` ("forward", "backward"), its
+    two kernels (:class:`cusyncbn._ncu.Kernel`, in order) and their DRAM bytes read and written
+    together."""
+    which: str
+    kernels: tuple
+    read: float
+    write: float
+
+    def dram(self, nbytes):
+        """The pass's DRAM bytes for an input of ``nbytes``: what it read, plus what it wrote but
+        at least ``nbytes``. A write reaches DRAM only when its line leaves the L2 (a write-back
+        cache); what the L2 still holds when a kernel ends is written back later, in whichever
+        kernel then evicts it, or never within the profile (the 2026-11-29 profile: 8.0 of the
+        25.7 MB that a (64, 2048, 7, 7) float32 normalize wrote, 0.0 of the 12.8 MB in bfloat16 NHWC).
+        The pass's output (y, dx: ``nbytes``) counts at least once, as every write does in
+        :func:`floor_bytes`."""
+        return self.read + max(self.write, nbytes)
+
+
+def _family(name):
+    """"moments", "normalize", "backward" or "dx" for a kernel of cusyncbn's passes (any form of
+    its name that ncu prints), else None."""
+    found = re.match(KERNEL_REGEX, _ncu.kernel_base(name))
+    return found[1] if found else None
+
+
+def dram_passes(raw, shapes):
+    """cusyncbn's passes in ``raw`` (a :class:`cusyncbn._ncu.RawProfile` of a ``--profile`` run
+    on ``shapes``), matched with the configurations that run profiled: a list of ``((shape,
+    dtype, layout), forward, backward)``, the passes as :class:`DramPass`. The profile must hold
+    exactly a moments, a normalize, a backward and a dx kernel per configuration, in that
+    order, each with both DRAM byte counts; other kernels (cuDNN's, PyTorch's, NCCL's, where
+    ncu's filter let them in) are left out. Raises ValueError saying what does not match."""
+    configs = configurations(shapes)
+    order = [family for _, families in PASSES for family in families]
+    ours = [k for k in raw.kernels if _family(k.name)]
+    if len(ours) != len(order) * len(configs):
+        counts = ", ".join(f"{family} {sum(_family(k.name) == family for k in ours)}" for family in order)
+        raise ValueError(f"{len(ours)} cusyncbn kernels in the profile ({counts}), but {len(order) * len(configs)} "
+                         f"expected: {len(order)} ({', '.join(order)}) for each of the {len(configs)} configurations "
+                         f"of {len(shapes)} shapes (was the profile run with --quick, and this without, or the "
+                         "other way round?)")
+    for i, k in enumerate(ours):
+        if _family(k.name) != order[i % len(order)]:
+            raise ValueError(f"cusyncbn kernel {i} of the profile (ncu ID {k.id}) is {k.name!r}, where a "
+                             f"{order[i % len(order)]}_ kernel was expected (configuration {i // len(order)}: "
+                             f"{' '.join(map(str, configs[i // len(order)]))})")
+        for metric in DRAM_METRICS[:2]:
+            if math.isnan(k.metrics.get(metric, math.nan)):
+                raise ValueError(f"kernel {k.name!r} (ncu ID {k.id}) has no number for {metric} "
+                                 f"({k.cells.get(metric, 'no such column')!r})")
+    matched = []
+    for c, config in enumerate(configs):
+        passes = []
+        for p, (which, _) in enumerate(PASSES):
+            pair = tuple(ours[len(order) * c + 2 * p:len(order) * c + 2 * p + 2])
+            passes.append(DramPass(which, pair, sum(k.metrics["dram__bytes_read.sum"] for k in pair),
+                                   sum(k.metrics["dram__bytes_write.sum"] for k in pair)))
+        matched.append((config, *passes))
+    return matched
+
+
+def _times_n(value, nbytes):
+    return f"{value / nbytes:.2f}N"
+
+
+def _blocks(kernel):
+    blocks = kernel.metrics.get("launch__grid_size", math.nan)
+    return (kernel.grid or "?") if math.isnan(blocks) else f"{blocks:.0f}"
+
+
+def dram_table(raw, shapes, l2):
+    """The DRAM table of ``raw`` (:func:`dram_passes`), as lines of text: per kernel, then per
+    configuration each pass's DRAM bytes read, written and in all (:meth:`DramPass.dram`) over
+    N, the input's bytes, beside its floors (:func:`floor_bytes`: 3N / 5N, and the L2-aware one
+    with ``l2`` bytes of L2), then the target: forward DRAM bytes <= 2.3N on inputs below 40
+    MiB. Not graded (said so) where ncu replayed one of cusyncbn's kernels more than once: it
+    then restores the memory between the replay passes, and the L2 the last pass sees is not
+    the run's."""
+    matched = dram_passes(raw, shapes)
+    replays = [(name, n) for name, n in raw.passes if _family(name)]
+    replayed = [name for name, n in replays if n > 1]
+    lines = ["| shape | dtype | layout | kernel | blocks | DRAM read | DRAM write |", "|---|---|---|---|---|---|---|"]
+    for (shape, dtype, layout), *passes in matched:
+        nbytes = math.prod(shape) * ITEMSIZE[dtype]
+        for k in (k for p in passes for k in p.kernels):
+            lines.append(f"| {shape} | {dtype} | {layout} | `{k.name}` | {_blocks(k)} | "
+                         f"{_times_n(k.metrics['dram__bytes_read.sum'], nbytes)} | "
+                         f"{_times_n(k.metrics['dram__bytes_write.sum'], nbytes)} |")
+    lines += ["", f"DRAM bytes per cusyncbn pass (Nsight Compute), in N = the input's bytes. read, write: the "
+              "pass's two kernels together; DRAM: read + max(write, N) (the L2 writes back: what it still "
+              "holds when a kernel ends is not counted there, so the output counts at least once); floors: "
+              f"3N / 5N and the L2-aware floor (L2 {l2 / 2**20:.0f} MiB).", "",
+              "| shape | dtype | layout | N MiB | fwd read | fwd write | fwd DRAM | fwd floor: 3N, L2-aware | "
+              "bwd read | bwd write | bwd DRAM | bwd floor: 5N, L2-aware | forward <= 2.3N (below 40 MiB) |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    graded, missed = 0, []
+    for (shape, dtype, layout), *passes in matched:
+        nbytes = math.prod(shape) * ITEMSIZE[dtype]
+        cells = []
+        for p in passes:
+            floors = ", ".join(_times_n(floor_bytes(nbytes, p.which, cache), nbytes) for cache in (0, l2))
+            cells += [_times_n(p.read, nbytes), _times_n(p.write, nbytes), _times_n(p.dram(nbytes), nbytes), floors]
+        ratio = passes[0].dram(nbytes) / nbytes
+        if nbytes >= SMALL_BYTES:
+            verdict = "-"
+        elif replayed:
+            verdict = "not graded"
+        else:
+            graded += 1
+            verdict = "met" if round(ratio, 6) <= DRAM_TARGET else f"> {DRAM_TARGET}N"
+            if verdict != "met":
+                missed.append(f"{shape} {dtype} {layout} {ratio:.2f}N")
+        lines.append(f"| {shape} | {dtype} | {layout} | {nbytes / 2**20:.1f} | {' | '.join(cells)} | {verdict} |")
+    target = f"Target: inputs below {SMALL_BYTES >> 20} MiB: forward DRAM bytes <= {DRAM_TARGET}N: "
+    if replayed:
+        target += (f"not graded: ncu replayed {len(replayed)} of cusyncbn's kernels more than once (e.g. "
+                   f"{replayed[0]!r}); between replay passes it restores memory, and the cache state is not the "
+                   "run's: profile the DRAM bytes alone (.ci/gpu, part profile)")
+    else:
+        target += f"met on {graded - len(missed)} of {graded}" + (f" (missed: {'; '.join(missed)})" if missed else "")
+        target += (f"; one replay pass for each of the {len(replays)} kernels ncu named" if replays else
+                   "; ncu named no replay passes in the file: check that each kernel took one")
+    return lines + ["", target]
+
+
+def dram_main(path, shapes, l2):
+    """``--dram-table PATH``: print :func:`dram_table` of the raw CSV at ``path``; 0, or 2 with
+    the reason when it cannot be read or does not match the configurations of ``shapes``."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            lines = dram_table(_ncu.read_raw(f.read()), shapes, l2)
+    except (OSError, ValueError) as exc:
+        print(f"cusyncbn.bench --dram-table {path}: {exc}", file=sys.stderr)
+        return 2
+    print("\n".join(lines))
+    return 0
 
 
 def predicted_line(measured_us):

@@ -331,3 +331,223 @@ def test_host_targets_on_synthetic_numbers():
     met = bench.host_targets({"call": 20.0, "F.batch_norm": 25.0, "eval": 12.5, "module": 52.0,
                               "nn.BatchNorm2d": 40.0})
     assert "ratio 0.50 (met: target <= 0.5)" in met and "ratio 1.30 (met: target <= 1.3)" in met
+
+
+# --- The DRAM table: Nsight Compute's raw CSV (ncu --csv --page raw) of a --profile --quick run ---
+
+NCU_COLUMNS = ["ID", "Process ID", "Process Name", "Host Name", "Kernel Name", "Context", "Stream", "Block Size",
+               "Grid Size", "Device", "CC", "dram__bytes_read.sum", "dram__bytes_write.sum", "launch__grid_size"]
+TEMPLATE = {"float32": "float", "float16": "half_t", "bfloat16": "bf16_t"}
+PER_N = {"moments": (1.0, 0.0), "normalize": (0.05, 0.4), "backward": (2.0, 0.0), "dx": (0.1, 0.5)}
+
+
+def quoted(cells):
+    return ",".join(f'"{c}"' for c in cells)
+
+
+def thousands(value):
+    return f"{round(value):,}"                              # "25,690,112", as ncu prints a count
+
+
+def ncu_kernels(shapes=bench.QUICK_SHAPES, per_n=None):
+    """[(kernel name, bytes read, bytes written)] of a --profile run on ``shapes``, as cusyncbn's
+    kernels would be named; ``per_n(config, family)`` gives (read, write) in units of N, by
+    default a pass whose second read comes from L2 and whose output the L2 partly holds at the
+    end: forward 1.05N read (x once, the partial sums), 0.4N written."""
+    kernels = []
+    for config in bench.configurations(shapes):
+        shape, dtype, layout = config
+        n = nbytes(shape, dtype)
+        suffix = "cs" if layout == "NCHW" else "cl"
+        for family in ("moments", "normalize", "backward", "dx"):
+            read, write = per_n(config, family) if per_n else PER_N[family]
+            args = f"{TEMPLATE[dtype]}, 4" if family in ("moments", "dx") else f"{TEMPLATE[dtype]}, float, 4"
+            kernels.append((f"{family}_{suffix}<{args}>", read * n, write * n))
+    return kernels
+
+
+def ncu_csv(kernels, passes=1, others=True):
+    """The text ncu writes with --csv --page raw --log-file: its ==PROF== lines (one per profiled
+    kernel with its replay passes), the header, the units row and one row per kernel, numbers with
+    thousands separators. With ``others``, a cuDNN kernel and an NCCL all-reduce among them (a
+    profile whose filter let them in), and the benchmark's own output lines (a redirected stdout)."""
+    rows, prof = [], ["==PROF== Connected to process 4242 (/usr/bin/python3.12)"]
+    theirs = [("void cudnn::bn_fw_tr_1C11_kernel_NCHW<float, float, int, 128, 1, 2, 0>(float, float, ...)", 1e6, 1e6),
+              ("ncclDevKernel_AllReduce_Sum_f64_RING_LL(ncclDevKernelArgsStorage<4096ul>)", 0.0, 0.0)]
+    for i, (name, read, write) in enumerate(kernels + (theirs if others else [])):
+        base = name.removeprefix("void ").split("<")[0].split("(")[0].rsplit("::", 1)[-1]
+        prof.append(f'==PROF== Profiling "{base}" - {i}: 0%....50%....100% - {passes} pass{"es" * (passes > 1)}')
+        rows.append(quoted([i, 4242, "python3.12", "127.0.0.1", name, 1, 7, "(256, 1, 1)", "(2, 256, 1)", 0, "9.0",
+                            thousands(read), thousands(write), "512"]))
+    if others:
+        prof.insert(1, "profiled: cusyncbn (64, 256, 56, 56) float32 NCHW")
+    prof.append("==PROF== Disconnected from process 4242")
+    units = quoted([""] * 11 + ["byte", "byte", ""])
+    return "\n".join(prof + [quoted(NCU_COLUMNS), units] + rows) + "\n"
+
+
+def dram(text, shapes=bench.QUICK_SHAPES):
+    """{(shape, dtype, layout): {header: cell}} of the per-configuration DRAM table, and its last line."""
+    lines = bench.dram_table(bench._ncu.read_raw(text), shapes, L2)
+    start = next(i for i, line in enumerate(lines) if line.startswith("| shape | dtype | layout | N MiB |"))
+    head = [h.strip() for h in lines[start].split("|")[1:-1]]
+    table = {}
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        cells = dict(zip(head, (c.strip() for c in line.split("|")[1:-1]), strict=True))
+        table[(cells["shape"], cells["dtype"], cells["layout"])] = cells
+    return table, lines[-1]
+
+
+GRADE = "forward <= 2.3N (below 40 MiB)"
+SMALL_CONFIG = (str((2, 512, 32, 32)), "float32", "NCHW")      # 4 MiB: graded
+MID_CONFIG = (str((64, 2048, 7, 7)), "bfloat16", "NHWC")       # 12.25 MiB: graded
+BIG_CONFIG = (str((64, 256, 56, 56)), "float16", "NCHW")       # 98 MiB: shown, not graded
+
+
+def test_dram_table_per_pass_against_both_floors():
+    table, target = dram(ncu_csv(ncu_kernels()))
+    assert len(table) == 18                                   # 3 quick shapes x 3 dtypes x 2 layouts, in order
+    assert list(table)[:2] == [(str(bench.QUICK_SHAPES[0]), "float32", "NCHW"),
+                               (str(bench.QUICK_SHAPES[0]), "float32", "NHWC")]
+    small = table[SMALL_CONFIG]
+    assert small["N MiB"] == "4.0"
+    assert (small["fwd read"], small["fwd write"], small["fwd DRAM"]) == ("1.05N", "0.40N", "2.05N")  # write: >= N
+    assert small["fwd floor: 3N, L2-aware"] == "3.00N, 2.00N"          # 4 MiB within 60 MiB of L2
+    assert (small["bwd read"], small["bwd write"], small["bwd DRAM"]) == ("2.10N", "0.50N", "3.10N")
+    assert small["bwd floor: 5N, L2-aware"] == "5.00N, 3.00N"
+    assert small[GRADE] == "met" and table[MID_CONFIG][GRADE] == "met"
+    big = table[BIG_CONFIG]                                   # 98 MiB: L2 holds 60 of the 196 MiB first read
+    assert big["fwd floor: 3N, L2-aware"] == f"3.00N, {(3 * 98 - 60) / 98:.2f}N" and big[GRADE] == "-"
+    assert target == ("Target: inputs below 40 MiB: forward DRAM bytes <= 2.3N: met on 12 of 12; one replay pass "
+                      "for each of the 72 kernels ncu named")
+
+
+def forward_at(config, read, write):
+    """ncu_kernels in which the forward of ``config`` reads ``read`` N and writes ``write`` N."""
+    at = (tuple(int(n) for n in config[0].strip("()").split(", ")), *config[1:])
+
+    def per_n(c, family):
+        if c == at and family in ("moments", "normalize"):
+            return (read, write) if family == "moments" else (0.0, 0.0)
+        return PER_N[family]
+    return ncu_kernels(per_n=per_n)
+
+
+@pytest.mark.parametrize("config", [SMALL_CONFIG, MID_CONFIG])
+@pytest.mark.parametrize("read,write,dram_n,met", [
+    (2.0, 1.0, "3.00N", False),        # x read twice from DRAM, y written: today's floor, the negative control
+    (2.0, 0.0, "3.00N", False),        # the same with y still in L2 at the end: y counts N all the same
+    (1.31, 0.0, "2.31N", False),
+    (1.3, 0.0, "2.30N", True),         # exactly the target
+    (1.0, 1.2, "2.20N", True),         # more written than N counts as written
+])
+def test_dram_target_graded_on_inputs_below_40_mib(config, read, write, dram_n, met):
+    table, target = dram(ncu_csv(forward_at(config, read, write)))
+    assert table[config]["fwd DRAM"] == dram_n
+    assert table[config][GRADE] == ("met" if met else "> 2.3N")
+    if met:
+        assert "met on 12 of 12;" in target
+    else:
+        assert f"met on 11 of 12 (missed: {config[0]} {config[1]} {config[2]} {dram_n});" in target
+
+
+def test_dram_target_leaves_large_inputs_ungraded():
+    table, target = dram(ncu_csv(forward_at(BIG_CONFIG, 2.0, 1.0)))
+    assert table[BIG_CONFIG]["fwd DRAM"] == "3.00N" and table[BIG_CONFIG][GRADE] == "-"
+    assert "met on 12 of 12;" in target
+
+
+def test_dram_table_refuses_a_profile_of_other_configurations():
+    kernels = ncu_kernels()
+    with pytest.raises(ValueError, match=r"^71 cusyncbn kernels in the profile \(moments 18, normalize 18, "
+                                         r"backward 18, dx 17\), but 72 expected: 4 \(moments, normalize, backward, "
+                                         r"dx\) for each of the 18 configurations of 3 shapes"):
+        dram(ncu_csv(kernels[:-1]))
+    with pytest.raises(ValueError, match=r"^72 cusyncbn kernels .* but 144 expected: .* 36 configurations of 6 shapes "
+                                         r"\(was the profile run with --quick"):
+        dram(ncu_csv(kernels), shapes=bench.SHAPES)
+    swapped = kernels[:4] + [kernels[5], kernels[4]] + kernels[6:]        # the second configuration's forward
+    with pytest.raises(ValueError, match=r"^cusyncbn kernel 4 of the profile \(ncu ID 4\) is 'normalize_cl<float, "
+                                         r"float, 4>', where a moments_ kernel was expected \(configuration 1: "
+                                         r"\(64, 256, 56, 56\) float32 NHWC\)"):
+        dram(ncu_csv(swapped))
+
+
+def test_dram_table_is_not_graded_after_several_replay_passes():
+    """With several replay passes ncu restores memory between them: the L2 is not the run's."""
+    table, target = dram(ncu_csv(ncu_kernels(), passes=7))
+    assert table[SMALL_CONFIG][GRADE] == "not graded" and table[BIG_CONFIG][GRADE] == "-"
+    assert target.startswith("Target: inputs below 40 MiB: forward DRAM bytes <= 2.3N: not graded: ncu replayed 72 "
+                             "of cusyncbn's kernels more than once (e.g. 'moments_cs')")
+    unnamed = "\n".join(line for line in ncu_csv(ncu_kernels()).splitlines() if "Profiling" not in line)
+    assert dram(unnamed)[1].endswith("met on 12 of 12; ncu named no replay passes in the file: check that each "
+                                     "kernel took one")
+
+
+def test_raw_csv_units_separators_and_kernel_names():
+    """ncu's scaled units (Mbyte: decimal), separators, quoted cells, the forms of a kernel name."""
+    text = ncu_csv([("void dx_cl<__nv_bfloat16, 8>(const __nv_bfloat16 *, int)", 1.5e6, 2.5e6)], others=False)
+    text = text.replace('"byte","byte"', '"Mbyte","Kbyte"').replace('"1,500,000","2,500,000"', '"205.52","1,234.5"')
+    raw = bench._ncu.read_raw(text)
+    (k,) = raw.kernels
+    assert k.metrics["dram__bytes_read.sum"] == pytest.approx(205.52e6)
+    assert k.metrics["dram__bytes_write.sum"] == pytest.approx(1234.5e3)
+    assert k.metrics["launch__grid_size"] == 512 and k.grid == "(2, 256, 1)"
+    assert raw.passes == [("dx_cl", 1)]
+    for name in ("dx_cl", "dx_cl<__nv_bfloat16, 8>", "void dx_cl<__nv_bfloat16, 8>(const __nv_bfloat16 *, int)"):
+        assert bench._ncu.kernel_base(name) == "dx_cl" and bench._family(name) == "dx"
+    assert bench._ncu.kernel_base("void at::native::reduce_kernel<512, 1>(R)") == "reduce_kernel"
+    with pytest.raises(ValueError, match="unknown unit 'Pbyte'"):
+        bench._ncu.read_raw(text.replace('"Mbyte"', '"Pbyte"'))
+    small = ncu_csv(ncu_kernels(shapes=[(2, 512, 32, 32)]))
+    assert len(bench.dram_passes(bench._ncu.read_raw(small), [(2, 512, 32, 32)])) == 6
+    with pytest.raises(ValueError, match=r"kernel 'moments_cs<float, 4>' \(ncu ID 0\) has no number for "
+                                         r"dram__bytes_read.sum \('n/a'\)"):
+        bench.dram_passes(bench._ncu.read_raw(small.replace('"4,194,304"', '"n/a"', 1)), [(2, 512, 32, 32)])
+
+
+def test_raw_csv_without_a_table_says_what_ncu_said():
+    text = ("==PROF== Connected to process 7\n==WARNING== No kernels were profiled.\n"
+            "==PROF== Disconnected from process 7\n")
+    with pytest.raises(ValueError, match=r"no ncu table .* ncu said: ==WARNING== No kernels were profiled\."):
+        bench._ncu.read_raw(text)
+
+
+def test_dram_table_from_the_command_line(tmp_path, capsys):
+    path = tmp_path / "ncu_dram.csv"
+    path.write_text(ncu_csv(ncu_kernels()))
+    assert bench.main(["--dram-table", str(path), "--quick", "--l2-mib", "50"]) == 0
+    out = capsys.readouterr().out
+    assert "floors: 3N / 5N and the L2-aware floor (L2 50 MiB)" in out and "met on 12 of 12" in out
+    assert out.count("`moments_cs<float, 4>`") == 3              # the per-kernel table: float32 NCHW, 3 shapes
+    assert bench.main(["--dram-table", str(path)]) == 2          # a --quick profile read as the full one
+    assert "but 144 expected" in capsys.readouterr().err
+    assert bench.main(["--dram-table", str(tmp_path / "missing.csv"), "--quick"]) == 2
+    assert "missing.csv" in capsys.readouterr().err
+
+
+def test_the_gpu_script_profiles_dram_bytes_as_the_table_reads_them():
+    """.ci/gpu's DRAM run: the L2 left alone, the metrics and the kernel filter of bench.py, then the table."""
+    script = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".ci", "gpu")).read()
+    command = re.search(r"^ *ncu [^\n]*--cache-control none(?:[^\n]*\\\n)*[^\n]*$", script, re.M)
+    assert command, "no ncu run with --cache-control none in .ci/gpu"
+    words = command[0].replace("\\\n", " ").split()
+    assert words[words.index("--metrics") + 1] == ",".join(bench.DRAM_METRICS)
+    assert words[words.index("--kernel-name-base") + 1] == "function"
+    assert words[words.index("--kernel-name") + 1] == f"regex:'{bench.KERNEL_REGEX}'"
+    assert {"--csv", "--profile-from-start", "--print-units"} <= set(words)
+    assert words[words.index("--page") + 1] == "raw"
+    assert words[-5:] == ["python3", "-m", "cusyncbn.bench", "--profile", "--quick"]
+    assert 'python3 -m cusyncbn.bench --dram-table "${OUT:-.}/ncu_dram.csv" --quick' in script
+    # the filter takes cusyncbn's kernels (ncu's function names) and none of the others the profile runs
+    for name in ("moments_cs", "moments_cl", "normalize_cs", "normalize_cl", "backward_cs", "backward_cl", "dx_cs",
+                 "dx_cl"):
+        assert re.search(bench.KERNEL_REGEX, name)
+    for name in ("bn_fw_tr_1C11_kernel_NCHW", "bn_bw_1C11_singleread", "batchnorm_bwtr_nhwc_semiPersist",
+                 "batch_norm_collect_statistics_kernel", "batch_norm_backward_kernel",
+                 "batch_norm_backward_reduce_channels_last_kernel", "batch_norm_backward_elemt_kernel",
+                 "vectorized_elementwise_kernel", "unrolled_elementwise_kernel_for_multi_outputs", "reduce_kernel",
+                 "CatArrayBatchedCopy", "ncclDevKernel_AllReduce_Sum_f64_RING_LL"):
+        assert not re.search(bench.KERNEL_REGEX, name), name

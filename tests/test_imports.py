@@ -158,7 +158,7 @@ FLOORS = {
                   "_stacklevel", "_streams", "_tuning", "_watchdog"],
     "rules": ["_convert", "_debug", "_grad_mode", "_options", "_rules", "_state"],
     "functional core": ["functional", "_pending", "_planned"],
-    "shells": ["", "_bench_cases", "_bench_model", "_checkpoint", "_grads", "_hostcost", "_layer", "_recording",
+    "shells": ["", "_bench_cases", "_bench_model", "_checkpoint", "_grads", "_hostcost", "_layer", "_ncu", "_recording",
                "_reference", "_sweep", "bench", "paddle", "torch"],
 }
 
