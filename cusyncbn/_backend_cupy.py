@@ -201,11 +201,12 @@ class CupyBackend(Backend):
 
     def _plan(self, kind: str, x3: Any, arrays: tuple, pname: str) -> _Plan:
         """The cached launch plan of pass ``kind`` over ``x3``. Per call only the alignment of
-        ``arrays`` is checked (the OR of their addresses modulo 16: a plan per alignment class,
-        narrower vectors for misaligned data)."""
+        ``arrays`` (None: an array not passed) is checked (the OR of their addresses modulo 16: a
+        plan per alignment class, narrower vectors for misaligned data)."""
         misalign = 0
         for arr in arrays:
-            misalign |= self._address(arr)
+            if arr is not None:
+                misalign |= self._address(arr)
         key = (kind, x3.shape, x3.dtype, pname, misalign & 15, self.stream_key(), threading.get_ident())
         plan = self._plans.get(key)
         if plan is None:
@@ -360,40 +361,35 @@ class CupyBackend(Backend):
                         momentum: float, eps: float, unbiased: bool, weight: Any, bias: Any, stats: Stats,
                         y3: Any, report: int = 0, seq: int = 0, pivot_state_out: Any = None,
                         strict: bool = False, residual3: Any = None, relu: bool = False) -> None:
-        _unfused(residual3, relu)
         with self._cuda_device:
-            plan = self._plan("normalize", x3, (x3, y3), self._param_name(running_mean, running_var, weight, bias))
+            plan = self._plan("normalize", x3, (x3, y3, residual3),
+                              self._param_name(running_mean, running_var, weight, bias))
             self._run(plan, normalize_arguments(
                 x=x3, y=y3, stats=stats.data, running_mean=running_mean, running_var=running_var, weight=weight,
-                bias=bias, eps=eps, buf=buf, tag=tag, ranks=ranks, momentum=momentum, unbiased=unbiased,
-                report=report, seq=seq, pivot_state_out=pivot_state_out, strict=strict))
+                bias=bias, eps=eps, residual=residual3, relu=relu, buf=buf, tag=tag, ranks=ranks, momentum=momentum,
+                unbiased=unbiased, report=report, seq=seq, pivot_state_out=pivot_state_out, strict=strict))
 
     def normalize_fixed(self, x3: Any, running_mean: Any, running_var: Any, eps: float, weight: Any, bias: Any,
                         stats: Stats, y3: Any, residual3: Any = None, relu: bool = False) -> None:
-        _unfused(residual3, relu)
         with self._cuda_device:
-            plan = self._plan("normalize", x3, (x3, y3), self._param_name(running_mean, running_var, weight, bias))
+            plan = self._plan("normalize", x3, (x3, y3, residual3),
+                              self._param_name(running_mean, running_var, weight, bias))
             self._run(plan, normalize_arguments(x=x3, y=y3, stats=stats.data, running_mean=running_mean,
-                                                running_var=running_var, weight=weight, bias=bias, eps=eps))
+                                                running_var=running_var, weight=weight, bias=bias, eps=eps,
+                                                residual=residual3, relu=relu))
 
     def backward_reduce(self, dy3: Any, x3: Any, stats: Stats, weight_grad: Any, bias_grad: Any,
                         tag: int, buf: Any, y3: Any = None) -> None:
-        _unfused(None, y3 is not None)
         with self._cuda_device:
-            plan = self._plan("backward", x3, (dy3, x3), self._param_name(weight_grad, bias_grad))
+            plan = self._plan("backward", x3, (dy3, x3, y3), self._param_name(weight_grad, bias_grad))
             self._run(plan, backward_arguments(dy=dy3, x=x3, stats=stats.data, tag=tag, weight_grad=weight_grad,
-                                               bias_grad=bias_grad, buf=buf))
+                                               bias_grad=bias_grad, buf=buf, y=y3))
 
     def backward_input(self, dy3: Any, x3: Any, stats: Stats, buf: Any, count: Any, tag: int, ranks: int,
                        dx3: Any, y3: Any = None, dresidual3: Any = None, report: int = 0, seq: int = 0) -> None:
-        _unfused(dresidual3, y3 is not None)
         fixed = count is None                           # eval statistics: no batch terms, x unread
         with self._cuda_device:
-            plan = self._plan("dx", x3, (dy3, x3, dx3), "")
-            self._run(plan, dx_arguments(dy=dy3, x=x3, dx=dx3, stats=stats.data, ranks=ranks,
-                                         buf=None if fixed else buf, count=count, tag=tag, report=report, seq=seq))
-
-
-def _unfused(residual: Any, relu: bool) -> None:
-    if residual is not None or relu:
-        raise NotImplementedError("the fused epilogue (activation, residual) is not in the CUDA kernels yet")
+            plan = self._plan("dx", x3, (dy3, x3, dx3, y3, dresidual3), "")
+            self._run(plan, dx_arguments(dy=dy3, x=x3, dx=dx3, stats=stats.data, ranks=ranks, y=y3,
+                                         dresidual=dresidual3, buf=None if fixed else buf, count=count, tag=tag,
+                                         report=report, seq=seq))

@@ -95,31 +95,35 @@ def moments_arguments(*, x: Any, pivot_state: Any, pivot_payload: Any, tag: floa
 
 
 def normalize_arguments(*, x: Any, y: Any, stats: Any, running_mean: Any, running_var: Any, weight: Any, bias: Any,
-                        eps: float, buf: Any = None, tag: float = 0, ranks: float = 1, momentum: float = 0.0,
-                        unbiased: bool = False, report: Any = None, seq: int = 0, pivot_state_out: Any = None,
-                        strict: bool = False) -> dict:
+                        eps: float, residual: Any, relu: bool, buf: Any = None, tag: float = 0, ranks: float = 1,
+                        momentum: float = 0.0, unbiased: bool = False, report: Any = None, seq: int = 0,
+                        pivot_state_out: Any = None, strict: bool = False) -> dict:
     """The normalize kernel's call arguments (``Backend.normalize_batch``; with ``buf`` None,
     ``normalize_fixed``: the statistics are the running ones and the batch arguments after
-    ``eps`` keep these values)."""
+    ``buf`` keep these values). ``residual`` (None: none) and ``relu``: the epilogue."""
     return {"x": x, "y": y, "buf": buf, "tag": tag, "ranks": ranks, "running_mean": running_mean,
             "running_var": running_var, "momentum": momentum, "eps": eps, "unbiased": int(bool(unbiased)),
             "weight": weight, "bias": bias, "stats": stats, "report": report, "seq": seq,
-            "pivot_state_out": pivot_state_out, "strict": int(bool(strict))}
+            "pivot_state_out": pivot_state_out, "strict": int(bool(strict)), "residual": residual,
+            "relu": int(bool(relu))}
 
 
 def backward_arguments(*, dy: Any, x: Any, stats: Any, tag: float, weight_grad: Any, bias_grad: Any,
-                       buf: Any) -> dict:
-    """The backward kernel's call arguments (``Backend.backward_reduce``)."""
+                       buf: Any, y: Any) -> dict:
+    """The backward kernel's call arguments (``Backend.backward_reduce``; ``y``: the forward's
+    output under ReLU, None without)."""
     return {"dy": dy, "x": x, "stats": stats, "tag": tag, "weight_grad": weight_grad, "bias_grad": bias_grad,
-            "buf": buf}
+            "buf": buf, "y": y}
 
 
-def dx_arguments(*, dy: Any, x: Any, dx: Any, stats: Any, ranks: float, buf: Any = None, count: Any = None,
-                 tag: float = 0, report: Any = None, seq: int = 0) -> dict:
+def dx_arguments(*, dy: Any, x: Any, dx: Any, stats: Any, ranks: float, y: Any, dresidual: Any, buf: Any = None,
+                 count: Any = None, tag: float = 0, report: Any = None, seq: int = 0) -> dict:
     """The dx kernel's call arguments (``Backend.backward_input``; ``buf`` None: fixed (eval)
-    statistics, and ``count``, ``tag``, ``report`` and ``seq`` keep these values)."""
+    statistics, and ``count``, ``tag``, ``report`` and ``seq`` keep these values). ``y``: the
+    forward's output under ReLU (None without); ``dresidual``: where the residual's gradient
+    goes (None: not wanted); ``dx`` None: only ``dresidual`` (with ``buf`` None)."""
     return {"dy": dy, "x": x, "dx": dx, "stats": stats, "buf": buf, "count": count, "tag": tag, "ranks": ranks,
-            "report": report, "seq": seq}
+            "report": report, "seq": seq, "y": y, "dresidual": dresidual}
 
 
 #: The builder of each kernel's call arguments, by pass (``_kernels.PASSES``).

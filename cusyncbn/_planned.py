@@ -75,7 +75,7 @@ class ForwardPlan:
         # are per entry or per call).
         self._normalize_given = {name: (None if arr is None else address(arr)) for name, arr in
                                  (("running_mean", rm), ("running_var", rv), ("weight", w), ("bias", b))}
-        self._normalize_given["eps"] = epsilon
+        self._normalize_given.update(eps=epsilon, residual=None, relu=False)
         self._moments_plan = self._pivot_state = None
         if training:                               # (a pivot state exists: one all-reduce per call)
             self._moments_plan = backend.launch_plan("moments", x3, (x3,), "float32")
@@ -146,7 +146,7 @@ class BackwardPlan:
             plan = backend.launch_plan("backward", x3, (dy3, x3), grads[0].dtype.name if grads else "float32")
             self.reduce_args = plan.arguments()       # all but buf are written per call
             self.reduce_args.update(backward_arguments(dy=None, x=None, stats=None, tag=0, weight_grad=None,
-                                                       bias_grad=None, buf=address(buf)))
+                                                       bias_grad=None, buf=address(buf), y=None))
             self.reduce = backend.packed_launcher(plan, self.reduce_args, stream)
             i = self.reduce_args.index
             self.rdy, self.rx, self.rstats, self.rtag, self.rwg, self.rbg = (
@@ -157,7 +157,7 @@ class BackwardPlan:
             plan = backend.launch_plan("dx", x3, (dy3, x3, dx3), "")
             # The data pointers (and, collective: count, tag and report slot) are written per call.
             self.dx_args = plan.arguments()
-            self.dx_args.update(dx_arguments(dy=None, x=None, dx=None, stats=None, ranks=comm.size,
+            self.dx_args.update(dx_arguments(dy=None, x=None, dx=None, stats=None, ranks=comm.size, y=None, dresidual=None,
                                              buf=address(buf) if collective else None))
             self.dx = backend.packed_launcher(plan, self.dx_args, stream)
             i = self.dx_args.index

@@ -5,7 +5,9 @@ makes two forward all-reduces, the next one) and an eval step of
 ``sync_batch_norm(..., activation=..., residual=...)`` and its backward through the
 functional core, and compares y, dx, dweight, dbias, dresidual and the running statistics
 with the float64 reference written from the formulas (``cusyncbn._reference.fused_*``).
-``to_device`` / ``to_host`` move arrays to the backend's kind of array and back.
+``to_device(array, dtype, role)`` (role: "x", "dy", "residual", "weight", "bias",
+"running_mean", "running_var") and ``to_host`` move arrays to the backend's kind of array
+and back.
 """
 import numpy as np
 
@@ -33,17 +35,17 @@ def check_fused(data_format, shape, dtype, activation, residual, to_device, to_h
     c = shape[-1] if ref.CHANNEL_LAST[data_format] else shape[1]
     pdtype = "float64" if dtype == "float64" else "float32"
     w, b = rng.uniform(0.5, 1.5, c), rng.normal(size=c)
-    wd, bd = to_device(w, pdtype), to_device(b, pdtype)
+    wd, bd = to_device(w, pdtype, "weight"), to_device(b, pdtype, "bias")
     w, b = to_host(wd), to_host(bd)
-    rm_d, rv_d = to_device(np.zeros(c), pdtype), to_device(np.ones(c), pdtype)
+    rm_d, rv_d = to_device(np.zeros(c), pdtype, "running_mean"), to_device(np.ones(c), pdtype, "running_var")
     rm, rv = np.zeros(c), np.ones(c)
     comm = CountingComm()
     tol = TOL[dtype]
     outputs = []
     for step in range(steps):
-        xd = to_device(rng.normal(0.5, 2.0, size=shape), dtype)
-        dyd = to_device(rng.normal(size=shape), dtype)
-        rd = to_device(rng.normal(size=shape), dtype) if residual else None
+        xd = to_device(rng.normal(0.5, 2.0, size=shape), dtype, "x")
+        dyd = to_device(rng.normal(size=shape), dtype, "dy")
+        rd = to_device(rng.normal(size=shape), dtype, "residual") if residual else None
         x, dy, r = to_host(xd), to_host(dyd), (to_host(rd) if residual else None)  # the values the passes see
         y, ctx = sync_batch_norm(xd, rm_d, rv_d, wd, bd, momentum=0.7, data_format=data_format, comm=comm,
                                  device=device, activation=activation, residual=rd)

@@ -29,7 +29,7 @@ def to_host(a):
 @pytest.mark.parametrize("data_format,shape", SHAPES)
 def test_numpy_backend_matches_reference(data_format, shape, dtype, activation, residual):
     dt = numpy_dtype(dtype)
-    check_fused(data_format, shape, dtype, activation, residual, lambda a, d: np.asarray(a).astype(
+    check_fused(data_format, shape, dtype, activation, residual, lambda a, d, role: np.asarray(a).astype(
         dt if d == dtype else d), to_host)
 
 
@@ -37,7 +37,7 @@ def test_the_reference_comparison_can_fail(monkeypatch):
     """Negative control: a backward that forgets the mask (g = dy) fails the check."""
     monkeypatch.setattr(_backend_numpy, "_masked", lambda dy3, y3, rows: dy3[rows])
     with pytest.raises(AssertionError, match="dx"):
-        check_fused("NCHW", (4, 5, 3, 3), "float64", "relu", True, lambda a, d: np.asarray(a, d), to_host)
+        check_fused("NCHW", (4, 5, 3, 3), "float64", "relu", True, lambda a, d, role: np.asarray(a, d), to_host)
 
 
 def _data(shape=(4, 3, 5), seed=0):
@@ -140,3 +140,89 @@ def test_bad_residual_gradient_outputs_raise_and_leave_the_forward_pending():
         sync_batch_norm_backward(ctx, dy, residual_grad="yes")
     assert comm.calls == calls and not ctx.consumed
     assert len(sync_batch_norm_backward(ctx, dy)) == 4 and comm.calls == calls + 1
+
+
+# ---- the CUDA kernels, emulated on the CPU (tests/cuda_emu) --------------------------------------
+
+EMU_SHAPES = [("NCHW", (4, 5, 3, 4)), ("NHWC", (3, 4, 3, 8)), ("NC", (13, 6)), ("NCDHW", (2, 3, 3, 1, 3))]
+
+
+def emu_to_device(dtype, misalign=None):
+    """``to_device`` for the emulated backend: guarded copies, those of role ``misalign`` one
+    element off."""
+    import cuda_emu
+    dt = numpy_dtype(dtype)
+
+    def to_device(a, d, role):
+        return cuda_emu.guarded_copy(np.asarray(a).astype(dt if d == dtype else d), misalign=role == misalign)
+    return to_device
+
+
+@pytest.fixture
+def emu(use_backend):
+    import cuda_emu
+    return use_backend(cuda_emu.EmuBackend(sms=4))
+
+
+@pytest.mark.parametrize("activation,residual", EPILOGUES)
+@pytest.mark.parametrize("dtype", list(TOL))
+@pytest.mark.parametrize("data_format,shape", EMU_SHAPES)
+def test_emulated_kernels_match_reference(emu, data_format, shape, dtype, activation, residual):
+    check_fused(data_format, shape, dtype, activation, residual, emu_to_device(dtype), to_host)
+    fused = [e for e in emu.launches if e.startswith(("normalize", "dx"))]
+    assert fused, "the emulated backend was not used"
+
+
+@pytest.mark.parametrize("sms", [1, 132])
+def test_emulated_grids_split_and_loop(use_backend, sms):
+    """One block per channel, and a grid splitting every channel (the last-block merge of the
+    masked sums); channels beyond grid.y (2 here) looped over."""
+    import cuda_emu
+    backend = use_backend(cuda_emu.EmuBackend(sms=sms))
+    backend.max_grid_y = 2
+    for fmt, shape in (("NCHW", (16, 3, 9, 9)), ("NHWC", (16, 5, 9, 8))):
+        check_fused(fmt, shape, "float32", "relu", True, emu_to_device("float32"), to_host, seed=sms)
+
+
+@pytest.mark.parametrize("role, narrow", [("residual", "normalize"), ("dy", "dx"), ("x", "backward")])
+def test_misaligned_arrays_take_narrower_vectors(emu, role, narrow):
+    """x, dy or the residual one element off: the plans' alignment class includes the residual
+    (and y and dresidual), so narrower vectors run, with the same results."""
+    check_fused("NCHW", (3, 4, 2, 4), "float32", "relu", True, emu_to_device("float32", misalign=role), to_host)
+    assert any(e.startswith(f"{narrow}_cs<") and e.endswith(", 1>") for e in emu.launches)
+    if role == "residual":
+        assert "backward_cs<float, float, 4>" in emu.launches and "dx_cs<float, 4>" in emu.launches
+
+
+def test_every_instantiation_runs_its_epilogue(emu):
+    """Both layouts with runs of 8, 4 and 2 elements, aligned and with x misaligned,
+    every dtype: the epilogue's loops of every kernel the CuPy backend can launch (for the
+    default parameter dtype) run and match the reference."""
+    import cuda_emu  # noqa: F401 (the fixture's module)
+    from cusyncbn import _kernels
+    shapes = [(fmt, shape) for k in (8, 4, 2) for fmt, shape in (("NCHW", (3, 5, 1, k)), ("NHWC", (3, 1, 1, k)))]
+    for dtype in TOL:
+        for fmt, shape in shapes:
+            for misalign in (None, "x"):
+                check_fused(fmt, shape, dtype, "relu", True, emu_to_device(dtype, misalign), to_host, steps=1)
+    every = {e for d in TOL for e in _kernels.name_expressions(d).values()
+             if e.startswith(("moments", "dx")) or (", double," in e) == (d == "float64")}
+    assert every - set(emu.launches) == set()
+
+
+MUTATIONS = {
+    "mask ignored": ("g[e] = yv[e] > 0 ? g[e] : (S)0;", "g[e] = g[e];"),
+    "residual not added": ("for (int e = 0; e < io::vec; ++e) v[e] += d[e];", "for (int e = 0; e < io::vec; ++e) {}"),
+    "dresidual not written": ("if (dresidual != nullptr) io::store(dresidual + at, gv);\n"
+                                                      "    if (dx == nullptr) return;",
+                                                      "if (dx == nullptr) return;"),
+}
+
+
+@pytest.mark.parametrize("mutation", list(MUTATIONS))
+def test_a_bug_in_the_epilogue_fails_the_check(use_backend, mutation):
+    """Negative controls: syncbn.cu with one deliberate bug in the epilogue fails the check."""
+    import cuda_emu
+    use_backend(cuda_emu.EmuBackend(sms=4, kernels=cuda_emu.mutated(*MUTATIONS[mutation])))
+    with pytest.raises(AssertionError):
+        check_fused("NCHW", (4, 5, 3, 4), "float32", "relu", True, emu_to_device("float32"), to_host, steps=1)

@@ -10,6 +10,7 @@ import pytest
 import cusyncbn
 import reference as ref
 from cusyncbn._backend_factory import get_backend
+from fused_check import check_fused
 from layer_check import SHAPES, TOL, check_layer
 from test_mpi import CASES, GPU_CASES, run_ranks
 
@@ -48,6 +49,21 @@ def to_host(a):
 @pytest.mark.parametrize("data_format,shape", SHAPES)
 def test_kernels_match_reference(data_format, shape, dtype):
     check_layer(data_format, shape, dtype, to_device, to_host, device="gpu")
+
+
+FUSED_SHAPES = [("NCHW", (4, 5, 7, 3)), ("NCHW", (8, 64, 16, 16)), ("NHWC", (3, 5, 6, 7)), ("NHWC", (4, 7, 7, 256)),
+                ("NC", (37, 9)), ("NCL", (5, 3, 33)), ("NCHW", (8, 4, 1, 3))]
+
+
+@pytest.mark.parametrize("activation,residual", [("relu", True), ("relu", False), (None, True)])
+@pytest.mark.parametrize("dtype", list(TOL))
+@pytest.mark.parametrize("data_format,shape", FUSED_SHAPES)
+def test_fused_epilogue_kernels_match_reference(data_format, shape, dtype, activation, residual):
+    """The epilogue's loops of the real kernels (tests/fused_check.py; on the planned path from
+    the second call)."""
+    import cupy
+    check_fused(data_format, shape, dtype, activation, residual, lambda a, d, role: to_device(a, d), to_host,
+                device=f"gpu:{cupy.cuda.Device().id}")
 
 
 def test_gpu_matches_cpu_backend_on_odd_sizes():

@@ -37,11 +37,14 @@ PARAMS: dict[str, tuple[tuple[str, str], ...]] = {
     "normalize": (("x", "T*"), ("y", "T*"), ("A", "i"), ("C", "i"), ("B", "i"), ("buf", "d*"), ("pivot", "d*"),
                   ("tag", "d"), ("ranks", "d"), ("running_mean", "P*"), ("running_var", "P*"), ("momentum", "d"),
                   ("eps", "d"), ("unbiased", "i"), ("weight", "P*"), ("bias", "P*"), ("stats", "S*"),
-                  ("report", "Q*"), ("seq", "Q"), ("pivot_state_out", "d*"), ("strict", "i")),
+                  ("report", "Q*"), ("seq", "Q"), ("pivot_state_out", "d*"), ("strict", "i"), ("residual", "T*"),
+                  ("relu", "i")),
     "backward": (("dy", "T*"), ("x", "T*"), ("A", "i"), ("C", "i"), ("B", "i"), ("stats", "S*"), ("tag", "d"),
-                 ("part", "d*"), ("ticket", "I*"), ("weight_grad", "P*"), ("bias_grad", "P*"), ("buf", "d*")),
+                 ("part", "d*"), ("ticket", "I*"), ("weight_grad", "P*"), ("bias_grad", "P*"), ("buf", "d*"),
+                 ("y", "T*")),
     "dx": (("dy", "T*"), ("x", "T*"), ("dx", "T*"), ("A", "i"), ("C", "i"), ("B", "i"), ("stats", "S*"),
-           ("buf", "d*"), ("count", "d*"), ("tag", "d"), ("ranks", "d"), ("report", "Q*"), ("seq", "Q")),
+           ("buf", "d*"), ("count", "d*"), ("tag", "d"), ("ranks", "d"), ("report", "Q*"), ("seq", "Q"), ("y", "T*"),
+           ("dresidual", "T*")),
 }
 
 

@@ -27,6 +27,12 @@
 //                weight.grad += sum_dy_xmu * invstd (local), bias.grad += sum_dy (local)
 //   dx:          dx = (dy - mean_dy - (x - mean) * proj) * scale, mean_dy = buf[c]/N,
 //                proj = invstd^2 buf[C+c]/N; block 0 writes flags[1]   (eval: dx = dy * scale)
+//   epilogue:    normalize writes y = act(z), z = (x - mean) * scale + offset + residual
+//                (residual nullptr: + 0), act(z) = z < 0 ? 0 : z when `relu` (NaN and -0 stay, as
+//                torch.relu), else z; computed in the accumulator type, rounded once to T
+//   mask:        under ReLU the backward reads the forward's y (never a copy of z): every formula
+//                of backward and dx takes g = y > 0 ? dy : 0 for dy, and dx writes dresidual = g
+//                (without ReLU, g = dy); eval: dx = g * scale
 //   tags:        the ranks agree when sum t == ranks * t and sum t^2 == ranks * t^2
 //   report:      normalize and dx also publish their flag bits to the host: one 64-bit store of
 //                (seq << 2) | bits into a slot of pinned host memory (mapped: the device writes
@@ -43,12 +49,24 @@
 // use the same grids: every block derives the coefficients of its own channels once (into
 // shared memory, then registers), never per element.
 //
+// The epilogue is chosen at run time (`residual`, `relu`, `y`, `dresidual` are arguments, not
+// template parameters: every instantiation compiles once, with NVRTC in CI): a kernel holds the
+// plain loop and the epilogue's, and branches once per channel (slab) or thread between them.
+// The epilogue's loops stream more arrays (normalize: the residual; backward: y; dx: y in and
+// dresidual out) with fewer loads in flight per array (half; dx's, a quarter: Io::batch2 and
+// batch3), so that the kernels stay within the register budget without spilling.
+//
 // Vector width VEC (a power of two, up to 16 bytes) is the widest the pointers' alignment
 // allows such that a vector stays inside one channel (channel-second: B % VEC == 0) or on
 // consecutive channels of a row (channel-last: C % VEC == 0).
 //
 // Kernel arguments (one vocabulary throughout):
-//   x, dy, y, dx     input / output arrays of T, contiguous, viewed as [A][C][B]
+//   x, dy, y, dx     input / output arrays of T, contiguous, viewed as [A][C][B]; in backward and
+//                    dx, y is the forward's output under ReLU (nullptr: no ReLU, the mask is 1);
+//                    dx nullptr: only dresidual wanted (fixed statistics, x not read)
+//   residual         added before the activation (T, as x; nullptr: none)
+//   relu             1: the forward's activation is ReLU, 0: none
+//   dresidual        the residual's gradient g (T, as dx; nullptr: not wanted)
 //   A, C, B          rows, channels, elements per (row, channel) (B == 1 channel-last)
 //   running_mean/var the layer's running statistics (P = parameter type); nullptr: not tracked
 //   weight, bias     affine parameters (P); nullptr: 1 and 0
@@ -185,11 +203,15 @@ template <typename T, int VEC> struct Io {
     typedef typename Acc<T>::type S;
     typedef Vec<unsigned, pairs ? VEC / 2 : 1> Words;
     typedef typename Pick<pairs, Words, Vec<T, VEC>>::type Raw;
+    static constexpr int vec = VEC;
     static constexpr int bytes = sizeof(T) * VEC;
     static constexpr int batch = Batch<bytes>::value;
     // dx streams two arrays and holds four coefficients per channel: half the loads per array
-    // keep it within the register budget (VEC = 8: 32 registers of coefficients).
+    // keep it within the register budget (VEC = 8: 32 registers of coefficients). The epilogue's
+    // loops streaming three arrays (backward: dy, x, y) take half too; dx's (dy, x, y in, dx and
+    // dresidual out), a quarter (one 16-byte load per array).
     static constexpr int batch2 = batch > 1 ? batch / 2 : 1;
+    static constexpr int batch3 = batch > 3 ? batch / 4 : 1;
 
     static __device__ __forceinline__ Raw load(const T* p) {
         CUSYNCBN_CHECK_ALIGNED(p, bytes);
@@ -217,6 +239,35 @@ template <typename T, int VEC> struct Io {
         *reinterpret_cast<Raw*>(p) = r;
     }
 };
+
+// ---- the epilogue ----------------------------------------------------------------------------
+
+// The forward's epilogue on one vector: v += the residual's vector q (when `residual`), then ReLU
+// (when `relu`) as torch.relu: v < 0 ? 0 : v, so that NaN and -0 stay.
+template <typename io>
+__device__ __forceinline__ void epilogue(typename io::S (&v)[io::vec], const typename io::Raw& q, bool residual,
+                                         int relu) {
+    typedef typename io::S S;
+    if (residual) {
+        S d[io::vec];
+        io::unpack(q, d);
+#pragma unroll
+        for (int e = 0; e < io::vec; ++e) v[e] += d[e];
+    }
+    if (relu) {
+#pragma unroll
+        for (int e = 0; e < io::vec; ++e) v[e] = v[e] < 0 ? (S)0 : v[e];
+    }
+}
+
+// The backward's mask on one vector of dy: g = y > 0 ? dy : 0, m the forward's output's vector.
+template <typename io> __device__ __forceinline__ void mask(typename io::S (&g)[io::vec], const typename io::Raw& m) {
+    typedef typename io::S S;
+    S yv[io::vec];
+    io::unpack(m, yv);
+#pragma unroll
+    for (int e = 0; e < io::vec; ++e) g[e] = yv[e] > 0 ? g[e] : (S)0;
+}
 
 // ---- the walks: 32-bit indices, one 64-bit offset ---------------------------------------------
 
@@ -281,6 +332,22 @@ __device__ __forceinline__ void rows_loop(int a, int A, int stride, int C, int c
 template <int VEC> __device__ __forceinline__ SlabWalk slab_of(int C, int B, int c) {
     return SlabWalk(((i64)blockIdx.x * blockDim.x + threadIdx.x) * VEC, gridDim.x * blockDim.x * VEC, C, B, c);
 }
+
+// slab_loop and rows_loop as objects, for helpers that run one of several loops over the same
+// vectors (`walk.template run<BATCH>(load, use)`; NVRTC takes no generic lambda in device code).
+struct SlabLoop {
+    SlabWalk& w;
+    int A;
+    template <int BATCH, typename Load, typename Use> __device__ __forceinline__ void run(Load load, Use use) const {
+        slab_loop<BATCH>(w, A, load, use);
+    }
+};
+struct RowsLoop {
+    int a, A, stride, C, c0;
+    template <int BATCH, typename Load, typename Use> __device__ __forceinline__ void run(Load load, Use use) const {
+        rows_loop<BATCH>(a, A, stride, C, c0, load, use);
+    }
+};
 
 // ---- block and split sums (fixed order: bitwise reproducible) ---------------------------------
 
@@ -604,12 +671,40 @@ __device__ void write_stats(int C, const double* buf, const double* pivot, doubl
     }
 }
 
+// The normalize loops over this thread's vectors (a SlabLoop or RowsLoop): y = affine(x) from x
+// alone (io::batch loads in flight), or with the epilogue y = act(affine(x) + residual) (x and
+// the residual, io::batch2 loads each); affine(v) applies the channels' (mean, scale, offset) to
+// a vector in place.
+template <typename io, typename T, typename Walk, typename Affine>
+__device__ __forceinline__ void normalize_loops(const Walk& walk, const T* x, T* y, const T* residual, int relu,
+                                                Affine affine) {
+    typedef typename io::S S;
+    auto out = [&](const typename io::Raw& xr, const typename io::Raw& rr, i64 at, bool fused) {
+        S v[io::vec];
+        io::unpack(xr, v);
+        affine(v);
+        if (fused) epilogue<io>(v, rr, residual != nullptr, relu);
+        io::store(y + at, v);
+    };
+    if (residual == nullptr && !relu) {
+        typename io::Raw r[io::batch];
+        walk.template run<io::batch>([&](int u, i64 at) { r[u] = io::load(x + at); },
+                                     [&](int u, i64 at) { out(r[u], r[u], at, false); });
+    } else {
+        typename io::Raw r[io::batch2], q[io::batch2];
+        walk.template run<io::batch2>([&](int u, i64 at) {
+            r[u] = io::load(x + at);
+            if (residual != nullptr) q[u] = io::load(residual + at);
+        }, [&](int u, i64 at) { out(r[u], q[u], at, true); });
+    }
+}
+
 #define NORMALIZE_PARAMS                                                                                      \
     const T *__restrict__ x, T *__restrict__ y, int A, int C, int B, const double *__restrict__ buf,          \
         const double *__restrict__ pivot, double tag, double ranks, P *running_mean, P *running_var,          \
         double momentum, double eps, int unbiased, const P *__restrict__ weight, const P *__restrict__ bias,  \
         typename Acc<T>::type *__restrict__ stats, unsigned long long *report, unsigned long long seq,        \
-        double *pivot_state_out, int strict
+        double *pivot_state_out, int strict, const T *__restrict__ residual, int relu
 #define NORMALIZE_STATS_DUTY                                                                                  \
     if (blockIdx.x == 0 && blockIdx.y == 0)                                                                   \
         write_stats(C, buf, pivot, tag, ranks, running_mean, running_var, momentum, eps, unbiased, weight, bias, \
@@ -619,7 +714,6 @@ __device__ void write_stats(int C, const double* buf, const double* pivot, doubl
 template <typename T, typename P, int VEC> __global__ void BOUNDS normalize_cs(NORMALIZE_PARAMS) {
     typedef Io<T, VEC> io;
     typedef typename io::S S;
-    constexpr int BATCH = io::batch;
     NORMALIZE_STATS_DUTY
     if (A == 0 || B == 0) return;
     extern __shared__ double sh[];
@@ -629,14 +723,10 @@ template <typename T, typename P, int VEC> __global__ void BOUNDS normalize_cs(N
             normalize_coefficients(ch, C, buf, pivot, running_mean, running_var, eps, weight, bias, out);
         });
         const S mean = cf[0], scale = cf[1], offset = cf[2];
-        typename io::Raw r[BATCH];
         SlabWalk w = slab_of<VEC>(C, B, c);
-        slab_loop<BATCH>(w, A, [&](int u, i64 at) { r[u] = io::load(x + at); }, [&](int u, i64 at) {
-            S v[VEC];
-            io::unpack(r[u], v);
+        normalize_loops<io>(SlabLoop{w, A}, x, y, residual, relu, [&](S (&v)[VEC]) {
 #pragma unroll
             for (int e = 0; e < VEC; ++e) v[e] = (v[e] - mean) * scale + offset;
-            io::store(y + at, v);
         });
     }
 }
@@ -646,7 +736,6 @@ template <typename T, typename P, int VEC> __global__ void BOUNDS normalize_cs(N
 template <typename T, typename P, int VEC> __global__ void BOUNDS normalize_cl(NORMALIZE_PARAMS) {
     typedef Io<T, VEC> io;
     typedef typename io::S S;
-    constexpr int BATCH = io::batch;
     NORMALIZE_STATS_DUTY
     extern __shared__ double sh[];
     S* cf = reinterpret_cast<S*>(sh);
@@ -659,15 +748,11 @@ template <typename T, typename P, int VEC> __global__ void BOUNDS normalize_cl(N
     own_coefficient<3>(cf, 0, mean);
     own_coefficient<3>(cf, 1, scale);
     own_coefficient<3>(cf, 2, offset);
-    typename io::Raw r[BATCH];
-    rows_loop<BATCH>(blockIdx.y * blockDim.y + threadIdx.y, A, gridDim.y * blockDim.y, C, c0,
-                     [&](int u, i64 at) { r[u] = io::load(x + at); }, [&](int u, i64 at) {
-                         S v[VEC];
-                         io::unpack(r[u], v);
+    const int a0 = blockIdx.y * blockDim.y + threadIdx.y, stride = gridDim.y * blockDim.y;
+    normalize_loops<io>(RowsLoop{a0, A, stride, C, c0}, x, y, residual, relu, [&](S (&v)[VEC]) {
 #pragma unroll
-                         for (int e = 0; e < VEC; ++e) v[e] = (v[e] - mean[e]) * scale[e] + offset[e];
-                         io::store(y + at, v);
-                     });
+        for (int e = 0; e < VEC; ++e) v[e] = (v[e] - mean[e]) * scale[e] + offset[e];
+    });
 }
 
 // ---- backward: this rank's sums -----------------------------------------------------------
@@ -692,32 +777,52 @@ __device__ void empty_sums(int C, double tag, double* buf) {
     if (thread_rank() == 0) write_tags(buf + 2 * C, tag);
 }
 
+// The backward loops over this thread's vectors (a SlabLoop or RowsLoop): dy and x (io::batch
+// loads in flight each) or, under ReLU, dy, x and y (io::batch2 each); add(g, x) sums a vector of
+// g (dy masked by y under ReLU) and of x.
+template <typename io, typename T, typename Walk, typename Sum>
+__device__ __forceinline__ void backward_loops(const Walk& walk, const T* dy, const T* x, const T* y, Sum sum) {
+    typedef typename io::S S;
+    auto add = [&](const typename io::Raw& gr, const typename io::Raw& xr, const typename io::Raw& yr, bool masked) {
+        S gv[io::vec], v[io::vec];
+        io::unpack(gr, gv);
+        io::unpack(xr, v);
+        if (masked) mask<io>(gv, yr);
+        sum(gv, v);
+    };
+    if (y == nullptr) {
+        typename io::Raw g[io::batch], r[io::batch];
+        walk.template run<io::batch>([&](int u, i64 at) { g[u] = io::load(dy + at); r[u] = io::load(x + at); },
+                                     [&](int u, i64) { add(g[u], r[u], r[u], false); });
+    } else {
+        typename io::Raw g[io::batch2], r[io::batch2], m[io::batch2];
+        walk.template run<io::batch2>([&](int u, i64 at) {
+            g[u] = io::load(dy + at);
+            r[u] = io::load(x + at);
+            m[u] = io::load(y + at);
+        }, [&](int u, i64) { add(g[u], r[u], m[u], true); });
+    }
+}
+
 #define BACKWARD_PARAMS                                                                                       \
     const T *__restrict__ dy, const T *__restrict__ x, int A, int C, int B,                                   \
         const typename Acc<T>::type *__restrict__ stats, double tag, double *__restrict__ part,              \
-        unsigned *__restrict__ ticket, P *weight_grad, P *bias_grad, double *__restrict__ buf
+        unsigned *__restrict__ ticket, P *weight_grad, P *bias_grad, double *__restrict__ buf,                \
+        const T *__restrict__ y
 
 // Same grids, partials (width 2) and tickets as moments_cs / moments_cl.
 template <typename T, typename P, int VEC> __global__ void BOUNDS backward_cs(BACKWARD_PARAMS) {
     typedef Io<T, VEC> io;
     typedef typename io::S S;
-    constexpr int BATCH = io::batch;
     if (A == 0 || B == 0) { empty_sums(C, tag, buf); return; }
-    extern __shared__ double sh[];
-    double* tile = sh + block_threads();
     for (int c = blockIdx.y; c < C; c += gridDim.y) {
         const S mean = stats[c];
         S sum_dy = 0, sum_dy_xmu = 0;
-        typename io::Raw g[BATCH], r[BATCH];
         SlabWalk w = slab_of<VEC>(C, B, c);
-        slab_loop<BATCH>(w, A, [&](int u, i64 at) { g[u] = io::load(dy + at); r[u] = io::load(x + at); },
-                         [&](int u, i64) {
-                             S gv[VEC], v[VEC];
-                             io::unpack(g[u], gv);
-                             io::unpack(r[u], v);
+        backward_loops<io>(SlabLoop{w, A}, dy, x, y, [&](const S (&g)[VEC], const S (&v)[VEC]) {
 #pragma unroll
-                             for (int e = 0; e < VEC; ++e) { sum_dy += gv[e]; sum_dy_xmu += gv[e] * (v[e] - mean); }
-                         });
+            for (int e = 0; e < VEC; ++e) { sum_dy += g[e]; sum_dy_xmu += g[e] * (v[e] - mean); }
+        });
         const S a1[1] = {sum_dy}, a2[1] = {sum_dy_xmu};
         finish_sums(a1, a2, 1, c, C, gridDim.x, blockIdx.x, part, ticket + c, [&](int ch, double t1, double t2) {
             write_sums(ch, C, t1, t2, stats, tag, weight_grad, bias_grad, buf);
@@ -728,7 +833,6 @@ template <typename T, typename P, int VEC> __global__ void BOUNDS backward_cs(BA
 template <typename T, typename P, int VEC> __global__ void BOUNDS backward_cl(BACKWARD_PARAMS) {
     typedef Io<T, VEC> io;
     typedef typename io::S S;
-    constexpr int BATCH = io::batch;
     if (A == 0) { empty_sums(C, tag, buf); return; }
     const int lanes = blockDim.x, tile_c0 = blockIdx.x * lanes * VEC, c0 = tile_c0 + threadIdx.x * VEC;
     S sum_dy[VEC], sum_dy_xmu[VEC], mean[VEC];
@@ -737,19 +841,14 @@ template <typename T, typename P, int VEC> __global__ void BOUNDS backward_cl(BA
     if (c0 < C) {
 #pragma unroll
         for (int e = 0; e < VEC; ++e) mean[e] = stats[c0 + e];
-        typename io::Raw g[BATCH], r[BATCH];
-        rows_loop<BATCH>(blockIdx.y * blockDim.y + threadIdx.y, A, gridDim.y * blockDim.y, C, c0,
-                         [&](int u, i64 at) { g[u] = io::load(dy + at); r[u] = io::load(x + at); },
-                         [&](int u, i64) {
-                             S gv[VEC], v[VEC];
-                             io::unpack(g[u], gv);
-                             io::unpack(r[u], v);
+        const int a0 = blockIdx.y * blockDim.y + threadIdx.y, stride = gridDim.y * blockDim.y;
+        backward_loops<io>(RowsLoop{a0, A, stride, C, c0}, dy, x, y, [&](const S (&g)[VEC], const S (&v)[VEC]) {
 #pragma unroll
-                             for (int e = 0; e < VEC; ++e) {
-                                 sum_dy[e] += gv[e];
-                                 sum_dy_xmu[e] += gv[e] * (v[e] - mean[e]);
-                             }
-                         });
+            for (int e = 0; e < VEC; ++e) {
+                sum_dy[e] += g[e];
+                sum_dy_xmu[e] += g[e] * (v[e] - mean[e]);
+            }
+        });
     }
     finish_sums(sum_dy, sum_dy_xmu, lanes, tile_c0, C, gridDim.y, blockIdx.y, part, ticket + blockIdx.x,
                 [&](int c, double t1, double t2) { write_sums(c, C, t1, t2, stats, tag, weight_grad, bias_grad, buf); });
@@ -780,10 +879,61 @@ __device__ __forceinline__ void write_backward_flag(int C, const double* buf, do
     }
 }
 
+// The epilogue's gradients on the vector at `at` (raw vectors: g of dy, r of x, m of y): g masked
+// by y (when `masked`) into dresidual (when given), then into dx (when given)
+// dx = (g - mean_dy - (x - mean) * proj) * scale, with channel e's coefficients at [N == 1 ? 0 : e]
+// (fixed statistics: mean = mean_dy = proj = 0 and x not read (`read_x` false), dx = g * scale).
+template <typename io, int N, typename T>
+__device__ __forceinline__ void epilogue_gradients(const typename io::Raw& g, const typename io::Raw& r,
+                                                   const typename io::Raw& m, bool masked, bool read_x, T* dx,
+                                                   T* dresidual, i64 at, const typename io::S (&mean)[N],
+                                                   const typename io::S (&mean_dy)[N],
+                                                   const typename io::S (&proj)[N],
+                                                   const typename io::S (&scale)[N]) {
+    typedef typename io::S S;
+    S gv[io::vec], v[io::vec];
+    io::unpack(g, gv);
+    if (masked) mask<io>(gv, m);
+    if (dresidual != nullptr) io::store(dresidual + at, gv);
+    if (dx == nullptr) return;
+    if (read_x) {
+        io::unpack(r, v);
+    } else {
+#pragma unroll
+        for (int e = 0; e < io::vec; ++e) v[e] = 0;
+    }
+#pragma unroll
+    for (int e = 0; e < io::vec; ++e) {
+        const int i = N == 1 ? 0 : e;
+        gv[e] = (gv[e] - mean_dy[i] - (v[e] - mean[i]) * proj[i]) * scale[i];
+    }
+    io::store(dx + at, gv);
+}
+
+// The epilogue's loop of dx over this thread's vectors (a SlabLoop or RowsLoop), io::batch3 loads
+// in flight per array (dy; x when `read_x`; y under ReLU).
+template <typename io, int N, typename T, typename Walk>
+__device__ __forceinline__ void epilogue_gradients_loop(const Walk& walk, const T* dy, const T* x, const T* y,
+                                                        bool read_x,
+                                                        T* dx, T* dresidual, const typename io::S (&mean)[N],
+                                                        const typename io::S (&mean_dy)[N],
+                                                        const typename io::S (&proj)[N],
+                                                        const typename io::S (&scale)[N]) {
+    typename io::Raw g[io::batch3], r[io::batch3], m[io::batch3];
+    walk.template run<io::batch3>([&](int u, i64 at) {
+        g[u] = io::load(dy + at);
+        if (read_x) r[u] = io::load(x + at);
+        if (y != nullptr) m[u] = io::load(y + at);
+    }, [&](int u, i64 at) {
+        epilogue_gradients<io>(g[u], r[u], m[u], y != nullptr, read_x, dx, dresidual, at, mean, mean_dy, proj, scale);
+    });
+}
+
 #define DX_PARAMS                                                                                             \
     const T *__restrict__ dy, const T *__restrict__ x, T *__restrict__ dx, int A, int C, int B,               \
         typename Acc<T>::type *__restrict__ stats, const double *__restrict__ buf,                           \
-        const double *__restrict__ count, double tag, double ranks, unsigned long long *report, unsigned long long seq
+        const double *__restrict__ count, double tag, double ranks, unsigned long long *report,              \
+        unsigned long long seq, const T *__restrict__ y, T *__restrict__ dresidual
 
 // Channel-second, the grid of backward_cs. buf == nullptr: fixed statistics, dx = dy * scale
 // (x is not read).
@@ -794,31 +944,42 @@ template <typename T, int VEC> __global__ void BOUNDS dx_cs(DX_PARAMS) {
     write_backward_flag(C, buf, tag, ranks, stats, report, seq);
     if (A == 0 || B == 0) return;
     const double n = buf != nullptr && count[0] > 1 ? count[0] : 1.0;
+    const bool fused = y != nullptr || dresidual != nullptr || dx == nullptr, read_x = buf != nullptr && dx != nullptr;
     extern __shared__ double sh[];
     S* cf = reinterpret_cast<S*>(sh);
     for (int c = blockIdx.y; c < C; c += gridDim.y) {
         SlabWalk w = slab_of<VEC>(C, B, c);
+        S mean[1] = {0}, mean_dy[1] = {0}, proj[1] = {0}, scale[1] = {stats[2 * C + c]};   // fixed: dx = dy * scale
+        if (buf != nullptr) {
+            channel_coefficients<4>(c, 1, cf, [&](int ch, S* out) { dx_coefficients(ch, C, stats, buf, n, out); });
+            mean[0] = cf[0];
+            mean_dy[0] = cf[1];
+            proj[0] = cf[2];
+        }
+        if (fused) {                                   // the epilogue's loop (both statistics modes)
+            epilogue_gradients_loop<io>(SlabLoop{w, A}, dy, x, y, read_x, dx, dresidual, mean, mean_dy, proj, scale);
+            continue;
+        }
         typename io::Raw g[BATCH], r[BATCH];
         if (buf == nullptr) {
-            const S scale = stats[2 * C + c];
             slab_loop<BATCH>(w, A, [&](int u, i64 at) { g[u] = io::load(dy + at); }, [&](int u, i64 at) {
                 S gv[VEC];
                 io::unpack(g[u], gv);
 #pragma unroll
-                for (int e = 0; e < VEC; ++e) gv[e] *= scale;
+                for (int e = 0; e < VEC; ++e) gv[e] *= scale[0];
                 io::store(dx + at, gv);
             });
             continue;
         }
-        channel_coefficients<4>(c, 1, cf, [&](int ch, S* out) { dx_coefficients(ch, C, stats, buf, n, out); });
-        const S mean = cf[0], mean_dy = cf[1], proj = cf[2], scale = cf[3];
         slab_loop<BATCH>(w, A, [&](int u, i64 at) { g[u] = io::load(dy + at); r[u] = io::load(x + at); },
                          [&](int u, i64 at) {
                              S gv[VEC], v[VEC];
                              io::unpack(g[u], gv);
                              io::unpack(r[u], v);
 #pragma unroll
-                             for (int e = 0; e < VEC; ++e) gv[e] = (gv[e] - mean_dy - (v[e] - mean) * proj) * scale;
+                             for (int e = 0; e < VEC; ++e) {
+                                 gv[e] = (gv[e] - mean_dy[0] - (v[e] - mean[0]) * proj[0]) * scale[0];
+                             }
                              io::store(dx + at, gv);
                          });
     }
@@ -839,10 +1000,20 @@ template <typename T, int VEC> __global__ void BOUNDS dx_cl(DX_PARAMS) {
     }
     if (c0 >= C) return;
     const int a0 = blockIdx.y * blockDim.y + threadIdx.y, stride = gridDim.y * blockDim.y;
-    typename io::Raw g[BATCH], r[BATCH];
-    S scale[VEC];
+    S mean[VEC], mean_dy[VEC], proj[VEC], scale[VEC];   // fixed statistics: dx = dy * scale
 #pragma unroll
-    for (int e = 0; e < VEC; ++e) scale[e] = stats[2 * C + c0 + e];
+    for (int e = 0; e < VEC; ++e) { mean[e] = 0; mean_dy[e] = 0; proj[e] = 0; scale[e] = stats[2 * C + c0 + e]; }
+    if (buf != nullptr) {
+        own_coefficient<4>(cf, 0, mean);
+        own_coefficient<4>(cf, 1, mean_dy);
+        own_coefficient<4>(cf, 2, proj);
+    }
+    if (y != nullptr || dresidual != nullptr || dx == nullptr) {      // the epilogue's loop (both modes)
+        epilogue_gradients_loop<io>(RowsLoop{a0, A, stride, C, c0}, dy, x, y, buf != nullptr && dx != nullptr, dx,
+                                    dresidual, mean, mean_dy, proj, scale);
+        return;
+    }
+    typename io::Raw g[BATCH], r[BATCH];
     if (buf == nullptr) {
         rows_loop<BATCH>(a0, A, stride, C, c0, [&](int u, i64 at) { g[u] = io::load(dy + at); },
                          [&](int u, i64 at) {
@@ -854,10 +1025,6 @@ template <typename T, int VEC> __global__ void BOUNDS dx_cl(DX_PARAMS) {
                          });
         return;
     }
-    S mean[VEC], mean_dy[VEC], proj[VEC];
-    own_coefficient<4>(cf, 0, mean);
-    own_coefficient<4>(cf, 1, mean_dy);
-    own_coefficient<4>(cf, 2, proj);
     rows_loop<BATCH>(a0, A, stride, C, c0, [&](int u, i64 at) { g[u] = io::load(dy + at); r[u] = io::load(x + at); },
                      [&](int u, i64 at) {
                          S gv[VEC], v[VEC];

@@ -131,6 +131,15 @@ def library(loads: int = _kernels.LOADS) -> Library:
     return lib
 
 
+def mutated(good: str, bad: str) -> Library:
+    """syncbn.cu with its one occurrence of ``good`` replaced by ``bad`` (a deliberate bug, for
+    the negative controls), compiled as :func:`library` compiles it."""
+    source = _kernels.source()
+    if source.count(good) != 1:
+        raise ValueError(f"{good!r} occurs {source.count(good)} times in syncbn.cu, not once")
+    return Library(source.replace(good, bad), _expressions(), _kernels.options())
+
+
 _DTYPE_KIND = {"float64": "d", "float32": "f", "float16": "h", "bfloat16": "b", "int32": "i", "int64": "q", "uint32": "I",
                "uint64": "Q"}
 _SCALAR_KIND = {np.int32: ("i", ctypes.c_int32), np.int64: ("q", ctypes.c_int64), np.float64: ("d", ctypes.c_double),
