@@ -3,6 +3,10 @@
 cusyncbn (and Paddle) name the entries ``weight``, ``bias``, ``_mean``, ``_variance``;
 PyTorch names them ``weight``, ``bias``, ``running_mean``, ``running_var``,
 ``num_batches_tracked``.
+
+State dicts and checkpoints hold a layer's state, never its settings (momentum, epsilon,
+data format, the fused epilogue's ``act``...), as in Paddle and PyTorch: a layer built with
+other settings loads them, and keeps its own settings.
 """
 from __future__ import annotations
 

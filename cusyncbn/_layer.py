@@ -44,14 +44,15 @@ class _BatchNormBase:
                  use_global_stats: bool | None = None, name: str | None = None, *,
                  comm: Any = None, dtype: str = "float32", unbiased_running_var: bool = False,
                  debug: bool | None = None, device: str | None = None, output: str = "backend",
-                 nonfinite: str = "warn") -> None:
+                 nonfinite: str = "warn", act: str | None = None) -> None:
         cls = type(self).__name__
         options = check_layer_options(
             cls, self._formats, num_features=num_features, momentum=momentum, epsilon=epsilon,
             data_format=self._default_format if data_format is None else data_format, dtype=dtype, output=output,
             use_global_stats=use_global_stats, unbiased_running_var=unbiased_running_var, debug=debug,
-            nonfinite=nonfinite)
+            nonfinite=nonfinite, act=act)
         self._nonfinite = options.nonfinite
+        self._act = options.act
         self._num_features = options.num_features
         self._momentum = options.momentum
         self._epsilon = options.epsilon
@@ -135,6 +136,11 @@ class _BatchNormBase:
         return self._device
 
     @property
+    def act(self) -> str | None:
+        """The activation of the fused epilogue: None or ``"relu"`` (a constructor setting)."""
+        return self._act
+
+    @property
     def comm(self) -> Communicator:
         """The communicator statistics are synchronized over (resolved on first use)."""
         if self._comm is None:
@@ -193,16 +199,23 @@ class _BatchNormBase:
                      self._device)
 
     def __repr__(self) -> str:
+        act = "" if self._act is None else f", act={self._act!r}"
         return (f"{type(self).__name__}(num_features={self._num_features}, momentum={self._momentum}, "
                 f"epsilon={self._epsilon}, data_format={self._data_format!r}, name={self._name!r}, "
-                f"weight={self.weight is not None}, bias={self.bias is not None}, device={self._device!r})")
+                f"weight={self.weight is not None}, bias={self.bias is not None}, device={self._device!r}{act})")
 
     # -- forward / backward ---------------------------------------------------------------
-    def __call__(self, x: Any, *, output: str | None = None) -> Any:
-        return self.forward(x, output=output)
+    def __call__(self, x: Any, residual: Any = None, *, output: str | None = None) -> Any:
+        return self.forward(x, residual, output=output)
 
-    def forward(self, x: Any, *, output: str | None = None) -> Any:
+    def forward(self, x: Any, residual: Any = None, *, output: str | None = None) -> Any:
         """Normalize ``x``; in training mode with batch statistics synchronized over ``comm``.
+
+        With the fused epilogue, ``y = act(BN(x) + residual)`` in the same passes: the add of
+        a residual block when ``residual`` is given, then ReLU when the layer was built with
+        ``act="relu"`` (without reading and writing ``y`` again, as a separate add and
+        activation would). Under ReLU the backward reads its mask ``y > 0`` from this ``y``:
+        **do not modify y in place** before its backward.
 
         Batch statistics (training mode, or ``use_global_stats=False``) also move the running
         ones. Unless run under :func:`cusyncbn.no_grad`, the forward is kept for one
@@ -216,6 +229,9 @@ class _BatchNormBase:
                 (``BatchNorm1D/2D/3D``: 2 or 3, 4, 5), ``C == num_features``; float16,
                 bfloat16, float32 or float64; a NumPy or CuPy array or any DLPack producer
                 (torch, JAX, Paddle...) on the layer's device.
+            residual: None, or an array added to the normalized ``x`` before the activation:
+                the shape and dtype of ``x`` (in the layer's ``data_format``; any strides),
+                on the layer's device. Its gradient is the second result of :meth:`backward`.
             output: ``"backend"`` (a NumPy or CuPy array) or ``"input"`` (``x``'s
                 framework, through DLPack, without a copy). Default: the layer's ``output``.
 
@@ -225,8 +241,10 @@ class _BatchNormBase:
 
         Raises:
             ValueError: ``x`` with another channel count or number of dimensions, or on
-                another device than the layer; an unknown ``output``.
-            TypeError: ``x`` not an array, or not of a floating dtype.
+                another device than the layer; an unknown ``output``; a ``residual`` of
+                another shape than ``x`` or on another device.
+            TypeError: ``x`` not an array, or not of a floating dtype; a ``residual`` that
+                is not an array or has another dtype than ``x``.
             RuntimeError: with ``debug``, another rank's call failed or makes another
                 collective (every rank raises); the ranks' collectives are out of step.
             FloatingPointError: with ``nonfinite='raise'``, the global statistics of a
@@ -245,7 +263,8 @@ class _BatchNormBase:
             training=batch, momentum=self._momentum,
             epsilon=self._epsilon, data_format=self._data_format, comm=self.comm,
             unbiased_running_var=self._unbiased, nonfinite=self._nonfinite, debug=self._debug and self._sync,
-            num_features=self._num_features, device=self._device, name=self._name)
+            num_features=self._num_features, device=self._device, name=self._name, activation=self._act,
+            residual=residual)
         if recording():
             self._keep(ctx)
         else:
@@ -273,6 +292,11 @@ class _BatchNormBase:
         after one with the running statistics none. A bad ``dy`` raises before the
         collective, leaves the forward pending and adds nothing to the gradients.
 
+        After a forward with the fused epilogue every gradient is that of
+        ``g = dy * (y > 0)`` under ``act="relu"`` (the mask read from that forward's ``y``),
+        else of ``dy``; after a forward with a ``residual`` it also returns
+        ``dresidual = g``.
+
         Args:
             dy: gradient of the loss w.r.t. that forward's ``y``: its shape, any floating
                 dtype (cast to ``x``'s), a NumPy or CuPy array or any DLPack producer on
@@ -280,7 +304,8 @@ class _BatchNormBase:
             output: as for :meth:`forward`.
 
         Returns:
-            ``dx``, with the shape and dtype of that forward's ``x``.
+            ``dx``, with the shape and dtype of that forward's ``x``; ``(dx, dresidual)`` when
+            that forward had a ``residual`` (``dresidual`` of the residual's shape and dtype).
 
         Raises:
             RuntimeError: no forward is pending (with ``debug`` in training, every rank
@@ -294,11 +319,13 @@ class _BatchNormBase:
             raise_no_pending_forward(self._name, self.comm if self._debug and self._sync and self.training else None,
                                      self._num_features, self._dtype.name, self._device)
         ctx = self._pending[-1]
-        dx, _, _ = sync_batch_norm_backward(
+        grads = sync_batch_norm_backward(
             ctx, dy, weight_grad_out=self._grad_slot(self.weight), bias_grad_out=self._grad_slot(self.bias),
             weight_grad=False, bias_grad=False)
         self._pending.pop()
-        return self._hand_back(dx, framework, output)
+        if len(grads) == 4:                        # a forward with a residual: dresidual too
+            return self._hand_back(grads[0], framework, output), self._hand_back(grads[3], framework, output)
+        return self._hand_back(grads[0], framework, output)
 
     def _grad_slot(self, param: Parameter | None) -> Any:
         if param is None or not param.trainable:
@@ -353,6 +380,13 @@ class SyncBatchNorm(_BatchNormBase):
             Inf in some rank's input), that channel's running statistics are left unchanged
             and every rank is told: 'warn' (a RuntimeWarning, once per layer) or 'raise'
             (FloatingPointError). On a GPU this is reported by a later call (no host sync).
+        act: the activation of the fused epilogue, as ``paddle.nn.BatchNorm``'s ``act``
+            (Paddle applies it to the batch norm's output): None (default) or ``"relu"``,
+            which makes ``y = relu(BN(x) + residual)`` in the layer's own passes (the
+            residual optional: see :meth:`forward`), with no extra pass over the tensor in
+            the forward or the backward; the backward reads its mask from ``y``. A
+            constructor setting like ``momentum``: converters carry it, state dicts and
+            checkpoints do not hold it.
 
     Shape:
         - x: ``(N, C)``, ``(N, C, L)``, ``(N, C, H, W)`` or ``(N, C, D, H, W)`` with a
@@ -360,15 +394,16 @@ class SyncBatchNorm(_BatchNormBase):
           ``(N, D, H, W, C)`` with a channel-last one; ``C == num_features``. ``N`` and the
           spatial sizes may differ between ranks, and ``N`` may be 0 on some. float16,
           bfloat16 (needs the ml_dtypes package; on a GPU, CuPy >= 14), float32 or float64.
+        - residual (forward, optional): the shape and dtype of ``x``.
         - y (forward): the shape and dtype of ``x``.
         - dy, dx (backward): the shape of ``x``; ``dy`` of any floating dtype, ``dx`` of
-          ``x``'s.
+          ``x``'s; after a forward with a residual, ``dresidual`` as ``dx``.
         - weight, bias, running_mean, running_var and the gradients ``weight.grad``,
           ``bias.grad``: ``(C,)``, of ``dtype``.
 
     Raises:
-        ValueError: bad num_features, data_format, output or nonfinite; momentum outside
-            [0, 1]; a negative or non-finite epsilon.
+        ValueError: bad num_features, data_format, output, nonfinite or act (None or
+            ``"relu"``); momentum outside [0, 1]; a negative or non-finite epsilon.
         TypeError: a non-numeric momentum or epsilon (``momentum=None`` included), bad
             weight_attr / bias_attr, dtype, comm or a non-boolean flag.
 
@@ -378,6 +413,13 @@ class SyncBatchNorm(_BatchNormBase):
         >>> x = np.array([[[[0.3, 0.4], [0.3, 0.07]], [[0.83, 0.37], [0.18, 0.93]]]], np.float32)
         >>> y = bn(x)
         >>> dx = bn.backward(np.ones_like(y))
+        >>> block = cusyncbn.SyncBatchNorm(2, device="cpu", act="relu")      # y = relu(BN(x) + residual)
+        >>> y = block(x, np.ones_like(x))
+        >>> bool((y >= 0).all())
+        True
+        >>> dx, dresidual = block.backward(np.ones_like(y))
+        >>> bool((dresidual == (y > 0)).all())
+        True
     """
 
     _sync = True
@@ -388,10 +430,11 @@ class SyncBatchNorm(_BatchNormBase):
                  weight_attr: Any = None, bias_attr: Any = None, data_format: str = "NCHW",
                  name: str | None = None, *, comm: Any = None, dtype: str = "float32",
                  unbiased_running_var: bool = False, debug: bool | None = None, device: str | None = None,
-                 output: str = "backend", nonfinite: str = "warn", use_global_stats: bool | None = None) -> None:
+                 output: str = "backend", nonfinite: str = "warn", use_global_stats: bool | None = None,
+                 act: str | None = None) -> None:
         super().__init__(num_features, momentum, epsilon, weight_attr, bias_attr, data_format, use_global_stats,
                          name, comm=comm, dtype=dtype, unbiased_running_var=unbiased_running_var, debug=debug,
-                         device=device, output=output, nonfinite=nonfinite)
+                         device=device, output=output, nonfinite=nonfinite, act=act)
 
     @classmethod
     def convert_sync_batchnorm(cls, layer: Any, *, comm: Any = None) -> Any:
@@ -400,7 +443,7 @@ class SyncBatchNorm(_BatchNormBase):
         Each new layer keeps everything of the layer it replaces: it is built from the old
         one's settings (num_features, momentum, epsilon, weight/bias attributes, data_format,
         ``use_global_stats``, name, dtype, device, ``unbiased_running_var``, debug, output,
-        nonfinite) and takes over every instance attribute (its Parameter objects and
+        nonfinite, ``act``) and takes over every instance attribute (its Parameter objects and
         running-statistics arrays, as Paddle's converter does, train/eval mode, forwards
         waiting for a backward, attributes set by the user). Only the communicator is new.
         What a subclass of ``BatchNorm1D/2D/3D`` defines in its class (methods, class
@@ -437,7 +480,7 @@ class SyncBatchNorm(_BatchNormBase):
             new = cls(old._num_features, old._momentum, old._epsilon, old._weight_attr, old._bias_attr,
                       old._data_format, old._name, comm=comm, dtype=old._dtype.name,
                       unbiased_running_var=old._unbiased, debug=old._debug, device=old._device, output=old._output,
-                      nonfinite=old._nonfinite, use_global_stats=old._use_global_stats)
+                      nonfinite=old._nonfinite, use_global_stats=old._use_global_stats, act=old._act)
             base = next(k for k in (BatchNorm1D, BatchNorm2D, BatchNorm3D, _BatchNormBase) if isinstance(old, k))
             warn_lost_members(old, base, "convert_sync_batchnorm", old._name, f"cusyncbn.{base.__name__}",
                               f"cusyncbn.{cls.__name__}")
@@ -452,6 +495,7 @@ class BatchNorm1D(_BatchNormBase):
 
     Same arguments as :class:`SyncBatchNorm` plus ``use_global_stats`` (True: always
     the running statistics; False: always batch statistics; None: by mode); no ``comm``.
+    ``act="relu"`` and ``forward(x, residual)`` fuse the epilogue as there.
     """
 
     _formats = ("NC", "NCL", "NLC")

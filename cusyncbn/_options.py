@@ -18,6 +18,9 @@ from ._rules import check_bool, check_epsilon, check_momentum
 #: What a layer's forward and backward return: the backend's arrays, or the input's framework.
 OUTPUTS = ("backend", "input")
 NONFINITE_MODES = ("warn", "raise")
+#: A layer's ``act``: the activation of its fused epilogue (``functional.sync_batch_norm``'s
+#: ``activation``), named as ``paddle.nn.BatchNorm``'s ``act``.
+ACTS = (None, "relu")
 
 
 class LayerOptions(NamedTuple):
@@ -33,6 +36,7 @@ class LayerOptions(NamedTuple):
     unbiased_running_var: bool
     debug: bool
     nonfinite: str
+    act: str | None = None
 
 
 def debug_from_env() -> bool:
@@ -52,16 +56,37 @@ def check_output(output: Any, where: str) -> str:
     return output
 
 
+def check_act(act: Any, where: str) -> str | None:
+    """``act`` when it is one of :data:`ACTS`: None, or ``"relu"`` (``y = relu(BN(x) + residual)``
+    in the layer's own passes).
+
+    Raises:
+        ValueError: anything else (another activation's name, another spelling, a non-string);
+            the message says to apply other activations as layers of their own.
+
+    Example:
+        >>> check_act("relu", "SyncBatchNorm")
+        'relu'
+        >>> check_act("gelu", "SyncBatchNorm")                             # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ValueError: SyncBatchNorm: act must be None or 'relu' (the fused epilogue's activations), got 'gelu'; ...
+    """
+    if act is None or (isinstance(act, str) and act == "relu"):
+        return act
+    raise ValueError(f"{where}: act must be None or 'relu' (the fused epilogue's activations), got {act!r}; "
+                     "apply other activations as layers of their own")
+
+
 def check_layer_options(where: str, formats: tuple, *, num_features: Any, momentum: Any, epsilon: Any,
                         data_format: Any, dtype: Any, output: Any, use_global_stats: Any,
-                        unbiased_running_var: Any, debug: Any, nonfinite: Any) -> LayerOptions:
+                        unbiased_running_var: Any, debug: Any, nonfinite: Any, act: Any = None) -> LayerOptions:
     """The options of a layer of class ``where`` that takes the data formats ``formats``.
 
     Args:
         where: the layer's class name (messages start with it).
         formats: the data formats this class of layer takes.
         num_features, momentum, epsilon, data_format, dtype, output, use_global_stats,
-            unbiased_running_var, debug, nonfinite: as :class:`cusyncbn.SyncBatchNorm` takes
+            unbiased_running_var, debug, nonfinite, act: as :class:`cusyncbn.SyncBatchNorm` takes
             them; ``debug=None`` reads ``CUSYNCBN_DEBUG`` (:func:`debug_from_env`).
 
     Returns:
@@ -70,8 +95,8 @@ def check_layer_options(where: str, formats: tuple, *, num_features: Any, moment
 
     Raises:
         ValueError: ``num_features`` not a positive int; ``data_format`` not in
-            ``formats``; ``output`` or ``nonfinite`` not one of theirs; ``momentum`` outside
-            [0, 1]; a negative or non-finite ``epsilon``.
+            ``formats``; ``output``, ``nonfinite`` or ``act`` not one of theirs; ``momentum``
+            outside [0, 1]; a negative or non-finite ``epsilon``.
         TypeError: ``momentum=None`` (Paddle's layers have no cumulative average); a
             non-numeric momentum or epsilon; ``dtype`` not float32 / float64; a flag
             (``use_global_stats``, ``unbiased_running_var``, ``debug``) not a bool.
@@ -99,9 +124,11 @@ def check_layer_options(where: str, formats: tuple, *, num_features: Any, moment
         check_bool(use_global_stats, "use_global_stats", where)
     if nonfinite not in NONFINITE_MODES:
         raise ValueError(f"{where}: nonfinite must be 'warn' or 'raise', got {nonfinite!r}")
+    act = check_act(act, where)
     return LayerOptions(
         num_features=int(num_features), momentum=check_momentum(momentum, where),
         epsilon=check_epsilon(epsilon, where), data_format=data_format, dtype=np.dtype(dtype), output=output,
         use_global_stats=use_global_stats, unbiased_running_var=check_bool(unbiased_running_var,
                                                                            "unbiased_running_var", where),
-        debug=debug_from_env() if debug is None else check_bool(debug, "debug", where), nonfinite=nonfinite)
+        debug=debug_from_env() if debug is None else check_bool(debug, "debug", where), nonfinite=nonfinite,
+        act=act)

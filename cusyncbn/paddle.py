@@ -43,6 +43,7 @@ from paddle.base.framework import EagerParamBase
 from ._convert import carry_state, warn_lost_members
 from ._dlpack import device_of
 from ._grads import allreduce_gradients as _allreduce_arrays
+from ._options import check_act
 from ._rules import FORMATS
 from ._backend_factory import get_backend
 from .functional import sync_batch_norm, sync_batch_norm_backward
@@ -105,26 +106,29 @@ class _UnsupportedDtype(TypeError, RuntimeError):
     for that dtype), so that code written against either catches it."""
 
 
-def _core_forward(x: Any, arrays: tuple, settings: tuple) -> tuple:
+def _core_forward(x: Any, residual: Any, arrays: tuple, settings: tuple) -> tuple:
     """``(y, ctx, wide)``: one call of the functional core's forward on Paddle tensor ``x``;
     ``wide`` is the input's dtype when the core ran on a float32 copy of it (bfloat16 on the
     CPU, where NumPy has no bfloat16, or on a GPU whose CuPy imports none), else None.
 
     Args:
         x: the layer's input.
+        residual: None, or the Paddle tensor added before the activation (``x``'s shape,
+            dtype and device: see :meth:`SyncBatchNorm.forward`).
         arrays: ``(running_mean, running_var, weight, bias)``: NumPy / CuPy arrays sharing
             the memory of the layer's tensors; the running statistics are updated in place.
         settings: ``(training, momentum, epsilon, data_format, comm, num_features, device,
-            where, stats_dtype)``: batch statistics or not, the layer's options, the ``comm=``
-            argument, ``x``'s device, the layer's name in messages and the Paddle dtype of
-            its running statistics.
+            where, stats_dtype, activation)``: batch statistics or not, the layer's options,
+            the ``comm=`` argument, ``x``'s device, the layer's name in messages, the Paddle
+            dtype of its running statistics and the fused epilogue's activation (None or
+            ``"relu"``).
 
     Raises:
         ValueError: float32 / float64 input in another dtype than ``stats_dtype``; what
             the functional core raises (before any collective or write).
         TypeError: a non-floating input (also a ``RuntimeError``, as Paddle's).
     """
-    training, momentum, epsilon, data_format, comm, num_features, device, where, stats_dtype = settings
+    training, momentum, epsilon, data_format, comm, num_features, device, where, stats_dtype, activation = settings
     gpu = device != "cpu"
     wide = None
     dtype = x.dtype
@@ -134,6 +138,8 @@ def _core_forward(x: Any, arrays: tuple, settings: tuple) -> tuple:
                 # As Paddle's bfloat16 kernel: statistics and arithmetic in float32, y rounded
                 # to bfloat16 (the float32 copy is exact; the cast back rounds to nearest even).
                 wide, x = dtype, x.detach().astype("float32")
+                if residual is not None:
+                    residual = residual.detach().astype("float32")
         elif dtype in (paddle.float32, paddle.float64):
             raise ValueError(f"{where}: x is {dtype} but this layer's parameters and running statistics "
                              f"are {stats_dtype}; as in Paddle's batch norms, float32 / float64 input must "
@@ -142,12 +148,14 @@ def _core_forward(x: Any, arrays: tuple, settings: tuple) -> tuple:
         # Planned calls may then take Paddle tensors as they are (on Paddle's current stream).
         get_backend(device).accept_array_type(paddle.Tensor, _data_ptr, _layout)
     out = paddle.empty_like(x) if gpu else None
+    if residual is not None:
+        residual = residual.detach() if gpu else _array(residual, device)
     with _on_paddle_stream(device):
         try:
             y, ctx = sync_batch_norm(
                 x.detach() if gpu else _array(x, device), *arrays, training=training, momentum=momentum,
                 epsilon=epsilon, data_format=data_format, comm=comm, num_features=num_features, device=device,
-                name=where, out=out)
+                name=where, out=out, activation=activation, residual=residual)
         except TypeError as exc:
             if not x.is_floating_point():
                 raise _UnsupportedDtype(str(exc)) from None
@@ -159,18 +167,20 @@ def _core_forward(x: Any, arrays: tuple, settings: tuple) -> tuple:
 class _Function(PyLayer):
     """One call of the functional core per pass, as torch's ``_functions.SyncBatchNorm``:
     tensors and plain settings in (see :func:`_core_forward`), never the layer; ``dx`` and
-    the backward all-reduce only when the input needs a gradient."""
+    the backward all-reduce only when the input needs a gradient; after a forward with a
+    residual its gradient comes back too (None when it needs none, as Paddle requires)."""
 
     @staticmethod
-    def forward(ctx: Any, x: Any, weight: Any, bias: Any, arrays: tuple, settings: tuple) -> Any:
-        y, ctx.core, ctx.wide = _core_forward(x, arrays, settings)
-        ctx.needs = (not x.stop_gradient, not weight.stop_gradient, not bias.stop_gradient)
+    def forward(ctx: Any, x: Any, weight: Any, bias: Any, residual: Any, arrays: tuple, settings: tuple) -> Any:
+        y, ctx.core, ctx.wide = _core_forward(x, residual, arrays, settings)
+        ctx.needs = (not x.stop_gradient, not weight.stop_gradient, not bias.stop_gradient,
+                     residual is not None and not residual.stop_gradient)
         ctx.params = (weight, bias)
         return y
 
     @staticmethod
     def backward(ctx: Any, dy: Any) -> tuple:
-        need_x, need_w, need_b = ctx.needs
+        need_x, need_w, need_b, need_r = ctx.needs
         core, ctx.core = ctx.core, None
         weight, bias = ctx.params
         ctx.params = None
@@ -181,7 +191,7 @@ class _Function(PyLayer):
         with _on_paddle_stream(device):
             if device == "cpu":
                 grads = sync_batch_norm_backward(core, _array(dy, device), input_grad=need_x, weight_grad=need_w,
-                                                 bias_grad=need_b)
+                                                 bias_grad=need_b, residual_grad=need_r)
             else:
                 # Outputs from Paddle's allocator, written in place: no CuPy allocation and no
                 # DLPack export per call; repeated calls take the planned path.
@@ -192,11 +202,17 @@ class _Function(PyLayer):
                     outs["weight_grad_out"] = paddle.zeros_like(weight)
                 if need_b:
                     outs["bias_grad_out"] = paddle.zeros_like(bias)
+                if need_r:
+                    outs["residual_grad_out"] = paddle.empty_like(dy)
                 grads = sync_batch_norm_backward(core, dy.detach(), input_grad=need_x, weight_grad=need_w,
-                                                 bias_grad=need_b, **outs)
-            dx, dw, db = (None if g is None else g if isinstance(g, paddle.Tensor) else paddle.from_dlpack(g)
-                          for g in grads)
-            return (dx if wide is None or dx is None else dx.astype(wide)), dw, db
+                                                 bias_grad=need_b, residual_grad=need_r, **outs)
+            grads = [None if g is None else g if isinstance(g, paddle.Tensor) else paddle.from_dlpack(g)
+                     for g in grads]
+            if wide is not None:               # the input's dtype for the input's (and residual's) gradient
+                grads[0] = None if grads[0] is None else grads[0].astype(wide)
+                if len(grads) == 4 and grads[3] is not None:
+                    grads[3] = grads[3].astype(wide)
+            return tuple(grads)
 
 
 class SyncBatchNorm(paddle.nn.SyncBatchNorm):
@@ -235,13 +251,21 @@ class SyncBatchNorm(paddle.nn.SyncBatchNorm):
         use_global_stats: as Paddle's ``BatchNorm*D``: True always normalizes with the
             running statistics, False always with the batch statistics (updating the
             running ones, in eval too, as Paddle does), None by mode.
+        act: the activation applied to the output, as ``paddle.nn.BatchNorm``'s ``act``:
+            None (default) or ``"relu"``, fused into the batch norm's own passes with the
+            add of ``forward``'s ``residual`` (``y = relu(BN(x) + residual)``), with no
+            separate elementwise pass forward or backward. The backward reads the ReLU mask
+            from ``y``: do not modify ``y`` in place before its backward (Paddle does not
+            detect it). Not in the state dict, as in Paddle.
 
     Raises:
-        ValueError: unknown ``data_format``; at forward (as Paddle's ``ValueError``), an
-            input whose dimensions or channel count do not fit, or float32 / float64 input in
-            another dtype than the parameters.
+        ValueError: unknown ``data_format``; an ``act`` other than None or ``"relu"``; at
+            forward (as Paddle's ``ValueError``), an input whose dimensions or channel count
+            do not fit, or float32 / float64 input in another dtype than the parameters; a
+            ``residual`` of another shape than the input, or on another device.
         TypeError: at forward, an unusable ``comm``, or a non-floating input (then also a
-            ``RuntimeError``, which Paddle raises there: it has no kernel for that dtype).
+            ``RuntimeError``, which Paddle raises there: it has no kernel for that dtype); a
+            ``residual`` that is not a ``paddle.Tensor`` or of another dtype than the input.
 
     Example:
         >>> import paddle, cusyncbn.paddle as cbp
@@ -250,24 +274,34 @@ class SyncBatchNorm(paddle.nn.SyncBatchNorm):
         >>> x.stop_gradient = False
         >>> y = bn(x)
         >>> y.sum().backward()        # x.grad, bn.weight.grad, bn.bias.grad
+        >>> block = cbp.SyncBatchNorm(2, act="relu")                  # y = relu(BN(x) + residual)
+        >>> z = paddle.ones_like(x)
+        >>> z.stop_gradient = False
+        >>> y = block(x, z)
+        >>> y.sum().backward()        # z.grad = (y > 0) too
     """
 
     def __init__(self, num_features: int, momentum: float = 0.9, epsilon: float = 1e-05, weight_attr: Any = None,
                  bias_attr: Any = None, data_format: str = "NCHW", name: str | None = None, *, comm: Any = None,
-                 use_global_stats: bool | None = None) -> None:
+                 use_global_stats: bool | None = None, act: str | None = None) -> None:
         if data_format not in FORMATS:
             raise ValueError(f"SyncBatchNorm: data_format must be one of {list(FORMATS)}, got {data_format!r}")
         if use_global_stats is not None and not isinstance(use_global_stats, bool):
             raise TypeError(f"SyncBatchNorm: use_global_stats must be None, True or False, got {use_global_stats!r}")
+        act = check_act(act, "SyncBatchNorm")
         super().__init__(num_features, momentum, epsilon, weight_attr, bias_attr, data_format, name)
         self._use_global_stats = use_global_stats
         self._comm = comm
-        self._act: str | None = None          # set when converted from a paddle.nn.BatchNorm(act=...)
+        # None or "relu" (fused); the converter may set another activation of a
+        # paddle.nn.BatchNorm(act=...), then applied after the batch norm as Paddle applies it.
+        self._act: str | None = act
 
     def extra_repr(self) -> str:
         text = super().extra_repr()
         if self._use_global_stats is not None:
             text += f", use_global_stats={self._use_global_stats}"
+        if self._act is not None:
+            text += f", act={self._act}"
         return text + ", backend=cusyncbn"
 
     def _where(self) -> str:
@@ -309,12 +343,28 @@ class SyncBatchNorm(paddle.nn.SyncBatchNorm):
         cache[attr] = (t, t.data_ptr(), device, array)
         return array
 
-    def forward(self, x: Any) -> Any:
+    def forward(self, x: Any, residual: Any = None) -> Any:
+        """Normalize ``x`` (see the class docstring); with ``act="relu"`` and / or a
+        ``residual``, ``y = act(BN(x) + residual)`` in the same passes.
+
+        Args:
+            x: a ``paddle.Tensor`` of 2 to 5 dimensions in the layer's ``data_format``.
+            residual: None, or a ``paddle.Tensor`` of ``x``'s shape, dtype and device added
+                before the activation; it gets its gradient through Paddle's autograd.
+
+        Returns:
+            ``y``, a ``paddle.Tensor`` of ``x``'s shape and dtype.
+
+        Raises:
+            As the class docstring says, before any collective or write.
+        """
         if not paddle.in_dynamic_mode():
             raise RuntimeError(f"{self.full_name()}: cusyncbn.paddle runs in dynamic-graph mode only (its passes "
                                "are Python calls, not Paddle operators)")
         if not isinstance(x, paddle.Tensor):
             raise TypeError(f"{self.full_name()}: x must be a paddle.Tensor, got {type(x).__name__}")
+        if residual is not None:
+            self._check_residual(residual, x)
         device = device_of(x)
         # Paddle's kernel: batch statistics unless use_global_stats (or eval with it unset);
         # batch statistics always update the running ones, in eval too.
@@ -322,16 +372,32 @@ class SyncBatchNorm(paddle.nn.SyncBatchNorm):
         param_array = self._param_array
         arrays = (param_array("_mean", device), param_array("_variance", device), param_array("weight", device),
                   param_array("bias", device))
+        act = self._act
+        fused = act if act == "relu" else None
         settings = (batch, self._momentum, self._epsilon, self._data_format, self._comm, self._num_features, device,
-                    self._where(), self._mean.dtype)
+                    self._where(), self._mean.dtype, fused)
         if paddle.is_grad_enabled() and not (x.stop_gradient and self.weight.stop_gradient
-                                             and self.bias.stop_gradient):
-            y = _Function.apply(x, self.weight, self.bias, arrays, settings)
+                                             and self.bias.stop_gradient
+                                             and (residual is None or residual.stop_gradient)):
+            y = _Function.apply(x, self.weight, self.bias, residual, arrays, settings)
         else:
-            y, ctx, _ = _core_forward(x, arrays, settings)
+            y, ctx, _ = _core_forward(x, residual, arrays, settings)
             ctx.release()                     # nothing will be back-propagated
-        # paddle.nn.BatchNorm's act=, applied as Paddle's dygraph_utils applies it.
-        return y if self._act is None else getattr(_legacy_C_ops, self._act)(y)
+        # Another activation of a converted paddle.nn.BatchNorm, applied as Paddle's dygraph_utils applies it.
+        return y if act is None or fused is not None else getattr(_legacy_C_ops, act)(y)
+
+    def _check_residual(self, residual: Any, x: Any) -> None:
+        """``residual`` can be added to ``x`` as it is (no broadcast, no cast, same place)."""
+        where = self._where()
+        if not isinstance(residual, paddle.Tensor):
+            raise TypeError(f"{where}: residual must be a paddle.Tensor (or None), got {type(residual).__name__}")
+        if list(residual.shape) != list(x.shape):
+            raise ValueError(f"{where}: residual has shape {list(residual.shape)}, expected x's {list(x.shape)} "
+                             "(it is added to the normalized x element by element)")
+        if residual.dtype != x.dtype:
+            raise TypeError(f"{where}: residual has dtype {residual.dtype}, expected x's {x.dtype}")
+        if device_of(residual) != device_of(x):
+            raise ValueError(f"{where}: residual is on {device_of(residual)}, x on {device_of(x)}")
 
     @classmethod
     def convert_sync_batchnorm(cls, layer: Any, *, comm: Any = None) -> Any:
@@ -411,7 +477,8 @@ def convert_sync_batchnorm(layer: Any, *, comm: Any = None) -> Any:
     statistics (the same tensors, as Paddle's converter does: dtype, place, trainability and
     optimizer attributes come with them), momentum, epsilon, data format, name, weight and
     bias attributes, ``use_global_stats`` (for ``paddle.nn.BatchNorm``: ``use_global_stats``
-    and ``trainable_statistics`` as the mode they select, and ``act``), train/eval mode, and
+    and ``trainable_statistics`` as the mode they select, and ``act``: ``"relu"`` fused into
+    the batch norm's passes, another activation applied after them), train/eval mode, and
     every other instance attribute: forward pre/post and state-dict hooks (their handles
     keep working), buffers, parameters and sublayers added to it, attributes set by the
     user. Paddle's own converter keeps only some of these. What a *subclass* defines in its

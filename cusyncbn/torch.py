@@ -30,6 +30,7 @@ from . import _watchdog
 from ._backend_factory import get_backend
 from ._comm import SingleProcessComm
 from ._comm_factory import resolve_comm
+from ._rules import check_bool
 from ._streams import external_stream
 from .functional import sync_batch_norm, sync_batch_norm_backward
 
@@ -112,48 +113,62 @@ def _on_torch_stream(t: torch.Tensor) -> Any:
     return external_stream(index, torch.cuda.current_stream(index).cuda_stream)
 
 
-def _core_forward(x: torch.Tensor, arrays: tuple, settings: tuple) -> tuple:
+def _core_forward(x: torch.Tensor, z: torch.Tensor | None, arrays: tuple, settings: tuple) -> tuple:
     """``(y, ctx)``: one call of the functional core's forward on ``x``.
 
     Args:
         x: the input as the core takes it (a detached tensor, channel-second contiguous or
             a channel-last permutation of a ``channels_last`` tensor).
+        z: None, or the residual added before the activation (a detached tensor of ``x``'s
+            shape and dtype, laid out as ``x``).
         arrays: ``(running_mean, running_var, weight, bias)``: NumPy / CuPy arrays sharing
             the memory of the module's tensors, or None; the running statistics are updated
             in place.
-        settings: ``(training, momentum, epsilon, data_format, comm, plan_device, name)``:
-            batch statistics or not, Paddle's momentum convention (``1 - torch's``), the
-            core's data format, the communicator, the device that lets repeated calls take
-            their planned path (None: none for this call) and the module's name in messages.
+        settings: ``(training, momentum, epsilon, data_format, comm, plan_device, name,
+            activation)``: batch statistics or not, Paddle's momentum convention
+            (``1 - torch's``), the core's data format, the communicator, the device that lets
+            repeated calls take their planned path (None: none for this call), the module's
+            name in messages and the epilogue's activation (None, or ``"relu"`` for
+            ``fuse_relu``).
 
     Returns:
         ``y`` (a tensor like ``x``) and the functional core's context for the backward.
     """
-    training, momentum, epsilon, data_format, comm, plan_device, name = settings
+    training, momentum, epsilon, data_format, comm, plan_device, name, activation = settings
     # On a GPU the outputs come from torch's allocator and are written in place (no CuPy
     # allocation, no DLPack export per call); repeated calls take the planned path.
     out = torch.empty_like(x) if x.is_cuda else None
     with _on_torch_stream(x):
         y, core = sync_batch_norm(
             x, *arrays, training=training, momentum=momentum, epsilon=epsilon, data_format=data_format, comm=comm,
-            unbiased_running_var=True, device=plan_device, name=name, out=out)
+            unbiased_running_var=True, device=plan_device, name=name, out=out, activation=activation, residual=z)
     return (out if out is not None else torch.from_dlpack(y)), core
 
 
 class _Function(torch.autograd.Function):
     """One call of the functional core per pass, as torch's ``_functions.SyncBatchNorm``:
     tensors and plain settings in (see :func:`_core_forward`), never the module; dx and the
-    backward all-reduce only when the input needs a gradient."""
+    backward all-reduce only when the input needs a gradient. With the fused epilogue (as
+    Apex's optimized ``SyncBatchnormFunction`` with ``z`` and ``fuse_relu``) ``z``'s gradient
+    comes back too."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: Any, bias: Any, arrays: tuple, settings: tuple) -> torch.Tensor:
-        y, ctx.core = _core_forward(x.detach(), arrays, settings)
+    def forward(ctx: Any, x: torch.Tensor, weight: Any, bias: Any, z: Any, arrays: tuple,
+                settings: tuple) -> torch.Tensor:
+        y, ctx.core = _core_forward(x.detach(), None if z is None else z.detach(), arrays, settings)
         ctx.params = (weight, bias)
+        ctx.fused = settings[7] is not None
+        if ctx.fused:
+            # The backward reads the ReLU mask from y: y is saved as torch.relu saves its
+            # output, so that a backward after an in-place change of y raises torch's error.
+            ctx.save_for_backward(y)
         return y
 
     @staticmethod
     def backward(ctx: Any, dy: torch.Tensor) -> tuple:
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        need_x, need_w, need_b, need_z = ctx.needs_input_grad[:4]
+        if ctx.fused:
+            _ = ctx.saved_tensors              # torch's check that y was not modified in place
         weight, bias = ctx.params
         dy = dy.detach().contiguous()
         outs: dict = {}
@@ -164,15 +179,18 @@ class _Function(torch.autograd.Function):
                 outs["weight_grad_out"] = torch.zeros_like(weight, memory_format=torch.contiguous_format)
             if need_b and bias is not None:
                 outs["bias_grad_out"] = torch.zeros_like(bias, memory_format=torch.contiguous_format)
+            if need_z:
+                outs["residual_grad_out"] = torch.empty_like(dy)
         with _on_torch_stream(dy):
             # dy has the shape of the forward's (possibly channel-last permuted) input; the
             # permutes around this function are differentiated by autograd itself.
             grads = sync_batch_norm_backward(ctx.core, dy, input_grad=need_x, weight_grad=need_w, bias_grad=need_b,
-                                             **outs)
+                                             residual_grad=need_z, **outs)
             grads = tuple(None if g is None else g if isinstance(g, torch.Tensor) else torch.from_dlpack(g)
                           for g in grads)
         ctx.core = ctx.params = None
-        return grads + (None, None)
+        # (dx, dweight, dbias[, dz]) and nothing for z (when None), the arrays and the settings.
+        return grads + (None, None) if len(grads) == 4 else grads + (None, None, None)
 
 
 # (input rank, channels last) -> data format of the functional core.
@@ -271,6 +289,16 @@ class SyncBatchNorm(torch.nn.SyncBatchNorm):
     the CPU, as torch does); parameters and buffers float32 or float64 (16-bit ones are
     computed in float32 copies, written back).
 
+    The fused epilogue of Apex's optimized SyncBatchNorm (``apex.parallel.SyncBatchNorm``
+    with ``fuse_relu`` and ``forward(input, z)``): ``forward(input, z)`` returns
+    ``BN(input) + z``, and with ``fuse_relu=True`` ``relu(BN(input) + z)`` (``z`` optional),
+    in the passes of the batch norm itself (no separate add and ReLU reading and writing
+    the tensor again, forward and backward), in every mode and layout, on the CPU and on
+    CUDA; ``z`` gets its gradient through autograd. The backward reads the ReLU mask from
+    the output, as ``torch.relu``'s does: modifying the output in place before the backward
+    raises torch's error. With the defaults (``fuse_relu=False``, no ``z``) the module is
+    torch's: ``fuse_relu`` shows in its ``repr`` only when set, and never in its state dict.
+
     Args:
         num_features, eps, momentum, affine, track_running_stats, process_group, device,
             dtype, bias: as torch's (``bias`` needs torch >= 2.6 there; here any torch).
@@ -278,6 +306,9 @@ class SyncBatchNorm(torch.nn.SyncBatchNorm):
             MPI, else torch.distributed's world when it is initialised, else none.
             ``process_group`` (a torch.distributed group) takes precedence.
         sync: False makes it a local batch norm (torch's ``BatchNorm*d``).
+        fuse_relu: apply ReLU after the batch norm (and after the add of ``z``) in its own
+            passes, as Apex's ``fuse_relu``. Read at call time, like torch's attributes (a
+            value other than True or False is a ``TypeError`` at construction and at forward).
 
     Raises (at forward, before any state change or collective):
         ValueError: fewer than 2 dimensions, no channels, one value per channel in a
@@ -288,13 +319,15 @@ class SyncBatchNorm(torch.nn.SyncBatchNorm):
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
                  track_running_stats: bool = True, process_group: Any = None, device: Any = None,
-                 dtype: Any = None, *, bias: bool = True, comm: Any = None, sync: bool = True) -> None:
+                 dtype: Any = None, *, bias: bool = True, comm: Any = None, sync: bool = True,
+                 fuse_relu: bool = False) -> None:
         extra = {"bias": bias} if _HAS_BIAS_ARG else {}
         super().__init__(num_features, eps, momentum, affine, track_running_stats, process_group, device, dtype,
                          **extra)
         if not bias and not _HAS_BIAS_ARG and affine:
             self.register_parameter("bias", None)
         self.sync = sync
+        self.fuse_relu = check_bool(fuse_relu, "fuse_relu", "cusyncbn.torch.SyncBatchNorm")
         self._comm_arg = comm
         self._comms: dict[str, tuple] = {}
         self._views: dict[str, tuple] = {}
@@ -323,11 +356,12 @@ class SyncBatchNorm(torch.nn.SyncBatchNorm):
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
+        self.__dict__.setdefault("fuse_relu", False)          # pickled before the fused epilogue
         self._cusyncbn_serial = next(_serials)             # a copy is another module: warns for itself
         self._cusyncbn_name = self._make_name()
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + ", backend=cusyncbn"
+        return super().extra_repr() + (", fuse_relu=True" if self.fuse_relu else "") + ", backend=cusyncbn"
 
     # -- communicator and per-channel arrays ---------------------------------------------
 
@@ -365,10 +399,12 @@ class SyncBatchNorm(torch.nn.SyncBatchNorm):
 
     # -- forward ---------------------------------------------------------------------------
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
         """Normalize ``input`` as torch's ``SyncBatchNorm.forward`` does, computed (and in
         training over several processes, synchronized) by cusyncbn; see the class docstring
-        for the decisions it makes.
+        for the decisions it makes. With ``z`` and / or ``fuse_relu``, the fused epilogue of
+        Apex's optimized SyncBatchNorm: ``BN(input) + z``, and ``relu(...)`` of it with
+        ``fuse_relu``.
 
         Args:
             input: ``(N, C, *)``, at least 2 dimensions (more than 5 are viewed as
@@ -377,10 +413,12 @@ class SyncBatchNorm(torch.nn.SyncBatchNorm):
                 CPU or a CUDA device, where the module's parameters and buffers must be. A
                 ``channels_last`` (``channels_last_3d``) tensor is taken without a copy; on
                 a CUDA device the kernels run on torch's current stream.
+            z: None, or a tensor added to the normalized input before the ReLU (the residual
+                of a residual block): ``input``'s shape, dtype and device, any memory format.
 
         Returns:
             The normalized tensor: ``input``'s shape, dtype, device and memory format. It is
-            differentiable w.r.t. ``input``, ``weight`` and ``bias``; the backward makes one
+            differentiable w.r.t. ``input``, ``weight``, ``bias`` and ``z``; the backward makes one
             all-reduce when ``input`` needs a gradient after a synchronized forward, and
             leaves this rank's shares in ``weight.grad`` / ``bias.grad`` (see
             :func:`allreduce_gradients`).
@@ -392,13 +430,20 @@ class SyncBatchNorm(torch.nn.SyncBatchNorm):
                 or CUDA.
             InputChannelsError: ``C`` is not ``num_features`` (a ``RuntimeError`` too).
             InputDtypeError: a non-floating input (a ``NotImplementedError`` too).
-            TypeError: a ``comm`` that is not a communicator.
+            TypeError: a ``comm`` that is not a communicator; ``z`` not a tensor, or of
+                another dtype than ``input``; ``fuse_relu`` not True or False.
+            ValueError: ``z`` of another shape than ``input``, or on another device.
         """
         self._check_input_dim(input)
         self._check_non_zero_input_channels(input)
         if not input.is_floating_point():
             raise InputDtypeError(f"{self._cusyncbn_name}: input has dtype {input.dtype}; batch norm takes float16, "
                                   "bfloat16, float32 or float64 input")
+        fuse = self.fuse_relu
+        if fuse is not False and fuse is not True:
+            fuse = check_bool(fuse, "fuse_relu", self._cusyncbn_name)
+        if z is not None:
+            self._check_z(z, input)
         device = _device_name(input)
         training = self.training
         # As torch: the running statistics are passed when they are used (eval) or updated
@@ -442,25 +487,45 @@ class SyncBatchNorm(torch.nn.SyncBatchNorm):
                 factor = 1.0 / tracked.item()
         try:
             return self._run(input, weight, bias, running_mean, running_var, bn_training, 1.0 - factor, comm,
-                             device)
+                             device, z, "relu" if fuse else None)
         except BaseException:
             if tracked is not None:                  # the functional core changes nothing when it raises
                 tracked.sub_(1)
             raise
 
+    def _check_z(self, z: Any, input: torch.Tensor) -> None:
+        """``z`` is a tensor that can be added to ``input`` as it is (no broadcast, no cast)."""
+        if not isinstance(z, torch.Tensor):
+            raise TypeError(f"{self._cusyncbn_name}: z must be a torch.Tensor (or None), got {type(z).__name__}")
+        if z.shape != input.shape:
+            raise ValueError(f"{self._cusyncbn_name}: z has shape {tuple(z.shape)}, expected the input's "
+                             f"{tuple(input.shape)} (z is added to the normalized input element by element)")
+        if z.dtype != input.dtype:
+            raise TypeError(f"{self._cusyncbn_name}: z has dtype {z.dtype}, expected the input's {input.dtype}")
+        if z.device != input.device:
+            raise ValueError(f"{self._cusyncbn_name}: z is on {z.device}, the input on {input.device}")
+
     def _run(self, input: torch.Tensor, weight: Any, bias: Any, running_mean: Any, running_var: Any,
-             training: bool, momentum: float, comm: Any, device: str) -> torch.Tensor:
+             training: bool, momentum: float, comm: Any, device: str, z: Any = None,
+             activation: str | None = None) -> torch.Tensor:
         x = input
         low = None
         if device == "cpu" and x.dtype in _LOW_PRECISION:
             # NumPy has no bfloat16, and torch's CPU kernels compute 16-bit input in float32.
             low, x = x.dtype, x.float()
+            if z is not None:
+                z = z.float()
         ndim = x.dim()
+        zin = z                                # z laid out as x is given to the core (a copy where needed)
         if _is_channels_last(x):
             xin, data_format, back = _to_channel_last(x), _FORMATS[(ndim, True)], _from_channel_last
+            if z is not None:
+                zin = _to_channel_last(z)
         elif ndim > 5:
             shape = x.shape
             xin, data_format, back = x.contiguous().view(shape[0], shape[1], -1), "NCL", methodcaller("view", shape)
+            if z is not None:
+                zin = z.reshape(shape[0], shape[1], -1)
         else:
             xin, data_format, back = x.contiguous(), _FORMATS[(ndim, False)], None
         copies = None
@@ -482,12 +547,14 @@ class SyncBatchNorm(torch.nn.SyncBatchNorm):
             weight, bias = copies[2:]
             arrays = tuple(None if t is None else _import(t, device) for t in copies)
             plan_device = None
-        settings = (training, momentum, float(self.eps), data_format, comm, plan_device, self._cusyncbn_name)
+        settings = (training, momentum, float(self.eps), data_format, comm, plan_device, self._cusyncbn_name,
+                    activation)
         if torch.is_grad_enabled() and (xin.requires_grad or (weight is not None and weight.requires_grad)
-                                        or (bias is not None and bias.requires_grad)):
-            y = _Function.apply(xin, weight, bias, arrays, settings)
+                                        or (bias is not None and bias.requires_grad)
+                                        or (zin is not None and zin.requires_grad)):
+            y = _Function.apply(xin, weight, bias, zin, arrays, settings)
         else:
-            y, core = _core_forward(xin.detach(), arrays, settings)
+            y, core = _core_forward(xin.detach(), None if zin is None else zin.detach(), arrays, settings)
             core.release()                           # nothing will be back-propagated
         if copies is not None:
             for t, f in zip((running_mean, running_var), copies[:2]):

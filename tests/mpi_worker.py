@@ -501,6 +501,72 @@ def functional_matches_global_reference():
 
 
 @case
+def fused_epilogue_matches_global_reference():
+    """act="relu" with a residual, act="relu" alone and a residual alone (y = act(BN(x) + residual))
+    on uneven and empty per-rank batches, every layout (and float32 / float16 in two), two
+    training steps then an eval step: y, dx, dresidual, the parameter gradients summed over
+    ranks and the running statistics against the float64 reference's fused forms on the
+    global batch; the running statistics bitwise equal on every rank."""
+    errors = []
+    comm = make_comm(WORLD)
+    runs = [(fmt, split, "float64") for fmt in ref.CHANNEL_LAST for split in ("uneven", "empty")]
+    runs += [("NHWC", "uneven", "float32"), ("NCHW", "empty", "float32"), ("NCHW", "uneven", "float16")]
+    for data_format, split, dtype in runs:
+        for act, residual in (("relu", True), ("relu", False), (None, True)):
+            total = 2 * WORLD.size + 3
+            counts = split_counts(total, WORLD.size, split)
+            lo, hi = sum(counts[:WORLD.rank]), sum(counts[:WORLD.rank + 1])
+            c = 3
+            shape = global_shape(data_format, total, c)
+            rng = np.random.default_rng(41)
+            pdtype = "float64" if dtype == "float64" else "float32"
+            bn = cusyncbn.SyncBatchNorm(c, momentum=0.7, data_format=data_format, comm=comm, device=LAYER_DEVICE,
+                                        dtype=pdtype, act=act)
+            w, b = rng.uniform(0.5, 1.5, c).astype(pdtype), rng.normal(size=c).astype(pdtype)
+            bn.weight.data[...] = xp.asarray(w)
+            bn.bias.data[...] = xp.asarray(b)
+            rm, rv = np.zeros(c), np.ones(c)
+            for step in range(3):
+                if step == 2:
+                    bn.eval()
+                x = rng.normal(0.5, 2.0, size=shape).astype(dtype)
+                dy = rng.normal(size=shape).astype(dtype)
+                r = rng.normal(size=shape).astype(dtype) if residual else None
+                bn.clear_gradients()
+                y = bn(xp.asarray(x[lo:hi]), None if r is None else xp.asarray(r[lo:hi]))
+                grads = bn.backward(xp.asarray(dy[lo:hi]))
+                dx, dr = grads if residual else (grads, None)
+                if bn.training:
+                    y_ref, mean, var = ref.fused_forward(x, w, b, bn.epsilon, data_format, r, act)
+                    want = ref.fused_backward(x, dy, w, b, bn.epsilon, data_format, r, act)
+                    rm, rv = ref.update_running(rm, rv, mean, var, x.size // c, 0.7)
+                else:
+                    y_ref = ref.fused_eval_forward(x, w, b, rm, rv, bn.epsilon, data_format, r, act)
+                    want = ref.fused_eval_backward(x, dy, w, b, rm, rv, bn.epsilon, data_format, r, act)
+                param_grads = np.concatenate([host(bn.weight.grad), host(bn.bias.grad)]).astype(np.float64)
+                WORLD.Allreduce(MPI.IN_PLACE, param_grads)
+                tag = f"{data_format}/{split}/{dtype} act={act} residual={residual} step {step}"
+                close(errors, f"{tag} y", y, y_ref[lo:hi], dtype)
+                close(errors, f"{tag} dx", dx, want[0][lo:hi], dtype)
+                if residual:
+                    close(errors, f"{tag} dresidual", dr, want[3][lo:hi], dtype)
+                    if host(dr).dtype != np.dtype(dtype):
+                        errors.append(f"{tag}: dresidual dtype {host(dr).dtype}")
+                grad_tol = (1e-3, 1e-3 * np.sqrt(x.size)) if dtype == "float16" else None
+                close(errors, f"{tag} sum over ranks of weight.grad", param_grads[:c], want[1], "float32", grad_tol)
+                close(errors, f"{tag} sum over ranks of bias.grad", param_grads[c:], want[2], "float32", grad_tol)
+                close(errors, f"{tag} running mean", bn._mean, rm, "float32")
+                close(errors, f"{tag} running var", bn._variance, rv, "float32")
+                if host(y).dtype != np.dtype(dtype) or host(dx).dtype != np.dtype(dtype):
+                    errors.append(f"{tag}: output dtype {host(y).dtype}/{host(dx).dtype} != {dtype}")
+            stats = np.concatenate([host(bn._mean), host(bn._variance)])
+            if any(s != stats.tobytes() for s in WORLD.allgather(stats.tobytes())):
+                errors.append(f"{data_format}/{split}/{dtype} act={act}: running statistics differ bitwise between "
+                              "ranks")
+    return errors
+
+
+@case
 def allreduce_gradients_sums_and_averages():
     comm = make_comm(WORLD)
     a = xp.full((3,), float(WORLD.rank + 1))

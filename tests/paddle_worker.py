@@ -95,6 +95,57 @@ def layer_uneven_and_empty_batches():
 
 
 @case
+def fused_epilogue_uneven_batches():
+    """act="relu" and a residual (relu(BN(x) + residual)), and a residual alone, on uneven and
+    empty per-rank batches in four layouts, training then eval: y, x.grad, residual.grad, the
+    parameter gradients summed over ranks and the running statistics against the float64
+    reference's fused forms on the global batch."""
+    paddle.set_default_dtype("float64")
+    errors = []
+    comm = cusyncbn.MPIComm(WORLD)
+    for data_format in ("NCHW", "NHWC", "NC", "NCL"):
+        for split in ("uneven", "empty"):
+            for act, residual in (("relu", True), ("relu", False), (None, True)):
+                total = 2 * WORLD.size + 3
+                part = my_slice(total, split)
+                shape = mw.global_shape(data_format, total)
+                rng = np.random.default_rng(31)
+                bn = cbp.SyncBatchNorm(3, momentum=MOMENTUM, data_format=data_format, comm=comm, act=act)
+                w, b = rng.uniform(0.5, 1.5, 3), rng.normal(size=3)
+                bn.weight.set_value(paddle.to_tensor(w))
+                bn.bias.set_value(paddle.to_tensor(b))
+                rm, rv = np.zeros(3), np.ones(3)
+                for step in range(3):
+                    if step == 2:
+                        bn.eval()
+                    x, dy = rng.normal(1.0, 2.0, size=shape), rng.normal(size=shape)
+                    r = rng.normal(size=shape) if residual else None
+                    xt = paddle.to_tensor(x[part], stop_gradient=False)
+                    rt = paddle.to_tensor(r[part], stop_gradient=False) if residual else None
+                    y = bn(xt, rt)
+                    (y * paddle.to_tensor(dy[part])).sum().backward()
+                    cbp.allreduce_gradients(bn.parameters(), comm=comm)
+                    if bn.training:
+                        y_ref, mean, var = ref.fused_forward(x, w, b, EPS, data_format, r, act)
+                        want = ref.fused_backward(x, dy, w, b, EPS, data_format, r, act)
+                        rm, rv = ref.update_running(rm, rv, mean, var, x.size // 3, MOMENTUM)
+                    else:
+                        y_ref = ref.fused_eval_forward(x, w, b, rm, rv, EPS, data_format, r, act)
+                        want = ref.fused_eval_backward(x, dy, w, b, rm, rv, EPS, data_format, r, act)
+                    tag = f"{data_format}/{split} act={act} residual={residual} step {step}"
+                    checks = [("y", y, y_ref[part]), ("x.grad", xt.grad, want[0][part]),
+                              ("sum of weight.grad", bn.weight.grad, want[1]),
+                              ("sum of bias.grad", bn.bias.grad, want[2]), ("running mean", bn._mean, rm),
+                              ("running var", bn._variance, rv)]
+                    if residual:
+                        checks.append(("residual.grad", rt.grad, want[3][part]))
+                    for what, got, expected in checks:
+                        mw.close(errors, f"{tag} {what}", got.numpy(), expected, "float64")
+                    bn.clear_gradients()
+    return errors
+
+
+@case
 def collectives_only_where_needed():
     """One all-reduce per training forward, one per backward only when x needs a gradient,
     none in eval or for use_global_stats=True."""

@@ -53,7 +53,7 @@ def _non_default(cls, data_format, use_global_stats):
     bn = cls(3, momentum=0.6, epsilon=1e-3, weight_attr=cusyncbn.ParamAttr(learning_rate=0.5),
              bias_attr=cusyncbn.ParamAttr(trainable=False), data_format=data_format, use_global_stats=use_global_stats,
              name=f"{cls.__name__}_x", dtype="float64", unbiased_running_var=True, debug=True, device="cpu",
-             output="input", nonfinite="raise")
+             output="input", nonfinite="raise", act="relu")
     rng = np.random.default_rng(1)
     bn.weight.data[...] = rng.uniform(0.5, 1.5, 3)
     bn.bias.data[...] = rng.normal(size=3)
@@ -79,17 +79,20 @@ def test_every_setting_and_attribute_carried_and_same_behaviour(cls, data_format
             assert vars(new)[key] is value or (isinstance(value, (list, dict, set)) and vars(new)[key] == value), key
     assert new.comm is comm
     assert (new.momentum, new.epsilon, new.data_format, new.name, new.training, new._use_global_stats, new._dtype,
-            new._unbiased, new._debug, new._output, new._nonfinite, new.note, new.max_pending) == \
+            new._unbiased, new._debug, new._output, new._nonfinite, new.note, new.max_pending, new.act) == \
         (0.6, 1e-3, data_format, f"{cls.__name__}_x", training, use_global_stats, np.float64, True, True, "input",
-         "raise", "set by the user", 3)
+         "raise", "set by the user", 3, "relu")
     assert new.weight is old.weight and new.bias is old.bias and not new.bias.trainable
     assert new.weight.learning_rate == 0.5 and new._mean is old._mean
     rng = np.random.default_rng(2)
     for _ in range(2):
-        x, dy = rng.normal(1, 2, size=shape), rng.normal(size=shape)
+        x, dy, r = rng.normal(1, 2, size=shape), rng.normal(size=shape), rng.normal(size=shape)
         for m in (new, twin):
             m.clear_gradients()
-        outs = [(m(x), m.backward(dy), m.weight.grad.copy(), m._mean.copy(), m._variance.copy()) for m in (new, twin)]
+        # act="relu" came along: the fused epilogue, with a residual.
+        outs = [(m(x, r), *m.backward(dy), m.weight.grad.copy(), m._mean.copy(), m._variance.copy())
+                for m in (new, twin)]
+        assert (outs[0][0] >= 0).all() and (outs[0][0] == 0).any()
         for got, want in zip(*outs):
             np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
     batch = training if use_global_stats is None else not use_global_stats

@@ -275,7 +275,7 @@ def test_public_names():
 def test_discoverable_api_signature_repr_and_errors():
     import inspect
     params = inspect.signature(cusyncbn.SyncBatchNorm).parameters
-    for option in ("comm", "dtype", "debug", "device", "output", "unbiased_running_var", "nonfinite"):
+    for option in ("comm", "dtype", "debug", "device", "output", "unbiased_running_var", "nonfinite", "act"):
         assert params[option].kind is inspect.Parameter.KEYWORD_ONLY, option
     assert not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     bn = layer(name="bn1", bias_attr=False)
@@ -377,6 +377,9 @@ GOOD_OPTIONS = dict(num_features=3, momentum=0.9, epsilon=1e-5, data_format="NC"
     (dict(unbiased_running_var="no"), TypeError, "unbiased_running_var must be True or False, got 'no'"),
     (dict(debug=0), TypeError, "debug must be True or False, got 0"),
     (dict(nonfinite="ignore"), ValueError, "nonfinite must be 'warn' or 'raise', got 'ignore'"),
+    (dict(act="gelu"), ValueError, r"act must be None or 'relu' \(the fused epilogue's activations\), got 'gelu'; "
+                                   "apply other activations as layers of their own"),
+    (dict(act=True), ValueError, "act must be None or 'relu' .* got True"),
 ])
 def test_check_layer_options_names_the_layer_the_option_and_the_value(change, kind, message):
     from cusyncbn._options import check_layer_options
@@ -390,7 +393,8 @@ def test_check_layer_options_returns_the_options_as_a_layer_keeps_them(monkeypat
                                                            "momentum": 1, "epsilon": np.float32(0.5),
                                                            "dtype": np.float64, "unbiased_running_var": np.bool_(1),
                                                            "use_global_stats": False})
-    assert got == LayerOptions(3, 1.0, 0.5, "NC", np.dtype("float64"), "backend", False, True, False, "warn")
+    assert got == LayerOptions(3, 1.0, 0.5, "NC", np.dtype("float64"), "backend", False, True, False, "warn", None)
+    assert check_layer_options("SyncBatchNorm", ("NC",), **{**GOOD_OPTIONS, "act": "relu"}).act == "relu"
     assert [type(v) for v in got[:3]] == [int, float, float] and type(got.unbiased_running_var) is bool
     for value, expected in (("1", True), (" Yes ", True), ("0", False), ("false", False), ("", False)):
         monkeypatch.setenv("CUSYNCBN_DEBUG", value)

@@ -361,11 +361,11 @@ def test_the_pylayer_takes_tensors_and_settings_never_the_layer():
     with mock.patch.object(cbp._Function, "apply", wraps=cbp._Function.apply) as apply:
         y = bn(x)
     call, = apply.call_args_list
-    x_in, weight, bias, arrays, settings = call.args
-    assert x_in is x and weight is bn.weight and bias is bn.bias
+    x_in, weight, bias, residual, arrays, settings = call.args
+    assert x_in is x and weight is bn.weight and bias is bn.bias and residual is None
     assert [type(a) for a in arrays] == [np.ndarray] * 4
     assert arrays[0].ctypes.data == bn._mean.data_ptr()             # the running mean itself, no copy
-    assert settings == (True, MOMENTUM, 1e-3, "NC", comm, 3, "cpu", "bn_pl", paddle.float64)
+    assert settings == (True, MOMENTUM, 1e-3, "NC", comm, 3, "cpu", "bn_pl", paddle.float64, None)
     assert not any(isinstance(v, paddle.nn.Layer) for v in (*call.args, *settings))
     forward = comm.calls
     y.sum().backward()

@@ -254,13 +254,13 @@ def test_the_autograd_function_takes_tensors_and_settings_never_the_module():
     with mock.patch.object(cbt._Function, "apply", wraps=cbt._Function.apply) as apply:
         y = bn(x)
     call, = apply.call_args_list
-    x_in, weight, bias, arrays, settings = call.args
-    assert weight is bn.weight and bias is bn.bias and x_in.shape == x.shape
+    x_in, weight, bias, z, arrays, settings = call.args
+    assert weight is bn.weight and bias is bn.bias and x_in.shape == x.shape and z is None
     assert [type(a) for a in arrays] == [np.ndarray] * 4
     assert np.shares_memory(arrays[0], bn.running_mean.numpy())
     assert np.shares_memory(arrays[2], bn.weight.detach().numpy())
-    training, momentum, epsilon, data_format, comm, plan_device, name = settings
-    assert (training, momentum, epsilon, data_format, plan_device) == (True, 0.9, 1e-3, "NCL", "cpu")
+    training, momentum, epsilon, data_format, comm, plan_device, name, activation = settings
+    assert (training, momentum, epsilon, data_format, plan_device, activation) == (True, 0.9, 1e-3, "NCL", "cpu", None)
     assert comm.size == 1 and name.startswith("SyncBatchNorm#")
     assert not any(isinstance(v, torch.nn.Module) for v in (*call.args, *arrays, *settings))
     y.sum().backward()
@@ -273,9 +273,9 @@ def test_the_no_grad_path_runs_the_same_core_call(monkeypatch):
     calls = []
     core = cbt._core_forward
 
-    def recording_core(x, arrays, settings):
+    def recording_core(x, z, arrays, settings):
         calls.append(settings)
-        return core(x, arrays, settings)
+        return core(x, z, arrays, settings)
     monkeypatch.setattr(cbt, "_core_forward", recording_core)
     bn = cbt.SyncBatchNorm(3, dtype=torch.float64).eval()
     with torch.no_grad():

@@ -693,7 +693,8 @@ def run_torch_ranks(n, case):
 
 
 TORCH_CASES = ["eval_untracked_uses_own_batch", "global_batch_of_one_value", "modes_match_torch_on_whole_batch",
-               "low_precision_matches_reference", "allreduce_torch_gradients", "broken_sync_is_caught"]
+               "low_precision_matches_reference", "allreduce_torch_gradients", "broken_sync_is_caught",
+               "fused_epilogue_matches_torch_on_whole_batch"]
 
 
 @pytest.mark.slow

@@ -195,6 +195,57 @@ def broken_sync_is_caught():
 
 
 @case
+def fused_epilogue_matches_torch_on_whole_batch():
+    """fuse_relu and z (Apex's fused epilogue) on uneven per-rank batches, an empty rank among
+    four, through the modes of SEQUENCE, channel-second and channels_last: y, dx, dz, the
+    parameter gradients (summed over ranks) and the buffers equal torch's module on the whole
+    batch followed by ``+ z`` and ``torch.relu``."""
+    errors = []
+    comm = cusyncbn.MPIComm(WORLD)
+    counts = ([2, 5] + [3, 0, 4])[:SIZE] if SIZE > 1 else [5]
+    lo, hi = slice_of(counts)
+    gen = torch.Generator().manual_seed(2)
+    for fuse, with_z, channels_last in ((True, True, False), (True, False, True), (False, True, True),
+                                        (True, True, True)):
+        theirs = torch.nn.SyncBatchNorm(4, momentum=0.3).double()            # one process: the whole batch
+        ours = cbt.SyncBatchNorm(4, momentum=0.3, comm=comm, fuse_relu=fuse).double()
+        with torch.no_grad():
+            for module in (theirs, ours):
+                module.weight.copy_(torch.linspace(0.5, 2, 4))
+                module.bias.copy_(torch.linspace(-1, 1, 4))
+        for i, before in enumerate(SEQUENCE[:5]):
+            before(theirs), before(ours)
+            x = torch.randn(sum(counts), 4, 3, 2, generator=gen, dtype=torch.float64) * 2 + 3
+            z = torch.randn(x.shape, generator=gen, dtype=torch.float64) if with_z else None
+            dy = torch.randn(x.shape, generator=gen, dtype=torch.float64)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            whole, mine = x.clone().requires_grad_(), x[lo:hi].clone().requires_grad_()
+            z_whole = None if z is None else z.clone().requires_grad_()
+            z_mine = None if z is None else z[lo:hi].clone().requires_grad_()
+            theirs.zero_grad(), ours.zero_grad()
+            y_ref = theirs(whole)
+            if z is not None:
+                y_ref = y_ref + z_whole
+            if fuse:
+                y_ref = torch.relu(y_ref)
+            (y_ref * dy).sum().backward()
+            y = ours(mine, z_mine)
+            (y * dy[lo:hi]).sum().backward()
+            cbt.allreduce_gradients(ours.parameters(), comm=comm)
+            tag = f"fuse_relu={fuse} z={with_z} channels_last={channels_last} step {i}"
+            close(errors, f"{tag} y", y, y_ref[lo:hi])
+            close(errors, f"{tag} dx", mine.grad, whole.grad[lo:hi])
+            if z is not None:
+                close(errors, f"{tag} dz", z_mine.grad, z_whole.grad[lo:hi])
+            for (name, a), b in zip(theirs.named_parameters(), ours.parameters()):
+                close(errors, f"{tag} {name}.grad", b.grad, a.grad)
+            for name, a in theirs.state_dict().items():
+                close(errors, f"{tag} {name}", ours.state_dict()[name], a)
+    return errors
+
+
+@case
 def low_precision_matches_reference():
     """bfloat16 / float16 input (float32 and 16-bit parameters) on uneven batches against
     the float64 reference on the global batch of the 16-bit values."""
