@@ -63,15 +63,21 @@ def ledger(shape: tuple = SHAPE, warm: int = 3) -> dict[str, dict[str, int]]:
     ``CupyBackend``, functional core and layer against the recording stand-in for CuPy
     (``cusyncbn._recording``), after ``warm`` training steps.
 
+    Also the fused epilogue (ReLU after a residual add) through the functional core, called
+    as an adapter calls it (parameter gradients into given arrays, dresidual into a given
+    array: "fused backward"; or into a new one: "fused backward, new dresidual").
+
     Returns:
-        ``{"forward": {...}, "backward": {...}, "eval": {...}, "training pass": {...}}``:
-        per pass the ledger's counters (see ``_recording.Ledger``) and ``frames`` (cusyncbn
-        Python frames); "training pass" is the mean of the forward and the backward,
-        rounded up.
+        ``{"forward": {...}, "backward": {...}, "eval": {...}, "training pass": {...},
+        "fused forward": {...}, "fused backward": {...}, "fused backward, new dresidual": {...},
+        "fused training pass": {...}}``: per pass the ledger's counters (see
+        ``_recording.Ledger``) and ``frames`` (cusyncbn Python frames); a "training pass" is
+        the mean of its forward and backward, rounded up.
     """
     from . import _recording
     from ._layer import SyncBatchNorm
     from ._grad_mode import no_grad
+    from .functional import sync_batch_norm, sync_batch_norm_backward
     with _recording.installed() as record:
         previous = swap_backend("gpu:0", None)
         try:
@@ -81,10 +87,11 @@ def ledger(shape: tuple = SHAPE, warm: int = 3) -> dict[str, dict[str, int]]:
             evaluation = SyncBatchNorm(shape[1], device="gpu:0", comm=comm).eval()
             x = cupy.zeros(shape, np.float32)
             dy = cupy.zeros(shape, np.float32)
-            for _ in range(warm):
-                train.backward(train(x))
-                with no_grad():
-                    evaluation(x)
+            c = shape[1]
+            params = [cupy.zeros(c, np.float32), cupy.ones(c, np.float32), cupy.ones(c, np.float32),
+                      cupy.zeros(c, np.float32)]                     # running mean, var, weight, bias
+            grads = {"weight_grad_out": cupy.zeros(c, np.float32), "bias_grad_out": cupy.zeros(c, np.float32)}
+            residual, dresidual = cupy.zeros(shape, np.float32), cupy.zeros(shape, np.float32)
             out: dict[str, dict[str, int]] = {}
             held: list = []
 
@@ -97,19 +104,40 @@ def ledger(shape: tuple = SHAPE, warm: int = 3) -> dict[str, dict[str, int]]:
             def eval_forward() -> None:
                 with no_grad():
                     evaluation(x)
-            for name, fn in (("forward", forward), ("backward", backward), ("eval", eval_forward)):
+
+            def fused_forward() -> None:
+                held.append(sync_batch_norm(x, *params, device="gpu:0", comm=comm, activation="relu",
+                                            residual=residual)[1])
+
+            def fused_backward() -> None:
+                sync_batch_norm_backward(held.pop(), dy, residual_grad_out=dresidual, **grads)
+
+            def fused_backward_new() -> None:
+                sync_batch_norm_backward(held.pop(), dy, **grads)
+            for _ in range(warm):
+                train.backward(train(x))
+                with no_grad():
+                    evaluation(x)
+                for step in (fused_forward, fused_backward, fused_forward, fused_backward_new):
+                    step()
+            for name, fn in (("forward", forward), ("backward", backward), ("eval", eval_forward),
+                             ("fused forward", fused_forward), ("fused backward", fused_backward),
+                             ("", fused_forward), ("fused backward, new dresidual", fused_backward_new)):
                 record.reset()
                 frames = _recording.count_frames(fn)
                 counts = record.snapshot()
                 counts["frames"] = frames
-                out[name] = counts
+                if name:
+                    out[name] = counts
         finally:
             # Leave nothing of the stand-in behind: its report slots (never written: its
             # kernels do not run) and its plans.
             _flags.flush()
             _planned.clear()
             swap_backend("gpu:0", previous)
-    out["training pass"] = {k: -(-(out["forward"][k] + out["backward"][k]) // 2) for k in out["forward"]}
+    for prefix in ("", "fused "):
+        fwd, bwd = out[prefix + "forward"], out[prefix + "backward"]
+        out[prefix + "training pass"] = {k: -(-(fwd[k] + bwd[k]) // 2) for k in fwd}
     return out
 
 
@@ -122,19 +150,20 @@ def predicted_us(counts: dict[str, int]) -> float:
             + counts["frames"] * UNIT_US["frame"])
 
 
-def ledger_line(counts: dict[str, int]) -> str:
+def ledger_line(counts: dict[str, int], what: str = "training pass") -> str:
     """The ledger's closing line (its format is fixed: CI and the issue read it)."""
-    return "ledger per training pass: " + ", ".join(f"{k.replace('_', ' ')} {counts[k]}" for k in LEDGER_FIELDS)
+    return f"ledger per {what}: " + ", ".join(f"{k.replace('_', ' ')} {counts[k]}" for k in LEDGER_FIELDS)
 
 
 def main() -> None:
     result = ledger()
-    for name in ("forward", "backward", "eval"):
+    for name in ("forward", "backward", "eval", "fused forward", "fused backward", "fused backward, new dresidual"):
         counts = result[name]
         print(f"{name:9s}: " + ", ".join(f"{k} {v}" for k, v in counts.items())
               + f"; predicted host time {predicted_us(counts):.1f} us (H200 unit costs)")
     print(f"predicted host time per training pass: {predicted_us(result['training pass']):.1f} us "
           "(H200 unit costs, 2026-11-29; the benchmark prints the measured one beside it)")
+    print(ledger_line(result["fused training pass"], "fused training pass (functional core, relu + residual)"))
     print(ledger_line(result["training pass"]))
 
 

@@ -312,18 +312,23 @@ def sync_batch_norm(x: Any, running_mean: Any = None, running_var: Any = None, w
     arrays = backend.arrays if backend is not None and backend.plans else _NO_ARRAYS
     x_getters = arrays.get(type(x))
     out_getters = None if out is None else arrays.get(type(out))
+    residual_getters = None if residual is None else arrays.get(type(residual))
     key = None
-    if x_getters is not None and (out is None or out_getters is not None) and activation is None and residual is None:
+    if x_getters is not None and (out is None or out_getters is not None) and \
+            (residual is None or residual_getters is not None) and (activation is None or type(activation) is str):
         # The planned path (see _planned): the signature, then only what depends on the data.
         stream = backend.current_stream()
         key = (type(x), tuple(x.shape), x_getters[1](x), x.dtype, training, momentum, epsilon, data_format, id(comm),
                unbiased_running_var, nonfinite, num_features, device, name, id(running_mean), id(running_var),
                id(weight), id(bias), None if out is None else (type(out), tuple(out.shape), out_getters[1](out), out.dtype),
+               activation, None if residual is None else (type(residual), tuple(residual.shape),
+                                                          residual_getters[1](residual), residual.dtype),
                _thread(), stream.ptr)
         plan = _planned.FORWARD.get(key)
         if plan is not None and backend.current_device() == backend.index and not stream.is_capturing():
             xp = x_getters[0](x)
-            if xp & 15 == plan.x_align:
+            rp = 0 if residual is None else residual_getters[0](residual)
+            if xp & 15 == plan.x_align and rp & 15 == plan.r_align:
                 y = backend.allocate(plan.x_shape, plan.x_dtype) if out is None else out
                 yp = backend.pointer(y) if out is None else out_getters[0](out)
                 if yp & 15 == plan.y_align:
@@ -331,6 +336,7 @@ def sync_batch_norm(x: Any, running_mean: Any = None, running_var: Any = None, w
                     n_args = entry.normalize_args
                     n_args.cells[plan.nx] = xp
                     n_args.cells[plan.ny] = yp
+                    n_args.cells[plan.nresidual] = rp
                     count = None
                     if plan.training:
                         tag = next_tag(plan.comm)
@@ -348,7 +354,8 @@ def sync_batch_norm(x: Any, running_mean: Any = None, running_var: Any = None, w
                     entry.normalize()
                     return y, BatchNormContext(backend, x, plan.x_shape, plan.x3_shape, entry.stats, count,
                                                plan.comm_or_self, plan.last, plan.where, False, plan.pdtype,
-                                               plan.affine, plan, entry)
+                                               plan.affine, plan, entry, y if plan.relu else None,
+                                               plan.residual)
     where = name or "sync_batch_norm"
     last = channel_last(data_format)
     training = check_bool(training, "training", where)
@@ -434,12 +441,13 @@ def sync_batch_norm(x: Any, running_mean: Any = None, running_var: Any = None, w
     if (_planned.enabled and key is not None and not capturing and (pivot_state is not None or not training)
             and _aliases(backend, x_getters, given, x)
             and (type(given) in backend.array_types if out is None else _aliases(backend, out_getters, out, out_array))
+            and (residual is None or _aliases(backend, residual_getters, residual, residual_array))
             # the key holds the given per-channel arrays' identities, the plan the validated ones
             and rm is running_mean and rv is running_var and w is weight and b is bias):
         plan = _planned.ForwardPlan(
             backend, comm, training, tuple(x.shape), x3.shape, x.dtype, stats.data.dtype, x3, y3, params,
             momentum, epsilon, unbiased, where, last, params["dtype"], (w is not None, b is not None), nonfinite,
-            pivot_state)
+            pivot_state, residual3, relu)
         _planned.remember(key, plan)
     ctx = BatchNormContext(backend, x3, tuple(x.shape), x3.shape, stats, count, comm or SingleProcessComm(), last,
                            where, debug, params["dtype"], (w is not None, b is not None), plan, None,
@@ -558,7 +566,8 @@ def sync_batch_norm_backward(ctx: BatchNormContext, dy: Any, *, input_grad: bool
     dx_get = None if input_grad_out is None else arrays.get(type(input_grad_out))
     wg_get = None if weight_grad_out is None else arrays.get(type(weight_grad_out))
     bg_get = None if bias_grad_out is None else arrays.get(type(bias_grad_out))
-    if dy_get is not None and not ctx._done and residual_grad_out is None and \
+    rg_get = None if residual_grad_out is None else arrays.get(type(residual_grad_out))
+    if dy_get is not None and not ctx._done and (residual_grad_out is None or rg_get is not None) and \
             (input_grad_out is None or dx_get is not None) and \
             (weight_grad_out is None or wg_get is not None) and (bias_grad_out is None or bg_get is not None):
         backend = plan.backend
@@ -570,21 +579,23 @@ def sync_batch_norm_backward(ctx: BatchNormContext, dy: Any, *, input_grad: bool
                                             bias_grad_out.dtype),
                None if dx_get is None else (type(input_grad_out), tuple(input_grad_out.shape), dx_get[1](input_grad_out),
                                             input_grad_out.dtype),
+               residual_grad, None if rg_get is None else (type(residual_grad_out), tuple(residual_grad_out.shape),
+                                                           rg_get[1](residual_grad_out), residual_grad_out.dtype),
                ctx._count is None, _thread(), stream.ptr)
         bplan = plan.backward.get(key)
         if bplan is not None and backend.current_device() == backend.index and not stream.is_capturing():
             pointer = backend.pointer
             dyp, xp = dy_get[0](dy), arrays[type(ctx._x3)][0](ctx._x3)
-            dx = None
-            dxp = 0
-            if input_grad:
-                if input_grad_out is None:
-                    dx = backend.allocate(plan.x_shape, plan.x_dtype)
-                    dxp = pointer(dx)
-                else:
-                    dx = input_grad_out
-                    dxp = dx_get[0](dx)
-            if dyp & 15 == bplan.dy_align and xp & 15 == bplan.x_align and dxp & 15 == bplan.dx_align:
+            # dx and dresidual: the given outputs, or new arrays (when wanted).
+            dx = None if not input_grad else input_grad_out if input_grad_out is not None else \
+                backend.allocate(plan.x_shape, plan.x_dtype)
+            dxp = 0 if dx is None else pointer(dx) if input_grad_out is None else dx_get[0](dx)
+            dresidual = None if not bplan.dresidual else residual_grad_out if residual_grad_out is not None else \
+                backend.allocate(plan.x_shape, plan.x_dtype)
+            drp = 0 if dresidual is None else pointer(dresidual) if residual_grad_out is None else rg_get[0](dresidual)
+            yp = 0 if ctx._y is None else arrays[type(ctx._y)][0](ctx._y)
+            if dyp & 15 == bplan.dy_align and xp & 15 == bplan.x_align and dxp & 15 == bplan.dx_align and \
+                    yp & 15 == bplan.y_align and drp & 15 == bplan.dr_align:
                 stats_p = pointer(ctx._stats.data)
                 wg = weight_grad_out if weight_grad_out is not None else \
                     backend.allocate_zeros(bplan.grad_shape, bplan.pdtype) if bplan.new_wg else None
@@ -593,7 +604,7 @@ def sync_batch_norm_backward(ctx: BatchNormContext, dy: Any, *, input_grad: bool
                 tag = next_tag(ctx._comm) if bplan.collective else 0
                 if bplan.reduce is not None:
                     cells = bplan.reduce_args.cells
-                    cells[bplan.rdy], cells[bplan.rx], cells[bplan.rstats] = dyp, xp, stats_p
+                    cells[bplan.rdy], cells[bplan.rx], cells[bplan.rstats], cells[bplan.rmask] = dyp, xp, stats_p, yp
                     cells[bplan.rwg] = 0 if wg is None else pointer(wg) if wg_get is None else wg_get[0](wg)
                     cells[bplan.rbg] = 0 if bg is None else pointer(bg) if bg_get is None else bg_get[0](bg)
                     bplan.reduce_args.doubles[bplan.rtag] = tag
@@ -601,9 +612,10 @@ def sync_batch_norm_backward(ctx: BatchNormContext, dy: Any, *, input_grad: bool
                     if bplan.allreduce is not None:
                         _note.collective = (ctx._where, "backward", tag)
                         bplan.allreduce()
-                if input_grad:
+                if bplan.dx is not None:
                     cells = bplan.dx_args.cells
                     cells[bplan.ddy], cells[bplan.dxx], cells[bplan.ddx], cells[bplan.dstats] = dyp, xp, dxp, stats_p
+                    cells[bplan.dmask], cells[bplan.ddresidual] = yp, drp
                     if bplan.collective:
                         cells[bplan.dcount] = pointer(ctx._count)
                         bplan.dx_args.doubles[bplan.dtag] = tag
@@ -613,7 +625,7 @@ def sync_batch_norm_backward(ctx: BatchNormContext, dy: Any, *, input_grad: bool
                     bplan.dx()
                 if not retain:
                     ctx._finish(stream.ptr == plan.stream)        # not capturing: checked above
-                return dx, wg, bg
+                return (dx, wg, bg, dresidual) if plan.residual else (dx, wg, bg)
     if not isinstance(ctx, BatchNormContext):
         raise TypeError(f"ctx must be the BatchNormContext returned by sync_batch_norm, got {type(ctx).__name__}")
     where = ctx._where
@@ -694,10 +706,13 @@ def sync_batch_norm_backward(ctx: BatchNormContext, dy: Any, *, input_grad: bool
             type(given) in backend.array_types if input_grad_out is None
             else _aliases(backend, dx_get, input_grad_out, dx_array))) and \
             (wg is None or wg_get is None or _aliases(backend, wg_get, weight_grad_out, wg)) and \
-            (bg is None or bg_get is None or _aliases(backend, bg_get, bias_grad_out, bg)):
+            (bg is None or bg_get is None or _aliases(backend, bg_get, bias_grad_out, bg)) and (not residual_grad or (
+                type(given) in backend.array_types if residual_grad_out is None
+                else _aliases(backend, rg_get, residual_grad_out, dresidual_array))):
         plan.backward[key] = _planned.BackwardPlan(
             backend, ctx._comm, collective, dy3, x3, dx3, wg, bg, buf, ring, reduce, ctx._pdtype or "float32",
-            new_wg=weight_grad_out is None and wg is not None, new_bg=bias_grad_out is None and bg is not None)
+            new_wg=weight_grad_out is None and wg is not None, new_bg=bias_grad_out is None and bg is not None,
+            y3=y3, dresidual3=dresidual3)
     if not check_bool(retain, "retain", where):
         ctx.release()
     grads = (dx, weight_grad_out if weight_grad_out is not None else wg,

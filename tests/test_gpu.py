@@ -66,6 +66,25 @@ def test_fused_epilogue_kernels_match_reference(data_format, shape, dtype, activ
                 device=f"gpu:{cupy.cuda.Device().id}")
 
 
+@pytest.mark.parametrize("activation,residual", [("relu", True), ("relu", False), (None, True)])
+@pytest.mark.parametrize("data_format,shape", [("NCHW", (8, 64, 16, 16)), ("NHWC", (4, 7, 7, 256))])
+def test_fused_planned_calls_are_bitwise_those_of_the_full_path(monkeypatch, data_format, shape, activation,
+                                                                 residual):
+    import cupy
+    from cusyncbn import _planned
+    device = f"gpu:{cupy.cuda.Device().id}"
+
+    def run():
+        return check_fused(data_format, shape, "float32", activation, residual, lambda a, d, role: to_device(a, d),
+                           to_host, device=device, steps=3)
+    planned = run()
+    monkeypatch.setattr(_planned, "enabled", False)
+    _planned.clear()
+    for one, other in zip(planned, run()):
+        for a, b in zip(one, other):
+            np.testing.assert_array_equal(a, b)
+
+
 def test_gpu_matches_cpu_backend_on_odd_sizes():
     import cupy
     rng = np.random.default_rng(1)

@@ -42,6 +42,21 @@ def test_each_pass_of_the_planned_path():
     assert evaluation["launches"] == 1 and evaluation["nccl"] == 0 and evaluation["allocations"] == 1
 
 
+def test_a_fused_pass_stays_within_budget():
+    """ReLU after a residual add, through the functional core's planned path: the same launches,
+    NCCL call, stream lookup and (with dresidual into a given array, as an adapter passes its
+    own tensors) allocations as a plain pass; a new dresidual is one allocation more, and only that."""
+    result = _hostcost.ledger()
+    counts = result["fused training pass"]
+    over = {k: (counts[k], _hostcost.BUDGET[k]) for k in _hostcost.LEDGER_FIELDS if counts[k] > _hostcost.BUDGET[k]}
+    assert not over, f"over budget (count, budget): {over}"
+    for name in ("fused forward", "fused backward"):
+        assert result[name]["launches"] == 2 and result[name]["launch_args"] == 0 and result[name]["nccl"] == 1
+    new = dict(result["fused backward, new dresidual"])
+    assert new.pop("allocations") == 2
+    assert new == {k: v for k, v in result["fused backward"].items() if k != "allocations"}
+
+
 def test_the_ledger_sees_the_full_path(monkeypatch):
     """Negative control: with planning off every call takes the full path, and the ledger
     shows its wrapped arguments, views and frames over the budget."""
@@ -51,6 +66,8 @@ def test_the_ledger_sees_the_full_path(monkeypatch):
     counts = _hostcost.ledger()["training pass"]
     assert counts["views"] > 0 and counts["frames"] > _hostcost.BUDGET["frames"]
     assert _hostcost.predicted_us(counts) > _hostcost.predicted_us(planned) + 20
+    fused = _hostcost.ledger()["fused training pass"]
+    assert fused["views"] > 0 and fused["frames"] > _hostcost.BUDGET["frames"]
 
 
 def test_predicted_time_uses_the_h200_unit_costs():

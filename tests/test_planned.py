@@ -374,3 +374,112 @@ def test_a_planned_forward_released_on_another_stream_is_not_reused(emu):
     bn(x)
     bn.backward(dy)                                        # planned, on the plan's stream: recycled
     assert len(plan.free) == 1
+
+
+# ---- the fused epilogue (activation, residual) on the planned path --------------------------------
+
+EPILOGUES = [("relu", True), ("relu", False), (None, True)]
+
+
+def fused_steps(xs, dys, rs, data_format, activation, backward=None):
+    """Steps of the functional core with the epilogue (parameters' gradients into given arrays,
+    as the layer does): every result, then the running statistics and gradients."""
+    from cusyncbn.functional import sync_batch_norm, sync_batch_norm_backward
+    c = xs[0].shape[-1] if data_format == "NHWC" else xs[0].shape[1]
+    rm, rv, w, b = device(np.zeros(c)), device(np.ones(c)), device(np.linspace(0.5, 2, c)), device(np.linspace(-1, 1, c))
+    wg, bg = device(np.zeros(c)), device(np.zeros(c))
+    out = []
+    for x, dy, r in zip(xs, dys, rs):
+        kwargs = dict(backward or {})
+        if kwargs.pop("residual_grad_out", False):
+            kwargs["residual_grad_out"] = device(np.zeros(x.shape), x.dtype)
+        y, ctx = sync_batch_norm(x, rm, rv, w, b, data_format=data_format, device="cpu", name="fused",
+                                 activation=activation, residual=r)
+        grads = sync_batch_norm_backward(ctx, dy, weight_grad_out=wg, bias_grad_out=bg, **kwargs)
+        assert len(grads) == (3 if r is None else 4)
+        assert "residual_grad_out" not in kwargs or grads[3] is kwargs["residual_grad_out"]
+        out.append([None if a is None else np.array(a) for a in (y, *grads)])
+    return out, [np.array(a) for a in (rm, rv, wg, bg)]
+
+
+def assert_bitwise(a, b):
+    for (steps_a, state_a), (steps_b, state_b) in [(a, b)]:
+        for one, other in zip(steps_a + [state_a], steps_b + [state_b]):
+            for u, v in zip(one, other):
+                assert (u is None) == (v is None)
+                if u is not None:
+                    np.testing.assert_array_equal(u, v)
+
+
+# The backward's dresidual options (a given output; dresidual without dx), with a residual only.
+FUSED_CASES = [(activation, residual, backward) for activation, residual in EPILOGUES
+               for backward in ({}, {"residual_grad_out": True}, {"input_grad": False}) if residual or not backward]
+
+
+@pytest.mark.parametrize("activation,residual,backward", FUSED_CASES)
+@pytest.mark.parametrize("data_format,shape", SHAPES)
+def test_fused_planned_results_are_bitwise_those_of_the_full_path(emu, monkeypatch, data_format, shape, activation,
+                                                                   residual, backward):
+    xs, dys = data(shape, dtype="float16" if data_format == "NC" else "float32")
+    rs = data(shape, seed=1, dtype=xs[0].dtype.name)[0] if residual else [None] * len(xs)
+    planned = fused_steps(xs, dys, rs, data_format, activation, backward)
+    # Without dx the dx kernel writes dresidual alone: still two launches per backward.
+    assert emu.full == 5, "only the first step takes the full path (two moments: no pivot yet)"
+    monkeypatch.setattr(_planned, "enabled", False)
+    _planned.clear()
+    emu.full = 0
+    full = fused_steps(xs, dys, rs, data_format, activation, backward)
+    assert emu.full == 5 + 4 * (len(xs) - 1)
+    assert_bitwise(planned, full)
+
+
+def test_an_epilogue_is_a_signature_of_its_own(emu):
+    """A fused call after planned plain calls of the same input takes the full path once, then
+    its own plan; neither plan runs the other's epilogue."""
+    from cusyncbn.functional import sync_batch_norm, sync_batch_norm_backward
+    (x, x2), (dy, _) = data((4, 8, 5, 5), n=2)
+    r = data((4, 8, 5, 5), seed=2)[0][0]
+    rm, rv = device(np.zeros(8)), device(np.ones(8))
+    results = {}
+    for activation, residual in [(None, None), (None, None), ("relu", r), ("relu", r), ("relu", None), (None, None)]:
+        before = emu.full
+        y, ctx = sync_batch_norm(x, rm, rv, device="cpu", activation=activation, residual=residual)
+        sync_batch_norm_backward(ctx, dy)
+        results.setdefault((activation, residual is None), []).append((np.array(y), emu.full - before))
+    plain, fused, relu = results[(None, True)], results[("relu", False)], results[("relu", True)]
+    assert [n for _, n in plain] == [5, 0, 0] and [n for _, n in fused] == [4, 0] and [n for _, n in relu] == [4]
+    assert (fused[1][0] >= 0).all() and (plain[1][0] < 0).any() and (relu[0][0] == np.maximum(plain[1][0], 0)).all()
+    assert len(_planned.FORWARD) == 3
+
+
+def test_a_misaligned_residual_takes_the_full_path(emu):
+    from cusyncbn.functional import sync_batch_norm, sync_batch_norm_backward
+    (x,), (dy,) = data((4, 8, 5, 4), n=1)
+    r = data((4, 8, 5, 4), seed=2)[0][0]
+    rm, rv = device(np.zeros(8)), device(np.ones(8))
+    for _ in range(2):
+        y, ctx = sync_batch_norm(x, rm, rv, device="cpu", activation="relu", residual=r)
+        sync_batch_norm_backward(ctx, dy)
+    before = emu.full
+    misaligned = cuda_emu.guarded_copy(np.asarray(r), misalign=True)
+    y2, ctx = sync_batch_norm(x, rm, rv, device="cpu", activation="relu", residual=misaligned)
+    assert emu.full - before == 2 and "normalize_cs<float, float, 1>" in emu.launches
+    sync_batch_norm_backward(ctx, dy)
+
+
+def test_the_fused_comparison_can_fail(emu):
+    """Negative control: a fused plan whose relu cell is cleared gives other results."""
+    from cusyncbn.functional import sync_batch_norm
+    (x,), _ = data((4, 8, 5, 5), n=1)
+    r = data((4, 8, 5, 5), seed=2)[0][0]
+    rm, rv = device(np.zeros(8)), device(np.ones(8))
+    ys = []
+    for _ in range(3):
+        y, ctx = sync_batch_norm(x, rm, rv, device="cpu", activation="relu", residual=r, training=False)
+        ys.append(np.array(y))
+        ctx.release()                                   # a planned context's statistics set goes back
+        plan = next(iter(_planned.FORWARD.values()))
+        if len(ys) == 2:
+            plan.free[-1].normalize_args.set("relu", 0)    # the set the next call takes
+    np.testing.assert_array_equal(ys[0], ys[1])
+    assert emu.full == 1 and (ys[0] >= 0).all() and (ys[2] < 0).any()
