@@ -14,6 +14,7 @@ CPU_CASES = (
     "debug_mode_raises_on_every_rank", "debug_mode_accepts_valid_differences",
     "skipped_batch_is_detected_on_every_rank", "nonfinite_statistics_leave_running_stats_and_warn",
     "functional_matches_global_reference", "fused_epilogue_matches_global_reference",
+    "functional_fused_epilogue_matches_global_reference",
     "allreduce_gradients_sums_and_averages",
     "torch_converted_model_matches_torch_on_whole_batch", "nccl_bootstrap_and_fallback",
 )

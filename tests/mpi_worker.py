@@ -567,6 +567,73 @@ def fused_epilogue_matches_global_reference():
 
 
 @case
+def functional_fused_epilogue_matches_global_reference():
+    """cusyncbn.functional with activation="relu" and / or a residual (y = act(BN(x) + residual))
+    on uneven and empty per-rank batches: two training steps (the first finds the pivot) and an
+    eval step, dresidual into a new array and into residual_grad_out: y, dx, dresidual, dweight
+    and dbias summed over ranks and the running statistics against the reference's fused forms
+    on the global batch; one all-reduce per pass (two on a first forward), none in eval, none
+    for dresidual alone (input_grad=False)."""
+    from cusyncbn.functional import sync_batch_norm, sync_batch_norm_backward
+    comm = CountingComm(make_comm(WORLD))
+    errors = []
+    rng = np.random.default_rng(23)
+    c = 3
+    for data_format in ("NCHW", "NHWC", "NC"):
+        for split in ("uneven", "empty"):
+            total = 2 * WORLD.size + 3
+            counts = split_counts(total, WORLD.size, split)
+            lo, hi = sum(counts[:WORLD.rank]), sum(counts[:WORLD.rank + 1])
+            shape = global_shape(data_format, total, c)
+            for activation, residual in (("relu", True), ("relu", False), (None, True)):
+                w, b = rng.uniform(0.5, 1.5, c), rng.normal(size=c)
+                rm, rv, wd, bd = xp.zeros(c), xp.ones(c), xp.asarray(w), xp.asarray(b)
+                rm_ref, rv_ref = np.zeros(c), np.ones(c)
+                for step, training in enumerate((True, True, False)):
+                    x, dy = rng.normal(1.0, 2.0, size=shape), rng.normal(size=shape)
+                    r = rng.normal(size=shape) if residual else None
+                    where = f"{data_format}/{split} activation={activation} residual={residual} step {step}"
+                    calls = comm.calls
+                    y, ctx = sync_batch_norm(xp.asarray(x[lo:hi]), rm, rv, wd, bd, training=training, momentum=0.6,
+                                             data_format=data_format, comm=comm, activation=activation,
+                                             residual=None if r is None else xp.asarray(r[lo:hi]))
+                    out = xp.empty(x[lo:hi].shape) if residual and step == 1 else None
+                    grads = sync_batch_norm_backward(ctx, xp.asarray(dy[lo:hi]), residual_grad_out=out)
+                    if training:
+                        y_ref, mean, var = ref.fused_forward(x, w, b, 1e-5, data_format, r, activation)
+                        want = ref.fused_backward(x, dy, w, b, 1e-5, data_format, r, activation)
+                        rm_ref, rv_ref = ref.update_running(rm_ref, rv_ref, mean, var, x.size // c, 0.6)
+                    else:
+                        y_ref = ref.fused_eval_forward(x, w, b, rm_ref, rv_ref, 1e-5, data_format, r, activation)
+                        want = ref.fused_eval_backward(x, dy, w, b, rm_ref, rv_ref, 1e-5, data_format, r, activation)
+                    sums = np.concatenate([host(grads[1]), host(grads[2])])
+                    WORLD.Allreduce(MPI.IN_PLACE, sums)
+                    checks = [("y", y, y_ref[lo:hi]), ("dx", grads[0], want[0][lo:hi]), ("dweight", sums[:c], want[1]),
+                              ("dbias", sums[c:], want[2]), ("running mean", rm, rm_ref), ("running var", rv, rv_ref)]
+                    if residual:
+                        checks.append(("dresidual", grads[3], want[3][lo:hi]))
+                        if out is not None and grads[3] is not out:
+                            errors.append(f"{where}: dresidual is not residual_grad_out")
+                    for what, got, wanted in checks:
+                        close(errors, f"{where} {what}", got, wanted, "float64")
+                    made = comm.calls - calls
+                    if made != (0 if not training else 3 if step == 0 else 2) or len(grads) != 3 + residual:
+                        errors.append(f"{where}: {made} all-reduces and {len(grads)} results")
+            x, dy, r = (rng.normal(size=shape) for _ in range(3))
+            _, ctx = sync_batch_norm(xp.asarray(x[lo:hi]), xp.zeros(c), xp.ones(c), data_format=data_format, comm=comm,
+                                     activation="relu", residual=xp.asarray(r[lo:hi]))
+            calls = comm.calls
+            dx, dw, db, dr = sync_batch_norm_backward(ctx, xp.asarray(dy[lo:hi]), input_grad=False, weight_grad=False,
+                                                      bias_grad=False)
+            if dx is not None or dw is not None or db is not None or comm.calls != calls:
+                errors.append(f"{data_format}/{split} dresidual alone: {comm.calls - calls} all-reduces, "
+                              f"dx={dx is not None}, dweight={dw is not None}, dbias={db is not None}")
+            want = ref.fused_backward(x, dy, 1.0, 0.0, 1e-5, data_format, r, "relu")[3]
+            close(errors, f"{data_format}/{split} dresidual alone", dr, want[lo:hi], "float64")
+    return errors
+
+
+@case
 def allreduce_gradients_sums_and_averages():
     comm = make_comm(WORLD)
     a = xp.full((3,), float(WORLD.rank + 1))
