@@ -18,15 +18,15 @@ every rank of ``comm``, ``N`` of them)::
 where the sums of ``dbias`` / ``dweight`` run over this rank's elements (the sum over
 ranks of these partial gradients is the full gradient, see
 :func:`cusyncbn.allreduce_gradients`) and the means in ``dx`` over the global batch.
-
-A fused epilogue (``activation="relu"`` and / or ``residual``) gives
-``y = relu((x - mean) * invstd * weight + bias + residual)`` in the same passes, with no
-pre-activation copy: the backward reads the mask ``y > 0`` from ``y`` and uses
-``g = dy * mask`` for ``dy`` in the formulas above; ``dresidual = g``.
 A training forward makes one all-reduce of ``2C + 3`` float64 values, a backward that
 wants ``dx`` one of ``2C + 2``; eval makes none, and neither does a backward that wants
 only the parameter gradients. Per-rank batches may be uneven or empty: the results are
 those of one process holding the whole batch.
+
+A fused epilogue (``activation="relu"`` and / or ``residual``) gives
+``y = relu((x - mean) * invstd * weight + bias + residual)`` in the same passes (and the
+same collectives), with no pre-activation copy: the backward reads the mask ``y > 0`` from
+``y`` and uses ``g = dy * mask`` for ``dy`` in the formulas above; ``dresidual = g``.
 
 Arrays may be NumPy or CuPy arrays or any DLPack producer (torch, JAX, Paddle); the
 device is the input's (NumPy on the CPU, the CUDA kernels on a GPU), and every other
