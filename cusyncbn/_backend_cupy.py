@@ -215,32 +215,33 @@ class CupyBackend(Backend):
 
     def _make_plan(self, kind: str, shape3: tuple, dtype_name: str, pname: str, misalign: int) -> _Plan:
         a, c, b = shape3
-        layout = "cl" if b == 1 else "cs"
+        layout = _tuning.layout_for(shape3, dtype_name, misalign)
         config = self.launch_config(kind, layout, dtype_name, shape3)
         itemsize = _kernels.ITEMSIZE[dtype_name]
-        extent = c if layout == "cl" else b
-        vec = next(v for v in _kernels.vector_widths(dtype_name)
-                   if (config.vec == 0 or v <= config.vec) and extent % v == 0 and misalign % (v * itemsize) == 0)
-        lanes, threads = _tuning.block_shape(layout, config, c, vec, itemsize)
-        while lanes > 1 and _tuning.shared_bytes(kind, layout, threads, lanes, vec) > _tuning.MAX_DYNAMIC_SHARED:
-            lanes //= 2
-        shared = _tuning.shared_bytes(kind, layout, threads, lanes, vec)
+        vec = _tuning.vector_width(c * b if layout == "cl" else b, dtype_name, misalign, config.vec)
         kernel = self._kernel(dtype_name, _kernels.kernel_key(kind, layout, vec, pname), config.loads)
         registers, static = self._resources(kernel)
-        slots = max(1, round(config.waves * _tuning.resident_blocks(registers, threads, shared + static) * self._sms))
-        grid, block = _tuning.grid(layout, shape3, vec, threads, lanes, slots)
+        def fit(threads: int, shared: int) -> int:
+            return _tuning.resident_blocks(registers, threads, shared + static)
+        launch = _tuning.launch_grid(kind, layout, shape3, vec, itemsize, config, fit, self._sms)
+        grid, block = launch.grid, launch.block
         if layout == "cs":
             grid = (grid[0], min(grid[1], self.max_grid_y))
         work: tuple = ()
         if kind in _kernels.REDUCTIONS:
-            splits = grid[1] if layout == "cl" else grid[0]
-            work = (self.scratch("partials", c * splits * 2 if splits > 1 else 1, np.float64),
-                    self.scratch("tickets", grid[0] if layout == "cl" else c, np.uint32, zeroed=True))
+            if layout == "cl":      # split partials, then channel_totals' edge shares; tile tickets, then channels'
+                tiles, splits = grid
+                partials = (c * b * splits * 2 if splits > 1 else 0) + (tiles * 4 if b > 1 else 0)
+                tickets = tiles + (c if b > 1 else 0)
+            else:
+                partials, tickets = (c * grid[0] * 2 if grid[0] > 1 else 0), c
+            work = (self.scratch("partials", max(partials, 1), np.float64),
+                    self.scratch("tickets", tickets, np.uint32, zeroed=True))
         if kind in ("moments", "normalize"):
             work += (self._pivot(c),)
         fixed = {"A": a, "C": c, "B": b, **{name: self._address(buf) for name, buf in zip(_WORK[kind], work)}}
-        return _Plan(kernel, tuple(grid) + (1,) * (3 - len(grid)), tuple(block) + (1,) * (3 - len(block)), shared,
-                     work, vec, kind, fixed)
+        return _Plan(kernel, tuple(grid) + (1,) * (3 - len(grid)), tuple(block) + (1,) * (3 - len(block)),
+                     launch.shared, work, vec, kind, fixed)
 
     def _pivot(self, channels: int) -> Any:
         """The pivot K the moments kernel hands to the normalize kernel (one array per channel

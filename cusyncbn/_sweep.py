@@ -126,7 +126,7 @@ def sweep_case(backend: Any, shape: tuple, dtype_name: str, data_format: str, ma
 
     from ._rules import shape3
     x3_shape = shape3(tuple(x.shape), c, channel_last)
-    layout = "cl" if x3_shape[2] == 1 else "cs"
+    layout = _tuning.layout_for(x3_shape, name_of(x.dtype))
     ref = reference(layer(), x, dy, to_host, data_format)
     best: dict[str, dict] = {}
     for kind in kinds:

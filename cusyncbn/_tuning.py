@@ -7,16 +7,24 @@ width and the loads in flight. ``CupyBackend`` takes, in order, an override set 
 (compute capability and SM count) and this exact (pass, layout, dtype, shape), or the
 heuristic below. ``cusyncbn._sweep.run_sweep`` measures the table on a GPU.
 
-The grid heuristic fills the GPU with exactly one wave of resident blocks: every SM holds
-as many blocks as its registers, threads and shared memory allow, and every block
-grid-strides over its share. More blocks than that only add split partials to merge (and,
-in the elementwise passes, coefficient set-ups); fewer leave SMs idle.
+Which kernels run a pass (``layout_for``): "cs", one channel's slab per block (channel-second
+input with long rows), or "cl", row tiles (channel-last input, and channel-second input with
+short rows, whose rows of C * B values hold several channels each; docs/KERNELS.md).
+
+The grid heuristic (``launch_grid``) fills the GPU: every SM holds as many blocks as its
+registers, threads and shared memory allow (a *wave*), and every block grid-strides over its
+share. Slab grids take one wave, or one block per channel when there are more channels. Row-tile
+grids are chosen among block sizes, lanes and splits for the best product of two fractions:
+the wave efficiency (blocks over the waves they take, times a wave: a last wave a quarter full
+wastes three quarters of it) and the work per thread (vectors per thread over the loads a
+thread keeps in flight, at most 1: a thread with one vector to load spends its block's set-up
+on it). More splits than that only add split partials to merge.
 """
 from __future__ import annotations
 
 import json
 import os
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 from . import _kernels
 
@@ -24,6 +32,10 @@ TABLE_PATH = os.path.join(os.path.dirname(__file__), "_kernels", "tuning.json")
 MAX_GRID_Y = 65535
 MAX_DYNAMIC_SHARED = 48 * 1024       # without the opt-in attribute
 COALESCED_BYTES = 128                # a warp's row segment: lanes * vector bytes at least this
+SLAB_THREADS = 256                   # the slab kernels' default block
+ROW_THREADS = (512, 256, 128, 64, 32)  # the row-tile block sizes the heuristic tries, its default first
+MAX_COLUMNS = (1 << 31) - (1 << 25)  # row tiles index the C * B columns of a row with 32-bit ints
+MIN_SPLIT_BYTES = 128                # a row-tile split reads at least this per column: 8x the partial it writes
 
 
 class LaunchConfig(NamedTuple):
@@ -93,25 +105,102 @@ def shared_bytes(kind: str, layout: str, threads: int, lanes: int, vec: int) -> 
     return 8 * 4 * channels
 
 
-def grid(layout: str, shape3: tuple[int, int, int], vec: int, threads: int, lanes: int,
-         slots: int) -> tuple[tuple[int, int], tuple[int, int]]:
-    """Grid and block of a pass over ``shape3`` = (A, C, B) with ``slots`` blocks wanted.
+def vector_width(extent: int, dtype_name: str, misalign: int, cap: int = 0) -> int:
+    """The widest vector (in elements) the kernels have for ``dtype_name`` that divides ``extent``
+    and that the arrays' alignment allows (``misalign``: their addresses OR-ed together, modulo
+    16), at most ``cap`` (0: no cap)."""
+    itemsize = _kernels.ITEMSIZE[dtype_name]
+    return next(v for v in _kernels.vector_widths(dtype_name)
+                if (cap == 0 or v <= cap) and extent % v == 0 and misalign % (v * itemsize) == 0)
 
-    Channel-second: (splits, channels) grids of 1-D blocks, each block a slice of one
-    channel. Channel-last: (channel tiles, splits) grids of (lanes, rows) blocks. Splits are
-    bounded so that every thread has at least one vector."""
+
+def layout_for(shape3: tuple[int, int, int], dtype_name: str, misalign: int = 0) -> str:
+    """The kernels of a pass over ``shape3`` = (A, C, B): "cl" (row tiles) or "cs" (slabs).
+
+    Channel-last input (B == 1) takes row tiles. Channel-second input takes them too when its
+    rows are short: when a row of C * B values takes a wider vector than a channel's B values
+    (B = 49 in (64, 2048, 7, 7): slabs load one element at a time, row tiles 16 bytes, a vector
+    crossing from one channel's row into the next's), or when a channel has fewer vectors than
+    a slab block has threads. Empty input and rows of 2^31 values or more keep the slabs."""
     a, c, b = shape3
-    if a * b == 0:
-        return (1, 1), ((threads, 1) if layout == "cs" else (lanes, threads // lanes))
+    if b == 1:
+        return "cl"
+    if a == 0 or b == 0 or c * b >= MAX_COLUMNS:
+        return "cs"
+    slab = vector_width(b, dtype_name, misalign)
+    row = vector_width(c * b, dtype_name, misalign)
+    return "cl" if row > slab or a * b < SLAB_THREADS * slab else "cs"
+
+
+class Launch(NamedTuple):
+    grid: tuple[int, int]       # slabs: (splits, channels); row tiles: (tiles, splits)
+    block: tuple[int, int]      # slabs: (threads, 1); row tiles: (lanes, rows)
+    shared: int                 # dynamic shared memory, bytes
+
+
+def launch_grid(kind: str, layout: str, shape3: tuple[int, int, int], vec: int, itemsize: int,
+                config: LaunchConfig, fit: Callable[[int, int], int], sms: int) -> Launch:
+    """Grid, block and dynamic shared memory of pass ``kind`` over ``shape3`` = (A, C, B) with
+    ``vec``-element vectors. ``fit(threads, shared)``: the blocks of that many threads and bytes
+    of dynamic shared memory one SM holds with the kernel's registers; ``sms``: the GPU's
+    multiprocessors. Splits are bounded so that every thread has at least one vector."""
+    a, c, b = shape3
     if layout == "cs":
+        threads = config.threads or SLAB_THREADS
+        shared = shared_bytes(kind, layout, threads, 1, vec)
+        if a * b == 0:
+            return Launch((1, 1), (threads, 1), shared)
+        slots = max(1, round(config.waves * fit(threads, shared) * sms))
         useful = -(-(a * b // vec) // threads)
         splits = max(1, min(round(slots / c), useful, MAX_GRID_Y))
-        return (splits, min(c, MAX_GRID_Y)), (threads, 1)
-    rows = threads // lanes
-    tiles = -(-c // (lanes * vec))
-    useful = -(-a // rows)
-    splits = max(1, min(round(slots / tiles), useful, MAX_GRID_Y))
-    return (tiles, splits), (lanes, rows)
+        return Launch((splits, min(c, MAX_GRID_Y)), (threads, 1), shared)
+    return _row_tiles(kind, shape3, vec, itemsize, config, fit, sms)
+
+
+def _row_tiles(kind: str, shape3: tuple[int, int, int], vec: int, itemsize: int, config: LaunchConfig,
+               fit: Callable[[int, int], int], sms: int) -> Launch:
+    """The row-tile launch of the best score (wave efficiency x work per thread, see the module
+    docstring) among the block sizes (``ROW_THREADS``, or the configuration's), the lanes from
+    the fewest that coalesce up to 32 (or the configuration's) and, per shape, the splits that
+    fill a whole number of waves most closely; ties go to the first tried (the default block
+    size, the fewest lanes and splits). A split reads at least ``MIN_SPLIT_BYTES`` per column."""
+    a, c, b = shape3
+    columns = c * b
+    fewest = lanes_for(columns, vec, itemsize)
+    batch = min(8, max(1, config.loads * 16 // (vec * itemsize)))
+    if kind == "dx":
+        batch = max(1, batch // 2)                    # dx_cl: half the loads per array (Io::batch2)
+    best: tuple[float, Launch] | None = None
+    for threads in (config.threads,) if config.threads else ROW_THREADS:
+        tried = set()
+        for lanes in (config.lanes,) if config.lanes else (1, 2, 4, 8, 16, 32):
+            if not config.lanes and (lanes < fewest or (lanes > fewest and lanes // 2 * vec >= columns)):
+                continue                               # not coalesced, or half the lanes idle
+            lanes = min(lanes, 32, threads)
+            while lanes > 1 and shared_bytes(kind, "cl", threads, lanes, vec) > MAX_DYNAMIC_SHARED:
+                lanes //= 2
+            if lanes in tried:
+                continue
+            tried.add(lanes)
+            shared = shared_bytes(kind, "cl", threads, lanes, vec)
+            rows = threads // lanes
+            tiles = -(-columns // (lanes * vec))
+            if a == 0:
+                return Launch((1, 1), (lanes, rows), shared)
+            wave = max(1, fit(threads, shared) * sms)
+            slots = max(1, round(config.waves * wave))
+            useful = min(-(-a // rows), MAX_GRID_Y)
+            for splits in sorted({1, slots // tiles, -(-slots // tiles), useful}):
+                if not 1 <= splits <= useful or (splits > 1 and a * itemsize < MIN_SPLIT_BYTES * splits):
+                    continue
+                blocks = tiles * splits
+                efficiency = blocks / (-(-blocks // slots) * slots)
+                work = min(1.0, a / (rows * splits) / batch)
+                score = efficiency * work
+                if best is None or score > best[0] + 1e-9:
+                    best = (score, Launch((tiles, splits), (lanes, rows), shared))
+    assert best is not None
+    return best[1]
 
 
 # ---- the measured table -----------------------------------------------------------------------

@@ -10,7 +10,8 @@ import pytest
 
 import cuda_emu
 import cusyncbn
-from cusyncbn import _kernels
+from cusyncbn import _kernels, _tuning
+from cusyncbn._rules import channel_last, shape3
 from layer_check import SHAPES, TOL, check_layer
 
 # Emulated threads are slow: the widest shape is narrowed (same layout and parities).
@@ -66,11 +67,12 @@ def test_emulated_grid_sizes(use_backend, sms):
 
 @pytest.mark.parametrize("sms", [1, 132])
 def test_more_channels_than_grid_rows(use_backend, sms):
-    """Channel-second reductions loop over the channels beyond grid.y (65535 on a GPU, 2 here)."""
+    """Channel-second slab kernels loop over the channels beyond grid.y (65535 on a GPU, 2 here);
+    the rows are long enough for slabs (``_tuning.layout_for``)."""
     backend = use_backend(cuda_emu.EmuBackend(sms=sms))
     backend.max_grid_y = 2
-    check_layer("NCHW", (6, 5, 9, 8), "float32", to_device, to_host, device="cpu")
-    check_layer("NCL", (4, 7, 33), "float16", to_device, to_host, device="cpu")
+    check_layer("NCHW", (6, 5, 16, 16), "float32", to_device, to_host, device="cpu")
+    check_layer("NCL", (4, 7, 65), "float16", to_device, to_host, device="cpu")
     assert {g[1] for e, g in backend.grids if e.startswith(("moments_cs", "backward_cs"))} == {2}
 
 
@@ -93,10 +95,12 @@ def test_results_do_not_depend_on_block_order(use_backend):
 
 
 def test_every_instantiation_runs(emu):
-    """Both layouts with runs of 8, 4 and 2 elements (odd counts around them, so that the
-    widest vector dividing the extent is that run), aligned and misaligned, every dtype and
+    """Slabs and row tiles with runs of 8, 4 and 2 elements (odd counts around them, so that the
+    widest vector dividing the extent is that run: channel-second rows of 257 k, long enough
+    for slabs; channel-last rows of k channels), aligned and misaligned, every dtype and
     parameter dtype: together they launch every kernel the CuPy backend can launch."""
-    shapes = [(fmt, shape) for k in (8, 4, 2) for fmt, shape in (("NCHW", (3, 5, 1, k)), ("NHWC", (3, 1, 1, k)))]
+    shapes = [(fmt, shape) for k in (8, 4, 2) for fmt, shape in (("NCHW", (1, 3, 1, 257 * k)),
+                                                                 ("NHWC", (3, 1, 1, k)))]
     for dtype in TOL:
         for pdtype in ("float32", "float64"):
             for fmt, shape in shapes:
@@ -109,7 +113,7 @@ def test_every_instantiation_runs(emu):
 
 
 def test_misaligned_input_takes_the_scalar_path(emu):
-    x = to_device(np.random.default_rng(0).normal(size=(4, 8, 4, 4)), "float32", misalign=True)
+    x = to_device(np.random.default_rng(0).normal(size=(4, 8, 16, 16)), "float32", misalign=True)
     bn = cusyncbn.SyncBatchNorm(8)
     bn(x)
     assert "normalize_cs<float, float, 1>" in emu.launches and "normalize_cs<float, float, 4>" not in emu.launches
@@ -117,12 +121,15 @@ def test_misaligned_input_takes_the_scalar_path(emu):
     assert "normalize_cs<float, float, 4>" in emu.launches
 
 
-def test_vectors_stay_inside_a_channel(emu):
-    """Runs of 3 elements per channel: scalar channel-second passes; rows of 6 channels:
-    2-wide channel-last passes (a thread's vector holds consecutive channels of one row)."""
+def test_vector_widths_follow_the_rows(emu):
+    """A slab's vectors stay inside a channel's run (runs of 385: scalar slabs); a row tile's stay
+    inside a row: rows of 4 channels x 3 values take 4-wide vectors that cross from one channel's
+    run into the next's, rows of 6 channel-last channels 2-wide ones."""
+    check_layer("NCHW", (2, 3, 1, 385), "float16", to_device, to_host, device="cpu")
     check_layer("NCHW", (8, 4, 1, 3), "float16", to_device, to_host, device="cpu")
     check_layer("NHWC", (4, 3, 5, 6), "float32", to_device, to_host, device="cpu")
     for expr in ("moments_cs<half_t, 1>", "normalize_cs<half_t, float, 1>", "dx_cs<half_t, 1>",
+                 "moments_cl<half_t, 4>", "normalize_cl<half_t, float, 4>", "dx_cl<half_t, 4>",
                  "moments_cl<float, 2>", "normalize_cl<float, float, 2>", "dx_cl<float, 2>"):
         assert expr in emu.launches
 
@@ -263,7 +270,8 @@ def test_launches_per_pass(emu, data_format, shape):
     for _ in range(2):                                  # the first call builds the plans
         y = bn(x)
         bn.backward(y)
-    layout = "cl" if data_format in ("NHWC", "NC") else "cs"
+    last = channel_last(data_format)
+    layout = _tuning.layout_for(shape3(shape, c, last), "float32")       # NCHW (4, 8, 5, 5): row tiles
     assert _launches_of(emu, lambda: bn(x)) == [f"moments_{layout}", f"normalize_{layout}"]
     assert _launches_of(emu, lambda: bn.backward(x)) == [f"backward_{layout}", f"dx_{layout}"]
     bn.eval()

@@ -11,6 +11,7 @@ import pytest
 import cuda_emu
 import cusyncbn
 from cusyncbn import _kernels, _sweep, _tuning
+from cusyncbn._rules import shape3
 from cusyncbn._tuning import LaunchConfig
 from cusyncbn._bench_cases import DTYPES, LAYOUTS, SHAPES
 from kernel_resources import occupancy
@@ -26,6 +27,14 @@ def _x3(shape, layout):
     return (n, c, h * w) if layout == "NCHW" else (n * h * w, c, 1)
 
 
+def _launch(backend, kind, x3, dtype):
+    """(plan, kernel layout, blocks, threads per block, one wave of blocks) of pass ``kind``."""
+    plan = backend._make_plan(kind, x3, dtype, "" if kind == "dx" else "float32", 0)
+    threads = plan.block[0] * plan.block[1]
+    wave = SMS * _tuning.resident_blocks(backend.registers, threads, plan.shared + 64)
+    return plan, plan.kernel.expr.split("<")[0][-2:], plan.grid[0] * plan.grid[1], threads, wave
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -35,19 +44,46 @@ def test_every_benchmark_launch_fills_the_gpu(shape, dtype, layout):
     the launch bounds allow), or, where the input has fewer vectors than that many threads,
     every block has work. A full wave keeps every SM at its theoretical occupancy for the
     whole pass (the blocks grid-stride); more waves only add split partials to merge, so there
-    are more only where every block holds a whole channel (C > one wave, channel-second)."""
+    are more only where no block is a split: every slab block a whole channel (C > one wave),
+    every row-tile block all rows of its tile."""
     backend = cuda_emu.EmuBackend(sms=SMS)
     a, c, b = x3 = _x3(shape, layout)
     for kind in _kernels.PASSES:
-        plan = backend._make_plan(kind, x3, dtype, "" if kind == "dx" else "float32", 0)
-        blocks = plan.grid[0] * plan.grid[1]
-        threads = plan.block[0] * plan.block[1]
-        assert plan.vec == 16 // _kernels.ITEMSIZE[dtype] or (b if layout == "NCHW" else c) % plan.vec == 0
-        wave = SMS * _tuning.resident_blocks(backend.registers, threads, plan.shared + 64)
+        plan, kernels, blocks, threads, wave = _launch(backend, kind, x3, dtype)
+        assert kernels == _tuning.layout_for(x3, dtype)
+        assert plan.vec == 16 // _kernels.ITEMSIZE[dtype] or (b if kernels == "cs" else c * b) % plan.vec == 0
         vectors = a * c * b // plan.vec
         assert blocks >= 0.9 * wave or blocks * threads >= vectors, (kind, x3, plan.grid, plan.block, wave)
-        splits = plan.grid[0] if layout == "NCHW" else plan.grid[1]
-        assert blocks <= 2 * wave or splits == 1, (kind, x3, plan.grid, wave)   # more only as channels
+        splits = plan.grid[0] if kernels == "cs" else plan.grid[1]
+        assert blocks <= 2 * wave or splits == 1, (kind, x3, plan.grid, wave)
+
+
+MID_SIZE = [((64, 2048, 7, 7), "NCHW", dtype) for dtype in DTYPES] + \
+    [((64, 1024, 14, 14), "NCHW", dtype) for dtype in DTYPES] + \
+    [((64, 2048, 7, 7), "NHWC", dtype) for dtype in DTYPES] + [((64, 1024, 14, 14), "NHWC", "bfloat16")]
+
+
+@pytest.mark.parametrize("shape,layout,dtype", MID_SIZE)
+def test_mid_size_shapes_fill_the_gpu_with_16_byte_vectors(shape, layout, dtype):
+    """The mid-size shapes of issue 19: (64, 2048, 7, 7) channel-second has H*W = 49 (odd), so its
+    slabs loaded one element at a time on 2048 one-channel blocks; channel-last bfloat16 ran
+    256 blocks where an SM holds 2 (under one wave). Now every pass loads 16 bytes per vector
+    (row tiles: vectors cross from one channel's run of 49 into the next's), launches at least
+    one full wave and several blocks per SM, gives each thread at least 2 vectors (a batch:
+    4 loads in flight, 2 per array in dx), and ends on a last wave at least 70% full. The
+    16-bit (64, 2048, 7, 7) channel-second input holds 1.48 waves of 4-vector threads whatever
+    the block shape (64 x 100352 values / (132 SMs x 1024 threads x 4 x 8)): its last wave is
+    74% of the grid's two."""
+    backend = cuda_emu.EmuBackend(sms=SMS)
+    a, c, b = x3 = _x3(shape, layout)
+    for kind in _kernels.PASSES:
+        plan, kernels, blocks, threads, wave = _launch(backend, kind, x3, dtype)
+        assert plan.vec * _kernels.ITEMSIZE[dtype] == 16, (kind, plan.kernel.expr)
+        assert blocks >= wave and blocks >= 2 * SMS, (kind, plan.grid, plan.block, wave)
+        assert a * c * b // plan.vec >= 2 * blocks * threads, (kind, plan.grid, plan.block)
+        assert blocks / (-(-blocks // wave) * wave) >= 0.7, (kind, plan.grid, plan.block, wave)
+    if layout == "NCHW" and shape[2] == 7:
+        assert kernels == "cl"                      # row tiles: the slabs' vectors would be 1 wide
 
 
 def test_plans_are_cached_and_follow_alignment(use_backend):
@@ -67,18 +103,18 @@ def test_plans_are_cached_and_follow_alignment(use_backend):
 
 def test_table_lookup_override_and_fallback(tmp_path, use_backend):
     backend = use_backend(cuda_emu.EmuBackend(sms=8))
-    key = _tuning.shape_key("moments", "cs", "float32", (4, 8, 16))
+    key = _tuning.shape_key("moments", "cs", "float32", (4, 8, 256))
     backend.table = {"emu": {key: {"threads": 128, "waves": 2.0, "loads": 2, "future_field": 1}},
                      "sm_90/132": {key: {"threads": 512}}}
-    assert backend.launch_config("moments", "cs", "float32", (4, 8, 16)) == LaunchConfig(threads=128, waves=2.0,
-                                                                                         loads=2)
-    assert backend.launch_config("moments", "cs", "float32", (4, 8, 17)) == _tuning.DEFAULT     # unknown shape
-    assert backend.launch_config("normalize", "cs", "float32", (4, 8, 16)) == _tuning.DEFAULT   # other pass
+    assert backend.launch_config("moments", "cs", "float32", (4, 8, 256)) == LaunchConfig(threads=128, waves=2.0,
+                                                                                          loads=2)
+    assert backend.launch_config("moments", "cs", "float32", (4, 8, 255)) == _tuning.DEFAULT    # unknown shape
+    assert backend.launch_config("normalize", "cs", "float32", (4, 8, 256)) == _tuning.DEFAULT  # other pass
     backend.set_launch_config("moments", "cs", LaunchConfig(threads=512))
-    assert backend.launch_config("moments", "cs", "float32", (4, 8, 16)).threads == 512         # override first
+    assert backend.launch_config("moments", "cs", "float32", (4, 8, 256)).threads == 512        # override first
     backend.set_launch_config("moments", "cs", None)
     bn = cusyncbn.SyncBatchNorm(8)
-    bn(to_device(np.random.default_rng(0).normal(size=(4, 8, 4, 4)), "float32"))
+    bn(to_device(np.random.default_rng(0).normal(size=(4, 8, 16, 16)), "float32"))             # slabs
     plan = next(p for k, p in backend._plans.items() if k[0] == "moments")
     assert plan.block == (128, 1, 1) and "loads" not in str(plan)
     assert backend._kernels and all(k[2] == (2 if "moments" in k[1] else 4) for k in backend._kernels)
@@ -90,8 +126,8 @@ def test_table_lookup_override_and_fallback(tmp_path, use_backend):
     # the file format: written atomically, read back, unknown GPUs fall back
     path = str(tmp_path / "tuning.json")
     _tuning.save_table(backend.table, path)
-    assert _tuning.lookup("emu", "moments", "cs", "float32", (4, 8, 16), _tuning.load_table(path)).threads == 128
-    assert _tuning.lookup("sm_80/108", "moments", "cs", "float32", (4, 8, 16), _tuning.load_table(path)) is None
+    assert _tuning.lookup("emu", "moments", "cs", "float32", (4, 8, 256), _tuning.load_table(path)).threads == 128
+    assert _tuning.lookup("sm_80/108", "moments", "cs", "float32", (4, 8, 256), _tuning.load_table(path)) is None
     assert _tuning.load_table(str(tmp_path / "missing.json")) == {}
 
 
@@ -148,12 +184,16 @@ def test_occupancy_calculation():
     assert occupancy(32, 256, 0) == 1.0
 
 
-@pytest.mark.parametrize("data_format,shape", [("NCHW", (6, 5, 9, 8)), ("NHWC", (5, 7, 3, 24)), ("NC", (70, 9))])
+@pytest.mark.parametrize("data_format,shape", [("NCHW", (6, 5, 16, 16)), ("NCHW", (6, 4, 7, 7)),
+                                               ("NHWC", (5, 7, 3, 24)), ("NC", (70, 9))])
 def test_every_sweep_configuration_is_correct(use_backend, data_format, shape):
     """Every configuration of the sweep grid, applied to all four passes at once, gives a
-    correct layer (checked against the float64 reference, as the sweep checks before timing)."""
+    correct layer (checked against the float64 reference, as the sweep checks before timing);
+    channel-second input with long rows runs slabs, with short ones row tiles."""
     backend = use_backend(cuda_emu.EmuBackend(sms=132))
-    layout = "cl" if data_format != "NCHW" else "cs"
+    c = shape[-1] if data_format != "NCHW" else shape[1]
+    layout = _tuning.layout_for(shape3(shape, c, data_format != "NCHW"), "float32")
+    assert layout == ("cs" if shape == (6, 5, 16, 16) else "cl")
     grid = _sweep.sweep_grid(layout)
     assert len(set(grid)) == len(grid) >= 16
     for config in grid:
@@ -189,7 +229,8 @@ def test_sweep_writes_the_fastest_correct_configuration(monkeypatch, use_backend
     lines = []
     best = _sweep.sweep_case(backend, (4, 6, 5, 5), "float32", "NCHW", make, to_host, timer, grid=grid,
                              log=lines.append)
-    assert set(best) == {_tuning.shape_key(k, "cs", "float32", (4, 6, 25)) for k in _kernels.PASSES}
+    layout = _tuning.layout_for((4, 6, 25), "float32")                         # short rows: row tiles
+    assert set(best) == {_tuning.shape_key(k, layout, "float32", (4, 6, 25)) for k in _kernels.PASSES}
     assert all(entry["threads"] == 512 for entry in best.values())                 # 128 was wrong
     assert 128 not in timed and sum("WRONG" in line for line in lines) == 4
     assert backend._overrides == {}

@@ -5,7 +5,9 @@
 // -------------------------------------------------------------------------
 // The input is viewed as x[A][C][B]: channel-second layouts are (N, C, prod(spatial)),
 // channel-last ones (N * prod(spatial), C, 1). Kernels named *_cs walk one channel's slab
-// (B > 1), kernels named *_cl give each thread fixed channels and walk rows (B == 1).
+// (channel-second, long runs B); kernels named *_cl tile the rows of C * B values and give each
+// thread fixed columns, walking rows (channel-last, B == 1: a column is a channel; channel-second
+// with short runs: a row holds several channels' runs; the host chooses, _tuning.layout_for).
 // For channel c, with n = A * B and x0 the channel's first element x[0][c][0] (loaded once,
 // so that deviations from it are of the size of the standard deviation):
 //
@@ -38,16 +40,16 @@
 //                (seq << 2) | bits into a slot of pinned host memory (mapped: the device writes
 //                it over the bus); the host knows the slot is final when it reads its seq back
 //
-// Reductions are split over the whole GPU: channel-second grids are (splits, C) with every
-// block reducing a slice of one channel; channel-last grids are (channel tiles, splits) with
-// blocks (LANES, ROWS): lanes along channels, VEC channels per thread (16-byte loads), rows
-// spread over ROWS and the splits. A block sums its threads' values in a fixed order (warp
-// shuffles, then shared memory) and writes its partial to a double workspace; the last block
-// to finish a channel (or channel tile) -- found with a device-wide ticket, the counter reset
-// by that block for the next launch -- sums the splits in a fixed order (deterministic) and
-// writes the payload. One launch per reduction, no host round trip. The elementwise kernels
-// use the same grids: every block derives the coefficients of its own channels once (into
-// shared memory, then registers), never per element.
+// Reductions are split over the whole GPU: slab grids are (splits, C) with every block
+// reducing a slice of one channel; row-tile grids are (tiles, splits) with blocks (LANES, ROWS):
+// lanes along a row, VEC columns per thread (16-byte loads), rows spread over ROWS and the
+// splits. A block sums its threads' values in a fixed order (warp shuffles, then shared memory)
+// and writes its partial to a double workspace; the last block to finish a channel (or tile)
+// -- found with a device-wide ticket, the counter reset by that block for the next launch --
+// sums the splits in a fixed order (deterministic) and writes the payload (a channel cut by a
+// tile edge: the last of its tiles, on a second ticket). One launch per reduction, no host
+// round trip. The elementwise kernels use the same grids: every block derives the coefficients
+// of its own channels once (into shared memory, then registers), never per element.
 //
 // The epilogue is chosen at run time (`residual`, `relu`, `y`, `dresidual` are arguments, not
 // template parameters: every instantiation compiles once, with NVRTC in CI): a kernel holds the
@@ -57,8 +59,11 @@
 // batch3), so that the kernels stay within the register budget without spilling.
 //
 // Vector width VEC (a power of two, up to 16 bytes) is the widest the pointers' alignment
-// allows such that a vector stays inside one channel (channel-second: B % VEC == 0) or on
-// consecutive channels of a row (channel-last: C % VEC == 0).
+// allows such that a vector stays inside one channel's run (slabs: B % VEC == 0) or inside one
+// row (row tiles: C * B % VEC == 0; it may cross from one channel's run into the next's).
+//
+// The elementwise kernels walk their reduction's grid backward (mirrored blocks, each thread's
+// vectors last first): they start on what the reduction read last, the most likely to be in L2.
 //
 // Kernel arguments (one vocabulary throughout):
 //   x, dy, y, dx     input / output arrays of T, contiguous, viewed as [A][C][B]; in backward and
@@ -274,78 +279,185 @@ template <typename io> __device__ __forceinline__ void mask(typename io::S (&g)[
 __device__ __forceinline__ int thread_rank() { return threadIdx.x + threadIdx.y * blockDim.x; }
 __device__ __forceinline__ int block_threads() { return blockDim.x * blockDim.y; }
 
+// Traversal order. A reduction (moments, backward sums) walks forward; the elementwise pass after it (normalize, dx)
+// walks BACKWARD: its blocks take the reduction's blocks' work in reverse order (block i of n does what block
+// n - 1 - i did, as GPUs start blocks in about index order) and each thread takes its vectors last first, so that the
+// second kernel starts on the data the first one read last, which is the most likely to be still in L2
+// (docs/KERNELS.md, "Traversal order"). The elementwise passes are elementwise given their channels'
+// coefficients: the order changes no result.
+constexpr bool FORWARD = false, BACKWARD = true;
+
+__device__ __forceinline__ int block_x(bool backward) { return backward ? gridDim.x - 1 - blockIdx.x : blockIdx.x; }
+__device__ __forceinline__ int block_y(bool backward) { return backward ? gridDim.y - 1 - blockIdx.y : blockIdx.y; }
+
+// How many of first, first + stride, ... are below end (0 when first >= end).
+__device__ __forceinline__ int count_below(i64 first, i64 end, i64 stride) {
+    return first < end ? (int)((end - 1 - first) / stride) + 1 : 0;
+}
+
 // Element j = a * B + b of channel c's slab in x[A][C][B], at offset (a * C + c) * B + b,
-// advanced by a fixed stride: one division up front, then adds and one compare per vector.
+// moved by a fixed stride (negative: backward): one division up front, then adds and one compare per vector.
 struct SlabWalk {
-    int a, b, da, db, B;
+    int b, db, B;
     i64 at, step, wrap;
     __device__ SlabWalk(i64 j, int stride, int C, int B_, int c) : B(B_) {
         const i64 row = j / B;
-        a = (int)row;
         b = (int)(j - row * B);
         at = (row * C + c) * B + b;
-        da = stride / B;
+        const int da = stride / B;                     // toward zero: db has the sign of stride, |db| < B
         db = stride - da * B;
         step = (i64)da * C * B + db;
-        wrap = (i64)(C - 1) * B;                       // b passes B: one more row of the slab
+        wrap = (i64)(C - 1) * B;                       // b leaves [0, B): one row more (or less) of the slab
     }
-    __device__ __forceinline__ void next() {
-        a += da;
+    template <bool DIR> __device__ __forceinline__ void move() {
         b += db;
         at += step;
-        if (b >= B) { b -= B; a += 1; at += wrap; }
+        if constexpr (DIR == FORWARD) {
+            if (b >= B) { b -= B; at += wrap; }
+        } else {
+            if (b < 0) { b += B; at -= wrap; }
+        }
     }
 };
 
-// Calls load(u, offset) for BATCH vectors, then use(u, offset) for each, over this thread's
-// vectors of the slab (full batches without a bound check, then one at a time).
-template <int BATCH, typename Load, typename Use>
-__device__ __forceinline__ void slab_loop(SlabWalk& w, int A, Load load, Use use) {
-    const i64 full = (i64)A - (i64)(BATCH - 1) * (w.da + 1);
-    while (w.a < full) {
+// Calls load(u, offset) for BATCH vectors, then use(u, offset) for each, over `count` vectors of a walk: full
+// batches without a bound check, then the rest as one more batch (one round trip to memory, not one per leftover
+// vector), whose unused slots load the first leftover again (unconditional loads: predicated ones cost registers
+// that spill) and are not used. The use order is the walk's order whatever the batching.
+template <int BATCH, bool DIR, typename Load, typename Use>
+__device__ __forceinline__ void slab_loop(SlabWalk& w, int count, Load load, Use use) {
+    int m = 0;
+#pragma unroll 1                                       // BATCH loads in flight: the setting, not twice it
+    for (; m + BATCH <= count; m += BATCH) {
         i64 at[BATCH];
 #pragma unroll
-        for (int u = 0; u < BATCH; ++u) { at[u] = w.at; load(u, w.at); w.next(); }
+        for (int u = 0; u < BATCH; ++u) { at[u] = w.at; load(u, w.at); w.template move<DIR>(); }
 #pragma unroll
         for (int u = 0; u < BATCH; ++u) use(u, at[u]);
     }
-    while (w.a < A) { load(0, w.at); use(0, w.at); w.next(); }
+    const int rest = count - m;
+    if (rest <= 0) return;
+    SlabWalk again = w;                                // the leftovers' offsets, walked again for their use
+    const i64 first = w.at;
+#pragma unroll
+    for (int u = 0; u < BATCH; ++u) {
+        load(u, u < rest ? w.at : first);
+        w.template move<DIR>();
+    }
+#pragma unroll
+    for (int u = 0; u < BATCH; ++u) {
+        if (u < rest) use(u, again.at);
+        again.template move<DIR>();
+    }
 }
 
-// The same over rows a, a + stride, ... < A of channels c0.. (offset a * C + c0).
-template <int BATCH, typename Load, typename Use>
-__device__ __forceinline__ void rows_loop(int a, int A, int stride, int C, int c0, Load load, Use use) {
-    i64 at = (i64)a * C + c0;
-    const i64 step = (i64)stride * C;
-    const i64 full = (i64)A - (i64)(BATCH - 1) * stride;
-    for (; a < full; a += BATCH * stride, at += BATCH * step) {
+// The same over `count` offsets at, at + step, ... (BACKWARD: the same offsets, last first).
+template <int BATCH, bool DIR, typename Load, typename Use>
+__device__ __forceinline__ void strided_loop(i64 at, i64 step, int count, Load load, Use use) {
+    if constexpr (DIR == BACKWARD) {
+        at += (i64)(count - 1) * step;
+        step = -step;
+    }
+    int m = 0;
+#pragma unroll 1
+    for (; m + BATCH <= count; m += BATCH, at += BATCH * step) {
 #pragma unroll
         for (int u = 0; u < BATCH; ++u) load(u, at + u * step);
 #pragma unroll
         for (int u = 0; u < BATCH; ++u) use(u, at + u * step);
     }
-    for (; a < A; a += stride, at += step) { load(0, at); use(0, at); }
+    const int rest = count - m;
+    if (rest <= 0) return;
+#pragma unroll
+    for (int u = 0; u < BATCH; ++u) load(u, at + (u < rest ? u : 0) * step);
+#pragma unroll
+    for (int u = 0; u < BATCH; ++u) {
+        if (u < rest) use(u, at + u * step);
+    }
 }
 
-// The channel-second slab of this block: vectors from (blockIdx.x * blockDim.x + threadIdx.x)
-// * VEC in steps of gridDim.x * blockDim.x * VEC.
-template <int VEC> __device__ __forceinline__ SlabWalk slab_of(int C, int B, int c) {
-    return SlabWalk(((i64)blockIdx.x * blockDim.x + threadIdx.x) * VEC, gridDim.x * blockDim.x * VEC, C, B, c);
+// The channel-second slab of this block's split: vectors from (split * blockDim.x + threadIdx.x) * VEC in steps of
+// gridDim.x * blockDim.x * VEC, up to A * B; `count` of them. The walk starts at the first (FORWARD) or the last.
+template <int VEC, bool DIR> __device__ __forceinline__ SlabWalk slab_of(int A, int C, int B, int c, int& count) {
+    const i64 first = ((i64)block_x(DIR) * blockDim.x + threadIdx.x) * VEC;
+    const int stride = gridDim.x * blockDim.x * VEC;
+    count = count_below(first, (i64)A * B, stride);
+    return DIR == FORWARD ? SlabWalk(first, stride, C, B, c)
+                          : SlabWalk(first + (i64)(count - 1) * stride, -stride, C, B, c);
 }
 
-// slab_loop and rows_loop as objects, for helpers that run one of several loops over the same
-// vectors (`walk.template run<BATCH>(load, use)`; NVRTC takes no generic lambda in device code).
-struct SlabLoop {
-    SlabWalk& w;
-    int A;
-    template <int BATCH, typename Load, typename Use> __device__ __forceinline__ void run(Load load, Use use) const {
-        slab_loop<BATCH>(w, A, load, use);
+// Channel-second grids loop over channels beyond grid.y: block row y takes channels y, y + gridDim.y, ... < C, the
+// elementwise passes those of the mirrored row, last first. f(c) for each.
+template <bool DIR, typename F> __device__ __forceinline__ void for_channels(int C, F f) {
+    const int G = gridDim.y, y = block_y(DIR);
+    if constexpr (DIR == FORWARD) {
+        for (int c = y; c < C; c += G) f(c);
+    } else {
+        for (int c = y + (count_below(y, C, G) - 1) * G; c >= 0; c -= G) f(c);    // down to y (y < G)
+    }
+}
+
+// ---- row tiles (*_cl kernels): x[A][C][B] as A rows of K = C * B columns ------------------------
+
+// Column k of a row belongs to channel k / B. Channel-last (B == 1) a column is a channel; channel-second with short
+// rows, a row of a tile holds the rows of several channels, one after the other, and a vector may hold the end of
+// one channel's row and the start of the next's (K % VEC == 0, so it never leaves the row). Block (tile, split) of
+// (LANES, ROWS) threads covers columns tile * LANES * VEC .. + LANES * VEC - 1 (ncol of them in the last tile) and
+// rows split * ROWS + ty + m * splits * ROWS; thread (tx, ty) owns the VEC columns from k0.
+template <int VEC> struct RowTile {
+    int K, B, k_first, ncol, ch0, nch, k0, rel0, pos0;   // column k0: channel ch0 + rel0, position pos0 of B
+    __device__ RowTile(int C, int B_, int tile) : B(B_) {
+        K = C * B;
+        k_first = tile * blockDim.x * VEC;
+        ncol = min((int)blockDim.x * VEC, K - k_first);
+        ch0 = k_first / B;
+        nch = (k_first + ncol - 1) / B - ch0 + 1;
+        k0 = k_first + threadIdx.x * VEC;
+        const int c = k0 / B;
+        rel0 = c - ch0;
+        pos0 = k0 - c * B;
+    }
+    __device__ __forceinline__ bool owns() const { return k0 < K; }
+    // f(e, c) for the thread's columns k0 + e, e = 0 .. VEC - 1, of channels ch0 + c (kept as a running count, not
+    // an array: the column's channel costs no register after its use).
+    template <typename F> __device__ __forceinline__ void each(F f) const {
+        int c = rel0, p = pos0;
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) {
+            f(e, c);
+            if (++p == B) { p = 0; ++c; }
+        }
+    }
+    // Coefficient j (of N per channel, cf as channel_coefficients fills it) of this thread's columns.
+    template <int N, typename S> __device__ __forceinline__ void coefficient(const S* cf, int j, S (&out)[VEC]) const {
+        each([&](int e, int c) { out[e] = cf[c * N + j]; });
     }
 };
-struct RowsLoop {
-    int a, A, stride, C, c0;
+
+// This thread's rows of a row-tile grid, for strided_loop: the offset of its first row, the step, the count (the
+// elementwise passes take the mirrored split's rows).
+struct RowWalk {
+    i64 at, step;
+    int count;
+};
+template <bool DIR, int VEC> __device__ __forceinline__ RowWalk rows_of(const RowTile<VEC>& t, int A) {
+    const int a = block_y(DIR) * blockDim.y + threadIdx.y, stride = gridDim.y * blockDim.y;
+    return RowWalk{(i64)a * t.K + t.k0, (i64)stride * t.K, count_below(a, A, stride)};
+}
+
+// The walks as objects, for helpers that run one of several loops over the same vectors
+// (`walk.template run<BATCH>(load, use)`; NVRTC takes no generic lambda in device code).
+template <bool DIR> struct SlabLoop {
+    SlabWalk& w;
+    int count;
     template <int BATCH, typename Load, typename Use> __device__ __forceinline__ void run(Load load, Use use) const {
-        rows_loop<BATCH>(a, A, stride, C, c0, load, use);
+        slab_loop<BATCH, DIR>(w, count, load, use);
+    }
+};
+template <bool DIR> struct RowsLoop {
+    RowWalk w;
+    template <int BATCH, typename Load, typename Use> __device__ __forceinline__ void run(Load load, Use use) const {
+        strided_loop<BATCH, DIR>(w.at, w.step, w.count, load, use);
     }
 };
 
@@ -429,12 +541,47 @@ __device__ bool split_total(double* tile, int c0, int nch, int splits, int s, do
     return true;
 }
 
-// Per-thread sums (a[e], b[e]) of channels tile_c0 + lane * CH + e -> the channel totals,
-// passed to write(c, total_a, total_b) once per channel of the tile, in the block that finishes
-// it (split `split` of `splits`, arriving on `ticket`). Every thread must call it.
+// Row tiles of short channel-second rows: the tile's column totals (tile[2 * i + f] for column k_first + i, ncol
+// columns, tile width W) -> the channel totals. A channel whose columns all lie in this tile is written at once (its
+// columns summed in order). One that spans several tiles (only a tile's first and last channel can) leaves this
+// tile's share in edge[(tile * 2 + side) * 2 + f] (side 0: the tile's first channel, 1: its last) and arrives on
+// edge_ticket[c], which the last of its tiles to arrive resets; that one sums the shares in tile order (fixed:
+// bitwise reproducible). One thread per channel, each with its own fence / ticket / fence (as arrive_last).
+template <typename F>
+__device__ void channel_totals(const double* tile, int k_first, int ncol, int W, int B, double* edge,
+                               unsigned* edge_ticket, F write) {
+    const int ch0 = k_first / B, nch = (k_first + ncol - 1) / B - ch0 + 1, tile_index = k_first / W;
+    for (int i = thread_rank(); i < nch; i += block_threads()) {
+        const int c = ch0 + i, lo = c * B > k_first ? c * B - k_first : 0, hi = min(c * B + B - k_first, ncol);
+        double t1 = 0, t2 = 0;
+        for (int k = lo; k < hi; ++k) { t1 += tile[2 * k]; t2 += tile[2 * k + 1]; }
+        const int first = c * B / W, last = (c * B + B - 1) / W;
+        if (first == last) { write(c, t1, t2); continue; }
+        double* share = edge + ((i64)tile_index * 2 + (i == 0 ? 0 : 1)) * 2;
+        share[0] = t1;
+        share[1] = t2;
+        __threadfence();                               // our share is visible device-wide
+        if (atomicAdd(edge_ticket + c, 1u) != (unsigned)(last - first)) continue;
+        __threadfence();                               // ... and the others' are visible to us
+        edge_ticket[c] = 0;
+        t1 = 0;
+        t2 = 0;
+        for (int t = first; t <= last; ++t) {
+            const double* other = edge + ((i64)t * 2 + (c == t * W / B ? 0 : 1)) * 2;
+            t1 += __ldcg(other);
+            t2 += __ldcg(other + 1);
+        }
+        write(c, t1, t2);
+    }
+}
+
+// Per-thread sums (a[e], b[e]) of columns tile_k0 + lane * CH + e (of K, column k in channel k / B; slab kernels:
+// one column, the channel) -> the channel totals, passed to write(c, total_a, total_b) once per channel, in the
+// block that finishes it (split `split` of `splits`, arriving on `ticket`; with B > 1 through channel_totals, on
+// `edge` and `edge_ticket`). Every thread must call it.
 template <int CH, typename S, typename F>
-__device__ void finish_sums(const S (&a)[CH], const S (&b)[CH], int lanes, int tile_c0, int C, int splits, int split,
-                            double* part, unsigned* ticket, F write) {
+__device__ void finish_sums(const S (&a)[CH], const S (&b)[CH], int lanes, int tile_k0, int K, int B, int splits,
+                            int split, double* part, unsigned* ticket, double* edge, unsigned* edge_ticket, F write) {
     extern __shared__ double sh[];                     // tile_sum scratch, then the tile
     const int items = lanes * CH * 2, nt = block_threads();
     double* tile = sh + (nt > (nt >> 5) * items ? nt : (nt >> 5) * items);
@@ -442,9 +589,12 @@ __device__ void finish_sums(const S (&a)[CH], const S (&b)[CH], int lanes, int t
 #pragma unroll
     for (int e = 0; e < CH; ++e) { sums[e][0] = a[e]; sums[e][1] = b[e]; }
     tile_sum<CH, 2>(sums, lanes, sh, tile);
-    const int nch = min(lanes * CH, C - tile_c0);
-    if (split_total<2>(tile, tile_c0, nch, splits, split, part, ticket, sh)) {
-        for (int i = thread_rank(); i < nch; i += nt) write(tile_c0 + i, tile[2 * i], tile[2 * i + 1]);
+    const int ncol = min(lanes * CH, K - tile_k0);
+    if (!split_total<2>(tile, tile_k0, ncol, splits, split, part, ticket, sh)) return;
+    if (B == 1) {
+        for (int i = thread_rank(); i < ncol; i += nt) write(tile_k0 + i, tile[2 * i], tile[2 * i + 1]);
+    } else {
+        channel_totals(tile, tile_k0, ncol, lanes * CH, B, edge, edge_ticket, write);
     }
 }
 
@@ -455,12 +605,6 @@ template <int N, typename S, typename F> __device__ void channel_coefficients(in
     __syncthreads();                                   // cf is free: earlier readers are done
     for (int i = thread_rank(); i < nch; i += block_threads()) f(c0 + i, cf + i * N);
     __syncthreads();
-}
-
-// Coefficient j (of N per channel) of this thread's VEC channel-last channels, from cf.
-template <int N, int VEC, typename S> __device__ __forceinline__ void own_coefficient(const S* cf, int j, S (&out)[VEC]) {
-#pragma unroll
-    for (int e = 0; e < VEC; ++e) out[e] = cf[(threadIdx.x * VEC + e) * N + j];
 }
 
 // ---- forward: this rank's payload ------------------------------------------------------
@@ -510,8 +654,8 @@ __device__ void empty_moments(int C, const double* pivot_state, const double* pi
     }
 }
 
-// Channel-second: grid (splits, min(C, 65535)), 1-D blocks; block (s, c) sums its slice of
-// channel c; ticket[c] finds the last block of the channel.
+// Channel-second slabs: grid (splits, min(C, 65535)), 1-D blocks; block (s, y) sums its slice of
+// channels y, y + gridDim.y, ...; ticket[c] finds the last block of channel c.
 #define MOMENTS_PARAMS                                                                                        \
     const T *__restrict__ x, int A, int C, int B, const double *__restrict__ pivot_state,                    \
         const double *__restrict__ pivot_payload, double tag, double *__restrict__ part,                      \
@@ -522,54 +666,72 @@ template <typename T, int VEC> __global__ void BOUNDS moments_cs(MOMENTS_PARAMS)
     typedef typename io::S S;
     constexpr int BATCH = io::batch;
     if (A == 0 || B == 0) { empty_moments(C, pivot_state, pivot_payload, tag, pivot, buf); return; }
-    for (int c = blockIdx.y; c < C; c += gridDim.y) {          // grid.y is at most 65535
+    for_channels<FORWARD>(C, [&](int c) {
         const S x0 = to_acc(x[(i64)c * B]);
         S s1 = 0, s2 = 0;
         typename io::Raw r[BATCH];
-        SlabWalk w = slab_of<VEC>(C, B, c);
-        slab_loop<BATCH>(w, A, [&](int u, i64 at) { r[u] = io::load(x + at); }, [&](int u, i64) {
+        int count;
+        SlabWalk w = slab_of<VEC, FORWARD>(A, C, B, c, count);
+        slab_loop<BATCH, FORWARD>(w, count, [&](int u, i64 at) { r[u] = io::load(x + at); }, [&](int u, i64) {
             S v[VEC];
             io::unpack(r[u], v);
 #pragma unroll
             for (int e = 0; e < VEC; ++e) { const S d = v[e] - x0; s1 += d; s2 += d * d; }
         });
         const S a1[1] = {s1}, a2[1] = {s2};
-        finish_sums(a1, a2, 1, c, C, gridDim.x, blockIdx.x, part, ticket + c, [&](int ch, double t1, double t2) {
-            write_moments(ch, C, (double)A * B, (double)x0, t1, t2, pivot_state, pivot_payload, pivot, buf);
-            if (ch == 0) { buf[2 * C] = (double)A * B; write_tags(buf + 2 * C + 1, tag); }
-        });
-    }
+        finish_sums(a1, a2, 1, c, C, 1, gridDim.x, blockIdx.x, part, ticket + c, nullptr, nullptr,
+                    [&](int ch, double t1, double t2) {
+                        write_moments(ch, C, (double)A * B, (double)x0, t1, t2, pivot_state, pivot_payload, pivot,
+                                      buf);
+                        if (ch == 0) { buf[2 * C] = (double)A * B; write_tags(buf + 2 * C + 1, tag); }
+                    });
+    });
 }
 
-// Channel-last: grid (ceil(C / (LANES * VEC)), splits), blocks (LANES, ROWS). Thread (tx, ty)
-// owns channels c0 .. c0+VEC-1, c0 = (blockIdx.x * LANES + tx) * VEC, and rows
-// a = blockIdx.y * ROWS + ty + k * splits * ROWS; ticket[blockIdx.x] finds the last block of
-// the channel tile.
+// The row-tile reductions' workspace: `part` holds the split partials (K * splits * 2 doubles, with more than one
+// split), then the edge shares of channel_totals (tiles * 4 doubles, B > 1); `ticket` the tiles' tickets, then the
+// channels' (C, B > 1).
+__device__ __forceinline__ double* edge_shares(double* part, int K) {
+    return part + (gridDim.y > 1 ? (i64)K * gridDim.y * 2 : 0);
+}
+
+// Row tiles (channel-last, and channel-second with short rows; RowTile): grid (tiles, splits), blocks (LANES, ROWS);
+// ticket[tile] finds the last block of the tile, channel_totals the last tile of a channel that spans several.
+// Every column of a channel is summed around the channel's first element x[0][c][0].
 template <typename T, int VEC> __global__ void BOUNDS moments_cl(MOMENTS_PARAMS) {
     typedef Io<T, VEC> io;
     typedef typename io::S S;
     constexpr int BATCH = io::batch;
     if (A == 0) { empty_moments(C, pivot_state, pivot_payload, tag, pivot, buf); return; }
-    const int lanes = blockDim.x, tile_c0 = blockIdx.x * lanes * VEC, c0 = tile_c0 + threadIdx.x * VEC;
+    const RowTile<VEC> t(C, B, blockIdx.x);
     S s1[VEC], s2[VEC], x0[VEC];
 #pragma unroll
     for (int e = 0; e < VEC; ++e) { s1[e] = 0; s2[e] = 0; x0[e] = 0; }
-    if (c0 < C) {
-        io::unpack(io::load(x + c0), x0);              // row 0: the channels' first elements
+    if (t.owns()) {
+        if (B == 1) {
+            io::unpack(io::load(x + t.k0), x0);        // row 0: the channels' first elements
+        } else {
+            t.each([&](int e, int c) { x0[e] = to_acc(x[(i64)(t.ch0 + c) * B]); });
+        }
         typename io::Raw r[BATCH];
-        rows_loop<BATCH>(blockIdx.y * blockDim.y + threadIdx.y, A, gridDim.y * blockDim.y, C, c0,
-                         [&](int u, i64 at) { r[u] = io::load(x + at); }, [&](int u, i64) {
-                             S v[VEC];
-                             io::unpack(r[u], v);
+        const RowWalk w = rows_of<FORWARD>(t, A);
+        strided_loop<BATCH, FORWARD>(w.at, w.step, w.count, [&](int u, i64 at) { r[u] = io::load(x + at); },
+                                     [&](int u, i64) {
+                                         S v[VEC];
+                                         io::unpack(r[u], v);
 #pragma unroll
-                             for (int e = 0; e < VEC; ++e) { const S d = v[e] - x0[e]; s1[e] += d; s2[e] += d * d; }
-                         });
+                                         for (int e = 0; e < VEC; ++e) {
+                                             const S d = v[e] - x0[e];
+                                             s1[e] += d;
+                                             s2[e] += d * d;
+                                         }
+                                     });
     }
-    finish_sums(s1, s2, lanes, tile_c0, C, gridDim.y, blockIdx.y, part, ticket + blockIdx.x,
-                [&](int c, double t1, double t2) {
-                    write_moments(c, C, (double)A, (double)to_acc(x[c]), t1, t2, pivot_state, pivot_payload,
-                                  pivot, buf);
-                    if (c == 0) { buf[2 * C] = (double)A; write_tags(buf + 2 * C + 1, tag); }
+    finish_sums(s1, s2, blockDim.x, t.k_first, t.K, B, gridDim.y, blockIdx.y, part, ticket + blockIdx.x,
+                edge_shares(part, t.K), ticket + gridDim.x, [&](int c, double t1, double t2) {
+                    write_moments(c, C, (double)A * B, (double)to_acc(x[(i64)c * B]), t1, t2, pivot_state,
+                                  pivot_payload, pivot, buf);
+                    if (c == 0) { buf[2 * C] = (double)A * B; write_tags(buf + 2 * C + 1, tag); }
                 });
 }
 
@@ -710,7 +872,7 @@ __device__ __forceinline__ void normalize_loops(const Walk& walk, const T* x, T*
         write_stats(C, buf, pivot, tag, ranks, running_mean, running_var, momentum, eps, unbiased, weight, bias, \
                     stats, report, seq, pivot_state_out, strict);
 
-// Channel-second, the grid of moments_cs.
+// Channel-second, the grid of moments_cs, walked BACKWARD.
 template <typename T, typename P, int VEC> __global__ void BOUNDS normalize_cs(NORMALIZE_PARAMS) {
     typedef Io<T, VEC> io;
     typedef typename io::S S;
@@ -718,38 +880,38 @@ template <typename T, typename P, int VEC> __global__ void BOUNDS normalize_cs(N
     if (A == 0 || B == 0) return;
     extern __shared__ double sh[];
     S* cf = reinterpret_cast<S*>(sh);
-    for (int c = blockIdx.y; c < C; c += gridDim.y) {
+    for_channels<BACKWARD>(C, [&](int c) {
         channel_coefficients<3>(c, 1, cf, [&](int ch, S* out) {
             normalize_coefficients(ch, C, buf, pivot, running_mean, running_var, eps, weight, bias, out);
         });
         const S mean = cf[0], scale = cf[1], offset = cf[2];
-        SlabWalk w = slab_of<VEC>(C, B, c);
-        normalize_loops<io>(SlabLoop{w, A}, x, y, residual, relu, [&](S (&v)[VEC]) {
+        int count;
+        SlabWalk w = slab_of<VEC, BACKWARD>(A, C, B, c, count);
+        normalize_loops<io>(SlabLoop<BACKWARD>{w, count}, x, y, residual, relu, [&](S (&v)[VEC]) {
 #pragma unroll
             for (int e = 0; e < VEC; ++e) v[e] = (v[e] - mean) * scale + offset;
         });
-    }
+    });
 }
 
-// Channel-last, the grid of moments_cl: each thread keeps its VEC channels' coefficients in
-// registers and walks rows.
+// Row tiles, the grid of moments_cl, walked BACKWARD: each thread keeps its VEC columns' coefficients in registers
+// and walks rows.
 template <typename T, typename P, int VEC> __global__ void BOUNDS normalize_cl(NORMALIZE_PARAMS) {
     typedef Io<T, VEC> io;
     typedef typename io::S S;
     NORMALIZE_STATS_DUTY
     extern __shared__ double sh[];
     S* cf = reinterpret_cast<S*>(sh);
-    const int tile_c0 = blockIdx.x * blockDim.x * VEC, c0 = tile_c0 + threadIdx.x * VEC;
-    channel_coefficients<3>(tile_c0, min((int)blockDim.x * VEC, C - tile_c0), cf, [&](int ch, S* out) {
+    const RowTile<VEC> t(C, B, block_x(BACKWARD));
+    channel_coefficients<3>(t.ch0, t.nch, cf, [&](int ch, S* out) {
         normalize_coefficients(ch, C, buf, pivot, running_mean, running_var, eps, weight, bias, out);
     });
-    if (c0 >= C) return;
+    if (!t.owns()) return;
     S mean[VEC], scale[VEC], offset[VEC];
-    own_coefficient<3>(cf, 0, mean);
-    own_coefficient<3>(cf, 1, scale);
-    own_coefficient<3>(cf, 2, offset);
-    const int a0 = blockIdx.y * blockDim.y + threadIdx.y, stride = gridDim.y * blockDim.y;
-    normalize_loops<io>(RowsLoop{a0, A, stride, C, c0}, x, y, residual, relu, [&](S (&v)[VEC]) {
+    t.template coefficient<3>(cf, 0, mean);
+    t.template coefficient<3>(cf, 1, scale);
+    t.template coefficient<3>(cf, 2, offset);
+    normalize_loops<io>(RowsLoop<BACKWARD>{rows_of<BACKWARD>(t, A)}, x, y, residual, relu, [&](S (&v)[VEC]) {
 #pragma unroll
         for (int e = 0; e < VEC; ++e) v[e] = (v[e] - mean[e]) * scale[e] + offset[e];
     });
@@ -815,43 +977,46 @@ template <typename T, typename P, int VEC> __global__ void BOUNDS backward_cs(BA
     typedef Io<T, VEC> io;
     typedef typename io::S S;
     if (A == 0 || B == 0) { empty_sums(C, tag, buf); return; }
-    for (int c = blockIdx.y; c < C; c += gridDim.y) {
+    for_channels<FORWARD>(C, [&](int c) {
         const S mean = stats[c];
         S sum_dy = 0, sum_dy_xmu = 0;
-        SlabWalk w = slab_of<VEC>(C, B, c);
-        backward_loops<io>(SlabLoop{w, A}, dy, x, y, [&](const S (&g)[VEC], const S (&v)[VEC]) {
+        int count;
+        SlabWalk w = slab_of<VEC, FORWARD>(A, C, B, c, count);
+        backward_loops<io>(SlabLoop<FORWARD>{w, count}, dy, x, y, [&](const S (&g)[VEC], const S (&v)[VEC]) {
 #pragma unroll
             for (int e = 0; e < VEC; ++e) { sum_dy += g[e]; sum_dy_xmu += g[e] * (v[e] - mean); }
         });
         const S a1[1] = {sum_dy}, a2[1] = {sum_dy_xmu};
-        finish_sums(a1, a2, 1, c, C, gridDim.x, blockIdx.x, part, ticket + c, [&](int ch, double t1, double t2) {
-            write_sums(ch, C, t1, t2, stats, tag, weight_grad, bias_grad, buf);
-        });
-    }
+        finish_sums(a1, a2, 1, c, C, 1, gridDim.x, blockIdx.x, part, ticket + c, nullptr, nullptr,
+                    [&](int ch, double t1, double t2) {
+                        write_sums(ch, C, t1, t2, stats, tag, weight_grad, bias_grad, buf);
+                    });
+    });
 }
 
 template <typename T, typename P, int VEC> __global__ void BOUNDS backward_cl(BACKWARD_PARAMS) {
     typedef Io<T, VEC> io;
     typedef typename io::S S;
     if (A == 0) { empty_sums(C, tag, buf); return; }
-    const int lanes = blockDim.x, tile_c0 = blockIdx.x * lanes * VEC, c0 = tile_c0 + threadIdx.x * VEC;
+    const RowTile<VEC> t(C, B, blockIdx.x);
     S sum_dy[VEC], sum_dy_xmu[VEC], mean[VEC];
 #pragma unroll
     for (int e = 0; e < VEC; ++e) { sum_dy[e] = 0; sum_dy_xmu[e] = 0; mean[e] = 0; }
-    if (c0 < C) {
+    if (t.owns()) {
+        t.each([&](int e, int c) { mean[e] = stats[t.ch0 + c]; });
+        backward_loops<io>(RowsLoop<FORWARD>{rows_of<FORWARD>(t, A)}, dy, x, y,
+                           [&](const S (&g)[VEC], const S (&v)[VEC]) {
 #pragma unroll
-        for (int e = 0; e < VEC; ++e) mean[e] = stats[c0 + e];
-        const int a0 = blockIdx.y * blockDim.y + threadIdx.y, stride = gridDim.y * blockDim.y;
-        backward_loops<io>(RowsLoop{a0, A, stride, C, c0}, dy, x, y, [&](const S (&g)[VEC], const S (&v)[VEC]) {
-#pragma unroll
-            for (int e = 0; e < VEC; ++e) {
-                sum_dy[e] += g[e];
-                sum_dy_xmu[e] += g[e] * (v[e] - mean[e]);
-            }
-        });
+                               for (int e = 0; e < VEC; ++e) {
+                                   sum_dy[e] += g[e];
+                                   sum_dy_xmu[e] += g[e] * (v[e] - mean[e]);
+                               }
+                           });
     }
-    finish_sums(sum_dy, sum_dy_xmu, lanes, tile_c0, C, gridDim.y, blockIdx.y, part, ticket + blockIdx.x,
-                [&](int c, double t1, double t2) { write_sums(c, C, t1, t2, stats, tag, weight_grad, bias_grad, buf); });
+    finish_sums(sum_dy, sum_dy_xmu, blockDim.x, t.k_first, t.K, B, gridDim.y, blockIdx.y, part, ticket + blockIdx.x,
+                edge_shares(part, t.K), ticket + gridDim.x, [&](int c, double t1, double t2) {
+                    write_sums(c, C, t1, t2, stats, tag, weight_grad, bias_grad, buf);
+                });
 }
 
 // ---- backward: dx, after the all-reduce -------------------------------------------------
@@ -935,8 +1100,8 @@ __device__ __forceinline__ void epilogue_gradients_loop(const Walk& walk, const 
         const double *__restrict__ count, double tag, double ranks, unsigned long long *report,              \
         unsigned long long seq, const T *__restrict__ y, T *__restrict__ dresidual
 
-// Channel-second, the grid of backward_cs. buf == nullptr: fixed statistics, dx = dy * scale
-// (x is not read).
+// Channel-second, the grid of backward_cs, walked BACKWARD. buf == nullptr: fixed statistics,
+// dx = dy * scale (x is not read).
 template <typename T, int VEC> __global__ void BOUNDS dx_cs(DX_PARAMS) {
     typedef Io<T, VEC> io;
     typedef typename io::S S;
@@ -947,8 +1112,9 @@ template <typename T, int VEC> __global__ void BOUNDS dx_cs(DX_PARAMS) {
     const bool fused = y != nullptr || dresidual != nullptr || dx == nullptr, read_x = buf != nullptr && dx != nullptr;
     extern __shared__ double sh[];
     S* cf = reinterpret_cast<S*>(sh);
-    for (int c = blockIdx.y; c < C; c += gridDim.y) {
-        SlabWalk w = slab_of<VEC>(C, B, c);
+    for_channels<BACKWARD>(C, [&](int c) {
+        int vectors;
+        SlabWalk w = slab_of<VEC, BACKWARD>(A, C, B, c, vectors);
         S mean[1] = {0}, mean_dy[1] = {0}, proj[1] = {0}, scale[1] = {stats[2 * C + c]};   // fixed: dx = dy * scale
         if (buf != nullptr) {
             channel_coefficients<4>(c, 1, cf, [&](int ch, S* out) { dx_coefficients(ch, C, stats, buf, n, out); });
@@ -957,34 +1123,38 @@ template <typename T, int VEC> __global__ void BOUNDS dx_cs(DX_PARAMS) {
             proj[0] = cf[2];
         }
         if (fused) {                                   // the epilogue's loop (both statistics modes)
-            epilogue_gradients_loop<io>(SlabLoop{w, A}, dy, x, y, read_x, dx, dresidual, mean, mean_dy, proj, scale);
-            continue;
+            epilogue_gradients_loop<io>(SlabLoop<BACKWARD>{w, vectors}, dy, x, y, read_x, dx, dresidual, mean, mean_dy,
+                                        proj, scale);
+            return;
         }
         typename io::Raw g[BATCH], r[BATCH];
         if (buf == nullptr) {
-            slab_loop<BATCH>(w, A, [&](int u, i64 at) { g[u] = io::load(dy + at); }, [&](int u, i64 at) {
-                S gv[VEC];
-                io::unpack(g[u], gv);
+            slab_loop<BATCH, BACKWARD>(w, vectors, [&](int u, i64 at) { g[u] = io::load(dy + at); },
+                                       [&](int u, i64 at) {
+                                           S gv[VEC];
+                                           io::unpack(g[u], gv);
 #pragma unroll
-                for (int e = 0; e < VEC; ++e) gv[e] *= scale[0];
-                io::store(dx + at, gv);
-            });
-            continue;
+                                           for (int e = 0; e < VEC; ++e) gv[e] *= scale[0];
+                                           io::store(dx + at, gv);
+                                       });
+            return;
         }
-        slab_loop<BATCH>(w, A, [&](int u, i64 at) { g[u] = io::load(dy + at); r[u] = io::load(x + at); },
-                         [&](int u, i64 at) {
-                             S gv[VEC], v[VEC];
-                             io::unpack(g[u], gv);
-                             io::unpack(r[u], v);
+        slab_loop<BATCH, BACKWARD>(w, vectors,
+                                   [&](int u, i64 at) { g[u] = io::load(dy + at); r[u] = io::load(x + at); },
+                                   [&](int u, i64 at) {
+                                       S gv[VEC], v[VEC];
+                                       io::unpack(g[u], gv);
+                                       io::unpack(r[u], v);
 #pragma unroll
-                             for (int e = 0; e < VEC; ++e) {
-                                 gv[e] = (gv[e] - mean_dy[0] - (v[e] - mean[0]) * proj[0]) * scale[0];
-                             }
-                             io::store(dx + at, gv);
-                         });
-    }
+                                       for (int e = 0; e < VEC; ++e) {
+                                           gv[e] = (gv[e] - mean_dy[0] - (v[e] - mean[0]) * proj[0]) * scale[0];
+                                       }
+                                       io::store(dx + at, gv);
+                                   });
+    });
 }
 
+// Row tiles, the grid of backward_cl, walked BACKWARD.
 template <typename T, int VEC> __global__ void BOUNDS dx_cl(DX_PARAMS) {
     typedef Io<T, VEC> io;
     typedef typename io::S S;
@@ -993,47 +1163,48 @@ template <typename T, int VEC> __global__ void BOUNDS dx_cl(DX_PARAMS) {
     const double n = buf != nullptr && count[0] > 1 ? count[0] : 1.0;
     extern __shared__ double sh[];
     S* cf = reinterpret_cast<S*>(sh);
-    const int tile_c0 = blockIdx.x * blockDim.x * VEC, c0 = tile_c0 + threadIdx.x * VEC;
+    const RowTile<VEC> t(C, B, block_x(BACKWARD));
     if (buf != nullptr) {
-        channel_coefficients<4>(tile_c0, min((int)blockDim.x * VEC, C - tile_c0), cf,
-                                [&](int ch, S* out) { dx_coefficients(ch, C, stats, buf, n, out); });
+        channel_coefficients<4>(t.ch0, t.nch, cf, [&](int ch, S* out) { dx_coefficients(ch, C, stats, buf, n, out); });
     }
-    if (c0 >= C) return;
-    const int a0 = blockIdx.y * blockDim.y + threadIdx.y, stride = gridDim.y * blockDim.y;
+    if (!t.owns()) return;
+    const RowWalk w = rows_of<BACKWARD>(t, A);
     S mean[VEC], mean_dy[VEC], proj[VEC], scale[VEC];   // fixed statistics: dx = dy * scale
 #pragma unroll
-    for (int e = 0; e < VEC; ++e) { mean[e] = 0; mean_dy[e] = 0; proj[e] = 0; scale[e] = stats[2 * C + c0 + e]; }
+    for (int e = 0; e < VEC; ++e) { mean[e] = 0; mean_dy[e] = 0; proj[e] = 0; }
+    t.each([&](int e, int c) { scale[e] = stats[2 * C + t.ch0 + c]; });
     if (buf != nullptr) {
-        own_coefficient<4>(cf, 0, mean);
-        own_coefficient<4>(cf, 1, mean_dy);
-        own_coefficient<4>(cf, 2, proj);
+        t.template coefficient<4>(cf, 0, mean);
+        t.template coefficient<4>(cf, 1, mean_dy);
+        t.template coefficient<4>(cf, 2, proj);
     }
     if (y != nullptr || dresidual != nullptr || dx == nullptr) {      // the epilogue's loop (both modes)
-        epilogue_gradients_loop<io>(RowsLoop{a0, A, stride, C, c0}, dy, x, y, buf != nullptr && dx != nullptr, dx,
-                                    dresidual, mean, mean_dy, proj, scale);
+        epilogue_gradients_loop<io>(RowsLoop<BACKWARD>{w}, dy, x, y, buf != nullptr && dx != nullptr, dx, dresidual,
+                                    mean, mean_dy, proj, scale);
         return;
     }
     typename io::Raw g[BATCH], r[BATCH];
     if (buf == nullptr) {
-        rows_loop<BATCH>(a0, A, stride, C, c0, [&](int u, i64 at) { g[u] = io::load(dy + at); },
-                         [&](int u, i64 at) {
-                             S gv[VEC];
-                             io::unpack(g[u], gv);
+        strided_loop<BATCH, BACKWARD>(w.at, w.step, w.count, [&](int u, i64 at) { g[u] = io::load(dy + at); },
+                                      [&](int u, i64 at) {
+                                          S gv[VEC];
+                                          io::unpack(g[u], gv);
 #pragma unroll
-                             for (int e = 0; e < VEC; ++e) gv[e] *= scale[e];
-                             io::store(dx + at, gv);
-                         });
+                                          for (int e = 0; e < VEC; ++e) gv[e] *= scale[e];
+                                          io::store(dx + at, gv);
+                                      });
         return;
     }
-    rows_loop<BATCH>(a0, A, stride, C, c0, [&](int u, i64 at) { g[u] = io::load(dy + at); r[u] = io::load(x + at); },
-                     [&](int u, i64 at) {
-                         S gv[VEC], v[VEC];
-                         io::unpack(g[u], gv);
-                         io::unpack(r[u], v);
+    strided_loop<BATCH, BACKWARD>(w.at, w.step, w.count,
+                                  [&](int u, i64 at) { g[u] = io::load(dy + at); r[u] = io::load(x + at); },
+                                  [&](int u, i64 at) {
+                                      S gv[VEC], v[VEC];
+                                      io::unpack(g[u], gv);
+                                      io::unpack(r[u], v);
 #pragma unroll
-                         for (int e = 0; e < VEC; ++e) {
-                             gv[e] = (gv[e] - mean_dy[e] - (v[e] - mean[e]) * proj[e]) * scale[e];
-                         }
-                         io::store(dx + at, gv);
-                     });
+                                      for (int e = 0; e < VEC; ++e) {
+                                          gv[e] = (gv[e] - mean_dy[e] - (v[e] - mean[e]) * proj[e]) * scale[e];
+                                      }
+                                      io::store(dx + at, gv);
+                                  });
 }
