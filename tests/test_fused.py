@@ -188,20 +188,23 @@ def test_emulated_grids_split_and_loop(use_backend, sms):
 @pytest.mark.parametrize("role, narrow", [("residual", "normalize"), ("dy", "dx"), ("x", "backward")])
 def test_misaligned_arrays_take_narrower_vectors(emu, role, narrow):
     """x, dy or the residual one element off: the plans' alignment class includes the residual
-    (and y and dresidual), so narrower vectors run, with the same results."""
-    check_fused("NCHW", (3, 4, 2, 4), "float32", "relu", True, emu_to_device("float32", misalign=role), to_host)
+    (and y and dresidual), so narrower vectors run, with the same results (runs of 256: slabs,
+    _tuning.layout_for)."""
+    check_fused("NCHW", (4, 4, 16, 16), "float32", "relu", True, emu_to_device("float32", misalign=role), to_host)
     assert any(e.startswith(f"{narrow}_cs<") and e.endswith(", 1>") for e in emu.launches)
     if role == "residual":
         assert "backward_cs<float, float, 4>" in emu.launches and "dx_cs<float, 4>" in emu.launches
 
 
 def test_every_instantiation_runs_its_epilogue(emu):
-    """Both layouts with runs of 8, 4 and 2 elements, aligned and with x misaligned,
-    every dtype: the epilogue's loops of every kernel the CuPy backend can launch (for the
-    default parameter dtype) run and match the reference."""
+    """Slabs and row tiles with runs of 8, 4 and 2 elements (channel-second runs of 257 k, long
+    enough for slabs), aligned and with x misaligned, every dtype: the epilogue's loops of every
+    kernel the CuPy backend can launch (for the default parameter dtype) run and match the
+    reference."""
     import cuda_emu  # noqa: F401 (the fixture's module)
     from cusyncbn import _kernels
-    shapes = [(fmt, shape) for k in (8, 4, 2) for fmt, shape in (("NCHW", (3, 5, 1, k)), ("NHWC", (3, 1, 1, k)))]
+    shapes = [(fmt, shape) for k in (8, 4, 2) for fmt, shape in (("NCHW", (1, 3, 1, 257 * k)),
+                                                                 ("NHWC", (3, 1, 1, k)))]
     for dtype in TOL:
         for fmt, shape in shapes:
             for misalign in (None, "x"):

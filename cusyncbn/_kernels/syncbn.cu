@@ -337,6 +337,11 @@ __device__ __forceinline__ void slab_loop(SlabWalk& w, int count, Load load, Use
     }
     const int rest = count - m;
     if (rest <= 0) return;
+    if constexpr (BATCH <= 2) {                        // at most one leftover
+        load(0, w.at);
+        use(0, w.at);
+        return;
+    }
     SlabWalk again = w;                                // the leftovers' offsets, walked again for their use
     const i64 first = w.at;
 #pragma unroll
@@ -368,6 +373,11 @@ __device__ __forceinline__ void strided_loop(i64 at, i64 step, int count, Load l
     }
     const int rest = count - m;
     if (rest <= 0) return;
+    if constexpr (BATCH <= 2) {                        // at most one leftover
+        load(0, at);
+        use(0, at);
+        return;
+    }
 #pragma unroll
     for (int u = 0; u < BATCH; ++u) load(u, at + (u < rest ? u : 0) * step);
 #pragma unroll
@@ -393,7 +403,7 @@ template <bool DIR, typename F> __device__ __forceinline__ void for_channels(int
     if constexpr (DIR == FORWARD) {
         for (int c = y; c < C; c += G) f(c);
     } else {
-        for (int c = y + (count_below(y, C, G) - 1) * G; c >= 0; c -= G) f(c);    // down to y (y < G)
+        for (int c = y + (C - 1 - y) / G * G; c >= y; c -= G) f(c);      // (y < C: grid.y <= C)
     }
 }
 
@@ -603,6 +613,7 @@ __device__ void finish_sums(const S (&a)[CH], const S (&b)[CH], int lanes, int t
 // must call it; f(c, out) writes channel c's coefficients.
 template <int N, typename S, typename F> __device__ void channel_coefficients(int c0, int nch, S* cf, F f) {
     __syncthreads();                                   // cf is free: earlier readers are done
+#pragma unroll 1                                       // (no trip count computed up front, kept live in a register)
     for (int i = thread_rank(); i < nch; i += block_threads()) f(c0 + i, cf + i * N);
     __syncthreads();
 }
