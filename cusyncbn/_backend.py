@@ -200,10 +200,6 @@ class BackwardPayload:
         return (size - 2) // 2 if size >= 4 and size % 2 == 0 else None
 
 
-forward_payload_size = ForwardPayload.size
-backward_payload_size = BackwardPayload.size
-
-
 class Stats:
     """Per-call statistics, ``[mean | invstd | scale | offset | flags[2]]`` in one array of
     length :meth:`size` (4C + 2), and the forward payload they came from.

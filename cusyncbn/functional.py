@@ -45,6 +45,7 @@ from ._backend_factory import get_backend
 from ._comm import Communicator, SingleProcessComm, next_tag, peek_tag
 from ._comm_factory import resolve_comm
 from ._dlpack import device_of
+from ._options import NONFINITE_MODES
 from ._rules import check_activation, check_bool, check_epsilon, check_grad_output, check_input, check_momentum, \
     check_params, check_residual, channel_last, view3
 from ._stacklevel import user_stacklevel
@@ -56,7 +57,6 @@ _thread = _planned.thread_id
 _pending = _flags.queue
 _NO_ARRAYS: dict = {}
 _note = _watchdog.current          # what the next collective is, for the watchdog's messages
-_NONFINITE_MODES = ("warn", "raise")
 
 
 class BatchNormContext:
@@ -361,8 +361,8 @@ def sync_batch_norm(x: Any, running_mean: Any = None, running_var: Any = None, w
     training = check_bool(training, "training", where)
     debug = check_bool(debug, "debug", where)
     unbiased = check_bool(unbiased_running_var, "unbiased_running_var", where)
-    if nonfinite not in _NONFINITE_MODES:
-        raise ValueError(f"{where}: nonfinite must be one of {_NONFINITE_MODES}, got {nonfinite!r}")
+    if nonfinite not in NONFINITE_MODES:
+        raise ValueError(f"{where}: nonfinite must be one of {NONFINITE_MODES}, got {nonfinite!r}")
     given = x
     backend = get_backend(device) if device is not None else _backend_of(x)
     comm = resolve_comm(comm, backend.device) if (training or debug) else None
