@@ -594,7 +594,7 @@ def _speedup(other, ours):
     return (other.fwd_ms + other.bwd_ms) / (ours.fwd_ms + ours.bwd_ms)
 
 
-# The DRAM table (issue 19, item 2): Nsight Compute's DRAM bytes of each cusyncbn pass that
+# The DRAM table (the second read from L2): Nsight Compute's DRAM bytes of each cusyncbn pass that
 # --profile runs, from an ncu run that leaves the L2 alone between kernels (.ci/gpu, part
 # "profile": --cache-control none, these metrics only, cusyncbn's kernels only).
 DRAM_METRICS = ("dram__bytes_read.sum", "dram__bytes_write.sum", "launch__grid_size")

@@ -354,6 +354,16 @@ def test_docstring_examples_run(module):
     assert result.failed == 0 and result.attempted > 0
 
 
+def test_the_nccl_example_is_there_for_the_gpu_test_to_run():
+    """``NCCLComm``'s example runs only on a GPU (tests/test_gpu.py, with its ``+SKIP`` marks
+    removed): here, that it exists and builds a communicator and a layer on it."""
+    import doctest
+    import cusyncbn
+    examples = doctest.DocTestParser().get_examples(cusyncbn.NCCLComm.__doc__)
+    sources = "".join(example.source for example in examples)
+    assert len(examples) >= 2 and "NCCLComm(" in sources and "SyncBatchNorm(" in sources, sources
+
+
 def test_running_statistics_that_cannot_be_updated_in_place_are_refused():
     """Lists would be copied and the update lost with the copy (issue 17: they were accepted)."""
     x = np.random.default_rng(9).normal(size=(4, 4))

@@ -184,7 +184,7 @@ class TwoRanks:
     def allreduce(self, buf):
         buf *= 2
         if self.out_of_step:
-            buf[-2] += 1
+            buf[-2] += 1            # the collective's number: tags[0] of either payload layout
 
 
 def test_nonfinite_statistics_are_reported_through_the_slots(emu):
