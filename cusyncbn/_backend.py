@@ -298,7 +298,7 @@ class Backend:
             self._scratch[key] = buf
         return buf[:size]
 
-    def take_stats(self, channels: int, dtype: Any) -> Stats:
+    def take_stats(self, *, channels: int, dtype: Any) -> Stats:
         """Statistics (and forward payload) for one forward, reused from :meth:`give_back`."""
         dtype = np.dtype(dtype)
         spare = self._spare.get((channels, dtype, self.stream_key()))
@@ -331,13 +331,13 @@ class Backend:
     def contiguous(self, x: Any) -> Any:
         return self.xp.ascontiguousarray(x)
 
-    def local_moments(self, x3: Any, pivot_state: Any, tag: int, buf: Any, pivot_payload: Any = None) -> None:
+    def local_moments(self, *, x3: Any, pivot_state: Any, tag: int, buf: Any, pivot_payload: Any = None) -> None:
         """Write this rank's forward payload for ``x3`` into ``buf`` (see above) around the pivot
         K: the means of the reduced payload ``pivot_payload`` when given, else ``pivot_state``,
         else 0."""
         raise NotImplementedError
 
-    def normalize_batch(self, x3: Any, buf: Any, tag: int, ranks: int, running_mean: Any, running_var: Any,
+    def normalize_batch(self, *, x3: Any, buf: Any, tag: int, ranks: int, running_mean: Any, running_var: Any,
                         momentum: float, eps: float, unbiased: bool, weight: Any, bias: Any, stats: Stats,
                         y3: Any, pivot_state_out: Any = None, strict: bool = False, residual3: Any = None,
                         relu: bool = False) -> None:
@@ -349,20 +349,20 @@ class Backend:
         all when some channel is not finite."""
         raise NotImplementedError
 
-    def normalize_fixed(self, x3: Any, running_mean: Any, running_var: Any, eps: float, weight: Any, bias: Any,
+    def normalize_fixed(self, *, x3: Any, running_mean: Any, running_var: Any, eps: float, weight: Any, bias: Any,
                         stats: Stats, y3: Any, residual3: Any = None, relu: bool = False) -> None:
         """``stats`` from the running statistics, and ``y3``, the normalized ``x3`` through the
         epilogue (as :meth:`normalize_batch`)."""
         raise NotImplementedError
 
-    def backward_reduce(self, dy3: Any, x3: Any, stats: Stats, weight_grad: Any, bias_grad: Any,
+    def backward_reduce(self, *, dy3: Any, x3: Any, stats: Stats, weight_grad: Any, bias_grad: Any,
                         tag: int, buf: Any, y3: Any = None) -> None:
         """Write this rank's backward payload (see above) into ``buf`` and add its shares to
         ``weight_grad`` / ``bias_grad`` (either may be None); with ``y3`` (the forward's output
         under ReLU), of the masked gradient ``g``."""
         raise NotImplementedError
 
-    def backward_input(self, dy3: Any, x3: Any, stats: Stats, buf: Any, count: Any, tag: int, ranks: int,
+    def backward_input(self, *, dy3: Any, x3: Any, stats: Stats, buf: Any, count: Any, tag: int, ranks: int,
                        dx3: Any, y3: Any = None, dresidual3: Any = None) -> None:
         """``dx`` into ``dx3`` from the reduced backward payload (and ``stats.flags[1]``), with
         ``count`` the reduced forward payload's count slot; ``count`` None means fixed (eval)

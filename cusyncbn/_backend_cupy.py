@@ -352,13 +352,13 @@ class CupyBackend(Backend):
         return _flags.ReportRing(host, device_address, self._cuda_device.synchronize)
 
     # -- the steps of _backend.Backend: one kernel each ---------------------------------------
-    def local_moments(self, x3: Any, pivot_state: Any, tag: int, buf: Any, pivot_payload: Any = None) -> None:
+    def local_moments(self, *, x3: Any, pivot_state: Any, tag: int, buf: Any, pivot_payload: Any = None) -> None:
         with self._cuda_device:
             plan = self._plan("moments", x3, (x3,), "float32")      # (the parameter type plays no part)
             self._run(plan, moments_arguments(x=x3, pivot_state=pivot_state, pivot_payload=pivot_payload, tag=tag,
                                               buf=buf))
 
-    def normalize_batch(self, x3: Any, buf: Any, tag: int, ranks: int, running_mean: Any, running_var: Any,
+    def normalize_batch(self, *, x3: Any, buf: Any, tag: int, ranks: int, running_mean: Any, running_var: Any,
                         momentum: float, eps: float, unbiased: bool, weight: Any, bias: Any, stats: Stats,
                         y3: Any, report: int = 0, seq: int = 0, pivot_state_out: Any = None,
                         strict: bool = False, residual3: Any = None, relu: bool = False) -> None:
@@ -370,7 +370,7 @@ class CupyBackend(Backend):
                 bias=bias, eps=eps, residual=residual3, relu=relu, buf=buf, tag=tag, ranks=ranks, momentum=momentum,
                 unbiased=unbiased, report=report, seq=seq, pivot_state_out=pivot_state_out, strict=strict))
 
-    def normalize_fixed(self, x3: Any, running_mean: Any, running_var: Any, eps: float, weight: Any, bias: Any,
+    def normalize_fixed(self, *, x3: Any, running_mean: Any, running_var: Any, eps: float, weight: Any, bias: Any,
                         stats: Stats, y3: Any, residual3: Any = None, relu: bool = False) -> None:
         with self._cuda_device:
             plan = self._plan("normalize", x3, (x3, y3, residual3),
@@ -379,14 +379,14 @@ class CupyBackend(Backend):
                                                 running_var=running_var, weight=weight, bias=bias, eps=eps,
                                                 residual=residual3, relu=relu))
 
-    def backward_reduce(self, dy3: Any, x3: Any, stats: Stats, weight_grad: Any, bias_grad: Any,
+    def backward_reduce(self, *, dy3: Any, x3: Any, stats: Stats, weight_grad: Any, bias_grad: Any,
                         tag: int, buf: Any, y3: Any = None) -> None:
         with self._cuda_device:
             plan = self._plan("backward", x3, (dy3, x3, y3), self._param_name(weight_grad, bias_grad))
             self._run(plan, backward_arguments(dy=dy3, x=x3, stats=stats.data, tag=tag, weight_grad=weight_grad,
                                                bias_grad=bias_grad, buf=buf, y=y3))
 
-    def backward_input(self, dy3: Any, x3: Any, stats: Stats, buf: Any, count: Any, tag: int, ranks: int,
+    def backward_input(self, *, dy3: Any, x3: Any, stats: Stats, buf: Any, count: Any, tag: int, ranks: int,
                        dx3: Any, y3: Any = None, dresidual3: Any = None, report: int = 0, seq: int = 0) -> None:
         fixed = count is None                           # eval statistics: no batch terms, x unread
         with self._cuda_device:

@@ -91,7 +91,7 @@ class NumpyBackend(Backend):
             raise TypeError(message)
         return array
 
-    def local_moments(self, x3: Any, pivot_state: Any, tag: int, buf: Any, pivot_payload: Any = None) -> None:
+    def local_moments(self, *, x3: Any, pivot_state: Any, tag: int, buf: Any, pivot_payload: Any = None) -> None:
         channels = x3.shape[1]
         n = x3.shape[0] * x3.shape[2]
         pivot = self._pivots.last = _pivot_of(pivot_state, pivot_payload, channels)
@@ -108,7 +108,7 @@ class NumpyBackend(Backend):
             out.sum_x[...] = n * mean
             out.m2_pivot[...] = m2 + n * np.square(mean - pivot)
 
-    def normalize_batch(self, x3: Any, buf: Any, tag: int, ranks: int, running_mean: Any, running_var: Any,
+    def normalize_batch(self, *, x3: Any, buf: Any, tag: int, ranks: int, running_mean: Any, running_var: Any,
                         momentum: float, eps: float, unbiased: bool, weight: Any, bias: Any, stats: Stats,
                         y3: Any, pivot_state_out: Any = None, strict: bool = False, residual3: Any = None,
                         relu: bool = False) -> None:
@@ -138,7 +138,7 @@ class NumpyBackend(Backend):
                 running_var[finite] = new_var[finite]
         self.normalize(x3, stats, y3, residual3, relu)
 
-    def normalize_fixed(self, x3: Any, running_mean: Any, running_var: Any, eps: float, weight: Any, bias: Any,
+    def normalize_fixed(self, *, x3: Any, running_mean: Any, running_var: Any, eps: float, weight: Any, bias: Any,
                         stats: Stats, y3: Any, residual3: Any = None, relu: bool = False) -> None:
         invstd = 1.0 / np.sqrt(running_var.astype(np.float64) + eps)
         self._fill(stats, running_mean.astype(np.float64), invstd, weight, bias)
@@ -165,7 +165,7 @@ class NumpyBackend(Backend):
                     z[z < 0] = 0                           # NaN and -0 stay, as in the kernels
                 y3[rows] = z
 
-    def backward_reduce(self, dy3: Any, x3: Any, stats: Stats, weight_grad: Any, bias_grad: Any,
+    def backward_reduce(self, *, dy3: Any, x3: Any, stats: Stats, weight_grad: Any, bias_grad: Any,
                         tag: int, buf: Any, y3: Any = None) -> None:
         out = BackwardPayload(buf, x3.shape[1])
         mean64 = _col(stats.mean.astype(np.float64))
@@ -179,7 +179,7 @@ class NumpyBackend(Backend):
             if bias_grad is not None:
                 bias_grad += out.sum_dy.astype(bias_grad.dtype)
 
-    def backward_input(self, dy3: Any, x3: Any, stats: Stats, buf: Any, count: Any, tag: int, ranks: int,
+    def backward_input(self, *, dy3: Any, x3: Any, stats: Stats, buf: Any, count: Any, tag: int, ranks: int,
                        dx3: Any, y3: Any = None, dresidual3: Any = None) -> None:
         scale = _col(stats.scale)
         with np.errstate(invalid="ignore", over="ignore"):     # Inf/NaN propagate, as the forward's do

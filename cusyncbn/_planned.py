@@ -104,7 +104,7 @@ class ForwardPlan:
             return self.free.pop()
         backend = self.backend
         c = self.x3_shape[1]
-        stats = backend.take_stats(c, self.stats_dtype)
+        stats = backend.take_stats(channels=c, dtype=self.stats_dtype)
         address = backend.address_of
         n_args = self._normalize_plan.arguments()
         m_args = moments = allreduce = count = None

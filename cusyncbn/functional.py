@@ -399,7 +399,7 @@ def sync_batch_norm(x: Any, running_mean: Any = None, running_var: Any = None, w
     c = _channels_of(x, last)
     x3 = view3(x, c, last)
     residual3 = None if residual_array is None else view3(residual_array, c, last)
-    stats = backend.take_stats(c, np.float64 if x.dtype == np.float64 else np.float32)
+    stats = backend.take_stats(channels=c, dtype=np.float64 if x.dtype == np.float64 else np.float32)
     rm, rv, w, b = params["running_mean"], params["running_var"], params["weight"], params["bias"]
     y3 = backend.empty(x3.shape, x.dtype) if out is None else view3(out_array, c, last)
     ring = backend.report_ring()
