@@ -19,7 +19,8 @@ from ._comm_factory import resolve_comm, start_launched_mpi
 from ._device import get_device, parse_device
 from ._dlpack import framework_of, to_framework
 from ._grad_mode import recording
-from ._options import check_layer_options, check_output
+from ._options import (check_comm_taken, check_initializer_shape, check_layer_options, check_output,
+                       check_param_attr)
 from ._params import ParamAttr, Parameter
 from ._pending import raise_no_pending_forward
 from ._rules import FORMATS, check_ndim
@@ -51,6 +52,9 @@ class _BatchNormBase:
             data_format=self._default_format if data_format is None else data_format, dtype=dtype, output=output,
             use_global_stats=use_global_stats, unbiased_running_var=unbiased_running_var, debug=debug,
             nonfinite=nonfinite, act=act)
+        check_comm_taken(cls, self._sync, comm)
+        weight_attr_checked = check_param_attr(weight_attr, "weight", cls)
+        bias_attr_checked = check_param_attr(bias_attr, "bias", cls)
         self._nonfinite = options.nonfinite
         self._act = options.act
         self._num_features = options.num_features
@@ -69,17 +73,14 @@ class _BatchNormBase:
         self._comm_arg = comm
         self._comm: Communicator | None = None
         if not self._sync:
-            if comm is not None:
-                raise TypeError(f"{cls} is not synchronized and takes no comm; "
-                                "use SyncBatchNorm or convert_sync_batchnorm")
             self._comm = SingleProcessComm()
         elif comm is not None:
             self._comm = resolve_comm(comm, self._device)
         else:
             start_launched_mpi()               # a rank failing before the first forward ends the job
         self.training = True
-        self.weight = self._make_param(weight_attr, "weight", 1.0)
-        self.bias = self._make_param(bias_attr, "bias", 0.0)
+        self.weight = self._make_param(weight_attr_checked, "weight", 1.0)
+        self.bias = self._make_param(bias_attr_checked, "bias", 0.0)
         backend = get_backend(self._device)
         with backend.scope():
             self._mean = backend.xp.zeros((self._num_features,), self._dtype)
@@ -87,23 +88,17 @@ class _BatchNormBase:
         self._pending: list[BatchNormContext] = []
         self._dropped_warned = False
 
-    def _make_param(self, attr: Any, role: str, default: float) -> Parameter | None:
-        if attr is False:
+    def _make_param(self, attr: ParamAttr | None, role: str, default: float) -> Parameter | None:
+        """The parameter ``role`` built from ``attr`` as :func:`check_param_attr` returns it."""
+        if attr is None:
             return None
-        if attr is None or attr is True:
-            attr = ParamAttr()
-        if not isinstance(attr, ParamAttr):
-            raise TypeError(f"{type(self).__name__}: {role}_attr must be None, False or a cusyncbn.ParamAttr, "
-                            f"got {type(attr).__name__}")
         backend = get_backend(self._device)
         shape = (self._num_features,)
         init = default if attr.initializer is None else attr.initializer
         with backend.scope():
             if callable(init):
                 data = backend.import_array(init(shape, self._dtype), f"{role} initializer result")
-                if tuple(data.shape) != shape:
-                    raise ValueError(f"{type(self).__name__}: {role} initializer returned shape "
-                                     f"{tuple(data.shape)}, expected {shape}")
+                check_initializer_shape(data.shape, shape, role, type(self).__name__)
                 data = backend.xp.array(data, dtype=self._dtype, copy=True)
             else:
                 data = backend.xp.full(shape, float(init), self._dtype)

@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from ._params import ParamAttr
 from ._rules import check_bool, check_epsilon, check_momentum
 
 #: What a layer's forward and backward return: the backend's arrays, or the input's framework.
@@ -132,3 +133,50 @@ def check_layer_options(where: str, formats: tuple, *, num_features: Any, moment
                                                                            "unbiased_running_var", where),
         debug=debug_from_env() if debug is None else check_bool(debug, "debug", where), nonfinite=nonfinite,
         act=act)
+
+
+def check_comm_taken(where: str, sync: bool, comm: Any) -> None:
+    """Nothing when a layer of class ``where`` takes ``comm`` (synchronized layers take any;
+    a communicator's own checks come when it is resolved).
+
+    Raises:
+        TypeError: a ``comm`` given to a layer that is not synchronized.
+    """
+    if not sync and comm is not None:
+        raise TypeError(f"{where} is not synchronized and takes no comm; "
+                        "use SyncBatchNorm or convert_sync_batchnorm")
+
+
+def check_param_attr(attr: Any, role: str, where: str) -> ParamAttr | None:
+    """A layer's ``weight_attr`` / ``bias_attr`` (``role``: ``"weight"`` / ``"bias"``) as the
+    layer builds its parameter from it: None for no parameter (``False``), the default
+    :class:`~cusyncbn.ParamAttr` for ``None`` / ``True``, else the attribute itself.
+
+    Raises:
+        TypeError: anything but None, True, False or a ``cusyncbn.ParamAttr``.
+
+    Example:
+        >>> check_param_attr(False, "weight", "SyncBatchNorm") is None
+        True
+        >>> check_param_attr("ones", "weight", "SyncBatchNorm")              # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        TypeError: SyncBatchNorm: weight_attr must be None, False or a cusyncbn.ParamAttr, got str
+    """
+    if attr is False:
+        return None
+    if attr is None or attr is True:
+        return ParamAttr()
+    if not isinstance(attr, ParamAttr):
+        raise TypeError(f"{where}: {role}_attr must be None, False or a cusyncbn.ParamAttr, "
+                        f"got {type(attr).__name__}")
+    return attr
+
+
+def check_initializer_shape(got: tuple, expected: tuple, role: str, where: str) -> None:
+    """Nothing when a parameter initializer's result has the parameter's shape.
+
+    Raises:
+        ValueError: another shape.
+    """
+    if tuple(got) != expected:
+        raise ValueError(f"{where}: {role} initializer returned shape {tuple(got)}, expected {expected}")

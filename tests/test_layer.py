@@ -442,6 +442,34 @@ def test_a_layer_without_comm_starts_mpi_and_the_failure_hooks_when_launched_by_
     assert installed == [True, True]
 
 
+@pytest.mark.parametrize("kwargs,kind,message", [
+    (dict(weight_attr="ones"), TypeError, "^SyncBatchNorm: weight_attr must be None, False or a cusyncbn.ParamAttr, "
+                                          "got str$"),
+    (dict(bias_attr=1.0), TypeError, "^SyncBatchNorm: bias_attr must be None, False or a cusyncbn.ParamAttr, "
+                                     "got float$"),
+    (dict(momentum=1.5), ValueError, "^SyncBatchNorm: momentum must be in"),
+])
+def test_bad_options_raise_before_mpi_is_started(monkeypatch, kwargs, kind, message):
+    """Under ``mpiexec`` a bad option must not start MPI nor install the failure hooks first:
+    every option is checked (``_options``) before the layer calls ``start_launched_mpi``."""
+    from cusyncbn import _layer
+    started = []
+    monkeypatch.setattr(_layer, "start_launched_mpi", lambda: started.append(True))
+    with pytest.raises(kind, match=message):
+        cusyncbn.SyncBatchNorm(3, **kwargs)
+    assert started == []
+    cusyncbn.SyncBatchNorm(3, weight_attr=False, bias_attr=cusyncbn.ParamAttr(initializer=0.5))
+    assert started == [True]                                # the recorder sees a good layer's start
+
+
+def test_local_layers_refuse_a_comm_and_initializers_of_another_shape():
+    with pytest.raises(TypeError, match="^BatchNorm1D is not synchronized and takes no comm; use SyncBatchNorm or "
+                                        "convert_sync_batchnorm$"):
+        cusyncbn.BatchNorm1D(3, comm=cusyncbn.SingleProcessComm())
+    with pytest.raises(ValueError, match=r"^BatchNorm1D: weight initializer returned shape \(4,\), expected \(3,\)$"):
+        cusyncbn.BatchNorm1D(3, weight_attr=cusyncbn.ParamAttr(initializer=lambda shape, dtype: np.ones(4, dtype)))
+
+
 class _VotingComm:
     """Rank 0 of 2 whose all-reduces are kept (the other rank adds nothing: a zero row)."""
 
