@@ -32,7 +32,7 @@ import warnings
 import weakref
 from contextlib import nullcontext
 from operator import methodcaller
-from typing import Any, Iterable
+from typing import Any, Iterable, NamedTuple
 
 import numpy as np
 import paddle
@@ -106,7 +106,23 @@ class _UnsupportedDtype(TypeError, RuntimeError):
     for that dtype), so that code written against either catches it."""
 
 
-def _core_forward(x: Any, residual: Any, arrays: tuple, settings: tuple) -> tuple:
+class _Settings(NamedTuple):
+    """The plain settings of one pass, read by the PyLayer by name (built per call by
+    :meth:`SyncBatchNorm.forward`, never holding the layer)."""
+
+    training: bool                 # batch statistics or not
+    momentum: float
+    epsilon: float
+    data_format: str
+    comm: Any                      # the comm= argument
+    num_features: int
+    device: str                    # x's device
+    where: str                     # the layer's name in messages
+    stats_dtype: Any               # the Paddle dtype of the running statistics
+    activation: str | None         # the fused epilogue's activation: None or "relu"
+
+
+def _core_forward(x: Any, residual: Any, arrays: tuple, settings: _Settings) -> tuple:
     """``(y, ctx, wide)``: one call of the functional core's forward on Paddle tensor ``x``;
     ``wide`` is the input's dtype when the core ran on a float32 copy of it (bfloat16 on the
     CPU, where NumPy has no bfloat16, or on a GPU whose CuPy imports none), else None.
@@ -117,18 +133,14 @@ def _core_forward(x: Any, residual: Any, arrays: tuple, settings: tuple) -> tupl
             dtype and device: see :meth:`SyncBatchNorm.forward`).
         arrays: ``(running_mean, running_var, weight, bias)``: NumPy / CuPy arrays sharing
             the memory of the layer's tensors; the running statistics are updated in place.
-        settings: ``(training, momentum, epsilon, data_format, comm, num_features, device,
-            where, stats_dtype, activation)``: batch statistics or not, the layer's options,
-            the ``comm=`` argument, ``x``'s device, the layer's name in messages, the Paddle
-            dtype of its running statistics and the fused epilogue's activation (None or
-            ``"relu"``).
+        settings: the pass's :class:`_Settings`.
 
     Raises:
         ValueError: float32 / float64 input in another dtype than ``stats_dtype``; what
             the functional core raises (before any collective or write).
         TypeError: a non-floating input (also a ``RuntimeError``, as Paddle's).
     """
-    training, momentum, epsilon, data_format, comm, num_features, device, where, stats_dtype, activation = settings
+    device, where, stats_dtype = settings.device, settings.where, settings.stats_dtype
     gpu = device != "cpu"
     wide = None
     dtype = x.dtype
@@ -153,9 +165,10 @@ def _core_forward(x: Any, residual: Any, arrays: tuple, settings: tuple) -> tupl
     with _on_paddle_stream(device):
         try:
             y, ctx = sync_batch_norm(
-                x.detach() if gpu else _array(x, device), *arrays, training=training, momentum=momentum,
-                epsilon=epsilon, data_format=data_format, comm=comm, num_features=num_features, device=device,
-                name=where, out=out, activation=activation, residual=residual)
+                x.detach() if gpu else _array(x, device), *arrays, training=settings.training,
+                momentum=settings.momentum, epsilon=settings.epsilon, data_format=settings.data_format,
+                comm=settings.comm, num_features=settings.num_features, device=device, name=where, out=out,
+                activation=settings.activation, residual=residual)
         except TypeError as exc:
             if not x.is_floating_point():
                 raise _UnsupportedDtype(str(exc)) from None
@@ -171,7 +184,7 @@ class _Function(PyLayer):
     residual its gradient comes back too (None when it needs none, as Paddle requires)."""
 
     @staticmethod
-    def forward(ctx: Any, x: Any, weight: Any, bias: Any, residual: Any, arrays: tuple, settings: tuple) -> Any:
+    def forward(ctx: Any, x: Any, weight: Any, bias: Any, residual: Any, arrays: tuple, settings: _Settings) -> Any:
         y, ctx.core, ctx.wide = _core_forward(x, residual, arrays, settings)
         ctx.needs = (not x.stop_gradient, not weight.stop_gradient, not bias.stop_gradient,
                      residual is not None and not residual.stop_gradient)
@@ -374,8 +387,9 @@ class SyncBatchNorm(paddle.nn.SyncBatchNorm):
                   param_array("bias", device))
         act = self._act
         fused = act if act == "relu" else None
-        settings = (batch, self._momentum, self._epsilon, self._data_format, self._comm, self._num_features, device,
-                    self._where(), self._mean.dtype, fused)
+        settings = _Settings(training=batch, momentum=self._momentum, epsilon=self._epsilon,
+                             data_format=self._data_format, comm=self._comm, num_features=self._num_features,
+                             device=device, where=self._where(), stats_dtype=self._mean.dtype, activation=fused)
         if paddle.is_grad_enabled() and not (x.stop_gradient and self.weight.stop_gradient
                                              and self.bias.stop_gradient
                                              and (residual is None or residual.stop_gradient)):

@@ -22,7 +22,7 @@ import inspect
 import itertools
 import warnings
 from operator import methodcaller
-from typing import Any, Iterable
+from typing import Any, Iterable, NamedTuple
 
 import torch
 
@@ -113,7 +113,21 @@ def _on_torch_stream(t: torch.Tensor) -> Any:
     return external_stream(index, torch.cuda.current_stream(index).cuda_stream)
 
 
-def _core_forward(x: torch.Tensor, z: torch.Tensor | None, arrays: tuple, settings: tuple) -> tuple:
+class _Settings(NamedTuple):
+    """The plain settings of one pass, read by the autograd function by name (built per call
+    by :meth:`SyncBatchNorm.forward`, never holding the module)."""
+
+    training: bool                 # batch statistics or not
+    momentum: float                # Paddle's convention: 1 - torch's
+    epsilon: float
+    data_format: str               # the functional core's data format
+    comm: Any                      # the communicator
+    plan_device: str | None        # the device that lets repeated calls take their planned path (None: none)
+    name: str                      # the module's name in messages
+    activation: str | None         # the epilogue's activation: None, or "relu" for fuse_relu
+
+
+def _core_forward(x: torch.Tensor, z: torch.Tensor | None, arrays: tuple, settings: _Settings) -> tuple:
     """``(y, ctx)``: one call of the functional core's forward on ``x``.
 
     Args:
@@ -124,24 +138,19 @@ def _core_forward(x: torch.Tensor, z: torch.Tensor | None, arrays: tuple, settin
         arrays: ``(running_mean, running_var, weight, bias)``: NumPy / CuPy arrays sharing
             the memory of the module's tensors, or None; the running statistics are updated
             in place.
-        settings: ``(training, momentum, epsilon, data_format, comm, plan_device, name,
-            activation)``: batch statistics or not, Paddle's momentum convention
-            (``1 - torch's``), the core's data format, the communicator, the device that lets
-            repeated calls take their planned path (None: none for this call), the module's
-            name in messages and the epilogue's activation (None, or ``"relu"`` for
-            ``fuse_relu``).
+        settings: the pass's :class:`_Settings`.
 
     Returns:
         ``y`` (a tensor like ``x``) and the functional core's context for the backward.
     """
-    training, momentum, epsilon, data_format, comm, plan_device, name, activation = settings
     # On a GPU the outputs come from torch's allocator and are written in place (no CuPy
     # allocation, no DLPack export per call); repeated calls take the planned path.
     out = torch.empty_like(x) if x.is_cuda else None
     with _on_torch_stream(x):
         y, core = sync_batch_norm(
-            x, *arrays, training=training, momentum=momentum, epsilon=epsilon, data_format=data_format, comm=comm,
-            unbiased_running_var=True, device=plan_device, name=name, out=out, activation=activation, residual=z)
+            x, *arrays, training=settings.training, momentum=settings.momentum, epsilon=settings.epsilon,
+            data_format=settings.data_format, comm=settings.comm, unbiased_running_var=True,
+            device=settings.plan_device, name=settings.name, out=out, activation=settings.activation, residual=z)
     return (out if out is not None else torch.from_dlpack(y)), core
 
 
@@ -154,10 +163,10 @@ class _Function(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: Any, bias: Any, z: Any, arrays: tuple,
-                settings: tuple) -> torch.Tensor:
+                settings: _Settings) -> torch.Tensor:
         y, ctx.core = _core_forward(x.detach(), None if z is None else z.detach(), arrays, settings)
         ctx.params = (weight, bias)
-        ctx.fused = settings[7] is not None
+        ctx.fused = settings.activation is not None
         if ctx.fused:
             # The backward reads the ReLU mask from y: y is saved as torch.relu saves its
             # output, so that a backward after an in-place change of y raises torch's error.
@@ -547,8 +556,8 @@ class SyncBatchNorm(torch.nn.SyncBatchNorm):
             weight, bias = copies[2:]
             arrays = tuple(None if t is None else _import(t, device) for t in copies)
             plan_device = None
-        settings = (training, momentum, float(self.eps), data_format, comm, plan_device, self._cusyncbn_name,
-                    activation)
+        settings = _Settings(training=training, momentum=momentum, epsilon=float(self.eps), data_format=data_format,
+                             comm=comm, plan_device=plan_device, name=self._cusyncbn_name, activation=activation)
         if torch.is_grad_enabled() and (xin.requires_grad or (weight is not None and weight.requires_grad)
                                         or (bias is not None and bias.requires_grad)
                                         or (zin is not None and zin.requires_grad)):

@@ -365,7 +365,10 @@ def test_the_pylayer_takes_tensors_and_settings_never_the_layer():
     assert x_in is x and weight is bn.weight and bias is bn.bias and residual is None
     assert [type(a) for a in arrays] == [np.ndarray] * 4
     assert arrays[0].ctypes.data == bn._mean.data_ptr()             # the running mean itself, no copy
-    assert settings == (True, MOMENTUM, 1e-3, "NC", comm, 3, "cpu", "bn_pl", paddle.float64, None)
+    assert type(settings) is cbp._Settings                     # read by name: a swap of two fields shows
+    assert settings == cbp._Settings(training=True, momentum=MOMENTUM, epsilon=1e-3, data_format="NC", comm=comm,
+                                     num_features=3, device="cpu", where="bn_pl", stats_dtype=paddle.float64,
+                                     activation=None)
     assert not any(isinstance(v, paddle.nn.Layer) for v in (*call.args, *settings))
     forward = comm.calls
     y.sum().backward()

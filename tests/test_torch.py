@@ -259,9 +259,11 @@ def test_the_autograd_function_takes_tensors_and_settings_never_the_module():
     assert [type(a) for a in arrays] == [np.ndarray] * 4
     assert np.shares_memory(arrays[0], bn.running_mean.numpy())
     assert np.shares_memory(arrays[2], bn.weight.detach().numpy())
-    training, momentum, epsilon, data_format, comm, plan_device, name, activation = settings
-    assert (training, momentum, epsilon, data_format, plan_device, activation) == (True, 0.9, 1e-3, "NCL", "cpu", None)
-    assert comm.size == 1 and name.startswith("SyncBatchNorm#")
+    assert type(settings) is cbt._Settings                     # read by name: a swap of two fields shows
+    assert settings._replace(comm=None, name=None) == cbt._Settings(
+        training=True, momentum=0.9, epsilon=1e-3, data_format="NCL", comm=None, plan_device="cpu", name=None,
+        activation=None)
+    assert settings.comm.size == 1 and settings.name.startswith("SyncBatchNorm#")
     assert not any(isinstance(v, torch.nn.Module) for v in (*call.args, *arrays, *settings))
     y.sum().backward()
     y_ref = ref(x)
@@ -280,7 +282,7 @@ def test_the_no_grad_path_runs_the_same_core_call(monkeypatch):
     bn = cbt.SyncBatchNorm(3, dtype=torch.float64).eval()
     with torch.no_grad():
         bn(torch.randn(4, 3, dtype=torch.float64))
-    assert [s[:4] for s in calls] == [(False, 0.9, 1e-5, "NC")]
+    assert [(s.training, s.momentum, s.epsilon, s.data_format) for s in calls] == [(False, 0.9, 1e-5, "NC")]
 
 
 def test_the_module_forward_documents_its_argument_result_and_errors():

@@ -326,7 +326,7 @@ def test_the_autograd_function_gets_z_and_the_activation_never_the_module():
         y = bn(x, z)
     call, = apply.call_args_list
     x_in, weight, bias, z_in, arrays, settings = call.args
-    assert z_in is z and weight is bn.weight and settings[-1] == "relu"
+    assert z_in is z and weight is bn.weight and settings.activation == "relu"
     assert not any(isinstance(v, torch.nn.Module) for v in (*call.args, *arrays, *settings))
     y.sum().backward()
     assert z.grad is not None and x.grad is not None
