@@ -62,3 +62,19 @@ def test_multi_rank_emulated_kernels(case, n):
     result = run_ranks(n, case, device="emu")
     assert result["size"] == n
     assert result["errors"] == [], "\n".join(result["errors"])
+
+
+# The fused epilogue on an odd number of ranks too (1 rank: the in-process tests; 2 and 4 above).
+FUSED_CASES = [c for c in CASES if "fused" in c]
+
+
+@pytest.mark.parametrize("device", ["cpu", "emu"])
+@pytest.mark.parametrize("case", FUSED_CASES)
+def test_multi_rank_fused_on_three_ranks(case, device):
+    assert len(FUSED_CASES) == 2
+    if device == "emu":
+        import cuda_emu
+        cuda_emu.library()
+    result = run_ranks(3, case, device=device)
+    assert result["size"] == 3
+    assert result["errors"] == [], "\n".join(result["errors"])
