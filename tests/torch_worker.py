@@ -71,6 +71,14 @@ def slice_of(counts):
     return sum(counts[:RANK]), sum(counts[:RANK + 1])
 
 
+
+def close_parameters_and_state(errors, tag, ours, theirs):
+    """Our module's parameter gradients and state dict against torch's (``theirs``)."""
+    for (name, a), b in zip(theirs.named_parameters(), ours.parameters()):
+        close(errors, f"{tag} {name}.grad", b.grad, a.grad)
+    for name, a in theirs.state_dict().items():
+        close(errors, f"{tag} {name}", ours.state_dict()[name], a)
+
 @case
 def eval_untracked_uses_own_batch():
     """track_running_stats=False in eval: this rank's own batch, no collective (rank r holds
@@ -174,10 +182,7 @@ def compare_modes(sync):
                 cbt.allreduce_gradients(theirs.parameters(), comm=comm)
             close(errors, f"{tag} y", y, y_ref if own else y_ref[lo:hi])
             close(errors, f"{tag} dx", mine.grad, whole.grad[lo:hi])
-            for (name, a), b in zip(theirs.named_parameters(), ours.parameters()):
-                close(errors, f"{tag} {name}.grad", b.grad, a.grad)
-            for name, a in theirs.state_dict().items():
-                close(errors, f"{tag} {name}", ours.state_dict()[name], a)
+            close_parameters_and_state(errors, tag, ours, theirs)
     return errors
 
 
@@ -238,10 +243,7 @@ def fused_epilogue_matches_torch_on_whole_batch():
             close(errors, f"{tag} dx", mine.grad, whole.grad[lo:hi])
             if z is not None:
                 close(errors, f"{tag} dz", z_mine.grad, z_whole.grad[lo:hi])
-            for (name, a), b in zip(theirs.named_parameters(), ours.parameters()):
-                close(errors, f"{tag} {name}.grad", b.grad, a.grad)
-            for name, a in theirs.state_dict().items():
-                close(errors, f"{tag} {name}", ours.state_dict()[name], a)
+            close_parameters_and_state(errors, tag, ours, theirs)
     return errors
 
 
